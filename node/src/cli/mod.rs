@@ -1,0 +1,108 @@
+//! The `murmur` command line: one subcommand per module.
+//!
+//! Exit codes: 0 success, 1 a failure while running, 2 bad input (flags,
+//! config, data files) detected before anything was written.
+
+mod progress;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// murmur: peer-to-peer training with libtorch.
+#[derive(Debug, Parser)]
+#[command(name = "murmur", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr: text or json
+    #[arg(long, global = true, env = "MURMUR_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train one node locally, with no network.
+    Train(train::TrainArgs),
+}
+
+/// Why a command stopped.
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad input, found before anything was written: exit 2.
+    Usage(String),
+    /// Something failed while running: exit 1.
+    Failed(String),
+}
+
+impl CliError {
+    pub fn usage(e: impl std::fmt::Display) -> CliError {
+        CliError::Usage(e.to_string())
+    }
+
+    pub fn failed(e: impl std::fmt::Display) -> CliError {
+        CliError::Failed(e.to_string())
+    }
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return flag_error(e),
+    };
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Train(args) => train::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Help and version go out as clap prints them; a flag error becomes one
+/// line (clap's own spans several) and exit code 2.
+fn flag_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || matches!(e.kind(), ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand)
+    {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let line: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    let line = line.join(" ");
+    eprintln!("{}", if line.starts_with("error:") { line } else { format!("error: {line}") });
+    ExitCode::from(2)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MURMUR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

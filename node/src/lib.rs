@@ -1,0 +1,10 @@
+//! murmur: a peer-to-peer training daemon.
+//!
+//! Every node trains its own copy of a model with libtorch and mixes it with
+//! its peers. This crate holds the node: local training (`train`), the flat
+//! parameter vector every other part speaks (`params`) and the command line
+//! (`cli`).
+
+pub mod cli;
+pub mod params;
+pub mod train;

@@ -1,0 +1,245 @@
+//! One node's local training: its shard of the data as tensors, the model,
+//! the optimizer and the step counter. `step()` runs one optimizer step;
+//! everything about a step is a function of the config and the step number,
+//! which is what makes a resumed run continue exactly.
+
+use std::collections::VecDeque;
+
+use tch::{Device, Kind, Tensor};
+
+use super::batch::{EpochSampler, mix_seed, text_window_starts};
+use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
+use super::config::TrainConfig;
+use super::dataset::{Dataset, Split};
+use super::device::DeviceError;
+use super::eval::{EvalMetrics, EvalSet, class_tensors};
+use super::model::{Model, ModelError, Task};
+use super::optim::{OptimStateError, Optimizer};
+use super::partition::{self, PartitionError};
+
+/// How many recent step losses make up the reported train loss.
+const RECENT_LOSSES: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("--partition: {0}")]
+    Partition(#[from] PartitionError),
+    #[error(
+        "node {node} of {nodes} got an empty shard of {examples} examples; use fewer --nodes or another --partition"
+    )]
+    EmptyShard { node: usize, nodes: usize, examples: usize },
+    #[error("training diverged: loss is {loss} at step {step}; lower --lr or set --clip-grad-norm")]
+    NonFinite { step: u64, loss: f64 },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("checkpoint does not fit this model: {0}")]
+    Restore(String),
+    #[error(transparent)]
+    OptimState(#[from] OptimStateError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The node's training shard on the model's device.
+#[derive(Debug)]
+enum TrainData {
+    Class { x: Tensor, y: Tensor, sampler: EpochSampler },
+    Text { tokens: Tensor, len: usize, context: usize, seed: u64 },
+}
+
+/// The outcome of one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Steps completed, including this one.
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+}
+
+#[derive(Debug)]
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: Model,
+    optimizer: Optimizer,
+    data: TrainData,
+    heldout: EvalSet,
+    shard_examples: usize,
+    step: u64,
+    recent: VecDeque<f64>,
+}
+
+impl Trainer {
+    /// Builds the model and this node's shard of `split.train`.
+    pub fn new(config: TrainConfig, split: &Split) -> Result<Trainer, TrainError> {
+        let device = config.device_spec().resolve()?;
+        tch::set_num_threads(config.threads as i32);
+        let (node, nodes) = (config.node as usize, config.nodes);
+        let sampler_seed = mix_seed(config.seed, node as u64 + 1);
+        let (task, data, shard_examples) = match &split.train {
+            Dataset::Class(c) => {
+                let idx = partition::shard(
+                    &c.labels,
+                    c.num_classes,
+                    &config.partition,
+                    config.seed,
+                    node,
+                    nodes,
+                )?;
+                if idx.is_empty() {
+                    return Err(TrainError::EmptyShard { node, nodes, examples: c.len() });
+                }
+                let (x, y) = class_tensors(&c.select(&idx), device);
+                let sampler = EpochSampler::new(idx.len(), config.batch_size, sampler_seed);
+                let task =
+                    Task::Classify { sample_shape: c.sample_shape.clone(), classes: c.num_classes };
+                (task, TrainData::Class { x, y, sampler }, idx.len())
+            }
+            Dataset::Text(t) => {
+                partition::check_text_scheme(&config.partition)?;
+                let range = partition::text_range(t.len(), node, nodes);
+                let context = config.context();
+                if range.len() < context + 2 {
+                    return Err(TrainError::EmptyShard { node, nodes, examples: t.len() });
+                }
+                let shard: Vec<i64> = t.tokens[range.clone()].iter().map(|&v| v as i64).collect();
+                let tokens = Tensor::from_slice(&shard).to_device(device);
+                let data =
+                    TrainData::Text { tokens, len: range.len(), context, seed: sampler_seed };
+                (Task::NextChar { vocab: t.vocab.len() }, data, range.len())
+            }
+        };
+        let model = Model::build(&config.model, &task, device, config.seed)?;
+        let optimizer = Optimizer::new(config.optimizer.clone(), model.variables());
+        let heldout = EvalSet::new(&split.heldout, config.context(), device);
+        Ok(Trainer {
+            config,
+            model,
+            optimizer,
+            data,
+            heldout,
+            shard_examples,
+            step: 0,
+            recent: VecDeque::new(),
+        })
+    }
+
+    /// Steps completed so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Examples (or tokens, for text) in this node's shard.
+    pub fn shard_examples(&self) -> usize {
+        self.shard_examples
+    }
+
+    /// One optimizer step on the next batch.
+    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        let lr = self.config.schedule.lr_at(self.step);
+        let (inputs, targets) = self.batch();
+        let loss = Model::loss(&self.model.forward(&inputs), &targets);
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            return Err(TrainError::NonFinite { step: self.step, loss: value });
+        }
+        self.optimizer.zero_grad();
+        loss.backward();
+        if let Some(max) = self.config.clip_grad_norm {
+            self.optimizer.clip_grad_norm(max);
+        }
+        self.optimizer.step(lr);
+        self.step += 1;
+        if self.recent.len() == RECENT_LOSSES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(value);
+        Ok(StepReport { step: self.step, loss: value, lr })
+    }
+
+    fn batch(&mut self) -> (Tensor, Tensor) {
+        match &mut self.data {
+            TrainData::Class { x, y, sampler } => {
+                let idx: Vec<i64> = sampler.indices(self.step).iter().map(|&i| i as i64).collect();
+                let idx = Tensor::from_slice(&idx).to_device(x.device());
+                (x.index_select(0, &idx), y.index_select(0, &idx))
+            }
+            TrainData::Text { tokens, len, context, seed } => {
+                let starts: Vec<i64> =
+                    text_window_starts(*len, *context, self.config.batch_size, *seed, self.step)
+                        .into_iter()
+                        .map(|s| s as i64)
+                        .collect();
+                let device = tokens.device();
+                let offsets =
+                    Tensor::arange(*context as i64 + 1, (Kind::Int64, device)).unsqueeze(0);
+                let idx = Tensor::from_slice(&starts).to_device(device).unsqueeze(1) + offsets;
+                let windows = tokens.take(&idx);
+                let t = *context as i64;
+                (windows.narrow(1, 0, t), windows.narrow(1, 1, t))
+            }
+        }
+    }
+
+    /// Metrics on the held-out set.
+    pub fn evaluate(&self) -> EvalMetrics {
+        self.heldout.evaluate(&self.model)
+    }
+
+    /// Mean of the recent step losses, if any step ran.
+    pub fn train_loss(&self) -> Option<f64> {
+        (!self.recent.is_empty())
+            .then(|| self.recent.iter().sum::<f64>() / self.recent.len() as f64)
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.vs.device()
+    }
+
+    /// Writes a checkpoint of the current state; `options` are saved for `--resume`.
+    pub fn save_checkpoint(
+        &self,
+        dir: &std::path::Path,
+        options: serde_json::Value,
+    ) -> Result<(), TrainError> {
+        let meta = CheckpointMeta {
+            format: checkpoint::FORMAT,
+            step: self.step,
+            optimizer_steps: self.optimizer.steps(),
+            fingerprint: self.model.layout().fingerprint.clone(),
+            options,
+            recent_losses: self.recent.iter().copied().collect(),
+        };
+        Ok(checkpoint::save(dir, &meta, &self.model.variables(), &self.optimizer.state())?)
+    }
+
+    /// Continues from a checkpoint of the same model.
+    pub fn restore(&mut self, ck: &Checkpoint) -> Result<(), TrainError> {
+        let want = &self.model.layout().fingerprint;
+        if &ck.meta.fingerprint != want {
+            return Err(TrainError::Restore(format!(
+                "saved fingerprint {}, this model has {want}",
+                ck.meta.fingerprint
+            )));
+        }
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (name, mut var) in self.model.variables() {
+                let src = ck
+                    .params
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, t)| t)
+                    .ok_or_else(|| TrainError::Restore(format!("no tensor {name:?}")))?;
+                var.f_copy_(src)?;
+            }
+            Ok(())
+        })?;
+        self.optimizer.load_state(&ck.optimizer, ck.meta.optimizer_steps)?;
+        self.step = ck.meta.step;
+        self.recent = ck.meta.recent_losses.iter().copied().collect();
+        Ok(())
+    }
+}

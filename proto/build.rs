@@ -1,0 +1,20 @@
+//! Generates the Rust types for murmur's .proto files with a vendored protoc,
+//! so building needs no system protobuf compiler.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    unsafe_set_protoc(&protoc);
+    let protos = ["murmur/wire/v1/wire.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure().compile_protos(&protos, &["."])?;
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn unsafe_set_protoc(path: &std::path::Path) {
+    // Edition 2024 marks set_var unsafe because other threads may read the
+    // environment; a build script has no other threads at this point.
+    unsafe { std::env::set_var("PROTOC", path) };
+}
