@@ -215,12 +215,8 @@ impl TrainOptions {
                 "--node must be in 0..{nodes} for --nodes {nodes} (got {node})"
             )));
         }
-        let partition: Scheme = self
-            .partition
-            .as_deref()
-            .unwrap_or("iid")
-            .parse()
-            .map_err(|e| bad(format!("--partition: {e}")))?;
+        let partition: Scheme =
+            self.partition.as_deref().unwrap_or("iid").parse().map_err(|e| bad(format!("{e}")))?;
         if let Some(h) = self.holdout.filter(|h| !(*h > 0.0 && *h < 1.0)) {
             return Err(bad(format!("--holdout must be in (0, 1) (got {h})")));
         }

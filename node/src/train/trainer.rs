@@ -26,7 +26,7 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Device(#[from] DeviceError),
-    #[error("--partition: {0}")]
+    #[error(transparent)]
     Partition(#[from] PartitionError),
     #[error(
         "node {node} of {nodes} got an empty shard of {examples} examples; use fewer --nodes or another --partition"
