@@ -6,5 +6,7 @@
 //! (`cli`).
 
 pub mod cli;
+pub mod mix;
+pub mod net;
 pub mod params;
 pub mod train;

@@ -4,4 +4,5 @@
 //! libtorch-sized dependencies). Data comes from `MURMUR_DATA_DIR`.
 
 mod harness;
+mod identity;
 mod train;

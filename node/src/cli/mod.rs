@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (flags,
 //! config, data files) detected before anything was written.
 
+mod id;
 mod progress;
 mod train;
 
@@ -30,7 +31,11 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Train one node locally, with no network.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
+    /// Print a node's peer id (creates its key in --data-dir on first use).
+    Id(id::IdArgs),
+    /// Write a new pre-shared key file for a private swarm.
+    SwarmKey(id::SwarmKeyArgs),
 }
 
 /// Why a command stopped.
@@ -60,7 +65,9 @@ pub fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
+        Command::Id(args) => id::id(args),
+        Command::SwarmKey(args) => id::swarm_key(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,13 @@
+//! The peer-to-peer layer: libp2p swarm, the `/murmur/params/1` payload
+//! protocol, wire framing and encodings, membership and transfer accounting.
+
+pub mod accounting;
+pub mod encoding;
+pub mod identity;
+pub mod membership;
+pub mod service;
+pub mod swarm;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;

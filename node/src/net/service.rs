@@ -1,0 +1,544 @@
+//! `Network`: a running swarm and the handle the rest of the node uses.
+//!
+//! One task owns the swarm and handles every `SwarmEvent` (discovery,
+//! membership heartbeats, admission refusals). Bulk payloads bypass it: a
+//! cloned `libp2p_stream::Control` opens `/murmur/params/1` streams from
+//! whichever task sends, and an accept task reads inbound streams, validates
+//! them (`wire`) and hands good payloads to the node as `NetEvent`s.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{DialError, ListenError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns};
+use murmur_proto::wire::v1::{Heartbeat, PayloadHeader};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::accounting::{Accounting, Direction, Snapshot};
+use super::membership::{Member, MemberEvent, Membership};
+use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
+use super::wire::{self, Expectation, Payload};
+
+/// Byte the receiver writes back after reading a payload.
+const ACK_OK: u8 = 0;
+const ACK_REFUSED: u8 = 1;
+
+/// Everything a `Network` needs to start.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub swarm: SwarmSettings,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub heartbeat_every: Duration,
+    pub member_expiry: Duration,
+    /// Deadline for one payload transfer, open to acknowledgement.
+    pub transfer_timeout: Duration,
+    pub role: String,
+    /// What inbound payloads must match.
+    pub expect: Expectation,
+}
+
+impl NetConfig {
+    /// Defaults for a node of `run_id` whose model has `fingerprint` and `elements` values.
+    pub fn new(run_id: &str, fingerprint: &str, elements: usize) -> NetConfig {
+        NetConfig {
+            swarm: SwarmSettings::for_run(run_id),
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty())],
+            bootstrap: Vec::new(),
+            heartbeat_every: Duration::from_secs(1),
+            member_expiry: Duration::from_secs(10),
+            transfer_timeout: Duration::from_secs(60),
+            role: "node".into(),
+            expect: Expectation {
+                run_id: run_id.to_string(),
+                fingerprint: fingerprint.to_string(),
+                total_elements: elements,
+            },
+        }
+    }
+}
+
+/// What the network tells the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A validated payload from a peer.
+    Payload {
+        from: PeerId,
+        payload: Payload,
+    },
+    MemberJoined(PeerId),
+    MemberLeft(PeerId),
+}
+
+/// Why a payload could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot open a stream to {peer}: {reason}")]
+    Open { peer: PeerId, reason: String },
+    #[error("sending to {peer} failed: {source}")]
+    Io { peer: PeerId, source: std::io::Error },
+    #[error("{peer} refused the payload (see its refusal counters)")]
+    Refused { peer: PeerId },
+    #[error("sending to {peer} took longer than {timeout:?}")]
+    Timeout { peer: PeerId, timeout: Duration },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Swarm(#[from] swarm::SwarmError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("bootstrap address {addr} needs a /p2p/<peer id> suffix")]
+    BootstrapWithoutPeer { addr: Multiaddr },
+    #[error("cannot dial bootstrap {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+}
+
+/// What the swarm task shares with readers.
+#[derive(Debug, Clone, Default)]
+pub struct NetView {
+    pub listen_addrs: Vec<Multiaddr>,
+    pub connected: BTreeSet<PeerId>,
+    pub members: Vec<Member>,
+}
+
+enum Command {
+    SetRound(u64),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running network.
+pub struct Network {
+    pub local_peer: PeerId,
+    control: libp2p_stream::Control,
+    commands: mpsc::Sender<Command>,
+    view: Arc<Mutex<NetView>>,
+    accounting: Accounting,
+    transfer_timeout: Duration,
+    sender_bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("local_peer", &self.local_peer).finish_non_exhaustive()
+    }
+}
+
+impl Network {
+    /// Starts the swarm on the current tokio runtime. Returns once it listens.
+    pub async fn start(
+        key: Keypair,
+        cfg: NetConfig,
+    ) -> Result<(Network, mpsc::Receiver<NetEvent>), NetError> {
+        let local_peer = key.public().to_peer_id();
+        let mut swarm = swarm::build(key, &cfg.swarm)?;
+        let mut listening = Vec::new();
+        for addr in &cfg.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        }
+        // Wait for the listeners so that callers can print real addresses.
+        while listening.len() < cfg.listen.len() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => listening.push(address),
+                SwarmEvent::ListenerError { error, .. }
+                | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
+                    return Err(NetError::Listen {
+                        addr: cfg.listen[listening.len()].clone(),
+                        reason: error.to_string(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let topic = swarm::members_topic(&cfg.swarm.run_id);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| NetError::Swarm(swarm::SwarmError::Gossip(e.to_string())))?;
+        for addr in &cfg.bootstrap {
+            dial_bootstrap(&mut swarm, addr)?;
+        }
+        let accounting = Accounting::default();
+        let view = Arc::new(Mutex::new(NetView { listen_addrs: listening, ..Default::default() }));
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let (commands, commands_rx) = mpsc::channel(64);
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|_| {
+            NetError::Swarm(swarm::SwarmError::Build("params protocol registered twice".into()))
+        })?;
+        tokio::spawn(accept_loop(
+            incoming,
+            cfg.expect.clone(),
+            accounting.clone(),
+            events_tx.clone(),
+        ));
+        let driver = SwarmDriver {
+            swarm,
+            membership: Membership::new(cfg.swarm.run_id.clone(), cfg.member_expiry),
+            topic,
+            cfg: cfg.clone(),
+            accounting: accounting.clone(),
+            view: view.clone(),
+            events: events_tx,
+            round: 0,
+            seq: 0,
+        };
+        tokio::spawn(driver.run(commands_rx));
+        let network = Network {
+            local_peer,
+            control,
+            commands,
+            view,
+            accounting,
+            transfer_timeout: cfg.transfer_timeout,
+            sender_bytes: local_peer.to_bytes(),
+        };
+        Ok((network, events_rx))
+    }
+
+    /// This node's peer id as it goes into payload headers.
+    pub fn sender_bytes(&self) -> &[u8] {
+        &self.sender_bytes
+    }
+
+    /// Sends one payload to `peer` and waits for its acknowledgement.
+    pub async fn send(
+        &self,
+        peer: PeerId,
+        header: &PayloadHeader,
+        body: &[u8],
+    ) -> Result<(), SendError> {
+        let timeout = self.transfer_timeout;
+        let mut control = self.control.clone();
+        let transfer = async move {
+            let mut stream = control
+                .open_stream(peer, StreamProtocol::new(wire::PROTOCOL))
+                .await
+                .map_err(|e| SendError::Open { peer, reason: e.to_string() })?;
+            let io = |source| SendError::Io { peer, source };
+            wire::write_payload(&mut stream, header, body).await.map_err(io)?;
+            let mut ack = [0u8; 1];
+            stream.read_exact(&mut ack).await.map_err(io)?;
+            let _ = stream.close().await;
+            if ack[0] == ACK_OK { Ok(()) } else { Err(SendError::Refused { peer }) }
+        };
+        let result = tokio::time::timeout(timeout, transfer)
+            .await
+            .unwrap_or(Err(SendError::Timeout { peer, timeout }));
+        if result.is_ok() {
+            self.accounting.record(
+                &peer,
+                kind_label(header.kind),
+                Direction::Sent,
+                wire::frame_len(header) as u64,
+            );
+        }
+        result
+    }
+
+    /// A bare `/murmur/params/1` stream, for tests that write hostile bytes.
+    #[cfg(test)]
+    pub(crate) async fn open_raw(&self, peer: PeerId) -> Result<libp2p::Stream, SendError> {
+        self.control
+            .clone()
+            .open_stream(peer, StreamProtocol::new(wire::PROTOCOL))
+            .await
+            .map_err(|e| SendError::Open { peer, reason: e.to_string() })
+    }
+
+    /// Announces the round this node is in (carried by its heartbeats).
+    pub async fn set_round(&self, round: u64) {
+        let _ = self.commands.send(Command::SetRound(round)).await;
+    }
+
+    pub fn view(&self) -> NetView {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn accounting(&self) -> Snapshot {
+        self.accounting.snapshot()
+    }
+
+    /// Stops the swarm and waits until its task has ended.
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Label for the accounting of a payload kind.
+pub fn kind_label(kind: i32) -> &'static str {
+    use murmur_proto::wire::v1::PayloadKind;
+    match PayloadKind::try_from(kind) {
+        Ok(PayloadKind::Params) => "params",
+        Ok(PayloadKind::Delta) => "delta",
+        Ok(PayloadKind::Shard) => "shard",
+        Ok(PayloadKind::ShardResult) => "shard_result",
+        _ => "unknown",
+    }
+}
+
+fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), NetError> {
+    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        return Err(NetError::BootstrapWithoutPeer { addr: addr.clone() });
+    };
+    swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+    swarm.add_peer_address(peer, addr.clone());
+    swarm
+        .dial(addr.clone())
+        .map_err(|e| NetError::Dial { addr: addr.clone(), reason: e.to_string() })
+}
+
+/// Reads inbound `/murmur/params/1` streams, one task each.
+async fn accept_loop(
+    mut incoming: libp2p_stream::IncomingStreams,
+    expect: Expectation,
+    accounting: Accounting,
+    events: mpsc::Sender<NetEvent>,
+) {
+    let expect = Arc::new(expect);
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let (expect, accounting, events) = (expect.clone(), accounting.clone(), events.clone());
+        tokio::spawn(async move {
+            let result = wire::read_payload(&mut stream, &expect, &peer.to_bytes()).await;
+            let ack = match result {
+                Ok(payload) => {
+                    let kind = kind_label(payload.header.kind);
+                    accounting.record(
+                        &peer,
+                        kind,
+                        Direction::Received,
+                        wire::frame_len(&payload.header) as u64,
+                    );
+                    let _ = events.send(NetEvent::Payload { from: peer, payload }).await;
+                    ACK_OK
+                }
+                Err(refusal) => {
+                    warn!(%peer, reason = refusal.reason(), "refused payload: {refusal}");
+                    accounting.refuse(refusal.reason());
+                    ACK_REFUSED
+                }
+            };
+            let _ = stream.write_all(&[ack]).await;
+            let _ = stream.close().await;
+        });
+    }
+}
+
+/// The task that owns the swarm.
+struct SwarmDriver {
+    swarm: Swarm<Behaviour>,
+    membership: Membership,
+    topic: gossipsub::IdentTopic,
+    cfg: NetConfig,
+    accounting: Accounting,
+    view: Arc<Mutex<NetView>>,
+    events: mpsc::Sender<NetEvent>,
+    round: u64,
+    seq: u64,
+}
+
+impl SwarmDriver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat_every);
+        let mut bootstrap = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                _ = heartbeat.tick() => {
+                    self.publish_heartbeat();
+                    self.expire_members().await;
+                }
+                _ = bootstrap.tick() => {
+                    // Fails only while the routing table is empty; the next tick retries.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+                cmd = commands.recv() => match cmd {
+                    Some(Command::SetRound(r)) => self.round = r,
+                    Some(Command::Shutdown(done)) => {
+                        let _ = done.send(());
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        debug!("swarm task ended");
+    }
+
+    fn publish_heartbeat(&mut self) {
+        self.seq += 1;
+        let hb = Heartbeat {
+            run_id: self.cfg.swarm.run_id.clone(),
+            peer_id: self.swarm.local_peer_id().to_bytes(),
+            addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+            round: self.round,
+            role: self.cfg.role.clone(),
+            fingerprint: self.cfg.expect.fingerprint.clone(),
+            seq: self.seq,
+        };
+        let bytes = hb.encode_to_vec();
+        let len = bytes.len() as u64;
+        // Publishing fails while no peer subscribes yet; the next heartbeat retries.
+        if self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes).is_ok() {
+            let peers: Vec<PeerId> =
+                self.swarm.behaviour().gossipsub.all_peers().map(|(p, _)| *p).collect();
+            for p in peers {
+                self.accounting.record(&p, "heartbeat", Direction::Sent, len);
+            }
+        }
+    }
+
+    async fn expire_members(&mut self) {
+        for ev in self.membership.expire(Instant::now()) {
+            self.emit_member(ev).await;
+        }
+        self.refresh_view();
+    }
+
+    async fn emit_member(&mut self, ev: MemberEvent) {
+        let ev = match ev {
+            MemberEvent::Joined(p) => {
+                info!(peer = %p, "member joined");
+                NetEvent::MemberJoined(p)
+            }
+            MemberEvent::Left(p) => {
+                info!(peer = %p, "member left");
+                NetEvent::MemberLeft(p)
+            }
+        };
+        let _ = self.events.send(ev).await;
+    }
+
+    fn refresh_view(&self) {
+        if let Ok(mut v) = self.view.lock() {
+            v.listen_addrs = self.swarm.listeners().cloned().collect();
+            v.connected = self.swarm.connected_peers().copied().collect();
+            v.members = self.membership.members().cloned().collect();
+        }
+    }
+
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.on_gossip(ev).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => self.on_identify(peer_id, info),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer: true,
+                ..
+            })) => self.dial_if_new(peer),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm.add_peer_address(peer, addr);
+                    self.dial_if_new(peer);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "connected");
+                }
+                self.refresh_view();
+            }
+            SwarmEvent::ConnectionClosed { .. } => self.refresh_view(),
+            SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+                let reason = listen_error_reason(&error);
+                debug!(addr = %send_back_addr, reason, "inbound connection refused: {error}");
+                self.accounting.refuse(reason);
+            }
+            SwarmEvent::OutgoingConnectionError { error, peer_id, .. } => {
+                if let DialError::Denied { .. } = error {
+                    self.accounting.refuse("peer_not_allowed");
+                }
+                debug!(peer = ?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::NewListenAddr { .. } | SwarmEvent::ExpiredListenAddr { .. } => {
+                self.refresh_view()
+            }
+            _ => {}
+        }
+    }
+
+    /// Connects to a peer the DHT just told us about, so that gossip and
+    /// payloads can flow directly.
+    fn dial_if_new(&mut self, peer: PeerId) {
+        if !self.swarm.is_connected(&peer) && peer != *self.swarm.local_peer_id() {
+            let _ = self.swarm.dial(peer);
+        }
+    }
+
+    fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
+        let kad_protocol = self.swarm.behaviour().kad.protocol_names().first().cloned();
+        let speaks_kad = kad_protocol.is_some_and(|p| info.protocols.contains(&p));
+        for addr in info.listen_addrs {
+            if speaks_kad {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            self.swarm.add_peer_address(peer, addr);
+        }
+    }
+
+    async fn on_gossip(&mut self, ev: gossipsub::Event) {
+        let gossipsub::Event::Message { message, propagation_source, .. } = ev else { return };
+        let len = message.data.len() as u64;
+        self.accounting.record(&propagation_source, "heartbeat", Direction::Received, len);
+        let Some(source) = message.source else {
+            self.accounting.refuse("heartbeat_anonymous");
+            return;
+        };
+        let hb = match Heartbeat::decode(message.data.as_slice()) {
+            Ok(hb) => hb,
+            Err(e) => {
+                warn!(peer = %source, "undecodable heartbeat: {e}");
+                self.accounting.refuse("heartbeat_malformed");
+                return;
+            }
+        };
+        match self.membership.observe(&hb, source, Instant::now()) {
+            Ok(joined) => {
+                if let Some(m) = self.membership.get(&source) {
+                    for addr in m.addrs.clone() {
+                        self.swarm.add_peer_address(source, addr);
+                    }
+                }
+                if let Some(ev) = joined {
+                    self.emit_member(ev).await;
+                    self.refresh_view();
+                }
+            }
+            Err(refusal) => {
+                warn!(peer = %source, "refused heartbeat: {refusal}");
+                self.accounting.refuse(refusal.reason());
+            }
+        }
+    }
+}
+
+fn listen_error_reason(e: &ListenError) -> &'static str {
+    match e {
+        ListenError::Denied { cause }
+            if cause.downcast_ref::<libp2p::allow_block_list::NotAllowed>().is_some() =>
+        {
+            "peer_not_allowed"
+        }
+        ListenError::Denied { .. } => "connection_limit",
+        ListenError::Transport(_) => "handshake_failed",
+        _ => "connection_failed",
+    }
+}

@@ -1,0 +1,207 @@
+//! The libp2p swarm: transports (TCP + Noise + Yamux, optionally behind a
+//! pre-shared key; QUIC) and the composed behaviour (admission, limits,
+//! identify, ping, Kademlia, mDNS, gossipsub, and the stream protocol that
+//! carries `/murmur/params/1`).
+//!
+//! Every limit and timeout is set here from `SwarmSettings`, not left to a
+//! library default by accident.
+
+use std::time::Duration;
+
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, OrTransport};
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::MemoryStore;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list, connection_limits,
+    gossipsub, identify, kad, mdns, noise, ping, quic, tcp, yamux,
+};
+
+/// Largest gossip message: heartbeats and announcements only.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+
+/// How the swarm is put together.
+#[derive(Debug, Clone)]
+pub struct SwarmSettings {
+    pub run_id: String,
+    pub quic: bool,
+    pub mdns: bool,
+    pub swarm_key: Option<PreSharedKey>,
+    /// When set, only these peers may connect.
+    pub allowlist: Option<Vec<PeerId>>,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    pub max_pending: u32,
+    pub gossip_heartbeat: Duration,
+}
+
+impl SwarmSettings {
+    /// Settings for `run_id` with the defaults a node uses.
+    pub fn for_run(run_id: &str) -> SwarmSettings {
+        SwarmSettings {
+            run_id: run_id.to_string(),
+            quic: true,
+            mdns: false,
+            swarm_key: None,
+            allowlist: None,
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(20),
+            max_connections: 512,
+            max_connections_per_peer: 2,
+            max_pending: 64,
+            gossip_heartbeat: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("run id {0:?} must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")]
+    BadRunId(String),
+    #[error("noise handshake set-up failed: {0}")]
+    Noise(#[from] noise::Error),
+    #[error("gossipsub set-up failed: {0}")]
+    Gossip(String),
+    #[error("mDNS set-up failed: {0}")]
+    Mdns(std::io::Error),
+    #[error("swarm set-up failed: {0}")]
+    Build(String),
+}
+
+/// murmur's behaviour: standard libp2p parts plus one stream protocol.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub stream: libp2p_stream::Behaviour,
+}
+
+/// Checks that a run id can scope protocol and topic names.
+pub fn check_run_id(run_id: &str) -> Result<(), SwarmError> {
+    let ok = !run_id.is_empty()
+        && run_id.len() <= 64
+        && run_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok { Ok(()) } else { Err(SwarmError::BadRunId(run_id.to_string())) }
+}
+
+/// The gossip topic for membership heartbeats of a run.
+pub fn members_topic(run_id: &str) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("murmur/{run_id}/members/1"))
+}
+
+/// Builds the swarm for `key` with `s`.
+pub fn build(key: Keypair, s: &SwarmSettings) -> Result<Swarm<Behaviour>, SwarmError> {
+    check_run_id(&s.run_id)?;
+    let transport = transport(&key, s)?;
+    let behaviour = behaviour(&key, s)?;
+    let idle = s.idle_timeout;
+    Ok(SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|_| transport)
+        .map_err(|e| SwarmError::Build(e.to_string()))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| SwarmError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build())
+}
+
+fn transport(
+    key: &Keypair,
+    s: &SwarmSettings,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, SwarmError> {
+    let tcp_base = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let noise = noise::Config::new(key)?;
+    let mut yamux = yamux::Config::default();
+    yamux.set_max_num_streams(256);
+    let tcp = match s.swarm_key {
+        Some(psk) => tcp_base
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux)
+            .timeout(s.handshake_timeout)
+            .boxed(),
+        None => tcp_base
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux)
+            .timeout(s.handshake_timeout)
+            .boxed(),
+    };
+    // A pre-shared key protects TCP only; QUIC would let outsiders in.
+    if !s.quic || s.swarm_key.is_some() {
+        return Ok(tcp);
+    }
+    let quic = quic::tokio::Transport::new(quic::Config::new(key))
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+    Ok(OrTransport::new(quic, tcp)
+        .map(|either, _| match either {
+            futures::future::Either::Left(x) | futures::future::Either::Right(x) => x,
+        })
+        .boxed())
+}
+
+fn behaviour(key: &Keypair, s: &SwarmSettings) -> Result<Behaviour, SwarmError> {
+    let peer = key.public().to_peer_id();
+    let allow = s.allowlist.as_ref().map(|list| {
+        let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        list.iter().for_each(|p| {
+            b.allow_peer(*p);
+        });
+        // A node always admits itself (dialling its own address is refused elsewhere).
+        b.allow_peer(peer);
+        b
+    });
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(s.max_connections))
+        .with_max_established_per_peer(Some(s.max_connections_per_peer))
+        .with_max_pending_incoming(Some(s.max_pending))
+        .with_max_pending_outgoing(Some(s.max_pending));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(format!("/murmur/1/{}", s.run_id), key.public())
+            .with_agent_version(format!("murmur/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    let kad_protocol = StreamProtocol::try_from_owned(format!("/murmur/{}/kad/1", s.run_id))
+        .map_err(|_| SwarmError::BadRunId(s.run_id.clone()))?;
+    let mut kad_cfg = kad::Config::new(kad_protocol);
+    kad_cfg.set_query_timeout(Duration::from_secs(30));
+    let mut kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad_cfg);
+    // Serve the DHT even without a confirmed external address (LANs, loopback).
+    kad.set_mode(Some(kad::Mode::Server));
+    let mdns = match s.mdns {
+        true => Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), peer).map_err(SwarmError::Mdns)?,
+        ),
+        false => None,
+    };
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(s.gossip_heartbeat)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .build()
+        .map_err(|e| SwarmError::Gossip(e.to_string()))?;
+    let gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)
+            .map_err(|e| SwarmError::Gossip(e.to_string()))?;
+    Ok(Behaviour {
+        allow: allow.into(),
+        limits: connection_limits::Behaviour::new(limits),
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+        kad,
+        mdns: mdns.into(),
+        gossipsub,
+        stream: libp2p_stream::Behaviour::new(),
+    })
+}

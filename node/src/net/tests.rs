@@ -1,0 +1,232 @@
+//! Several real swarms in one process on 127.0.0.1: discovery, bulk
+//! transfer, admission (swarm key, allowlist) and refusal of bad payloads.
+
+use std::time::{Duration, Instant};
+
+use futures::AsyncWriteExt;
+use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
+use libp2p::{Multiaddr, PeerId};
+use murmur_proto::wire::v1::{PayloadHeader, PayloadKind};
+use tokio::sync::mpsc;
+
+use super::encoding::Encoding;
+use super::service::{NetConfig, NetEvent, Network};
+use super::wire;
+
+const RUN: &str = "test-run";
+const FP: &str = "fp";
+
+fn config(elements: usize) -> NetConfig {
+    let mut cfg = NetConfig::new(RUN, FP, elements);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.swarm.quic = false;
+    cfg.heartbeat_every = Duration::from_millis(200);
+    cfg
+}
+
+async fn start(cfg: NetConfig) -> (Network, mpsc::Receiver<NetEvent>) {
+    Network::start(Keypair::generate_ed25519(), cfg).await.unwrap()
+}
+
+/// `addr/p2p/peer` of a started network, for bootstrapping.
+fn dial_addr(n: &Network) -> Multiaddr {
+    let addr = n.view().listen_addrs[0].clone();
+    addr.with(libp2p::multiaddr::Protocol::P2p(n.local_peer))
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn header(from: &Network, values: &[f32], enc: Encoding) -> (PayloadHeader, Vec<u8>) {
+    wire::encode_payload(
+        wire::build_header(RUN, FP, from.sender_bytes(), PayloadKind::Params, 1),
+        values,
+        enc,
+    )
+}
+
+async fn next_payload(rx: &mut mpsc::Receiver<NetEvent>) -> (PeerId, wire::Payload) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Some(NetEvent::Payload { from, payload })) => return (from, payload),
+            Ok(Some(_)) => continue,
+            other => panic!("no payload arrived: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_find_each_other_through_one_bootstrap_node() {
+    let (boot, _boot_rx) = start(config(4)).await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let mut cfg = config(4);
+        cfg.bootstrap = vec![dial_addr(&boot)];
+        nodes.push(start(cfg).await);
+    }
+    for (n, _) in &nodes {
+        wait_until("every node to see the 3 others as members", Duration::from_secs(20), || {
+            n.view().members.len() == 3
+        })
+        .await;
+    }
+    // Two nodes that only knew the bootstrap node talk directly.
+    let (b, mut brx) = nodes.pop().unwrap();
+    let a = &nodes[0].0;
+    let values = [1.0f32, 2.0, 3.0, 4.0];
+    let (h, body) = header(a, &values, Encoding::F32);
+    a.send(b.local_peer, &h, &body).await.unwrap();
+    let (from, payload) = next_payload(&mut brx).await;
+    assert_eq!(from, a.local_peer);
+    assert_eq!(payload.values, values);
+    let counted = b.accounting().per_peer[&a.local_peer.to_base58()]["params"];
+    assert_eq!(counted.bytes_received, wire::frame_len(&h) as u64);
+    assert_eq!(counted.messages_received, 1);
+    let sent = a.accounting().per_peer[&b.local_peer.to_base58()]["params"];
+    assert_eq!(sent.bytes_sent, counted.bytes_received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_payload_arrives_bit_exact() {
+    let n = 25 * 1024 * 1024;
+    let (a, mut arx) = start(config(n)).await;
+    let mut cfg = config(n);
+    cfg.bootstrap = vec![dial_addr(&a)];
+    let (b, _brx) = start(cfg).await;
+    // Values with every bit pattern class: signs, tiny and huge exponents.
+    let values: Vec<f32> = (0..n as u32)
+        .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) & 0xbfff_ffff).min(1e30))
+        .collect();
+    let (h, body) = header(&b, &values, Encoding::F32);
+    assert_eq!(body.len(), 100 * 1024 * 1024);
+    b.send(a.local_peer, &h, &body).await.unwrap();
+    drop(body);
+    let (_, payload) = next_payload(&mut arx).await;
+    assert_eq!(payload.values.len(), n);
+    assert!(payload.values.iter().zip(&values).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_swarm_key_cannot_connect() {
+    let key = |b: u8| PreSharedKey::new([b; 32]);
+    let mut cfg = config(4);
+    cfg.swarm.swarm_key = Some(key(1));
+    let (a, _arx) = start(cfg).await;
+    let mut good = config(4);
+    good.swarm.swarm_key = Some(key(1));
+    good.bootstrap = vec![dial_addr(&a)];
+    let (g, _grx) = start(good).await;
+    let mut bad = config(4);
+    bad.swarm.swarm_key = Some(key(2));
+    bad.bootstrap = vec![dial_addr(&a)];
+    let (x, _xrx) = start(bad).await;
+    wait_until("the keyed peer to join", Duration::from_secs(20), || a.view().members.len() == 1)
+        .await;
+    wait_until("the wrong key to be refused", Duration::from_secs(20), || {
+        a.accounting().refusals("handshake_failed") >= 1
+    })
+    .await;
+    assert!(!a.view().connected.contains(&x.local_peer));
+    assert!(a.view().members.iter().all(|m| m.peer == g.local_peer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_outside_the_allowlist_is_refused() {
+    let friend = Keypair::generate_ed25519();
+    let mut cfg = config(4);
+    cfg.swarm.allowlist = Some(vec![friend.public().to_peer_id()]);
+    let (a, _arx) = start(cfg).await;
+    let mut fcfg = config(4);
+    fcfg.bootstrap = vec![dial_addr(&a)];
+    let (f, _frx) = Network::start(friend, fcfg).await.unwrap();
+    let mut scfg = config(4);
+    scfg.bootstrap = vec![dial_addr(&a)];
+    let (stranger, _srx) = start(scfg).await;
+    wait_until("the friend to join", Duration::from_secs(20), || a.view().members.len() == 1).await;
+    wait_until("the stranger to be refused", Duration::from_secs(20), || {
+        a.accounting().refusals("peer_not_allowed") >= 1
+    })
+    .await;
+    assert!(a.view().connected.contains(&f.local_peer));
+    assert!(!a.view().connected.contains(&stranger.local_peer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_are_refused_with_their_reason_and_good_ones_still_arrive() {
+    let (a, mut arx) = start(config(8)).await;
+    let mut cfg = config(8);
+    cfg.bootstrap = vec![dial_addr(&a)];
+    let (b, _brx) = start(cfg).await;
+    wait_until("b to connect", Duration::from_secs(20), || {
+        a.view().connected.contains(&b.local_peer)
+    })
+    .await;
+    let good = [0.5f32; 8];
+    let (h, body) = header(&b, &good, Encoding::F32);
+    let mut cases: Vec<(&str, PayloadHeader, Vec<u8>)> = Vec::new();
+    let mut x = h.clone();
+    x.run_id = "other-run".into();
+    cases.push(("wrong_run", x, body.clone()));
+    let mut x = h.clone();
+    x.fingerprint = "other".into();
+    cases.push(("wrong_fingerprint", x, body.clone()));
+    let (x, xb) = header(&b, &[0.5f32; 9], Encoding::F32);
+    cases.push(("wrong_length", x, xb));
+    let (x, xb) = header(&b, &[f32::NAN; 8], Encoding::F32);
+    cases.push(("non_finite", x, xb));
+    let mut xb = body.clone();
+    xb[3] ^= 0x40;
+    cases.push(("bad_checksum", h.clone(), xb));
+    let mut x = h.clone();
+    x.encoding = 99;
+    cases.push(("unknown_encoding", x, body.clone()));
+    for (reason, hdr, bytes) in &cases {
+        let err = b.send(a.local_peer, hdr, bytes).await.unwrap_err();
+        assert!(err.to_string().contains("refused"), "{reason}: {err}");
+        assert_eq!(
+            a.accounting().refusals(reason),
+            1,
+            "{reason} not counted: {:?}",
+            a.accounting().refusals
+        );
+    }
+    // A header length prefix far beyond the bound, with nothing behind it.
+    let mut raw = b.open_raw(a.local_peer).await.unwrap();
+    raw.write_all(&(1u32 << 30).to_le_bytes()).await.unwrap();
+    raw.flush().await.unwrap();
+    wait_until("oversize header refusal", Duration::from_secs(10), || {
+        a.accounting().refusals("oversize_header") == 1
+    })
+    .await;
+    b.send(a.local_peer, &h, &body).await.unwrap();
+    let (_, payload) = next_payload(&mut arx).await;
+    assert_eq!(payload.values, good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_also_travel_over_quic() {
+    let quic = |cfg: &mut NetConfig| {
+        cfg.swarm.quic = true;
+        cfg.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    };
+    let mut acfg = config(1024);
+    quic(&mut acfg);
+    let (a, mut arx) = start(acfg).await;
+    assert!(a.view().listen_addrs[0].to_string().contains("quic-v1"));
+    let mut bcfg = config(1024);
+    quic(&mut bcfg);
+    bcfg.bootstrap = vec![dial_addr(&a)];
+    let (b, _brx) = start(bcfg).await;
+    let values: Vec<f32> = (0..1024).map(|i| (i % 256) as f32 * 0.25).collect();
+    let (h, body) = header(&b, &values, Encoding::Bf16);
+    b.send(a.local_peer, &h, &body).await.unwrap();
+    let (_, payload) = next_payload(&mut arx).await;
+    // Multiples of 0.25 below 64 need at most 8 significant bits: exact in bf16.
+    assert_eq!(payload.values, values);
+}
