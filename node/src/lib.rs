@@ -6,6 +6,7 @@
 //! (`cli`).
 
 pub mod cli;
+pub mod daemon;
 pub mod mix;
 pub mod net;
 pub mod params;

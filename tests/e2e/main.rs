@@ -3,6 +3,11 @@
 //! One test binary for the whole suite (a binary per file would each link
 //! libtorch-sized dependencies). Data comes from `MURMUR_DATA_DIR`.
 
+// Every function here is test code: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod cluster;
 mod harness;
 mod identity;
+mod sim;
 mod train;

@@ -3,8 +3,13 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (flags,
 //! config, data files) detected before anything was written.
 
+mod bench_transfer;
+mod cluster;
 mod id;
+mod plot;
 mod progress;
+mod run;
+mod sim;
 mod train;
 
 use std::process::ExitCode;
@@ -32,10 +37,19 @@ enum LogFormat {
 enum Command {
     /// Train one node locally, with no network.
     Train(Box<train::TrainArgs>),
+    /// Run one node: train and mix with peers until the run ends.
+    Run(Box<run::RunArgs>),
+    /// Start a local cluster of N nodes on 127.0.0.1 and report the result.
+    Cluster(Box<cluster::ClusterArgs>),
+    /// Simulate many nodes in one process over a lossy network, in virtual time.
+    Sim(Box<sim::SimArgs>),
     /// Print a node's peer id (creates its key in --data-dir on first use).
     Id(id::IdArgs),
     /// Write a new pre-shared key file for a private swarm.
     SwarmKey(id::SwarmKeyArgs),
+    /// Transfer throughput benchmark (scripts/bench_transfer.py runs both ends).
+    #[command(hide = true)]
+    BenchTransfer(bench_transfer::BenchTransferArgs),
 }
 
 /// Why a command stopped.
@@ -66,8 +80,12 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Train(args) => train::run(*args),
+        Command::Run(args) => run::run(*args),
+        Command::Cluster(args) => cluster::run(*args),
+        Command::Sim(args) => sim::run(*args),
         Command::Id(args) => id::id(args),
         Command::SwarmKey(args) => id::swarm_key(args),
+        Command::BenchTransfer(args) => bench_transfer::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

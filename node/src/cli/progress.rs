@@ -52,7 +52,7 @@ impl Progress {
     }
 
     pub fn eval(&self, step: u64, m: &EvalMetrics) {
-        self.line(format!("eval  step {step}: {}", describe(m)));
+        self.line(format!("eval  step {step}: {m}"));
     }
 
     pub fn line(&self, s: String) {
@@ -67,16 +67,4 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
-}
-
-/// `held-out loss 0.1234, accuracy 97.10%` or `..., perplexity 4.56`.
-pub fn describe(m: &EvalMetrics) -> String {
-    let mut s = format!("held-out loss {:.4}", m.loss);
-    if let Some(a) = m.accuracy {
-        s.push_str(&format!(", accuracy {:.2}%", a * 100.0));
-    }
-    if let Some(p) = m.perplexity {
-        s.push_str(&format!(", perplexity {p:.3}"));
-    }
-    s
 }

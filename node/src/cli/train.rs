@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::CliError;
-use super::progress::{Progress, describe};
+use super::progress::Progress;
 use crate::train::checkpoint;
 use crate::train::config::{TrainConfig, TrainOptions};
 use crate::train::dataset::HoldoutNote;
@@ -190,10 +190,9 @@ fn train_loop(
     std::fs::write(&path, json)
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))?;
     println!(
-        "done: {} steps in {wall:.1}s; train loss {}; {}; summary in {}",
+        "done: {} steps in {wall:.1}s; train loss {}; {m}; summary in {}",
         trainer.steps_done(),
         trainer.train_loss().map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into()),
-        describe(&m),
         path.display()
     );
     Ok(())

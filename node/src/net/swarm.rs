@@ -21,6 +21,10 @@ use libp2p::{
     gossipsub, identify, kad, mdns, noise, ping, quic, tcp, yamux,
 };
 
+fn read_buf() -> usize {
+    std::env::var("MURMUR_READ_BUF").ok().and_then(|v| v.parse().ok()).unwrap_or(256 * 1024)
+}
+
 /// Largest gossip message: heartbeats and announcements only.
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
@@ -120,7 +124,10 @@ fn transport(
     key: &Keypair,
     s: &SwarmSettings,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, SwarmError> {
-    let tcp_base = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let tcp_base = tcp::tokio::Transport::new(
+        tcp::Config::default().nodelay(std::env::var("MURMUR_NODELAY").map_or(true, |v| v == "1")),
+    )
+    .map(|socket, _| futures::io::BufReader::with_capacity(read_buf(), socket));
     let noise = noise::Config::new(key)?;
     let mut yamux = yamux::Config::default();
     yamux.set_max_num_streams(256);

@@ -192,13 +192,7 @@ impl TrainOptions {
 
     /// `self` with every option that `over` sets replaced by `over`'s value.
     pub fn overridden_by(&self, over: &TrainOptions) -> TrainOptions {
-        let mut base = serde_json::to_value(self).unwrap_or_default();
-        if let (Some(b), serde_json::Value::Object(o)) =
-            (base.as_object_mut(), serde_json::to_value(over).unwrap_or_default())
-        {
-            b.extend(o);
-        }
-        serde_json::from_value(base).unwrap_or_else(|_| over.clone())
+        overlay(self, over)
     }
 
     /// Fills defaults and validates everything.
@@ -329,6 +323,34 @@ impl TrainOptions {
             total_steps: steps,
         })
     }
+}
+
+/// Layers two option sets of the same type: every field `over` sets wins.
+/// Works through the serde form, where an unset field is an absent key.
+pub fn overlay<T: Serialize + serde::de::DeserializeOwned + Clone>(base: &T, over: &T) -> T {
+    let mut merged = serde_json::to_value(base).unwrap_or_default();
+    if let (Some(m), Ok(serde_json::Value::Object(o))) =
+        (merged.as_object_mut(), serde_json::to_value(over))
+    {
+        m.extend(o);
+    }
+    serde_json::from_value(merged).unwrap_or_else(|_| over.clone())
+}
+
+/// Splits a TOML table into the keys `T` knows and the rest.
+pub fn split_known<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+) -> (toml::Table, toml::Table) {
+    table.into_iter().partition(|(k, v)| {
+        let mut one = toml::Table::new();
+        one.insert(k.clone(), v.clone());
+        // A key T does not know fails as an unknown field; a known key with a
+        // bad value also fails, so tell the two apart by the message.
+        match one.try_into::<T>() {
+            Ok(_) => true,
+            Err(e) => !e.to_string().contains("unknown field"),
+        }
+    })
 }
 
 fn positive(flag: &str, v: i64) -> Result<u64, ConfigError> {

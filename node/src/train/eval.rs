@@ -24,6 +24,20 @@ pub struct EvalMetrics {
     pub examples: usize,
 }
 
+impl std::fmt::Display for EvalMetrics {
+    /// `held-out loss 0.1234, accuracy 97.10%` or `..., perplexity 4.56`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "held-out loss {:.4}", self.loss)?;
+        if let Some(a) = self.accuracy {
+            write!(f, ", accuracy {:.2}%", a * 100.0)?;
+        }
+        if let Some(p) = self.perplexity {
+            write!(f, ", perplexity {p:.3}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A held-out set already on the model's device.
 #[derive(Debug)]
 pub enum EvalSet {

@@ -184,6 +184,15 @@ impl Trainer {
         }
     }
 
+    /// Replaces the model's parameters with `values` (layout order).
+    pub fn set_flat(&mut self, values: &[f32]) -> Result<(), crate::params::ParamsError> {
+        let p = crate::params::FlatParams {
+            layout: self.model.layout().clone(),
+            values: values.to_vec(),
+        };
+        self.model.set_params(&p)
+    }
+
     /// Metrics on the held-out set.
     pub fn evaluate(&self) -> EvalMetrics {
         self.heldout.evaluate(&self.model)

@@ -1,0 +1,457 @@
+//! `murmur cluster`: a local cluster in one command. Starts N `murmur run`
+//! processes on 127.0.0.1 (one bootstrap node, free ports, one libtorch
+//! thread each), shows one progress line per node, and when they finish
+//! writes `cluster.json`, an SVG of accuracy against round and bytes, and a
+//! table of the result.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::CliError;
+use super::plot::{Series, svg};
+use crate::daemon::config::RunOptions;
+use crate::net::identity;
+use crate::train::config::TrainOptions;
+use crate::train::eval::EvalMetrics;
+use crate::train::load;
+use crate::train::trainer::Trainer;
+
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Directory for the cluster: one node-I/ per node, cluster.json, accuracy.svg
+    #[arg(long, env = "MURMUR_OUT")]
+    out: PathBuf,
+    /// TOML file of options for every node; flags override it
+    #[arg(long, env = "MURMUR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainOptions,
+    #[command(flatten)]
+    run: RunOptions,
+}
+
+/// What the cluster knows of one node while it runs.
+#[derive(Debug, Default, Clone)]
+struct NodeLine {
+    peer: String,
+    round: u64,
+    rounds: u64,
+    loss: Option<f64>,
+    accuracy: Option<f64>,
+    bytes_sent: u64,
+    state: &'static str,
+}
+
+pub fn run(args: ClusterArgs) -> Result<(), CliError> {
+    let (file_train, file_run) = match &args.config {
+        Some(path) => super::run::read_config(path)?,
+        None => Default::default(),
+    };
+    let mut train = file_train.overridden_by(&args.train);
+    train.nodes = Some(train.nodes.unwrap_or(4));
+    train.node = None;
+    let mut run = file_run.overridden_by(&args.run);
+    let train_cfg = train.resolve().map_err(CliError::usage)?;
+    run.resolve(&train_cfg).map_err(CliError::usage)?;
+    let split = load::load(&train_cfg.data_spec(), train_cfg.holdout).map_err(CliError::usage)?;
+    if args.out.join("cluster.json").exists() || args.out.join("node-0").exists() {
+        return Err(CliError::usage(format!(
+            "--out {} already holds a cluster; choose another --out",
+            args.out.display()
+        )));
+    }
+    // Nodes are driven through the file; their own flags place them.
+    run.listen = None;
+    run.bootstrap = None;
+    run.progress = None;
+    let n = train_cfg.nodes;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| CliError::failed(format!("cannot create {}: {e}", args.out.display())))?;
+    let config_path = args.out.join("cluster.toml");
+    write_config(&config_path, &train, &run)?;
+    let started = Instant::now();
+    let (children, lines) = spawn_nodes(&args.out, &config_path, n)?;
+    let statuses = watch(children, lines, n);
+    let wall = started.elapsed().as_secs_f64();
+    let evaluate_average = |avg: &[f32]| -> Option<EvalMetrics> {
+        let mut cfg = train_cfg.clone();
+        cfg.threads = 1;
+        let mut t = Trainer::new(cfg, &split).ok()?;
+        t.set_flat(avg).ok()?;
+        Some(t.evaluate())
+    };
+    report(&args.out, n, statuses, wall, train_cfg.model.name(), evaluate_average)
+}
+
+fn write_config(path: &Path, train: &TrainOptions, run: &RunOptions) -> Result<(), CliError> {
+    let mut table = toml::Table::try_from(train).map_err(CliError::failed)?;
+    table.extend(toml::Table::try_from(run).map_err(CliError::failed)?);
+    let text = toml::to_string(&table).map_err(CliError::failed)?;
+    std::fs::write(path, text)
+        .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))
+}
+
+fn free_port() -> Result<u16, CliError> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| CliError::failed(format!("no free port on 127.0.0.1: {e}")))?;
+    l.local_addr().map(|a| a.port()).map_err(CliError::failed)
+}
+
+type Lines = mpsc::Receiver<(usize, Value)>;
+
+fn spawn_nodes(out: &Path, config: &Path, n: usize) -> Result<(Vec<Child>, Lines), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::failed(format!("cannot find the murmur binary: {e}")))?;
+    let boot_dir = out.join("node-0");
+    let boot_peer =
+        identity::load_or_create(&boot_dir).map_err(CliError::failed)?.public().to_peer_id();
+    let port = free_port()?;
+    let boot_addr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{boot_peer}");
+    let (tx, rx) = mpsc::channel();
+    let mut children = Vec::with_capacity(n);
+    for i in 0..n {
+        let listen = if i == 0 {
+            format!("/ip4/127.0.0.1/tcp/{port}")
+        } else {
+            "/ip4/127.0.0.1/tcp/0".to_string()
+        };
+        let mut cmd = Command::new(&exe);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(out.join(format!("node-{i}")))
+            .args(["--node", &i.to_string(), "--listen", &listen, "--progress", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(out.join(format!("node-{i}.log")))
+                    .map_err(|e| CliError::failed(format!("cannot create node log: {e}")))?,
+            ));
+        if i > 0 {
+            cmd.args(["--bootstrap", &boot_addr]);
+        }
+        if std::env::var_os("MURMUR_THREADS").is_none() {
+            cmd.env("MURMUR_THREADS", "1");
+        }
+        let mut child =
+            cmd.spawn().map_err(|e| CliError::failed(format!("cannot start node {i}: {e}")))?;
+        if let Some(stdout) = child.stdout.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        let _ = tx.send((i, v));
+                    }
+                }
+            });
+        }
+        children.push(child);
+    }
+    Ok((children, rx))
+}
+
+/// Follows the nodes until all have exited; returns their exit codes.
+fn watch(mut children: Vec<Child>, lines: Lines, n: usize) -> Vec<Option<i32>> {
+    let mut state = vec![NodeLine { state: "starting", ..Default::default() }; n];
+    let mut status: Vec<Option<Option<i32>>> = vec![None; n];
+    let tty = std::io::stdout().is_terminal();
+    let mut drawn = false;
+    let mut last_print = Instant::now() - Duration::from_secs(60);
+    while status.iter().any(Option::is_none) {
+        while let Ok((i, v)) = lines.recv_timeout(Duration::from_millis(200)) {
+            update(&mut state[i], &v);
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if status[i].is_none()
+                && let Ok(Some(s)) = c.try_wait()
+            {
+                status[i] = Some(s.code());
+                state[i].state = if s.success() { "done" } else { "failed" };
+            }
+        }
+        if tty {
+            if drawn {
+                print!("\x1b[{n}A");
+            }
+            for (i, s) in state.iter().enumerate() {
+                println!("\x1b[2K{}", render(i, s));
+            }
+            drawn = true;
+        } else if last_print.elapsed() > Duration::from_secs(5)
+            || status.iter().all(Option::is_some)
+        {
+            for (i, s) in state.iter().enumerate() {
+                println!("{}", render(i, s));
+            }
+            last_print = Instant::now();
+        }
+        let _ = std::io::stdout().flush();
+    }
+    status.into_iter().map(Option::flatten).collect()
+}
+
+fn update(line: &mut NodeLine, v: &Value) {
+    match v["event"].as_str() {
+        Some("listening") => {
+            line.peer = v["peer_id"].as_str().unwrap_or_default().to_string();
+            line.state = "joining";
+        }
+        Some("round") => {
+            line.round = v["round"].as_u64().unwrap_or(line.round) + 1;
+            line.rounds = v["rounds"].as_u64().unwrap_or(line.rounds);
+            line.loss = v["loss"].as_f64();
+            line.bytes_sent = v["bytes_sent"].as_u64().unwrap_or(line.bytes_sent);
+            line.state = "training";
+        }
+        Some("eval") => line.accuracy = v["metrics"]["accuracy"].as_f64().or(line.accuracy),
+        Some("done") => {
+            line.accuracy = v["final"]["eval_accuracy"].as_f64().or(line.accuracy);
+            line.state = "finishing";
+        }
+        _ => {}
+    }
+}
+
+fn render(i: usize, s: &NodeLine) -> String {
+    let peer = s.peer.get(s.peer.len().saturating_sub(8)..).unwrap_or("");
+    format!(
+        "node {i:>2} ..{peer:<8} {:<9} round {:>4}/{:<4} loss {:>7} acc {:>7} sent {}",
+        s.state,
+        s.round,
+        s.rounds,
+        s.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+        s.accuracy.map(|a| format!("{:.2}%", a * 100.0)).unwrap_or_else(|| "-".into()),
+        crate::daemon::human_bytes(s.bytes_sent)
+    )
+}
+
+fn report(
+    out: &Path,
+    n: usize,
+    statuses: Vec<Option<i32>>,
+    wall: f64,
+    model: &str,
+    evaluate_average: impl FnOnce(&[f32]) -> Option<EvalMetrics>,
+) -> Result<(), CliError> {
+    let summaries: Vec<Option<Value>> = (0..n)
+        .map(|i| std::fs::read_to_string(out.join(format!("node-{i}/summary.json"))).ok())
+        .map(|t| t.and_then(|t| serde_json::from_str(&t).ok()))
+        .collect();
+    let params: Vec<Vec<f32>> = (0..n)
+        .filter_map(|i| read_model(&out.join(format!("node-{i}/checkpoint/model.safetensors"))))
+        .collect();
+    let consensus = consensus_distance(&params);
+    // The average of the final models, evaluated on the held-out set.
+    let average = mean_model(&params).and_then(|avg| evaluate_average(&avg));
+    let nodes: Vec<Value> = summaries
+        .iter()
+        .zip(&statuses)
+        .enumerate()
+        .map(|(i, (s, code))| {
+            let s = s.clone().unwrap_or(Value::Null);
+            json!({
+                "index": i,
+                "peer_id": s["peer_id"],
+                "data_dir": out.join(format!("node-{i}")),
+                "exit_status": code,
+                "final": s["final"],
+                "local": s["local"],
+                "bytes_sent": s["bytes"]["bytes_sent"],
+                "bytes_received": s["bytes"]["bytes_received"],
+                "rounds": s["rounds"],
+                "wall_seconds": s["wall_seconds"],
+            })
+        })
+        .collect();
+    let strategy =
+        summaries.iter().flatten().next().map(|s| s["strategy"].clone()).unwrap_or(Value::Null);
+    let mut doc = json!({
+        "nodes": nodes,
+        "strategy": strategy,
+        "model": model,
+        "consensus_distance": consensus,
+        "average": average.map(|m| json!({"eval_loss": m.loss, "eval_accuracy": m.accuracy, "eval_perplexity": m.perplexity})),
+        "wall_seconds": wall,
+    });
+    if strategy == "merge" {
+        doc["merged"] = merged_entry(&summaries);
+    }
+    let path = out.join("cluster.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc).map_err(CliError::failed)?)
+        .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))?;
+    let chart = out.join("accuracy.svg");
+    std::fs::write(&chart, charts(&summaries))
+        .map_err(|e| CliError::failed(format!("cannot write {}: {e}", chart.display())))?;
+    print_table(&doc);
+    println!("wrote {} and {}", path.display(), chart.display());
+    match statuses.iter().filter(|c| **c != Some(0)).count() {
+        0 => Ok(()),
+        k => Err(CliError::failed(format!(
+            "{k} of {n} nodes failed; see {}/node-*.log",
+            out.display()
+        ))),
+    }
+}
+
+/// For `merge`: the merged model's metrics and the mean local model's.
+fn merged_entry(summaries: &[Option<Value>]) -> Value {
+    let done: Vec<&Value> = summaries.iter().flatten().collect();
+    let mean = |f: &dyn Fn(&Value) -> Option<f64>| {
+        let v: Vec<f64> = done.iter().filter_map(|s| f(s)).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    json!({
+        "eval_accuracy": mean(&|s| s["final"]["eval_accuracy"].as_f64()),
+        "eval_loss": mean(&|s| s["final"]["eval_loss"].as_f64()),
+        "local_mean_accuracy": mean(&|s| s["local"]["eval_accuracy"].as_f64()),
+        "local_mean_loss": mean(&|s| s["local"]["eval_loss"].as_f64()),
+    })
+}
+
+fn charts(summaries: &[Option<Value>]) -> String {
+    let series = |x_key: &str, scale: f64| -> Vec<Series> {
+        summaries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .map(|(i, s)| Series {
+                name: format!("node {i}"),
+                points: s["evals"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| {
+                        Some((
+                            e[x_key].as_f64()? / scale,
+                            e["accuracy"].as_f64().or(e["loss"].as_f64())?,
+                        ))
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    svg(&[
+        (
+            "held-out accuracy by round".into(),
+            "round".into(),
+            "accuracy".into(),
+            series("round", 1.0),
+        ),
+        (
+            "held-out accuracy by bytes sent".into(),
+            "MB sent".into(),
+            "accuracy".into(),
+            series("bytes_sent", 1e6),
+        ),
+    ])
+}
+
+fn print_table(doc: &Value) {
+    println!(
+        "{:<5} {:<14} {:>6} {:>10} {:>10} {:>11} {:>11}",
+        "node", "peer", "exit", "loss", "accuracy", "sent", "received"
+    );
+    for n in doc["nodes"].as_array().into_iter().flatten() {
+        let peer = n["peer_id"].as_str().unwrap_or("-");
+        let b =
+            |k: &str| n[k].as_u64().map(crate::daemon::human_bytes).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<5} ..{:<12} {:>6} {:>10} {:>10} {:>11} {:>11}",
+            n["index"],
+            peer.get(peer.len().saturating_sub(12)..).unwrap_or("-"),
+            n["exit_status"].as_i64().map(|c| c.to_string()).unwrap_or_else(|| "killed".into()),
+            n["final"]["eval_loss"]
+                .as_f64()
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            n["final"]["eval_accuracy"]
+                .as_f64()
+                .map(|a| format!("{:.2}%", a * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            b("bytes_sent"),
+            b("bytes_received"),
+        );
+    }
+    if let Some(a) = doc["average"]["eval_accuracy"].as_f64() {
+        println!("average of the final models: accuracy {:.2}%", a * 100.0);
+    }
+    println!(
+        "consensus distance: {}",
+        doc["consensus_distance"].as_f64().map(|d| format!("{d:.6}")).unwrap_or_else(|| "-".into())
+    );
+    if let Some(m) = doc.get("merged") {
+        println!(
+            "merged model accuracy {}, mean local model accuracy {}",
+            m["eval_accuracy"]
+                .as_f64()
+                .map(|a| format!("{:.2}%", a * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            m["local_mean_accuracy"]
+                .as_f64()
+                .map(|a| format!("{:.2}%", a * 100.0))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+}
+
+/// A checkpoint's parameters in canonical (name-sorted) order.
+fn read_model(path: &Path) -> Option<Vec<f32>> {
+    let mut tensors = tch::Tensor::read_safetensors(path).ok()?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::new();
+    for (_, t) in tensors {
+        out.extend(Vec::<f32>::try_from(t.flatten(0, -1)).ok()?);
+    }
+    Some(out)
+}
+
+/// The element-wise mean of equally long models.
+fn mean_model(models: &[Vec<f32>]) -> Option<Vec<f32>> {
+    let d = models.first()?.len();
+    if models.iter().any(|m| m.len() != d) {
+        return None;
+    }
+    let mut mean = vec![0f64; d];
+    for m in models {
+        mean.iter_mut().zip(m).for_each(|(a, &v)| *a += v as f64);
+    }
+    Some(mean.into_iter().map(|v| (v / models.len() as f64) as f32).collect())
+}
+
+/// sqrt((1/n) * sum_i ||x_i - mean||^2): how far the models are from agreeing.
+pub fn consensus_distance(models: &[Vec<f32>]) -> Option<f64> {
+    let n = models.len();
+    let d = models.first()?.len();
+    if models.iter().any(|m| m.len() != d) {
+        return None;
+    }
+    let mut mean = vec![0f64; d];
+    for m in models {
+        mean.iter_mut().zip(m).for_each(|(a, &v)| *a += v as f64 / n as f64);
+    }
+    let total: f64 = models
+        .iter()
+        .map(|m| m.iter().zip(&mean).map(|(&v, &a)| (v as f64 - a).powi(2)).sum::<f64>())
+        .sum();
+    Some((total / n as f64).sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consensus_distance_is_rms_distance_to_the_mean() {
+        assert_eq!(consensus_distance(&[vec![1.0, 1.0], vec![1.0, 1.0]]), Some(0.0));
+        // Mean (0, 0); each model at distance sqrt(2).
+        let d = consensus_distance(&[vec![1.0, 1.0], vec![-1.0, -1.0]]).unwrap();
+        assert!((d - 2f64.sqrt()).abs() < 1e-12);
+        assert_eq!(consensus_distance(&[vec![1.0], vec![1.0, 2.0]]), None);
+    }
+}

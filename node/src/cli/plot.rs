@@ -1,0 +1,129 @@
+//! Minimal SVG line charts for `murmur cluster`: no plotting dependency,
+//! just axes, ticks and one polyline per series.
+
+use std::fmt::Write;
+
+/// One named series of (x, y) points.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const W: f64 = 480.0;
+const H: f64 = 320.0;
+const M: f64 = 50.0;
+const COLORS: [&str; 8] =
+    ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+
+/// Panels side by side in one SVG document.
+pub fn svg(panels: &[(String, String, String, Vec<Series>)]) -> String {
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{H}" font-family="sans-serif" font-size="11">"#,
+        W * panels.len() as f64
+    );
+    for (i, (title, xl, yl, series)) in panels.iter().enumerate() {
+        let _ = write!(out, r#"<g transform="translate({},0)">"#, W * i as f64);
+        panel(&mut out, title, xl, yl, series);
+        out.push_str("</g>");
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn panel(out: &mut String, title: &str, xl: &str, yl: &str, series: &[Series]) {
+    let pts = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-12 {
+        x1 = x0 + 1.0;
+    }
+    if y1 - y0 < 1e-12 {
+        y1 = y0 + 1.0;
+    }
+    let sx = |x: f64| M + (x - x0) / (x1 - x0) * (W - 2.0 * M);
+    let sy = |y: f64| H - M - (y - y0) / (y1 - y0) * (H - 2.0 * M);
+    let _ = write!(
+        out,
+        r#"<text x="{}" y="18" text-anchor="middle" font-size="13">{title}</text>"#,
+        W / 2.0
+    );
+    let _ = write!(
+        out,
+        r##"<line x1="{M}" y1="{}" x2="{}" y2="{}" stroke="#333"/><line x1="{M}" y1="{M}" x2="{M}" y2="{}" stroke="#333"/>"##,
+        H - M,
+        W - M,
+        H - M,
+        H - M
+    );
+    for k in 0..=4 {
+        let (fx, fy) = (x0 + (x1 - x0) * k as f64 / 4.0, y0 + (y1 - y0) * k as f64 / 4.0);
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            sx(fx),
+            H - M + 15.0,
+            tick(fx)
+        );
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            M - 4.0,
+            sy(fy) + 4.0,
+            tick(fy)
+        );
+    }
+    let _ =
+        write!(out, r#"<text x="{}" y="{}" text-anchor="middle">{xl}</text>"#, W / 2.0, H - 12.0);
+    let _ = write!(
+        out,
+        r#"<text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">{yl}</text>"#,
+        H / 2.0,
+        H / 2.0
+    );
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> =
+            s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let _ = write!(
+            out,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            path.join(" ")
+        );
+        let _ = write!(
+            out,
+            r#"<text x="{}" y="{}" fill="{color}">{}</text>"#,
+            W - M + 4.0,
+            M + 12.0 * i as f64,
+            s.name
+        );
+    }
+}
+
+fn tick(v: f64) -> String {
+    if v.abs() >= 100.0 || v == v.trunc() { format!("{v:.0}") } else { format!("{v:.2}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_each_series_as_a_polyline() {
+        let s = vec![
+            Series { name: "a".into(), points: vec![(0.0, 0.1), (1.0, 0.5), (2.0, 0.9)] },
+            Series { name: "b".into(), points: vec![(0.0, 0.2)] },
+        ];
+        let doc = svg(&[("t".into(), "x".into(), "y".into(), s)]);
+        assert!(doc.starts_with("<svg") && doc.trim_end().ends_with("</svg>"));
+        assert_eq!(doc.matches("<polyline").count(), 2);
+        // The lowest point sits on the x axis, the highest at the top margin.
+        assert!(doc.contains(&format!("{:.1},{:.1}", M, H - M)), "{doc}");
+        assert!(doc.contains(&format!("{:.1},{:.1}", W - M, M)), "{doc}");
+    }
+}

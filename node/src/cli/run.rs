@@ -1,0 +1,109 @@
+//! `murmur run`: one node daemon. Validates options, data and checkpoint
+//! before anything is written, then hands off to `daemon::run_node`.
+
+use std::path::{Path, PathBuf};
+
+use super::CliError;
+use crate::daemon::config::RunOptions;
+use crate::daemon::{NodeSetup, run_node};
+use crate::net::identity;
+use crate::train::checkpoint;
+use crate::train::config::{TrainOptions, split_known};
+use crate::train::load;
+use crate::train::trainer::Trainer;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The node's directory: identity key, checkpoint/ and summary.json
+    #[arg(long, env = "MURMUR_NODE_DIR")]
+    pub data_dir: PathBuf,
+    /// TOML file of options (keys are the flag names); flags override it
+    #[arg(long, env = "MURMUR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Continue from the checkpoint in --data-dir and rejoin the run
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub train: TrainOptions,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// Both option sets, as saved in checkpoints.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct SavedOptions {
+    train: TrainOptions,
+    run: RunOptions,
+    #[serde(default)]
+    round: Option<u64>,
+}
+
+pub fn run(args: RunArgs) -> Result<(), CliError> {
+    let saved = saved_options(&args.data_dir, args.resume)?;
+    let (file_train, file_run) = match &args.config {
+        Some(path) => read_config(path)?,
+        None => Default::default(),
+    };
+    let train_opts = saved.train.overridden_by(&file_train).overridden_by(&args.train);
+    let run_opts = saved.run.overridden_by(&file_run).overridden_by(&args.run);
+    let train = train_opts.resolve().map_err(CliError::usage)?;
+    let run = run_opts.resolve(&train).map_err(CliError::usage)?;
+    let split = load::load(&train.data_spec(), train.holdout).map_err(CliError::usage)?;
+    let mut trainer = Trainer::new(train.clone(), &split).map_err(CliError::usage)?;
+    if args.resume {
+        let ck = checkpoint::load(&checkpoint::dir_in(&args.data_dir)).map_err(CliError::usage)?;
+        trainer.restore(&ck).map_err(CliError::usage)?;
+    }
+    let key = identity::load_or_create(&args.data_dir).map_err(CliError::usage)?;
+    let options =
+        serde_json::to_value(SavedOptions { train: train_opts, run: run_opts, round: None })
+            .map_err(CliError::failed)?;
+    let setup = NodeSetup {
+        train,
+        run,
+        trainer,
+        key,
+        data_dir: args.data_dir,
+        options,
+        resume_round: args.resume.then_some(saved.round.unwrap_or(0)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(run_node(setup)).map(|_| ()).map_err(CliError::failed)
+}
+
+/// The options saved with the checkpoint (`--resume`), or none.
+fn saved_options(dir: &Path, resume: bool) -> Result<SavedOptions, CliError> {
+    let ck_dir = checkpoint::dir_in(dir);
+    match (resume, checkpoint::read_meta(&ck_dir)) {
+        (true, Ok(meta)) => serde_json::from_value(meta.options).map_err(|e| {
+            CliError::usage(format!(
+                "checkpoint {} was not written by `murmur run` ({e})",
+                ck_dir.display()
+            ))
+        }),
+        (true, Err(e)) => Err(CliError::usage(e)),
+        (false, Ok(meta)) => Err(CliError::usage(format!(
+            "--data-dir {} already holds a run (checkpoint at step {}); pass --resume to rejoin it or choose another --data-dir",
+            dir.display(),
+            meta.step
+        ))),
+        (false, Err(_)) => Ok(SavedOptions::default()),
+    }
+}
+
+/// A TOML file holding training and run options side by side.
+pub(super) fn read_config(path: &Path) -> Result<(TrainOptions, RunOptions), CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("cannot read --config {}: {e}", path.display())))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| CliError::usage(format!("--config {}: {}", path.display(), e.message())))?;
+    let (train, run) = split_known::<TrainOptions>(table);
+    let bad = |e: toml::de::Error| {
+        CliError::usage(format!("--config {}: {}", path.display(), e.message()))
+    };
+    Ok((train.try_into().map_err(bad)?, run.try_into().map_err(bad)?))
+}

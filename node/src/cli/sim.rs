@@ -1,0 +1,573 @@
+//! `murmur sim`: many nodes' strategies in this one process, over a simulated
+//! network with seeded loss and delay, in virtual time (see `mix::sim`).
+//!
+//! Pure averaging of random vectors by default (`--dim`), which shows how a
+//! topology and a loss rate shape consensus in a second; with `--model` or
+//! `--data` (the `murmur train` flags) every node trains a real model on its
+//! own shard. Everything is checked before the run starts; bad input is one
+//! line and exit 2.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use serde::Serialize;
+
+use super::CliError;
+use crate::mix::comm::CommSchedule;
+use crate::mix::gossip::{Gossip, GossipConfig};
+use crate::mix::merge::{Exchange, Merge, MergeConfig};
+use crate::mix::mixer::Mixer;
+use crate::mix::sim::{
+    self, Crash, DelayRange, LocalUpdate, NoTraining, RoundStat, SimConfig, SimNode, SimReport,
+    Simulator, TorchTraining,
+};
+use crate::mix::topology::{Topology, TopologySpec};
+use crate::train::config::{TrainConfig, TrainOptions};
+use crate::train::load;
+
+/// Nodes when `--nodes` is not given.
+const DEFAULT_NODES: i64 = 16;
+/// Vector length of pure averaging when `--dim` is not given.
+const DEFAULT_DIM: i64 = 100;
+/// `murmur train` options that mean nothing here: the simulator runs every
+/// node, evaluates per round and writes no checkpoints.
+const TRAIN_ONLY: [&str; 4] = ["node", "eval-every", "log-every", "checkpoint-every"];
+/// Options that pure averaging uses or can ignore (how torch would run);
+/// any other training option needs `--model` or `--data`.
+const AVERAGING: [&str; 5] = ["nodes", "seed", "dim", "threads", "device"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SimStrategy {
+    Gossip,
+    Merge,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    mut_arg("nodes", |a| a.help("Nodes to simulate (each its own shard when training) [default: 16]")),
+    mut_arg("dim", |a| a.help("Pure averaging: vector length [default: 100]; chargpt: embedding width [default: 128]")),
+    mut_arg("seed", |a| a.help("Seed of the network, the topology, peer ids and initial values (and of training) [default: 0]")),
+)]
+pub struct SimArgs {
+    /// Mixing strategy: gossip or merge
+    #[arg(long, env = "MURMUR_STRATEGY", default_value = "gossip")]
+    strategy: SimStrategy,
+    /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D
+    #[arg(long, env = "MURMUR_TOPOLOGY", default_value = "ring")]
+    topology: String,
+    /// Mixing rounds
+    #[arg(long, env = "MURMUR_ROUNDS", default_value_t = 20, allow_negative_numbers = true)]
+    rounds: u64,
+    /// Local steps per round (H)
+    #[arg(long, env = "MURMUR_LOCAL_STEPS", default_value_t = 10, allow_negative_numbers = true)]
+    local_steps: u64,
+    /// Gossip steps per communicating round (Q)
+    #[arg(long, env = "MURMUR_GOSSIP_STEPS", default_value_t = 1, allow_negative_numbers = true)]
+    gossip_steps: u64,
+    /// When to communicate: every:K or late:B; with merge, the rounds whose pairs exchange [default: every:1 for gossip, none for merge]
+    #[arg(long, env = "MURMUR_COMM")]
+    comm: Option<String>,
+    /// merge: expected pairwise exchanges per node per round, in [0, 1] [default: 0]
+    #[arg(long, env = "MURMUR_EXCHANGE_PROB", allow_negative_numbers = true)]
+    exchange_prob: Option<f64>,
+    /// Probability that a message is lost, in [0, 1]
+    #[arg(long, env = "MURMUR_SIM_LOSS", default_value_t = 0.0, allow_negative_numbers = true)]
+    loss: f64,
+    /// Message delay range in virtual milliseconds, MIN..MAX, drawn uniformly
+    #[arg(long, env = "MURMUR_SIM_DELAY_MS", default_value = "1..10")]
+    delay_ms: String,
+    /// Virtual compute time of one local step, in milliseconds
+    #[arg(long, env = "MURMUR_SIM_STEP_MS", default_value_t = 10.0, allow_negative_numbers = true)]
+    step_ms: f64,
+    /// Per-node step-time spread: each node's step takes step-ms * (1 + J*u), u in [-1, 1] drawn once per node; J in [0, 1)
+    #[arg(
+        long,
+        env = "MURMUR_SIM_STEP_JITTER",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    step_jitter: f64,
+    /// Deadline of one exchange, in virtual milliseconds
+    #[arg(
+        long,
+        env = "MURMUR_ROUND_TIMEOUT_MS",
+        default_value_t = 200,
+        allow_negative_numbers = true
+    )]
+    round_timeout_ms: u64,
+    /// Stop at this much virtual time, in seconds [default: twice what every round timing out would take]
+    #[arg(long, env = "MURMUR_SIM_TIME_LIMIT_S", allow_negative_numbers = true)]
+    time_limit_s: Option<f64>,
+    /// Tell the survivors of a crash after this many virtual milliseconds [default: never; they time out on it]
+    #[arg(long, env = "MURMUR_SIM_MEMBERSHIP_DELAY_MS", allow_negative_numbers = true)]
+    membership_delay_ms: Option<u64>,
+    /// Crash node NODE when it reaches round ROUND, as NODE@ROUND; repeatable
+    #[arg(long = "crash", value_name = "NODE@ROUND")]
+    crashes: Vec<String>,
+    /// When training, evaluate every node every N rounds (0: only at the end)
+    #[arg(
+        long,
+        env = "MURMUR_SIM_EVAL_ROUNDS",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    eval_rounds: u64,
+    /// Directory to write sim.json (the report) into
+    #[arg(long, env = "MURMUR_OUT")]
+    out: Option<PathBuf>,
+    /// The `murmur train` options; --model or --data trains real models, otherwise nodes average random vectors of length --dim [default: 100]
+    #[command(flatten)]
+    options: TrainOptions,
+}
+
+/// The validated settings of one simulation.
+#[derive(Debug, Clone, Serialize)]
+struct Settings {
+    strategy: SimStrategy,
+    topology: TopologySpec,
+    nodes: usize,
+    rounds: u64,
+    local_steps: u64,
+    gossip_steps: u64,
+    comm: Option<CommSchedule>,
+    exchange_prob: Option<f64>,
+    loss: f64,
+    delay_ms: String,
+    step_ms: f64,
+    step_jitter: f64,
+    round_timeout_ms: u64,
+    time_limit_s: f64,
+    membership_delay_ms: Option<u64>,
+    crashes: Vec<Crash>,
+    seed: u64,
+    /// Vector length of pure averaging; `None` when training.
+    dim: Option<usize>,
+    training: Option<TrainConfig>,
+    #[serde(skip)]
+    sim: SimConfig,
+}
+
+/// What `sim.json` holds.
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    murmur_version: &'static str,
+    settings: &'a Settings,
+    #[serde(flatten)]
+    report: &'a SimReport,
+}
+
+pub fn run(args: SimArgs) -> Result<(), CliError> {
+    let settings = settings(&args)?;
+    let Local { update: mut local, init } = local_update(&settings)?;
+    let nodes = strategies(&settings, init)?;
+    let simulator = Simulator::new(settings.sim.clone(), nodes).map_err(CliError::usage)?;
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out)
+            .map_err(|e| CliError::failed(format!("cannot create --out {}: {e}", out.display())))?;
+    }
+    println!("{}", header(&settings));
+    let metric = local.metric_name();
+    let rounds = settings.rounds;
+    let report = simulator
+        .run_observed(local.as_mut(), |s| println!("{}", round_line(s, rounds, metric)))
+        .map_err(CliError::failed)?;
+    println!("{}", summary_line(&report));
+    if let Some(out) = &args.out {
+        write_report(&out.join("sim.json"), &settings, &report)?;
+    }
+    Ok(())
+}
+
+fn settings(args: &SimArgs) -> Result<Settings, CliError> {
+    let set = options_set(&args.options)?;
+    if let Some(flag) = TRAIN_ONLY.iter().find(|f| set.iter().any(|s| s == *f)) {
+        return Err(CliError::usage(format!(
+            "--{flag} (or {}) is a `murmur train` option; murmur sim runs every node and evaluates every --eval-rounds",
+            env_name(flag)
+        )));
+    }
+    let nodes = args.options.nodes.unwrap_or(DEFAULT_NODES);
+    if nodes < 1 {
+        return Err(CliError::usage(format!("--nodes must be >= 1 (got {nodes})")));
+    }
+    let (dim, training) = training(args, &set, nodes)?;
+    let crashes = crashes(&args.crashes, nodes as usize)?;
+    let s = Settings {
+        strategy: args.strategy,
+        topology: args.topology.parse().map_err(CliError::usage)?,
+        nodes: nodes as usize,
+        rounds: at_least_one("--rounds", args.rounds)?,
+        local_steps: at_least_one("--local-steps", args.local_steps)?,
+        gossip_steps: at_least_one("--gossip-steps", args.gossip_steps)?,
+        comm: args.comm.as_deref().map(str::parse).transpose().map_err(CliError::usage)?,
+        exchange_prob: args.exchange_prob,
+        loss: args.loss,
+        delay_ms: args.delay_ms.clone(),
+        step_ms: args.step_ms,
+        step_jitter: args.step_jitter,
+        round_timeout_ms: at_least_one("--round-timeout-ms", args.round_timeout_ms)?,
+        time_limit_s: 0.0,
+        membership_delay_ms: args.membership_delay_ms,
+        crashes,
+        seed: args.options.seed.unwrap_or(0),
+        dim,
+        training,
+        sim: SimConfig::default(),
+    };
+    check_strategy(&s)?;
+    with_sim_config(s, args)
+}
+
+/// The keys (flag names) of the training options given.
+fn options_set(options: &TrainOptions) -> Result<Vec<String>, CliError> {
+    match serde_json::to_value(options).map_err(CliError::failed)? {
+        serde_json::Value::Object(m) => Ok(m.keys().cloned().collect()),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Pure averaging's vector length, or the training config for `nodes`.
+fn training(
+    args: &SimArgs,
+    set: &[String],
+    nodes: i64,
+) -> Result<(Option<usize>, Option<TrainConfig>), CliError> {
+    let o = &args.options;
+    if o.model.is_none() && o.data.is_none() {
+        if let Some(flag) = set.iter().find(|k| !AVERAGING.contains(&k.as_str())) {
+            return Err(CliError::usage(format!(
+                "--{flag} (or {}) configures training, which needs --model or --data (without them murmur sim averages random vectors)",
+                env_name(flag)
+            )));
+        }
+        let dim = o.dim.unwrap_or(DEFAULT_DIM);
+        if dim < 1 {
+            return Err(CliError::usage(format!("--dim must be >= 1 (got {dim})")));
+        }
+        return Ok((Some(dim as usize), None));
+    }
+    let steps = args.rounds.saturating_mul(args.local_steps).min(i64::MAX as u64) as i64;
+    let options = TrainOptions {
+        nodes: Some(nodes),
+        steps: Some(o.steps.unwrap_or(steps)),
+        threads: Some(o.threads.unwrap_or(1)),
+        ..o.clone()
+    };
+    Ok((None, Some(options.resolve().map_err(CliError::usage)?)))
+}
+
+/// The environment variable of a training flag.
+fn env_name(flag: &str) -> String {
+    format!("MURMUR_{}", flag.to_uppercase().replace('-', "_"))
+}
+
+fn crashes(given: &[String], nodes: usize) -> Result<Vec<Crash>, CliError> {
+    given
+        .iter()
+        .map(|s| {
+            let c: Crash = s.parse().map_err(CliError::usage)?;
+            if c.node >= nodes {
+                return Err(CliError::usage(format!(
+                    "--crash {s}: there is no node {} (nodes are 0..{nodes})",
+                    c.node
+                )));
+            }
+            Ok(c)
+        })
+        .collect()
+}
+
+fn at_least_one(flag: &str, v: u64) -> Result<u64, CliError> {
+    if v == 0 {
+        return Err(CliError::usage(format!("{flag} must be >= 1 (got 0)")));
+    }
+    Ok(v)
+}
+
+/// Options that only one strategy understands, and a topology that can be
+/// built for `--nodes`.
+fn check_strategy(s: &Settings) -> Result<(), CliError> {
+    match s.strategy {
+        SimStrategy::Gossip => {
+            if let Some(p) = s.exchange_prob {
+                return Err(CliError::usage(format!(
+                    "--exchange-prob {p} is a merge option; pass --strategy merge or drop it"
+                )));
+            }
+            Topology::new(&s.topology, s.nodes, s.seed).map_err(CliError::usage)?;
+        }
+        SimStrategy::Merge => {
+            if let (Some(p), Some(c)) = (s.exchange_prob, s.comm) {
+                return Err(CliError::usage(format!(
+                    "--exchange-prob {p} and --comm {c} both choose merge's exchanges; give one"
+                )));
+            }
+            if let Some(p) = s.exchange_prob.filter(|p| !(0.0..=1.0).contains(p)) {
+                return Err(CliError::usage(format!(
+                    "--exchange-prob must be in [0, 1] (got {p})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fills in the simulator's config; checks loss, delays, times.
+fn with_sim_config(mut s: Settings, args: &SimArgs) -> Result<Settings, CliError> {
+    let delay: DelayRange = args.delay_ms.parse().map_err(CliError::usage)?;
+    if !(0.0..=1.0).contains(&s.loss) {
+        return Err(CliError::usage(format!("--loss must be in [0, 1] (got {})", s.loss)));
+    }
+    if !(s.step_ms >= 0.0 && s.step_ms < 1e9) {
+        return Err(CliError::usage(format!(
+            "--step-ms must be >= 0 and < 1e9 (got {})",
+            s.step_ms
+        )));
+    }
+    if !(0.0..1.0).contains(&s.step_jitter) {
+        return Err(CliError::usage(format!(
+            "--step-jitter must be in [0, 1) (got {})",
+            s.step_jitter
+        )));
+    }
+    let timeout = Duration::from_millis(s.round_timeout_ms);
+    let step_time = Duration::from_secs_f64(s.step_ms / 1000.0);
+    s.time_limit_s = match args.time_limit_s {
+        Some(t) if t > 0.0 && t < 1e12 => t,
+        Some(t) => {
+            return Err(CliError::usage(format!("--time-limit-s must be > 0 (got {t})")));
+        }
+        None => default_time_limit(&s, step_time, timeout, delay),
+    };
+    s.sim = SimConfig {
+        seed: s.seed,
+        loss: s.loss,
+        delay,
+        step_time,
+        step_jitter: s.step_jitter,
+        time_limit: Duration::from_secs_f64(s.time_limit_s),
+        crashes: s.crashes.clone(),
+        membership_delay: s.membership_delay_ms.map(Duration::from_millis),
+        // 0 evaluates at the last boundary only (and in the final metrics).
+        eval_every: match (&s.training, args.eval_rounds) {
+            (None, _) => 0,
+            (Some(_), 0) => s.rounds,
+            (Some(_), k) => k,
+        },
+    };
+    Ok(s)
+}
+
+/// Twice the virtual time of a run in which every exchange waits out its
+/// deadline (merge: two all-reduce phases at the end), plus a minute.
+fn default_time_limit(
+    s: &Settings,
+    step_time: Duration,
+    timeout: Duration,
+    delay: DelayRange,
+) -> f64 {
+    let compute = step_time.as_secs_f64() * (1.0 + s.step_jitter) * s.local_steps as f64;
+    let wait = (timeout + delay.max).as_secs_f64();
+    let per_round = compute + wait * s.gossip_steps as f64;
+    2.0 * (s.rounds as f64 * per_round + 2.0 * wait) + 60.0
+}
+
+/// How nodes train, and every node's initial parameters.
+struct Local {
+    update: Box<dyn LocalUpdate>,
+    init: Vec<Vec<f32>>,
+}
+
+fn local_update(s: &Settings) -> Result<Local, CliError> {
+    let Some(config) = &s.training else {
+        let dim = s.dim.unwrap_or(DEFAULT_DIM as usize);
+        return Ok(Local {
+            update: Box::new(NoTraining),
+            init: sim::random_params(s.nodes, dim, s.seed),
+        });
+    };
+    tracing::warn!(
+        nodes = s.nodes,
+        threads = config.threads,
+        "all {} models share this process, each training with {} libtorch thread(s)",
+        s.nodes,
+        config.threads
+    );
+    let split = load::load(&config.data_spec(), config.holdout).map_err(CliError::usage)?;
+    let torch = TorchTraining::new(config, &split).map_err(CliError::usage)?;
+    let init = torch.initial_params().map_err(CliError::failed)?;
+    Ok(Local { update: Box::new(torch), init: vec![init; s.nodes] })
+}
+
+fn strategies(s: &Settings, init: Vec<Vec<f32>>) -> Result<Vec<SimNode>, CliError> {
+    let ids = sim::peer_ids(s.nodes, s.seed);
+    ids.iter()
+        .zip(init)
+        .map(|(&id, params)| Ok(SimNode { id, mixer: strategy(s, id, &ids)?, params }))
+        .collect()
+}
+
+fn strategy(s: &Settings, id: PeerId, ids: &[PeerId]) -> Result<Box<dyn Mixer>, CliError> {
+    let timeout = Duration::from_millis(s.round_timeout_ms);
+    Ok(match s.strategy {
+        SimStrategy::Gossip => {
+            let cfg = GossipConfig {
+                topology: s.topology.clone(),
+                seed: s.seed,
+                rounds: s.rounds,
+                local_steps: s.local_steps,
+                gossip_steps: s.gossip_steps,
+                comm: s.comm.unwrap_or(CommSchedule::Every(1)),
+                timeout,
+                start_round: 0,
+            };
+            Box::new(Gossip::new(cfg, id, ids.to_vec()).map_err(CliError::usage)?)
+        }
+        SimStrategy::Merge => {
+            let exchange = match (s.exchange_prob, s.comm) {
+                (Some(p), _) if p > 0.0 => Exchange::Random(p),
+                (_, Some(c)) => Exchange::Schedule(c),
+                _ => Exchange::None,
+            };
+            let cfg = MergeConfig {
+                seed: s.seed,
+                rounds: s.rounds,
+                local_steps: s.local_steps,
+                exchange,
+                exchange_timeout: timeout,
+                final_timeout: timeout,
+                start_round: 0,
+            };
+            Box::new(Merge::new(cfg, id, ids.to_vec()).map_err(CliError::usage)?)
+        }
+    })
+}
+
+fn header(s: &Settings) -> String {
+    let what = match (&s.training, s.dim) {
+        (Some(c), _) => format!("training {} on {} ({} shards)", c.model.name(), c.data, c.nodes),
+        (None, dim) => format!("averaging random vectors of length {}", dim.unwrap_or(0)),
+    };
+    let strategy = match s.strategy {
+        SimStrategy::Gossip => format!("gossip on {}", s.topology),
+        SimStrategy::Merge => "merge".to_string(),
+    };
+    format!(
+        "murmur sim: {} nodes, {strategy}, {} rounds x {} local steps, {what}; loss {}, delay {} ms, seed {}",
+        s.nodes, s.rounds, s.local_steps, s.loss, s.delay_ms, s.seed
+    )
+}
+
+fn round_line(s: &RoundStat, rounds: u64, metric: &str) -> String {
+    let mut line = format!(
+        "round {}/{rounds}  t={:.3}s  live {}  consensus distance {:.4e}",
+        s.round + 1,
+        s.virtual_seconds,
+        s.live,
+        s.consensus_distance
+    );
+    if let Some(m) = s.mean_metric {
+        line.push_str(&format!("  mean {metric} {m:.4}"));
+    }
+    line
+}
+
+fn summary_line(r: &SimReport) -> String {
+    let m = &r.messages;
+    let lost = if m.sent > 0 { 100.0 * m.dropped as f64 / m.sent as f64 } else { 0.0 };
+    let mut line = format!(
+        "done ({}) after {:.3}s virtual: consensus distance {:.4e} -> {:.4e}; messages sent {}, lost {} ({lost:.1}%), delivered {}, to crashed nodes {}",
+        r.end,
+        r.virtual_seconds,
+        r.initial_consensus_distance,
+        r.final_consensus_distance,
+        m.sent,
+        m.dropped,
+        m.delivered,
+        m.to_crashed
+    );
+    if let Some(f) = &r.final_metrics {
+        line.push_str(&format!(
+            "; mean node {0} {1:.4}, averaged model {0} {2:.4}",
+            f.name, f.mean_node, f.averaged_model
+        ));
+    }
+    line
+}
+
+fn write_report(
+    path: &std::path::Path,
+    settings: &Settings,
+    report: &SimReport,
+) -> Result<(), CliError> {
+    let summary = Summary { murmur_version: env!("CARGO_PKG_VERSION"), settings, report };
+    let json = serde_json::to_vec_pretty(&summary).map_err(CliError::failed)?;
+    std::fs::write(path, json)
+        .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))?;
+    println!("report in {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: SimArgs,
+    }
+
+    fn parse(args: &[&str]) -> SimArgs {
+        Wrap::try_parse_from(std::iter::once("sim").chain(args.iter().copied())).unwrap().args
+    }
+
+    fn usage(args: &[&str]) -> String {
+        match settings(&parse(args)) {
+            Err(CliError::Usage(msg)) => msg,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_flags_do_not_clash_with_the_train_flags() {
+        Wrap::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_average_16_vectors_on_a_ring() {
+        let s = settings(&parse(&[])).unwrap();
+        assert_eq!((s.nodes, s.dim, s.topology.clone()), (16, Some(100), TopologySpec::Ring));
+        assert!(s.training.is_none());
+        assert_eq!(s.sim.eval_every, 0);
+        // 2 * (20 rounds * (0.1 s compute + 0.21 s wait) + 0.42 s) + 60 s.
+        assert!((s.time_limit_s - 73.24).abs() < 1e-9, "{}", s.time_limit_s);
+    }
+
+    #[test]
+    fn training_runs_rounds_times_local_steps_on_one_thread() {
+        let s = settings(&parse(&["--data", "synthetic", "--rounds", "5", "--local-steps", "20"]))
+            .unwrap();
+        let t = s.training.unwrap();
+        assert_eq!((t.steps, t.threads, t.nodes), (100, 1, 16));
+        assert_eq!(s.dim, None);
+        assert_eq!(s.sim.eval_every, 1);
+    }
+
+    #[test]
+    fn options_of_another_strategy_or_command_are_refused() {
+        assert!(usage(&["--exchange-prob", "0.5"]).contains("--strategy merge"));
+        let both = usage(&["--strategy", "merge", "--exchange-prob", "0.5", "--comm", "every:2"]);
+        assert!(both.contains("give one"), "{both}");
+        assert!(usage(&["--data", "synthetic", "--eval-every", "5"]).starts_with("--eval-every"));
+        assert!(usage(&["--batch-size", "8"]).contains("needs --model or --data"));
+        assert_eq!(
+            usage(&["--crash", "16@1"]),
+            "--crash 16@1: there is no node 16 (nodes are 0..16)"
+        );
+    }
+}

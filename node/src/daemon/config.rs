@@ -1,0 +1,285 @@
+//! Options of `murmur run` beyond training: the strategy, the network and
+//! the node's directory. Like `TrainOptions`, every field is optional so a
+//! TOML file, `MURMUR_*` variables and flags can be layered; `resolve`
+//! validates once.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libp2p::pnet::PreSharedKey;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::mix::comm::CommSchedule;
+use crate::mix::topology::TopologySpec;
+use crate::net::encoding::Encoding;
+use crate::train::config::{ConfigError, TrainConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    Gossip,
+    Merge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressFormat {
+    Text,
+    Json,
+}
+
+/// Strategy and network options as given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunOptions {
+    /// Mixing strategy: gossip or merge [default: gossip]
+    #[arg(long, env = "MURMUR_STRATEGY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<StrategyKind>,
+    /// Name shared by the nodes of one run; other runs are ignored [default: murmur]
+    #[arg(long, env = "MURMUR_RUN_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Local steps between two mixing rounds (H) [default: 10]
+    #[arg(long, env = "MURMUR_LOCAL_STEPS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_steps: Option<i64>,
+    /// Mixing rounds; --steps is then rounds x local steps [default: steps / local steps]
+    #[arg(long, env = "MURMUR_ROUNDS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<i64>,
+    /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D [default: ring]
+    #[arg(long, env = "MURMUR_TOPOLOGY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+    /// Gossip steps per communicating round (Q) [default: 1]
+    #[arg(long, env = "MURMUR_GOSSIP_STEPS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_steps: Option<i64>,
+    /// When to communicate: every:K rounds, or late:B (a budget of B rounds concentrated late) [default: every:1]
+    #[arg(long, env = "MURMUR_COMM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// merge: expected pairwise exchanges per node per round, 0 = none [default: 0]
+    #[arg(long, env = "MURMUR_EXCHANGE_PROB", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exchange_prob: Option<f64>,
+    /// Deadline of one exchange, in milliseconds [default: 10000]
+    #[arg(long, env = "MURMUR_ROUND_TIMEOUT_MS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round_timeout_ms: Option<i64>,
+    /// How long to wait at start for --nodes members, in milliseconds [default: 60000]
+    #[arg(long, env = "MURMUR_JOIN_TIMEOUT_MS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_timeout_ms: Option<i64>,
+    /// How parameters travel: f32, bf16, f16, int8[:BLOCK] [default: f32]
+    #[arg(long, env = "MURMUR_ENCODING")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// Multiaddr to listen on, repeatable [default: /ip4/0.0.0.0/tcp/0]
+    #[arg(long, env = "MURMUR_LISTEN", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Vec<String>>,
+    /// Multiaddr of a node to join through, ending in /p2p/PEER_ID; repeatable
+    #[arg(long, env = "MURMUR_BOOTSTRAP", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<Vec<String>>,
+    /// Find peers on the LAN with mDNS [default: false]
+    #[arg(long, env = "MURMUR_MDNS", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mdns: Option<bool>,
+    /// Also listen on QUIC (disabled with a swarm key) [default: false]
+    #[arg(long, env = "MURMUR_QUIC", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<bool>,
+    /// Pre-shared key file of a private swarm (see `murmur swarm-key`)
+    #[arg(long, env = "MURMUR_SWARM_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swarm_key: Option<PathBuf>,
+    /// Only these peer ids may connect; repeatable
+    #[arg(long, env = "MURMUR_ALLOW_PEER", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_peer: Option<Vec<String>>,
+    /// Progress lines on stdout: text or json [default: text]
+    #[arg(long, env = "MURMUR_PROGRESS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressFormat>,
+}
+
+/// Validated strategy and network settings.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub strategy: StrategyKind,
+    pub run_id: String,
+    pub local_steps: u64,
+    pub rounds: u64,
+    pub topology: TopologySpec,
+    pub gossip_steps: u64,
+    /// None: gossip communicates every round, merge only by `exchange_prob`.
+    pub comm: Option<CommSchedule>,
+    pub exchange_prob: f64,
+    pub round_timeout: Duration,
+    pub join_timeout: Duration,
+    pub encoding: Encoding,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub quic: bool,
+    pub swarm_key: Option<PreSharedKey>,
+    pub allowlist: Option<Vec<PeerId>>,
+    pub progress: ProgressFormat,
+}
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+fn positive(flag: &str, v: i64) -> Result<u64, ConfigError> {
+    if v <= 0 {
+        return Err(bad(format!("{flag} must be >= 1 (got {v})")));
+    }
+    Ok(v as u64)
+}
+
+fn millis(flag: &str, v: i64) -> Result<Duration, ConfigError> {
+    positive(flag, v).map(Duration::from_millis)
+}
+
+fn addrs(flag: &str, list: &Option<Vec<String>>) -> Result<Vec<Multiaddr>, ConfigError> {
+    list.iter()
+        .flatten()
+        .map(|a| a.parse().map_err(|e| bad(format!("{flag} {a:?} is not a multiaddr ({e})"))))
+        .collect()
+}
+
+impl RunOptions {
+    /// `self` with every option that `over` sets replaced by `over`'s value.
+    pub fn overridden_by(&self, over: &RunOptions) -> RunOptions {
+        crate::train::config::overlay(self, over)
+    }
+
+    /// Validates against the resolved training config (which fixes `--steps`).
+    pub fn resolve(&self, train: &TrainConfig) -> Result<RunConfig, ConfigError> {
+        let local_steps = positive("--local-steps", self.local_steps.unwrap_or(10))?;
+        let rounds = match self.rounds {
+            Some(r) => positive("--rounds", r)?,
+            None => (train.steps / local_steps).max(1),
+        };
+        let run_id = self.run_id.clone().unwrap_or_else(|| "murmur".into());
+        crate::net::swarm::check_run_id(&run_id).map_err(|e| bad(format!("--run-id: {e}")))?;
+        let topology: TopologySpec = self
+            .topology
+            .as_deref()
+            .unwrap_or("ring")
+            .parse()
+            .map_err(|e| bad(format!("--topology: {e}")))?;
+        let comm: Option<CommSchedule> =
+            self.comm.as_deref().map(str::parse).transpose().map_err(|e| bad(format!("{e}")))?;
+        let exchange_prob = self.exchange_prob.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&exchange_prob) {
+            return Err(bad(format!("--exchange-prob must be in [0, 1] (got {exchange_prob})")));
+        }
+        let encoding: Encoding = self
+            .encoding
+            .as_deref()
+            .unwrap_or("f32")
+            .parse()
+            .map_err(|e| bad(format!("--encoding: {e}")))?;
+        if matches!(encoding, Encoding::TopK { .. }) {
+            return Err(bad(
+                "--encoding topk needs error feedback on a delta, which gossip and merge do not send; use f32, bf16, f16 or int8",
+            ));
+        }
+        let swarm_key = match &self.swarm_key {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad(format!("cannot read --swarm-key {}: {e}", path.display())))?;
+                Some(text.parse::<PreSharedKey>().map_err(|e| {
+                    bad(format!("--swarm-key {} is not a swarm key file ({e}); make one with `murmur swarm-key FILE`", path.display()))
+                })?)
+            }
+        };
+        let allowlist = match &self.allow_peer {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|p| {
+                        p.parse::<PeerId>()
+                            .map_err(|e| bad(format!("--allow-peer {p:?} is not a peer id ({e})")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let mut listen = addrs("--listen", &self.listen)?;
+        if listen.is_empty() {
+            listen.push("/ip4/0.0.0.0/tcp/0".parse().map_err(|_| bad("default listen address"))?);
+        }
+        Ok(RunConfig {
+            strategy: self.strategy.unwrap_or(StrategyKind::Gossip),
+            run_id,
+            local_steps,
+            rounds,
+            topology,
+            gossip_steps: positive("--gossip-steps", self.gossip_steps.unwrap_or(1))?,
+            comm,
+            exchange_prob,
+            round_timeout: millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?,
+            join_timeout: millis("--join-timeout-ms", self.join_timeout_ms.unwrap_or(60_000))?,
+            encoding,
+            listen,
+            bootstrap: addrs("--bootstrap", &self.bootstrap)?,
+            mdns: self.mdns.unwrap_or(false),
+            quic: self.quic.unwrap_or(false),
+            swarm_key,
+            allowlist,
+            progress: self.progress.unwrap_or(ProgressFormat::Text),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::config::TrainOptions;
+
+    fn train() -> TrainConfig {
+        TrainOptions { steps: Some(100), ..Default::default() }.resolve().unwrap()
+    }
+
+    #[test]
+    fn rounds_follow_steps_and_local_steps() {
+        let r =
+            RunOptions { local_steps: Some(20), ..Default::default() }.resolve(&train()).unwrap();
+        assert_eq!((r.rounds, r.local_steps), (5, 20));
+        assert_eq!(r.topology, TopologySpec::Ring);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (RunOptions { topology: Some("star".into()), ..Default::default() }, "star"),
+            (RunOptions { run_id: Some("a b".into()), ..Default::default() }, "a b"),
+            (
+                RunOptions { bootstrap: Some(vec!["nowhere".into()]), ..Default::default() },
+                "nowhere",
+            ),
+            (RunOptions { allow_peer: Some(vec!["bob".into()]), ..Default::default() }, "bob"),
+            (RunOptions { exchange_prob: Some(1.5), ..Default::default() }, "1.5"),
+            (
+                RunOptions { local_steps: Some(0), ..Default::default() },
+                "--local-steps must be >= 1 (got 0)",
+            ),
+            (RunOptions { comm: Some("late:0".into()), ..Default::default() }, "late:0"),
+            (
+                RunOptions { swarm_key: Some("/nonexistent/key".into()), ..Default::default() },
+                "/nonexistent/key",
+            ),
+        ];
+        for (opts, needle) in cases {
+            let err = opts.resolve(&train()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+}

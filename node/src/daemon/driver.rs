@@ -1,0 +1,612 @@
+//! The node's event loop (see the module doc of `daemon`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use murmur_proto::wire::v1::PayloadKind;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use super::config::{RunConfig, StrategyKind};
+use super::report::{EvalPoint, FinalMetrics, NodeSummary, Reporter, human_bytes};
+use super::worker::{PhaseDone, Worker, flatten};
+use crate::mix::comm::CommSchedule;
+use crate::mix::gossip::{Gossip, GossipConfig};
+use crate::mix::merge::{Exchange, Merge, MergeConfig};
+use crate::mix::mixer::{Action, Input, Message, Mixer, MsgKind};
+use crate::net::service::{NetConfig, NetEvent, Network, SendError};
+use crate::net::wire;
+use crate::train::checkpoint;
+use crate::train::config::TrainConfig;
+use crate::train::trainer::Trainer;
+
+/// Slot of a rejoining node's request for the current model.
+pub const PULL_REQUEST_SLOT: u64 = u64::MAX - 100;
+/// Slot of the answer to a pull request.
+pub const PULL_REPLY_SLOT: u64 = u64::MAX - 101;
+
+/// Everything a node needs, validated.
+#[derive(Debug)]
+pub struct NodeSetup {
+    pub train: TrainConfig,
+    pub run: RunConfig,
+    pub trainer: Trainer,
+    pub key: Keypair,
+    pub data_dir: PathBuf,
+    /// Saved with checkpoints so `--resume` can rebuild the node.
+    pub options: serde_json::Value,
+    /// Round to continue from, when resuming.
+    pub resume_round: Option<u64>,
+}
+
+/// Why a node stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Net(#[from] crate::net::service::NetError),
+    #[error("strategy: {0}")]
+    Strategy(String),
+    #[error("trainer: {0}")]
+    Trainer(String),
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Runs one node to the end of its run (or a signal) and writes its summary.
+pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
+    let fingerprint = setup.trainer.model.layout().fingerprint.to_string();
+    let parameters = setup.trainer.model.num_params();
+    let run = setup.run.clone();
+    let mut net_cfg = NetConfig::new(&run.run_id, &fingerprint, parameters);
+    net_cfg.listen = run.listen.clone();
+    net_cfg.bootstrap = run.bootstrap.clone();
+    net_cfg.swarm.quic = run.quic;
+    net_cfg.swarm.mdns = run.mdns;
+    net_cfg.swarm.swarm_key = run.swarm_key;
+    net_cfg.swarm.allowlist = run.allowlist.clone();
+    net_cfg.transfer_timeout = run.round_timeout.max(Duration::from_secs(5));
+    let (network, events) = Network::start(setup.key.clone(), net_cfg).await?;
+    let reporter = Reporter { format: run.progress };
+    let me = network.local_peer;
+    let addrs: Vec<String> =
+        network.view().listen_addrs.iter().map(|a| format!("{a}/p2p/{me}")).collect();
+    reporter.emit(
+        serde_json::json!({"event": "listening", "peer_id": me.to_string(), "addrs": addrs}),
+        || {
+            format!(
+                "murmur run: node {} of {}, peer {me}, listening on {}",
+                setup.train.node,
+                setup.train.nodes,
+                addrs.join(" ")
+            )
+        },
+    );
+    let worker = Worker::spawn(setup.trainer);
+    let mut node = Node {
+        me,
+        network: Arc::new(network),
+        events,
+        worker,
+        run,
+        train: setup.train,
+        reporter,
+        fingerprint,
+        parameters,
+        data_dir: setup.data_dir,
+        options: setup.options,
+        sends: JoinSet::new(),
+        send_failures: 0,
+        backlog: Vec::new(),
+        evals: Vec::new(),
+        local_metrics: None,
+        last_loss: None,
+        steps_done: 0,
+        started: Instant::now(),
+    };
+    node.run(setup.resume_round).await
+}
+
+struct Node {
+    me: PeerId,
+    network: Arc<Network>,
+    events: mpsc::Receiver<NetEvent>,
+    worker: Worker,
+    run: RunConfig,
+    train: TrainConfig,
+    reporter: Reporter,
+    fingerprint: String,
+    parameters: usize,
+    data_dir: PathBuf,
+    options: serde_json::Value,
+    sends: JoinSet<bool>,
+    send_failures: u64,
+    /// Messages that arrived before the strategy existed.
+    backlog: Vec<Message>,
+    evals: Vec<EvalPoint>,
+    local_metrics: Option<FinalMetrics>,
+    last_loss: Option<f64>,
+    steps_done: u64,
+    started: Instant,
+}
+
+/// How the main loop ended.
+enum Ending {
+    Finished,
+    Interrupted,
+}
+
+impl Node {
+    async fn run(&mut self, resume_round: Option<u64>) -> Result<NodeSummary, NodeError> {
+        self.wait_for_members().await;
+        let start_round = match resume_round {
+            Some(saved) => self.rejoin(saved).await,
+            None => 0,
+        };
+        let mut mixer = self.strategy(start_round)?;
+        let ending = self.drive(mixer.as_mut()).await?;
+        self.finish(mixer.as_ref(), resume_round, matches!(ending, Ending::Interrupted)).await
+    }
+
+    /// The live run members that train the same model, this node included.
+    fn members(&self) -> Vec<PeerId> {
+        let mut m: Vec<PeerId> = self
+            .network
+            .view()
+            .members
+            .iter()
+            .filter(|m| m.role == "node" && m.fingerprint == self.fingerprint)
+            .map(|m| m.peer)
+            .collect();
+        m.push(self.me);
+        m.sort();
+        m.dedup();
+        m
+    }
+
+    async fn wait_for_members(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.run.join_timeout;
+        while self.members().len() < self.train.nodes {
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(NetEvent::Payload { from, payload }) => {
+                        if let Some(m) = to_message(from, payload) {
+                            self.backlog.push(m);
+                        }
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        warn!(found = self.members().len(), wanted = self.train.nodes, "join timeout; starting with the members found");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn strategy(&self, start_round: u64) -> Result<Box<dyn Mixer>, NodeError> {
+        let members = self.members();
+        match self.run.strategy {
+            StrategyKind::Gossip => {
+                let cfg = GossipConfig {
+                    topology: self.run.topology.clone(),
+                    seed: self.train.seed,
+                    rounds: self.run.rounds,
+                    local_steps: self.run.local_steps,
+                    gossip_steps: self.run.gossip_steps,
+                    comm: self.run.comm.unwrap_or(CommSchedule::Every(1)),
+                    timeout: self.run.round_timeout,
+                    start_round,
+                };
+                Ok(Box::new(
+                    Gossip::new(cfg, self.me, members)
+                        .map_err(|e| NodeError::Strategy(e.to_string()))?,
+                ))
+            }
+            StrategyKind::Merge => {
+                let exchange = match (self.run.exchange_prob, self.run.comm) {
+                    (p, _) if p > 0.0 => Exchange::Random(p),
+                    (_, Some(schedule)) => Exchange::Schedule(schedule),
+                    _ => Exchange::None,
+                };
+                let cfg = MergeConfig {
+                    seed: self.train.seed,
+                    rounds: self.run.rounds,
+                    local_steps: self.run.local_steps,
+                    exchange,
+                    exchange_timeout: self.run.round_timeout,
+                    final_timeout: self.run.round_timeout,
+                    start_round,
+                };
+                Ok(Box::new(
+                    Merge::new(cfg, self.me, members)
+                        .map_err(|e| NodeError::Strategy(e.to_string()))?,
+                ))
+            }
+        }
+    }
+
+    async fn drive(&mut self, mixer: &mut dyn Mixer) -> Result<Ending, NodeError> {
+        let mut training: Option<oneshot::Receiver<Result<PhaseDone, String>>> = None;
+        let mut finished = false;
+        let now = Instant::now();
+        let start = mixer.start(now);
+        self.execute(mixer, start, &mut training, &mut finished).await?;
+        for m in std::mem::take(&mut self.backlog) {
+            let acts = mixer.handle(Input::Received(m), Instant::now());
+            self.execute(mixer, acts, &mut training, &mut finished).await?;
+        }
+        let mut members = self.members();
+        let mut signals = Signals::new();
+        while !finished {
+            let deadline = mixer.deadline().map(tokio::time::Instant::from_std);
+            let actions = tokio::select! {
+                done = async { training.as_mut().expect("guarded").await }, if training.is_some() => {
+                    training = None;
+                    let done = flatten(done).map_err(NodeError::Trainer)?;
+                    self.on_phase_done(&done, mixer.round());
+                    mixer.handle(Input::LocalDone { params: done.params, samples: done.samples }, Instant::now())
+                }
+                ev = self.events.recv() => match ev {
+                    Some(NetEvent::Payload { from, payload }) => match to_message(from, payload) {
+                        Some(m) if m.slot == PULL_REQUEST_SLOT => { self.answer_pull(from).await; Vec::new() }
+                        Some(m) if m.slot == PULL_REPLY_SLOT => Vec::new(),
+                        Some(m) => mixer.handle(Input::Received(m), Instant::now()),
+                        None => Vec::new(),
+                    },
+                    Some(NetEvent::MemberJoined(_)) | Some(NetEvent::MemberLeft(_)) => {
+                        let now_members = self.members();
+                        if now_members != members {
+                            members = now_members.clone();
+                            mixer.handle(Input::Members(now_members), Instant::now())
+                        } else { Vec::new() }
+                    }
+                    None => return Ok(Ending::Interrupted),
+                },
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    mixer.handle(Input::Tick, Instant::now())
+                }
+                _ = signals.recv() => return Ok(Ending::Interrupted),
+            };
+            let before = mixer.round();
+            self.execute(mixer, actions, &mut training, &mut finished).await?;
+            if mixer.round() != before {
+                self.on_round_end(mixer.round()).await?;
+            }
+        }
+        Ok(Ending::Finished)
+    }
+
+    async fn execute(
+        &mut self,
+        mixer: &dyn Mixer,
+        actions: Vec<Action>,
+        training: &mut Option<oneshot::Receiver<Result<PhaseDone, String>>>,
+        finished: &mut bool,
+    ) -> Result<(), NodeError> {
+        for a in actions {
+            match a {
+                Action::Send(m) => self.send(m),
+                Action::SetParams(v) => {
+                    self.worker.set_params(v).await.map_err(NodeError::Trainer)?
+                }
+                Action::Train { steps } => *training = Some(self.worker.train(steps)),
+                Action::Evaluate { label } => {
+                    let m = self.worker.evaluate().await.map_err(NodeError::Trainer)?;
+                    self.reporter.emit(
+                        serde_json::json!({"event": "eval", "label": label, "round": mixer.round(), "metrics": m}),
+                        || format!("eval ({label}) round {}: {}", mixer.round(), m),
+                    );
+                    if label == "local" {
+                        self.local_metrics = Some(FinalMetrics::new(self.last_loss, &m));
+                    }
+                }
+                Action::Finish => *finished = true,
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, m: Message) {
+        let kind = match m.kind {
+            MsgKind::Params => PayloadKind::Params,
+            MsgKind::Delta => PayloadKind::Delta,
+            MsgKind::Shard => PayloadKind::Shard,
+            MsgKind::ShardResult => PayloadKind::ShardResult,
+        };
+        let network = self.network.clone();
+        let mut header = wire::build_header(
+            &self.run.run_id,
+            &self.fingerprint,
+            network.sender_bytes(),
+            kind,
+            m.slot,
+        );
+        header.sample_weight = m.weight;
+        header.element_offset = m.offset as u64;
+        let encoding = self.run.encoding;
+        let give_up = Instant::now() + self.run.round_timeout;
+        self.sends.spawn(async move {
+            let (header, body) = wire::encode_payload(header, &m.values, encoding);
+            let mut attempt = 0u32;
+            loop {
+                match network.send(m.peer, &header, &body).await {
+                    Ok(()) => return true,
+                    // A refusal is final; anything else (a stream the peer
+                    // dropped while busy, a connection being set up) is retried
+                    // with backoff until the exchange's deadline.
+                    Err(SendError::Refused { .. }) => return false,
+                    Err(e) if Instant::now() + retry_delay(attempt) >= give_up => {
+                        debug!(peer = %m.peer, slot = m.slot, attempt, "send failed: {e}");
+                        return false;
+                    }
+                    Err(e) => {
+                        debug!(peer = %m.peer, slot = m.slot, attempt, "send failed, retrying: {e}");
+                        tokio::time::sleep(retry_delay(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+            }
+        });
+        while let Some(done) = self.sends.try_join_next() {
+            if !matches!(done, Ok(true)) {
+                self.send_failures += 1;
+            }
+        }
+    }
+
+    fn on_phase_done(&mut self, done: &PhaseDone, round: u64) {
+        self.last_loss = Some(done.loss);
+        self.steps_done = done.steps_done;
+        let bytes = self.network.accounting().total();
+        self.reporter.emit(
+            serde_json::json!({"event": "round", "round": round, "rounds": self.run.rounds, "step": done.steps_done,
+                "loss": done.loss, "members": self.members().len(), "bytes_sent": bytes.bytes_sent,
+                "bytes_received": bytes.bytes_received}),
+            || {
+                format!(
+                    "round {}/{}  step {}  loss {:.4}  members {}  sent {}  received {}",
+                    round + 1,
+                    self.run.rounds,
+                    done.steps_done,
+                    done.loss,
+                    self.members().len(),
+                    human_bytes(bytes.bytes_sent),
+                    human_bytes(bytes.bytes_received)
+                )
+            },
+        );
+    }
+
+    /// After mixing: evaluate, checkpoint and announce the round as due.
+    async fn on_round_end(&mut self, round: u64) -> Result<(), NodeError> {
+        self.network.set_round(round).await;
+        let h = self.run.local_steps;
+        let (now, before) = (self.steps_done, self.steps_done.saturating_sub(h));
+        let crossed = |every: u64| every > 0 && now / every != before / every;
+        if crossed(self.train.eval_every) && round < self.run.rounds {
+            self.evaluate(round).await?;
+        }
+        if crossed(self.train.checkpoint_every) {
+            self.checkpoint(round).await?;
+        }
+        Ok(())
+    }
+
+    async fn evaluate(&mut self, round: u64) -> Result<crate::train::eval::EvalMetrics, NodeError> {
+        let m = self.worker.evaluate().await.map_err(NodeError::Trainer)?;
+        let bytes = self.network.accounting().total();
+        self.reporter.emit(
+            serde_json::json!({"event": "eval", "label": "model", "round": round, "step": self.steps_done, "metrics": m,
+                "bytes_sent": bytes.bytes_sent, "bytes_received": bytes.bytes_received}),
+            || format!("eval  round {round}: {}", m),
+        );
+        self.evals.push(EvalPoint {
+            round,
+            step: self.steps_done,
+            bytes_sent: bytes.bytes_sent,
+            bytes_received: bytes.bytes_received,
+            metrics: m,
+        });
+        Ok(m)
+    }
+
+    async fn checkpoint(&self, round: u64) -> Result<(), NodeError> {
+        let mut options = self.options.clone();
+        options["round"] = serde_json::json!(round);
+        let dir = checkpoint::dir_in(&self.data_dir);
+        self.worker
+            .checkpoint(dir.clone(), options)
+            .await
+            .map_err(|reason| NodeError::Write { path: dir, reason })
+    }
+
+    /// A peer that comes back asks for the model; answer with ours.
+    async fn answer_pull(&mut self, from: PeerId) {
+        match self.worker.params().await {
+            Ok(values) => self.send(Message {
+                peer: from,
+                kind: MsgKind::Params,
+                slot: PULL_REPLY_SLOT,
+                weight: 1.0,
+                offset: 0,
+                values: Arc::new(values),
+            }),
+            Err(e) => warn!("cannot answer a pull from {from}: {e}"),
+        }
+    }
+
+    /// Rejoins a running swarm: the current round is the most advanced
+    /// member's, and the model is pulled from that member before training.
+    async fn rejoin(&mut self, saved_round: u64) -> u64 {
+        let view = self.network.view();
+        let Some(ahead) = view
+            .members
+            .iter()
+            .filter(|m| m.role == "node" && m.fingerprint == self.fingerprint)
+            .max_by_key(|m| m.round)
+        else {
+            return saved_round;
+        };
+        let (peer, round) = (ahead.peer, ahead.round.max(saved_round));
+        let params = match self.worker.params().await {
+            Ok(p) => Arc::new(p),
+            Err(_) => return round,
+        };
+        let request = Message {
+            peer,
+            kind: MsgKind::Params,
+            slot: PULL_REQUEST_SLOT,
+            weight: 1.0,
+            offset: 0,
+            values: params,
+        };
+        self.send(request);
+        let deadline = tokio::time::Instant::now() + self.run.round_timeout;
+        loop {
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(NetEvent::Payload { from, payload }) => match to_message(from, payload) {
+                        Some(m) if m.slot == PULL_REPLY_SLOT && from == peer => {
+                            if let Err(e) = self.worker.set_params(m.values.to_vec()).await {
+                                warn!("cannot take the pulled model: {e}");
+                            }
+                            self.reporter.emit(serde_json::json!({"event": "rejoined", "round": round, "from": peer.to_string()}),
+                                || format!("rejoined at round {round} with the model of {peer}"));
+                            return round;
+                        }
+                        Some(m) => self.backlog.push(m),
+                        None => {}
+                    },
+                    Some(_) => {}
+                    None => return round,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(%peer, "no answer to the model pull; continuing from the checkpoint");
+                    return round;
+                }
+            }
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        mixer: &dyn Mixer,
+        resumed: Option<u64>,
+        interrupted: bool,
+    ) -> Result<NodeSummary, NodeError> {
+        // Let in-flight sends reach peers that still wait for them.
+        let grace = tokio::time::sleep(self.run.round_timeout);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                done = self.sends.join_next() => match done {
+                    Some(Ok(true)) => {}
+                    Some(_) => self.send_failures += 1,
+                    None => break,
+                },
+                _ = &mut grace => break,
+            }
+        }
+        let round = mixer.round();
+        let final_eval = self.evaluate(round).await?;
+        self.checkpoint(round).await?;
+        let acc = self.network.accounting();
+        let summary = NodeSummary {
+            murmur_version: env!("CARGO_PKG_VERSION"),
+            peer_id: self.me.to_string(),
+            run_id: self.run.run_id.clone(),
+            strategy: format!("{:?}", self.run.strategy).to_lowercase(),
+            node: self.train.node,
+            nodes: self.train.nodes,
+            rounds: round,
+            steps: self.steps_done,
+            resumed_from_round: resumed,
+            interrupted,
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            parameters: self.parameters,
+            fingerprint: self.fingerprint.clone(),
+            bytes: acc.total(),
+            refusals: acc.refusals.clone(),
+            strategy_drops: mixer
+                .dropped()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<BTreeMap<_, _>>(),
+            send_failures: self.send_failures,
+            evals: std::mem::take(&mut self.evals),
+            local: self.local_metrics.clone(),
+            final_metrics: FinalMetrics::new(self.last_loss, &final_eval),
+            config: self.options.clone(),
+        };
+        let path = self.data_dir.join("summary.json");
+        let json = serde_json::to_vec_pretty(&summary)
+            .map_err(|e| NodeError::Write { path: path.clone(), reason: e.to_string() })?;
+        std::fs::write(&path, json)
+            .map_err(|e| NodeError::Write { path: path.clone(), reason: e.to_string() })?;
+        self.reporter.emit(
+            serde_json::json!({"event": "done", "summary": path, "final": summary.final_metrics}),
+            || format!("done: round {round}, {}; summary in {}", final_eval, path.display()),
+        );
+        Ok(summary)
+    }
+}
+
+/// Backoff before retry `attempt` (0-based): 20 ms doubling, capped at 1 s.
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis((20u64 << attempt.min(6)).min(1000))
+}
+
+/// A validated payload as a strategy message.
+fn to_message(from: PeerId, p: wire::Payload) -> Option<Message> {
+    let kind = match PayloadKind::try_from(p.header.kind).ok()? {
+        PayloadKind::Params => MsgKind::Params,
+        PayloadKind::Delta => MsgKind::Delta,
+        PayloadKind::Shard => MsgKind::Shard,
+        PayloadKind::ShardResult => MsgKind::ShardResult,
+        PayloadKind::Unspecified => return None,
+    };
+    Some(Message {
+        peer: from,
+        kind,
+        slot: p.header.round,
+        weight: p.header.sample_weight,
+        offset: usize::try_from(p.header.element_offset).ok()?,
+        values: Arc::new(p.values),
+    })
+}
+
+/// SIGINT and SIGTERM as one stream.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        Signals {
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn recv(&mut self) {
+        let term = async {
+            match &mut self.term {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! Gossip averaging (decentralized SGD). Each round: H local steps, then Q
+//! gossip steps in which node i sends x_i to its out-neighbours and sets
+//! x_i <- sum_j W_ij x_j over itself and the in-neighbours whose messages
+//! arrived by the deadline, renormalised over those (so a silent neighbour
+//! costs accuracy, never progress).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+use super::comm::CommSchedule;
+use super::mixer::{Action, Drops, Input, Message, Mixer, MsgKind, Roster};
+use super::topology::{Topology, TopologyError, TopologySpec};
+
+/// How far ahead of the current exchange a message may be and still be kept.
+const MAX_SLOTS_AHEAD: u64 = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GossipConfig {
+    pub topology: TopologySpec,
+    pub seed: u64,
+    pub rounds: u64,
+    pub local_steps: u64,
+    /// Gossip steps per communicating round (Q).
+    pub gossip_steps: u64,
+    pub comm: CommSchedule,
+    /// Deadline of one gossip step.
+    pub timeout: Duration,
+    /// Round to start from (a node that rejoins).
+    pub start_round: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Training,
+    Exchanging { step: u64, deadline: Instant, expect: Vec<PeerId> },
+    Done,
+}
+
+/// The gossip strategy for one node.
+#[derive(Debug)]
+pub struct Gossip {
+    cfg: GossipConfig,
+    roster: Roster,
+    topology: Option<Topology>,
+    round: u64,
+    phase: Phase,
+    x: Vec<f32>,
+    inbox: BTreeMap<u64, BTreeMap<PeerId, Message>>,
+    drops: Drops,
+    /// Mean L2 distance to the neighbours mixed in the last exchange.
+    pub last_neighbour_distance: Option<f64>,
+}
+
+impl Gossip {
+    /// Fails if the topology cannot be built for the initial members.
+    pub fn new(
+        cfg: GossipConfig,
+        me: PeerId,
+        members: Vec<PeerId>,
+    ) -> Result<Gossip, TopologyError> {
+        let roster = Roster::new(me, members);
+        let topology = Some(Topology::new(&cfg.topology, roster.len(), cfg.seed)?);
+        Ok(Gossip {
+            round: cfg.start_round,
+            cfg,
+            roster,
+            topology,
+            phase: Phase::Training,
+            x: Vec::new(),
+            inbox: BTreeMap::new(),
+            drops: Drops::default(),
+            last_neighbour_distance: None,
+        })
+    }
+
+    fn slot(&self, step: u64) -> u64 {
+        self.round * self.cfg.gossip_steps.max(1) + step
+    }
+
+    fn current_slot(&self) -> u64 {
+        match self.phase {
+            Phase::Exchanging { step, .. } => self.slot(step),
+            _ => self.slot(0),
+        }
+    }
+
+    fn topology(&mut self) -> &Topology {
+        let n = self.roster.len();
+        if self.topology.as_ref().map(Topology::n) != Some(n) {
+            // Membership changed: a topology that cannot be built for the
+            // new size falls back to complete, which always can.
+            let t = Topology::new(&self.cfg.topology, n, self.cfg.seed)
+                .or_else(|_| Topology::new(&TopologySpec::Complete, n, self.cfg.seed));
+            self.topology = t.ok();
+        }
+        self.topology.get_or_insert_with(|| {
+            Topology::new(&TopologySpec::Complete, 1, 0).unwrap_or_else(|_| unreachable!())
+        })
+    }
+
+    fn begin_step(&mut self, step: u64, now: Instant) -> Vec<Action> {
+        let slot = self.slot(step);
+        let me = self.roster.me;
+        let (outs, ins) = {
+            let t = self.topology();
+            (t.out_neighbours(me, slot), t.in_neighbours(me, slot))
+        };
+        let values = Arc::new(self.x.clone());
+        let mut actions: Vec<Action> = outs
+            .iter()
+            .map(|&j| {
+                Action::Send(Message {
+                    peer: self.roster.members[j],
+                    kind: MsgKind::Params,
+                    slot,
+                    weight: 1.0,
+                    offset: 0,
+                    values: values.clone(),
+                })
+            })
+            .collect();
+        let expect = ins.iter().map(|&j| self.roster.members[j]).collect();
+        self.phase = Phase::Exchanging { step, deadline: now + self.cfg.timeout, expect };
+        actions.extend(self.try_mix(now, false));
+        actions
+    }
+
+    /// Mixes if every expected message arrived, or `force` (deadline passed).
+    fn try_mix(&mut self, now: Instant, force: bool) -> Vec<Action> {
+        let Phase::Exchanging { step, expect, .. } = &self.phase else { return Vec::new() };
+        let (step, expect) = (*step, expect.clone());
+        let slot = self.slot(step);
+        let arrived = self
+            .inbox
+            .get(&slot)
+            .map_or(0, |m| expect.iter().filter(|p| m.contains_key(p)).count());
+        if arrived < expect.len() && !force {
+            return Vec::new();
+        }
+        let msgs = self.inbox.remove(&slot).unwrap_or_default();
+        self.mix(&expect, msgs, slot);
+        if step + 1 < self.cfg.gossip_steps {
+            return self.begin_step(step + 1, now);
+        }
+        self.finish_round(true)
+    }
+
+    fn mix(&mut self, expect: &[PeerId], mut msgs: BTreeMap<PeerId, Message>, slot: u64) {
+        let me = self.roster.me;
+        let weights = self.topology().weights(me, slot);
+        let mut total = 0.0f64;
+        let mut acc = vec![0f32; self.x.len()];
+        let mut distance = 0.0;
+        let mut mixed = 0usize;
+        for (j, w) in weights {
+            let peer = self.roster.members[j];
+            let values = if j == me {
+                &self.x
+            } else if let Some(m) = msgs.get(&peer).filter(|_| expect.contains(&peer)) {
+                distance += l2(&self.x, &m.values);
+                mixed += 1;
+                m.values.as_ref()
+            } else {
+                continue;
+            };
+            total += w;
+            let w = w as f32;
+            acc.iter_mut().zip(values.iter()).for_each(|(a, v)| *a += w * v);
+        }
+        for p in msgs.keys().filter(|p| !expect.contains(p)).copied().collect::<Vec<_>>() {
+            msgs.remove(&p);
+            self.drops.add("unexpected_sender");
+        }
+        if total > 0.0 {
+            let scale = (1.0 / total) as f32;
+            acc.iter_mut().for_each(|a| *a *= scale);
+            self.x = acc;
+        }
+        self.last_neighbour_distance = (mixed > 0).then(|| distance / mixed as f64);
+    }
+
+    fn finish_round(&mut self, mixed: bool) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if mixed {
+            actions.push(Action::SetParams(self.x.clone()));
+        }
+        self.round += 1;
+        if self.round >= self.cfg.rounds {
+            self.phase = Phase::Done;
+            actions.push(Action::Finish);
+        } else {
+            self.phase = Phase::Training;
+            actions.push(Action::Train { steps: self.cfg.local_steps });
+        }
+        actions
+    }
+
+    fn receive(&mut self, m: Message, now: Instant) -> Vec<Action> {
+        let current = self.current_slot();
+        let reason = if m.kind != MsgKind::Params {
+            Some("wrong_kind")
+        } else if !self.x.is_empty() && m.values.len() != self.x.len() {
+            Some("wrong_length")
+        } else if m.slot < current {
+            Some("stale_slot")
+        } else if m.slot > current + MAX_SLOTS_AHEAD {
+            Some("far_future_slot")
+        } else if self.inbox.get(&m.slot).is_some_and(|b| b.contains_key(&m.peer)) {
+            Some("duplicate")
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            self.drops.add(r);
+            return Vec::new();
+        }
+        self.inbox.entry(m.slot).or_default().insert(m.peer, m);
+        self.try_mix(now, false)
+    }
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+impl Mixer for Gossip {
+    fn start(&mut self, _now: Instant) -> Vec<Action> {
+        if self.round >= self.cfg.rounds {
+            self.phase = Phase::Done;
+            return vec![Action::Finish];
+        }
+        vec![Action::Train { steps: self.cfg.local_steps }]
+    }
+
+    fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        match input {
+            Input::LocalDone { params, .. } => {
+                if self.phase != Phase::Training {
+                    self.drops.add("unexpected_local_done");
+                    return Vec::new();
+                }
+                self.x = params;
+                if self.cfg.comm.communicates(self.round, self.cfg.rounds)
+                    && self.cfg.gossip_steps > 0
+                {
+                    self.begin_step(0, now)
+                } else {
+                    self.finish_round(false)
+                }
+            }
+            Input::Received(m) => self.receive(m, now),
+            Input::Members(members) => {
+                self.roster = Roster::new(self.roster.me(), members);
+                Vec::new()
+            }
+            Input::Tick => match &self.phase {
+                Phase::Exchanging { deadline, .. } if now >= *deadline => self.try_mix(now, true),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Exchanging { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    fn round(&self) -> u64 {
+        self.round
+    }
+
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        self.drops.list()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        let mut p: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
+        p.sort();
+        p
+    }
+
+    fn cfg(topology: &str, rounds: u64) -> GossipConfig {
+        GossipConfig {
+            topology: topology.parse().unwrap(),
+            seed: 1,
+            rounds,
+            local_steps: 5,
+            gossip_steps: 1,
+            comm: CommSchedule::Every(1),
+            timeout: Duration::from_secs(1),
+            start_round: 0,
+        }
+    }
+
+    /// Runs all nodes in lockstep with instant, lossless delivery.
+    fn lockstep(mut nodes: Vec<Gossip>, mut x: Vec<Vec<f32>>, rounds: u64) -> Vec<Vec<f32>> {
+        let now = Instant::now();
+        let ids: Vec<PeerId> = nodes.iter().map(|g| g.roster.me()).collect();
+        for n in nodes.iter_mut() {
+            assert_eq!(n.start(now), vec![Action::Train { steps: 5 }]);
+        }
+        for _ in 0..rounds {
+            let mut queue = Vec::new();
+            for (i, n) in nodes.iter_mut().enumerate() {
+                let acts = n.handle(Input::LocalDone { params: x[i].clone(), samples: 1 }, now);
+                queue.extend(acts.into_iter().map(|a| (i, a)));
+            }
+            while let Some((from, a)) = queue.pop() {
+                match a {
+                    Action::Send(mut m) => {
+                        let to = ids.iter().position(|p| *p == m.peer).unwrap();
+                        m.peer = ids[from];
+                        let acts = nodes[to].handle(Input::Received(m), now);
+                        queue.extend(acts.into_iter().map(|a| (to, a)));
+                    }
+                    Action::SetParams(p) => x[from] = p,
+                    _ => {}
+                }
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn averaging_on_a_ring_converges_to_the_mean() {
+        let ids = peers(8);
+        let nodes: Vec<Gossip> =
+            ids.iter().map(|&p| Gossip::new(cfg("ring", 400), p, ids.clone()).unwrap()).collect();
+        let x0: Vec<Vec<f32>> = (0..8).map(|i| vec![i as f32, (i * i) as f32]).collect();
+        let mean = [3.5f32, 17.5];
+        let x = lockstep(nodes, x0, 400);
+        for xi in &x {
+            assert!((xi[0] - mean[0]).abs() < 1e-4 && (xi[1] - mean[1]).abs() < 1e-3, "{xi:?}");
+        }
+    }
+
+    #[test]
+    fn one_peer_exponential_is_exact_in_log2_n_rounds() {
+        let ids = peers(8);
+        let nodes: Vec<Gossip> = ids
+            .iter()
+            .map(|&p| Gossip::new(cfg("one-peer-exp", 3), p, ids.clone()).unwrap())
+            .collect();
+        let x0: Vec<Vec<f32>> = (0..8).map(|i| vec![i as f32 * 2.0]).collect();
+        let x = lockstep(nodes, x0, 3);
+        assert!(x.iter().all(|xi| xi[0] == 7.0), "{x:?}");
+    }
+
+    #[test]
+    fn a_silent_neighbour_is_renormalised_away_at_the_deadline() {
+        let ids = peers(3);
+        let mut g = Gossip::new(cfg("complete", 2), ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        let acts = g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::Send(_))).count(), 2);
+        assert_eq!(g.deadline(), Some(t0 + Duration::from_secs(1)));
+        let msg = Message {
+            peer: ids[1],
+            kind: MsgKind::Params,
+            slot: 0,
+            weight: 1.0,
+            offset: 0,
+            values: Arc::new(vec![3.0]),
+        };
+        assert!(g.handle(Input::Received(msg.clone()), t0).is_empty(), "waits for the third node");
+        assert!(g.handle(Input::Tick, t0 + Duration::from_millis(999)).is_empty());
+        let acts = g.handle(Input::Tick, t0 + Duration::from_secs(1));
+        // MH weights on K3 are 1/3 each; renormalised over two: (0 + 3) / 2.
+        assert_eq!(acts, vec![Action::SetParams(vec![1.5]), Action::Train { steps: 5 }]);
+        // A late message for the finished slot is dropped, not mixed later.
+        let late = Message { peer: ids[2], ..msg };
+        assert!(g.handle(Input::Received(late), t0 + Duration::from_secs(2)).is_empty());
+        assert_eq!(g.drops.get("stale_slot"), 1);
+    }
+
+    #[test]
+    fn rounds_without_communication_just_train() {
+        let ids = peers(2);
+        let mut c = cfg("ring", 4);
+        c.comm = CommSchedule::Every(2);
+        let mut g = Gossip::new(c, ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        assert!(
+            g.handle(Input::LocalDone { params: vec![1.0], samples: 1 }, t0)
+                .iter()
+                .any(|a| matches!(a, Action::Send(_)))
+        );
+        let m = Message {
+            peer: ids[1],
+            kind: MsgKind::Params,
+            slot: 0,
+            weight: 1.0,
+            offset: 0,
+            values: Arc::new(vec![3.0]),
+        };
+        assert_eq!(
+            g.handle(Input::Received(m), t0),
+            vec![Action::SetParams(vec![2.0]), Action::Train { steps: 5 }]
+        );
+        assert_eq!(
+            g.handle(Input::LocalDone { params: vec![2.0], samples: 1 }, t0),
+            vec![Action::Train { steps: 5 }]
+        );
+        assert_eq!(g.round(), 2);
+    }
+}

@@ -1,0 +1,1208 @@
+//! An in-process simulator: many nodes' strategies (`Box<dyn Mixer>`) over an
+//! in-memory network with seeded message loss and delay, in virtual time.
+//!
+//! Why it exists: the same sans-IO strategy code that the daemon runs can be
+//! exercised with 64 nodes, 20% loss and stragglers in a second, exactly
+//! reproducibly, which real processes cannot do. It is the "Simulated" tier of
+//! the tests and backs `murmur sim`.
+//!
+//! Time is virtual: a base `Instant` plus offsets that only ever move forward
+//! to the next event; nothing sleeps. Events sit in a priority queue ordered
+//! by (time, sequence number), so ties break in the order they were
+//! scheduled and a run is a pure function of its inputs and `seed`:
+//! - a node's local phase completes `steps * step_time` after it was asked
+//!   for (each node's step time is jittered once, by seed, to make
+//!   stragglers); the training itself ([`LocalUpdate`]) runs at completion,
+//!   from the node's parameters at that moment;
+//! - every `Action::Send` is dropped with probability `loss`, else delivered
+//!   after a delay drawn uniformly from `[delay.min, delay.max]`, with
+//!   `Message::peer` rewritten from the destination to the sender;
+//! - a strategy's `deadline()` becomes an `Input::Tick` at that time.
+//!
+//! A crash (`Crash { node, round }`) removes a node the moment its strategy
+//! reports `round() >= round`, discarding the actions of that transition: it
+//! completes rounds `0..round` and then neither sends nor receives. Optionally
+//! the survivors learn of it (`Input::Members`) after `membership_delay`.
+//!
+//! Global round boundary: round `r` is complete when every live (not crashed)
+//! node's strategy reports `round() > r`, i.e. when the slowest live node
+//! finishes it. The consensus distance `sqrt((1/n) sum_i ||x_i - x_bar||^2)`
+//! is taken at that moment over the live nodes' current parameters (which
+//! faster nodes may already have moved on from).
+//!
+//! This module owns the event loop and the report; it must not know any one
+//! strategy's internals, and it never touches sockets, threads or the clock.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use serde::Serialize;
+
+use super::mixer::{Action, Input, Message, Mixer};
+use crate::params::FlatParams;
+use crate::train::config::TrainConfig;
+use crate::train::dataset::Split;
+use crate::train::model::ModelSpec;
+use crate::train::trainer::{TrainError, Trainer};
+
+/// Why a simulation could not be set up or run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("a simulation needs at least one node (got 0)")]
+    NoNodes,
+    #[error("node {node} starts with {got} parameters but node 0 with {expected}")]
+    Length { node: usize, expected: usize, got: usize },
+    #[error("node {node}'s peer id {peer} is used twice")]
+    DuplicatePeer { node: usize, peer: PeerId },
+    #[error("--loss must be in [0, 1] (got {0})")]
+    Loss(f64),
+    #[error("--step-jitter must be in [0, 1) (got {0})")]
+    Jitter(f64),
+    #[error("--crash {node}@{round}: there is no node {node} (nodes are 0..{nodes})")]
+    CrashNode { node: usize, round: u64, nodes: usize },
+    #[error("node {node}: local training failed: {reason}")]
+    Local { node: usize, reason: String },
+}
+
+/// A delay range in milliseconds, `MIN..MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DelayRange {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--delay-ms {0:?} is not a range (expected MIN..MAX in milliseconds, 0 <= MIN <= MAX)")]
+pub struct DelayRangeError(pub String);
+
+impl FromStr for DelayRange {
+    type Err = DelayRangeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || DelayRangeError(s.to_string());
+        let (lo, hi) = s.split_once("..").ok_or_else(err)?;
+        let ms = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0 && *v < 1e12)
+                .map(|v| Duration::from_secs_f64(v / 1000.0))
+        };
+        let (min, max) = (ms(lo).ok_or_else(err)?, ms(hi).ok_or_else(err)?);
+        if min > max {
+            return Err(err());
+        }
+        Ok(DelayRange { min, max })
+    }
+}
+
+impl fmt::Display for DelayRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        write!(f, "{}..{}", ms(self.min), ms(self.max))
+    }
+}
+
+/// Crash `node` when it reaches `round` (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Crash {
+    pub node: usize,
+    pub round: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--crash {0:?} is not NODE@ROUND (two non-negative integers, as in 3@10)")]
+pub struct CrashError(pub String);
+
+impl FromStr for Crash {
+    type Err = CrashError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || CrashError(s.to_string());
+        let (node, round) = s.split_once('@').ok_or_else(err)?;
+        let node = node.trim().parse().map_err(|_| err())?;
+        let round = round.trim().parse().map_err(|_| err())?;
+        Ok(Crash { node, round })
+    }
+}
+
+/// How the simulated network and nodes behave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Seeds loss, delays and step-time jitter.
+    pub seed: u64,
+    /// Probability that a message is dropped.
+    pub loss: f64,
+    pub delay: DelayRange,
+    /// Virtual compute time of one local step.
+    pub step_time: Duration,
+    /// Each node's step time is `step_time * (1 + step_jitter * u)`, u drawn
+    /// uniformly from [-1, 1] once per node.
+    pub step_jitter: f64,
+    /// The run stops here if the nodes have not all finished.
+    pub time_limit: Duration,
+    pub crashes: Vec<Crash>,
+    /// When set, the survivors get `Input::Members` this long after a crash.
+    pub membership_delay: Option<Duration>,
+    /// Evaluate every live node at every `eval_every`-th global round
+    /// boundary (0: never); metrics only where the `LocalUpdate` has them.
+    pub eval_every: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 0,
+            loss: 0.0,
+            delay: DelayRange { min: Duration::from_millis(1), max: Duration::from_millis(10) },
+            step_time: Duration::from_millis(10),
+            step_jitter: 0.0,
+            time_limit: Duration::from_secs(3600),
+            crashes: Vec::new(),
+            membership_delay: None,
+            eval_every: 0,
+        }
+    }
+}
+
+impl SimConfig {
+    fn validate(&self, nodes: usize) -> Result<(), SimError> {
+        if !(0.0..=1.0).contains(&self.loss) {
+            return Err(SimError::Loss(self.loss));
+        }
+        if !(0.0..1.0).contains(&self.step_jitter) {
+            return Err(SimError::Jitter(self.step_jitter));
+        }
+        if let Some(c) = self.crashes.iter().find(|c| c.node >= nodes) {
+            return Err(SimError::CrashNode { node: c.node, round: c.round, nodes });
+        }
+        Ok(())
+    }
+}
+
+/// Local training as the simulator sees it.
+pub trait LocalUpdate {
+    /// Runs `steps` local steps of `node` starting from `params` and leaves
+    /// the result there; returns the samples seen (the weight of a mean).
+    fn train(&mut self, node: usize, params: &mut [f32], steps: u64) -> Result<u64, SimError>;
+
+    /// A held-out metric of `params` on `node`'s evaluator, if there is one.
+    fn evaluate(&mut self, node: usize, params: &[f32]) -> Result<Option<f64>, SimError>;
+
+    /// What `evaluate` measures (for reports).
+    fn metric_name(&self) -> &'static str {
+        "metric"
+    }
+}
+
+/// Pure averaging: training leaves the parameters as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTraining;
+
+impl LocalUpdate for NoTraining {
+    fn train(&mut self, _node: usize, _params: &mut [f32], steps: u64) -> Result<u64, SimError> {
+        Ok(steps)
+    }
+
+    fn evaluate(&mut self, _node: usize, _params: &[f32]) -> Result<Option<f64>, SimError> {
+        Ok(None)
+    }
+}
+
+/// Real models: one `Trainer` per node on its own shard, all in this process.
+#[derive(Debug)]
+pub struct TorchTraining {
+    trainers: Vec<Trainer>,
+}
+
+impl TorchTraining {
+    /// One trainer per shard `0..base.nodes` of `split` (`base.node` is
+    /// ignored). All start from the same initial parameters (`base.seed`).
+    pub fn new(base: &TrainConfig, split: &Split) -> Result<TorchTraining, TrainError> {
+        let trainers = (0..base.nodes)
+            .map(|i| Trainer::new(TrainConfig { node: i as i64, ..base.clone() }, split))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TorchTraining { trainers })
+    }
+
+    /// The common initial parameters (node 0's; every node's are the same).
+    pub fn initial_params(&self) -> Result<Vec<f32>, SimError> {
+        let t = self.trainers.first().ok_or(SimError::NoNodes)?;
+        Ok(t.model.params().map_err(|e| local(0, e))?.values)
+    }
+
+    fn load(&mut self, node: usize, params: &[f32]) -> Result<&mut Trainer, SimError> {
+        let nodes = self.trainers.len();
+        let t = self.trainers.get_mut(node).ok_or_else(|| {
+            local(node, format!("no trainer for node {node} (there are {nodes})"))
+        })?;
+        let flat = FlatParams { layout: t.model.layout().clone(), values: params.to_vec() };
+        t.model.set_params(&flat).map_err(|e| local(node, e))?;
+        Ok(t)
+    }
+}
+
+fn local(node: usize, e: impl fmt::Display) -> SimError {
+    SimError::Local { node, reason: e.to_string() }
+}
+
+impl LocalUpdate for TorchTraining {
+    fn train(&mut self, node: usize, params: &mut [f32], steps: u64) -> Result<u64, SimError> {
+        let t = self.load(node, params)?;
+        for _ in 0..steps {
+            t.step().map_err(|e| local(node, e))?;
+        }
+        let trained = t.model.params().map_err(|e| local(node, e))?;
+        params.copy_from_slice(&trained.values);
+        Ok(steps * t.config.batch_size as u64)
+    }
+
+    fn evaluate(&mut self, node: usize, params: &[f32]) -> Result<Option<f64>, SimError> {
+        let m = self.load(node, params)?.evaluate();
+        Ok(m.accuracy.or(m.perplexity))
+    }
+
+    fn metric_name(&self) -> &'static str {
+        match self.trainers.first().map(|t| &t.config.model) {
+            Some(ModelSpec::Chargpt(_)) => "perplexity",
+            _ => "accuracy",
+        }
+    }
+}
+
+/// One node to simulate: its identity, strategy and initial parameters.
+pub struct SimNode {
+    pub id: PeerId,
+    pub mixer: Box<dyn Mixer>,
+    pub params: Vec<f32>,
+}
+
+impl fmt::Debug for SimNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimNode").field("id", &self.id).field("dim", &self.params.len()).finish()
+    }
+}
+
+/// `n` distinct peer ids derived from `seed` (ed25519 keys from seeded
+/// bytes), sorted, so that simulated node `i` is index `i` of every roster.
+pub fn peer_ids(n: usize, seed: u64) -> Vec<PeerId> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7065_6572_5f69_6473); // "peer_ids"
+    let mut ids: Vec<PeerId> = Vec::with_capacity(n);
+    while ids.len() < n {
+        let mut secret = [0u8; 32];
+        rng.fill(&mut secret);
+        // Every 32-byte string is a valid ed25519 secret key.
+        if let Ok(key) = libp2p::identity::Keypair::ed25519_from_bytes(secret) {
+            ids.push(key.public().to_peer_id());
+        }
+    }
+    ids.sort();
+    ids
+}
+
+/// `n` vectors of `dim` standard normal values, seeded: distinct starting
+/// points for pure averaging.
+pub fn random_params(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7261_6e64_6f6d); // "random"
+    (0..n).map(|_| (0..dim).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()).collect()
+}
+
+/// Why the run stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Every live node's strategy said `Finish`.
+    AllFinished,
+    /// Virtual time reached `time_limit` first.
+    TimeLimit,
+    /// Nothing left to happen, yet some live node never finished.
+    Stalled,
+    /// Every node crashed.
+    AllCrashed,
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EndReason::AllFinished => "all nodes finished",
+            EndReason::TimeLimit => "stopped at the virtual time limit",
+            EndReason::Stalled => "stalled: live nodes waiting with nothing scheduled",
+            EndReason::AllCrashed => "every node crashed",
+        })
+    }
+}
+
+/// The state at one global round boundary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundStat {
+    pub round: u64,
+    pub virtual_seconds: f64,
+    pub live: usize,
+    pub consensus_distance: f64,
+    /// Mean of the live nodes' metrics, at evaluated boundaries.
+    pub mean_metric: Option<f64>,
+}
+
+/// Every message, by fate. `sent = dropped + delivered + to_crashed +
+/// unknown_peer + in_flight`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MessageCounts {
+    pub sent: u64,
+    /// Lost to the simulated loss.
+    pub dropped: u64,
+    /// Handed to the destination's strategy.
+    pub delivered: u64,
+    /// Arrived at a crashed node.
+    pub to_crashed: u64,
+    /// Addressed to a peer that is not in the simulation.
+    pub unknown_peer: u64,
+    /// Still travelling when the run ended.
+    pub in_flight: u64,
+}
+
+/// An `Action::Evaluate` that produced a metric.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalRecord {
+    pub node: usize,
+    pub round: u64,
+    pub label: &'static str,
+    pub metric: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeReport {
+    pub peer: String,
+    /// Its strategy's `round()` at the end.
+    pub round: u64,
+    pub step_ms: f64,
+    pub finished_seconds: Option<f64>,
+    pub crashed_at_round: Option<u64>,
+    /// `Mixer::dropped()`, by reason.
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// Held-out metrics at the end, where the `LocalUpdate` evaluates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FinalMetrics {
+    pub name: &'static str,
+    /// Mean over the live nodes of each one's own model.
+    pub mean_node: f64,
+    /// The model whose parameters are the live nodes' mean (evaluated on the
+    /// first live node's evaluator).
+    pub averaged_model: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimReport {
+    pub end: EndReason,
+    pub virtual_seconds: f64,
+    pub nodes: usize,
+    pub dim: usize,
+    /// Over all nodes' initial parameters.
+    pub initial_consensus_distance: f64,
+    /// Over the live nodes' final parameters.
+    pub final_consensus_distance: f64,
+    /// `||mean of the live nodes' final params - mean of the same nodes'
+    /// initial params||`: how far mixing moved the average.
+    pub mean_shift: f64,
+    pub rounds: Vec<RoundStat>,
+    pub messages: MessageCounts,
+    pub node_reports: Vec<NodeReport>,
+    pub evaluations: Vec<EvalRecord>,
+    pub final_metrics: Option<FinalMetrics>,
+    /// Every node's parameters at the end (crashed ones as they were).
+    #[serde(skip)]
+    pub final_params: Vec<Vec<f32>>,
+}
+
+#[derive(Debug)]
+enum Event {
+    /// Phase `phase` of `node`'s local training ends.
+    LocalDone {
+        node: usize,
+        phase: u64,
+    },
+    Deliver {
+        to: usize,
+        msg: Message,
+    },
+    Tick {
+        node: usize,
+    },
+    Members,
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: Duration,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    /// Reversed, so that `BinaryHeap` pops the earliest (time, seq) first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct NodeState {
+    id: PeerId,
+    mixer: Box<dyn Mixer>,
+    params: Vec<f32>,
+    step_time: Duration,
+    /// The deadline a `Tick` is scheduled for; other ticks are stale.
+    tick_at: Option<Duration>,
+    /// Bumped per `Train`, so that a superseded local phase never reports.
+    phase: u64,
+    /// Steps of the current local phase.
+    pending_steps: u64,
+    crash_round: Option<u64>,
+    crashed_at_round: Option<u64>,
+    finished_at: Option<Duration>,
+}
+
+impl NodeState {
+    fn live(&self) -> bool {
+        self.crashed_at_round.is_none()
+    }
+}
+
+/// The simulator: set it up with [`Simulator::new`], then [`Simulator::run`].
+pub struct Simulator {
+    cfg: SimConfig,
+    base: Instant,
+    now: Duration,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    rng: ChaCha8Rng,
+    nodes: Vec<NodeState>,
+    index: HashMap<PeerId, usize>,
+    initial: Vec<Vec<f32>>,
+    next_boundary: u64,
+    rounds: Vec<RoundStat>,
+    messages: MessageCounts,
+    evaluations: Vec<EvalRecord>,
+}
+
+impl fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Simulator")
+            .field("nodes", &self.nodes.len())
+            .field("now", &self.now)
+            .field("queued", &self.queue.len())
+            .finish()
+    }
+}
+
+impl Simulator {
+    /// Checks the config against the nodes and draws each node's step time.
+    pub fn new(cfg: SimConfig, nodes: Vec<SimNode>) -> Result<Simulator, SimError> {
+        let dim = nodes.first().ok_or(SimError::NoNodes)?.params.len();
+        cfg.validate(nodes.len())?;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut index = HashMap::new();
+        let mut states = Vec::with_capacity(nodes.len());
+        for (i, n) in nodes.into_iter().enumerate() {
+            if n.params.len() != dim {
+                return Err(SimError::Length { node: i, expected: dim, got: n.params.len() });
+            }
+            if index.insert(n.id, i).is_some() {
+                return Err(SimError::DuplicatePeer { node: i, peer: n.id });
+            }
+            let u: f64 = rng.random_range(-1.0..=1.0);
+            states.push(NodeState {
+                id: n.id,
+                mixer: n.mixer,
+                params: n.params,
+                step_time: cfg.step_time.mul_f64(1.0 + cfg.step_jitter * u),
+                tick_at: None,
+                phase: 0,
+                pending_steps: 0,
+                crash_round: cfg.crashes.iter().filter(|c| c.node == i).map(|c| c.round).min(),
+                crashed_at_round: None,
+                finished_at: None,
+            });
+        }
+        let initial = states.iter().map(|n| n.params.clone()).collect();
+        Ok(Simulator {
+            cfg,
+            base: Instant::now(),
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            rng,
+            nodes: states,
+            index,
+            initial,
+            next_boundary: 0,
+            rounds: Vec::new(),
+            messages: MessageCounts::default(),
+            evaluations: Vec::new(),
+        })
+    }
+
+    /// Runs to the end and reports.
+    pub fn run(self, local: &mut dyn LocalUpdate) -> Result<SimReport, SimError> {
+        self.run_observed(local, |_| {})
+    }
+
+    /// Runs to the end, calling `on_round` at every global round boundary.
+    pub fn run_observed(
+        mut self,
+        local: &mut dyn LocalUpdate,
+        mut on_round: impl FnMut(&RoundStat),
+    ) -> Result<SimReport, SimError> {
+        self.start(local)?;
+        self.boundaries(local, &mut on_round)?;
+        let end = loop {
+            if !self.nodes.iter().any(NodeState::live) {
+                break EndReason::AllCrashed;
+            }
+            if self.nodes.iter().all(|n| !n.live() || n.finished_at.is_some()) {
+                break EndReason::AllFinished;
+            }
+            let Some(next) = self.queue.pop() else { break EndReason::Stalled };
+            if next.at > self.cfg.time_limit {
+                self.queue.push(next);
+                self.now = self.cfg.time_limit;
+                break EndReason::TimeLimit;
+            }
+            self.now = next.at;
+            self.dispatch(next.event, local)?;
+            self.boundaries(local, &mut on_round)?;
+        };
+        self.report(end, local)
+    }
+
+    fn start(&mut self, local: &mut dyn LocalUpdate) -> Result<(), SimError> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].crash_round == Some(0) {
+                self.crash(i);
+                continue;
+            }
+            let now = self.instant();
+            let actions = self.nodes[i].mixer.start(now);
+            self.after(i, actions, local)?;
+        }
+        Ok(())
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + self.now
+    }
+
+    fn schedule(&mut self, at: Duration, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled { at, seq: self.seq, event });
+    }
+
+    fn dispatch(&mut self, event: Event, local: &mut dyn LocalUpdate) -> Result<(), SimError> {
+        match event {
+            Event::LocalDone { node, phase } => self.local_done(node, phase, local),
+            Event::Deliver { to, msg } => {
+                if !self.nodes[to].live() {
+                    self.messages.to_crashed += 1;
+                    return Ok(());
+                }
+                self.messages.delivered += 1;
+                self.handle(to, Input::Received(msg), local)
+            }
+            Event::Tick { node } => {
+                let n = &self.nodes[node];
+                if !n.live() || n.tick_at != Some(self.now) {
+                    return Ok(());
+                }
+                self.handle(node, Input::Tick, local)
+            }
+            Event::Members => {
+                let live: Vec<PeerId> =
+                    self.nodes.iter().filter(|n| n.live()).map(|n| n.id).collect();
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].live() {
+                        self.handle(i, Input::Members(live.clone()), local)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Local phase `phase` of `node` ends now: train, then report it.
+    fn local_done(
+        &mut self,
+        node: usize,
+        phase: u64,
+        local: &mut dyn LocalUpdate,
+    ) -> Result<(), SimError> {
+        let n = &mut self.nodes[node];
+        if !n.live() || n.phase != phase {
+            return Ok(());
+        }
+        let steps = n.pending_steps;
+        let samples = local.train(node, &mut n.params, steps)?;
+        let params = n.params.clone();
+        self.handle(node, Input::LocalDone { params, samples }, local)
+    }
+
+    fn handle(
+        &mut self,
+        node: usize,
+        input: Input,
+        local: &mut dyn LocalUpdate,
+    ) -> Result<(), SimError> {
+        let now = self.instant();
+        let actions = self.nodes[node].mixer.handle(input, now);
+        self.after(node, actions, local)
+    }
+
+    /// Carries out `actions` of `node` unless they took it to its crash
+    /// round, then keeps its `Tick` in step with its deadline.
+    fn after(
+        &mut self,
+        node: usize,
+        actions: Vec<Action>,
+        local: &mut dyn LocalUpdate,
+    ) -> Result<(), SimError> {
+        let n = &self.nodes[node];
+        if n.crash_round.is_some_and(|r| n.mixer.round() >= r) {
+            self.crash(node);
+            return Ok(());
+        }
+        for a in actions {
+            self.act(node, a, local)?;
+        }
+        self.reschedule_tick(node);
+        Ok(())
+    }
+
+    fn act(
+        &mut self,
+        node: usize,
+        action: Action,
+        local: &mut dyn LocalUpdate,
+    ) -> Result<(), SimError> {
+        match action {
+            Action::Send(m) => self.send(node, m),
+            Action::SetParams(p) => self.nodes[node].params = p,
+            Action::Train { steps } => {
+                let n = &mut self.nodes[node];
+                n.phase += 1;
+                n.pending_steps = steps;
+                let compute = n.step_time.as_secs_f64() * steps as f64;
+                let at = self
+                    .now
+                    .saturating_add(Duration::try_from_secs_f64(compute).unwrap_or(Duration::MAX));
+                let phase = n.phase;
+                self.schedule(at, Event::LocalDone { node, phase });
+            }
+            Action::Evaluate { label } => {
+                if let Some(metric) = local.evaluate(node, &self.nodes[node].params)? {
+                    let round = self.nodes[node].mixer.round();
+                    self.evaluations.push(EvalRecord { node, round, label, metric });
+                }
+            }
+            Action::Finish => {
+                let n = &mut self.nodes[node];
+                n.finished_at.get_or_insert(self.now);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Simulator {
+    /// Drops `m` with probability `loss`, else delivers it after a random
+    /// delay, from `from`.
+    fn send(&mut self, from: usize, mut m: Message) {
+        self.messages.sent += 1;
+        let Some(&to) = self.index.get(&m.peer) else {
+            self.messages.unknown_peer += 1;
+            return;
+        };
+        let lost = self.rng.random::<f64>() < self.cfg.loss;
+        let DelayRange { min, max } = self.cfg.delay;
+        let delay = self.rng.random_range(min.as_nanos()..=max.as_nanos());
+        if lost {
+            self.messages.dropped += 1;
+            return;
+        }
+        m.peer = self.nodes[from].id;
+        let delay = Duration::from_nanos(u64::try_from(delay).unwrap_or(u64::MAX));
+        self.schedule(self.now.saturating_add(delay), Event::Deliver { to, msg: m });
+    }
+
+    fn crash(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        if !n.live() {
+            return;
+        }
+        n.crashed_at_round = Some(n.mixer.round());
+        tracing::debug!(node, round = n.mixer.round(), "simulated crash");
+        if let Some(d) = self.cfg.membership_delay {
+            self.schedule(self.now.saturating_add(d), Event::Members);
+        }
+    }
+
+    /// Schedules a `Tick` for `node`'s deadline if it is a new one. A
+    /// deadline that does not change after its `Tick` gets no second one.
+    fn reschedule_tick(&mut self, node: usize) {
+        let Some(deadline) = self.nodes[node].mixer.deadline() else {
+            self.nodes[node].tick_at = None;
+            return;
+        };
+        let at = deadline.saturating_duration_since(self.base).max(self.now);
+        if self.nodes[node].tick_at != Some(at) {
+            self.nodes[node].tick_at = Some(at);
+            self.schedule(at, Event::Tick { node });
+        }
+    }
+
+    /// Records every global round that the slowest live node has now left.
+    fn boundaries(
+        &mut self,
+        local: &mut dyn LocalUpdate,
+        on_round: &mut impl FnMut(&RoundStat),
+    ) -> Result<(), SimError> {
+        let Some(slowest) = self.nodes.iter().filter(|n| n.live()).map(|n| n.mixer.round()).min()
+        else {
+            return Ok(());
+        };
+        while self.next_boundary < slowest {
+            let round = self.next_boundary;
+            let live = self.live_params();
+            let evaluate =
+                self.cfg.eval_every > 0 && (round + 1).is_multiple_of(self.cfg.eval_every);
+            let mean_metric = if evaluate { self.mean_metric(local)? } else { None };
+            let stat = RoundStat {
+                round,
+                virtual_seconds: self.now.as_secs_f64(),
+                live: live.len(),
+                consensus_distance: consensus_distance(&live),
+                mean_metric,
+            };
+            on_round(&stat);
+            self.rounds.push(stat);
+            self.next_boundary += 1;
+        }
+        Ok(())
+    }
+
+    fn live_params(&self) -> Vec<&[f32]> {
+        self.nodes.iter().filter(|n| n.live()).map(|n| n.params.as_slice()).collect()
+    }
+
+    /// The mean of the live nodes' metrics, if every one of them has one.
+    fn mean_metric(&self, local: &mut dyn LocalUpdate) -> Result<Option<f64>, SimError> {
+        let mut metrics = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.live()) {
+            match local.evaluate(i, &n.params)? {
+                Some(m) => metrics.push(m),
+                None => return Ok(None),
+            }
+        }
+        Ok((!metrics.is_empty()).then(|| metrics.iter().sum::<f64>() / metrics.len() as f64))
+    }
+
+    fn final_metrics(&self, local: &mut dyn LocalUpdate) -> Result<Option<FinalMetrics>, SimError> {
+        let Some(first) = self.nodes.iter().position(NodeState::live) else { return Ok(None) };
+        let Some(mean_node) = self.mean_metric(local)? else { return Ok(None) };
+        let averaged: Vec<f32> = mean(&self.live_params()).iter().map(|v| *v as f32).collect();
+        let Some(averaged_model) = local.evaluate(first, &averaged)? else { return Ok(None) };
+        Ok(Some(FinalMetrics { name: local.metric_name(), mean_node, averaged_model }))
+    }
+
+    fn report(self, end: EndReason, local: &mut dyn LocalUpdate) -> Result<SimReport, SimError> {
+        let final_metrics = self.final_metrics(local)?;
+        let live = self.live_params();
+        let initial_live: Vec<&[f32]> = self
+            .nodes
+            .iter()
+            .zip(&self.initial)
+            .filter(|(n, _)| n.live())
+            .map(|(_, x)| x.as_slice())
+            .collect();
+        let in_flight =
+            self.queue.iter().filter(|s| matches!(s.event, Event::Deliver { .. })).count();
+        let initial: Vec<&[f32]> = self.initial.iter().map(Vec::as_slice).collect();
+        Ok(SimReport {
+            end,
+            virtual_seconds: self.now.as_secs_f64(),
+            nodes: self.nodes.len(),
+            dim: self.initial.first().map_or(0, Vec::len),
+            initial_consensus_distance: consensus_distance(&initial),
+            final_consensus_distance: consensus_distance(&live),
+            mean_shift: l2_distance(&mean(&live), &mean(&initial_live)),
+            rounds: self.rounds,
+            messages: MessageCounts { in_flight: in_flight as u64, ..self.messages },
+            node_reports: self.nodes.iter().map(node_report).collect(),
+            evaluations: self.evaluations,
+            final_metrics,
+            final_params: self.nodes.into_iter().map(|n| n.params).collect(),
+        })
+    }
+}
+
+fn node_report(n: &NodeState) -> NodeReport {
+    NodeReport {
+        peer: n.id.to_string(),
+        round: n.mixer.round(),
+        step_ms: n.step_time.as_secs_f64() * 1000.0,
+        finished_seconds: n.finished_at.map(|t| t.as_secs_f64()),
+        crashed_at_round: n.crashed_at_round,
+        drops: n.mixer.dropped().into_iter().collect(),
+    }
+}
+
+/// The coordinate-wise mean, in f64 (empty for no vectors).
+pub fn mean(xs: &[&[f32]]) -> Vec<f64> {
+    let Some(first) = xs.first() else { return Vec::new() };
+    let mut acc = vec![0f64; first.len()];
+    for x in xs {
+        acc.iter_mut().zip(x.iter()).for_each(|(a, v)| *a += f64::from(*v));
+    }
+    acc.iter_mut().for_each(|a| *a /= xs.len() as f64);
+    acc
+}
+
+/// `sqrt((1/n) sum_i ||x_i - x_bar||^2)`, in f64; 0 for no vectors.
+pub fn consensus_distance(xs: &[&[f32]]) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let m = mean(xs);
+    let total: f64 = xs
+        .iter()
+        .map(|x| x.iter().zip(&m).map(|(v, c)| (f64::from(*v) - c).powi(2)).sum::<f64>())
+        .sum();
+    (total / xs.len() as f64).sqrt()
+}
+
+fn l2_distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mix::comm::CommSchedule;
+    use crate::mix::gossip::{Gossip, GossipConfig};
+
+    const DIM: usize = 16;
+
+    fn gossip_cfg(topology: &str, rounds: u64) -> GossipConfig {
+        GossipConfig {
+            topology: topology.parse().unwrap(),
+            seed: 7,
+            rounds,
+            local_steps: 10,
+            gossip_steps: 1,
+            comm: CommSchedule::Every(1),
+            timeout: Duration::from_millis(50),
+            start_round: 0,
+        }
+    }
+
+    /// `n` gossip nodes from seeded random vectors of length `DIM`.
+    fn gossip_nodes(cfg: &GossipConfig, n: usize) -> Vec<SimNode> {
+        let ids = peer_ids(n, 1);
+        let init = random_params(n, DIM, 1);
+        ids.iter()
+            .zip(init)
+            .map(|(&id, params)| SimNode {
+                id,
+                mixer: Box::new(Gossip::new(cfg.clone(), id, ids.clone()).unwrap()),
+                params,
+            })
+            .collect()
+    }
+
+    /// 1..10 ms delays, 10 ms steps with ±20% per-node jitter.
+    fn lossy(seed: u64, loss: f64) -> SimConfig {
+        SimConfig { seed, loss, step_jitter: 0.2, ..SimConfig::default() }
+    }
+
+    fn run(cfg: SimConfig, nodes: Vec<SimNode>) -> SimReport {
+        Simulator::new(cfg, nodes).unwrap().run(&mut NoTraining).unwrap()
+    }
+
+    #[test]
+    fn lossless_complete_graph_averages_exactly_in_one_round() {
+        let g = gossip_cfg("complete", 1);
+        let report = run(SimConfig::default(), gossip_nodes(&g, 3));
+        let init = random_params(3, DIM, 1);
+        let want = mean(&init.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        for x in &report.final_params {
+            for (v, w) in x.iter().zip(&want) {
+                assert!((f64::from(*v) - w).abs() < 1e-6, "{v} vs {w}");
+            }
+        }
+        // Every message reached its strategy with the sender as `peer`:
+        // gossip drops anything from a peer it did not expect.
+        assert_eq!(report.messages.sent, 6);
+        assert_eq!(report.messages.delivered, 6);
+        assert!(report.node_reports.iter().all(|n| n.drops.is_empty()), "{report:?}");
+        assert_eq!(report.end, EndReason::AllFinished);
+        assert_eq!(report.rounds.len(), 1);
+        assert!(report.rounds[0].consensus_distance < 1e-6);
+    }
+
+    /// 64 nodes on the exponential graph (i ~ i ± 2^k: degree 11, MH weights
+    /// 1/12). Its second eigenvalue is 2/3, so lossless gossip contracts the
+    /// consensus distance by at least (2/3)^30 = 5.2e-6 in 30 rounds, and a
+    /// 1e-4 bound tests real mixing. (A 64-ring's is 0.9968: it would need
+    /// about 2150 rounds for a 1e-3 reduction, which says little per second
+    /// of test.) The 200 ms deadline is well above the per-round lag that
+    /// ±5% step jitter (±5 ms over 10 steps) and 10 ms delays create, so a
+    /// deadline only ever renormalises away a lost message. (With ±20%
+    /// jitter and a 50 ms deadline the lag outgrows the deadline and the
+    /// distance stalls near 1e-2 of its start: a node never waits for a
+    /// neighbour that runs a slot behind, so values flow only from fast to
+    /// slow, and each locally fastest node keeps its own.)
+    fn exponential_64(seed: u64, loss: f64) -> SimReport {
+        let mut g = gossip_cfg("exponential", 30);
+        g.timeout = Duration::from_millis(200);
+        let cfg = SimConfig { step_jitter: 0.05, ..lossy(seed, loss) };
+        run(cfg, gossip_nodes(&g, 64))
+    }
+
+    #[test]
+    fn gossip_reaches_consensus_through_20_percent_loss() {
+        for seed in 0..3 {
+            let r = exponential_64(seed, 0.2);
+            assert_eq!(r.end, EndReason::AllFinished);
+            assert_eq!(r.rounds.len(), 30);
+            let ratio = r.final_consensus_distance / r.initial_consensus_distance;
+            // Measured 0.9e-6..1.8e-6 over seeds 0..5.
+            assert!(ratio < 1e-4, "seed {seed}: consensus distance only fell to {ratio:e}");
+            // Renormalising over the messages that arrived is not
+            // mean-preserving (i mixes j's value while j missed i's):
+            // measured 1.4e-2..2.1e-2 of the initial spread over seeds 0..5.
+            let drift = r.mean_shift / r.initial_consensus_distance;
+            assert!(drift < 5e-2, "seed {seed}: the mean moved by {drift:e}");
+            let lost = r.messages.dropped as f64 / r.messages.sent as f64;
+            assert!((0.18..0.22).contains(&lost), "seed {seed}: lost {lost}");
+            assert_eq!(r.messages.sent, r.messages.dropped + r.messages.delivered);
+        }
+    }
+
+    #[test]
+    fn lossless_gossip_keeps_the_mean() {
+        let r = exponential_64(0, 0.0);
+        assert_eq!(r.messages.dropped, 0);
+        // Doubly stochastic weights with every message mixed: the mean moves
+        // only by f32 rounding (measured 8.5e-8).
+        let drift = r.mean_shift / r.initial_consensus_distance;
+        assert!(drift < 1e-6, "the mean moved by {drift:e}");
+        assert!(r.final_consensus_distance / r.initial_consensus_distance < 1e-4);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_report_and_another_seed_another() {
+        let a = exponential_64(11, 0.2);
+        let b = exponential_64(11, 0.2);
+        assert_eq!(a, b);
+        assert_eq!(a.final_params, b.final_params);
+        let c = exponential_64(12, 0.2);
+        assert_ne!(a.messages, c.messages);
+        assert_ne!(a.final_params, c.final_params);
+    }
+
+    fn crashing(membership_delay: Option<Duration>) -> SimReport {
+        let mut g = gossip_cfg("exponential", 30);
+        g.timeout = Duration::from_millis(200);
+        let crashes = vec![Crash { node: 5, round: 3 }, Crash { node: 40, round: 10 }];
+        let cfg = SimConfig { step_jitter: 0.05, crashes, membership_delay, ..lossy(3, 0.2) };
+        run(cfg, gossip_nodes(&g, 64))
+    }
+
+    #[test]
+    fn survivors_of_crashes_finish_and_agree() {
+        // Measured over seeds 0..5: 1.1e-6..2.5e-6 when the survivors keep
+        // timing out on the dead (the exponential graph stays connected),
+        // 6e-8..1.3e-7 when they learn of it and rebuild the graph.
+        for (delay, bound) in [(None, 1e-4), (Some(Duration::from_millis(500)), 1e-5)] {
+            let r = crashing(delay);
+            assert_eq!(r.end, EndReason::AllFinished, "{delay:?}");
+            for (i, n) in r.node_reports.iter().enumerate() {
+                match i {
+                    5 => assert_eq!((n.crashed_at_round, n.round), (Some(3), 3)),
+                    40 => assert_eq!((n.crashed_at_round, n.round), (Some(10), 10)),
+                    _ => assert!(n.finished_seconds.is_some() && n.round == 30, "{i}: {n:?}"),
+                }
+            }
+            assert!(r.messages.to_crashed > 0);
+            assert_eq!(r.rounds.len(), 30);
+            // A node that crashes entering round r is gone by the time the
+            // slowest survivor closes round r - 1.
+            assert_eq!((r.rounds[1].live, r.rounds[2].live, r.rounds[9].live), (64, 63, 62));
+            let ratio = r.final_consensus_distance / r.initial_consensus_distance;
+            assert!(ratio < bound, "{delay:?}: live consensus distance only fell to {ratio:e}");
+            // The dead keep the values they had.
+            assert_ne!(r.final_params[5], r.final_params[6]);
+        }
+    }
+
+    #[test]
+    fn a_node_that_crashes_at_round_zero_never_sends() {
+        let g = gossip_cfg("complete", 2);
+        let cfg = SimConfig { crashes: vec![Crash { node: 0, round: 0 }], ..SimConfig::default() };
+        let r = run(cfg, gossip_nodes(&g, 3));
+        assert_eq!(r.end, EndReason::AllFinished);
+        assert_eq!(r.node_reports[0].crashed_at_round, Some(0));
+        // Two survivors, two rounds, one message to each other member (the
+        // dead included: no one told them) per round.
+        assert_eq!((r.messages.sent, r.messages.to_crashed), (8, 4));
+        assert_eq!(r.final_params[0], random_params(3, DIM, 1)[0]);
+    }
+
+    #[test]
+    fn a_run_whose_every_node_crashes_says_so() {
+        let g = gossip_cfg("ring", 5);
+        let crashes = (0..4).map(|node| Crash { node, round: 2 }).collect();
+        let r = run(SimConfig { crashes, ..SimConfig::default() }, gossip_nodes(&g, 4));
+        assert_eq!(r.end, EndReason::AllCrashed);
+        // Round 1 never closes: its last node dies leaving it.
+        assert_eq!(r.rounds.len(), 1);
+        assert_eq!(r.final_consensus_distance, 0.0, "no live nodes");
+    }
+
+    #[test]
+    fn the_virtual_time_limit_stops_a_run() {
+        // Every message lost: each round waits out the 50 ms deadline, so 10
+        // rounds need 10 * (100 + 50) ms, more than the 1 s allowed.
+        let g = gossip_cfg("ring", 10);
+        let cfg =
+            SimConfig { loss: 1.0, time_limit: Duration::from_secs(1), ..SimConfig::default() };
+        let r = run(cfg, gossip_nodes(&g, 4));
+        assert_eq!(r.end, EndReason::TimeLimit);
+        assert_eq!(r.virtual_seconds, 1.0);
+        assert_eq!(r.rounds.len(), 6, "rounds end at 0.15 s, 0.30 s, ...");
+        assert_eq!(r.messages.delivered, 0);
+        assert!(r.node_reports.iter().all(|n| n.finished_seconds.is_none()));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_value() {
+        let g = gossip_cfg("ring", 1);
+        let err =
+            |cfg: SimConfig| Simulator::new(cfg, gossip_nodes(&g, 4)).unwrap_err().to_string();
+        assert!(err(SimConfig { loss: 1.5, ..SimConfig::default() }).contains("1.5"));
+        assert!(err(SimConfig { step_jitter: 1.0, ..SimConfig::default() }).contains("got 1"));
+        let crash =
+            SimConfig { crashes: vec![Crash { node: 4, round: 1 }], ..SimConfig::default() };
+        assert_eq!(err(crash), "--crash 4@1: there is no node 4 (nodes are 0..4)");
+        assert!(matches!(Simulator::new(SimConfig::default(), Vec::new()), Err(SimError::NoNodes)));
+    }
+
+    #[test]
+    fn delay_ranges_and_crashes_parse() {
+        let d: DelayRange = "1..10".parse().unwrap();
+        assert_eq!((d.min, d.max), (Duration::from_millis(1), Duration::from_millis(10)));
+        let d: DelayRange = "0.5..0.5".parse().unwrap();
+        assert_eq!(d.max, Duration::from_micros(500));
+        for bad in ["10..1", "5", "-1..2", "a..b", "1..inf"] {
+            let e = bad.parse::<DelayRange>().unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert_eq!("3@10".parse::<Crash>().unwrap(), Crash { node: 3, round: 10 });
+        for bad in ["3", "3@", "-1@2", "x@1"] {
+            assert!(bad.parse::<Crash>().unwrap_err().to_string().contains(bad));
+        }
+    }
+
+    #[test]
+    fn merge_ends_with_every_node_at_the_mean() {
+        use crate::mix::merge::{Exchange, Merge, MergeConfig};
+        let n = 8;
+        let ids = peer_ids(n, 2);
+        let cfg = MergeConfig {
+            seed: 2,
+            rounds: 3,
+            local_steps: 5,
+            exchange: Exchange::None,
+            exchange_timeout: Duration::from_millis(100),
+            final_timeout: Duration::from_millis(100),
+            start_round: 0,
+        };
+        let nodes = ids
+            .iter()
+            .zip(random_params(n, DIM, 2))
+            .map(|(&id, params)| SimNode {
+                id,
+                mixer: Box::new(Merge::new(cfg.clone(), id, ids.clone()).unwrap()),
+                params,
+            })
+            .collect();
+        let r = run(SimConfig::default(), nodes);
+        assert_eq!(r.end, EndReason::AllFinished);
+        // No communication before the merge: the spread stays as it was.
+        assert_eq!(r.rounds[1].consensus_distance, r.initial_consensus_distance);
+        assert!(r.final_consensus_distance < 1e-6, "{}", r.final_consensus_distance);
+        assert!(r.mean_shift < 1e-6, "{}", r.mean_shift);
+    }
+
+    #[test]
+    fn torch_training_learns_and_reports_accuracy_per_round() {
+        use crate::train::config::TrainOptions;
+        use crate::train::load;
+        let n = 4;
+        let (rounds, local_steps) = (6, 50);
+        let options = TrainOptions {
+            hidden: Some("64".into()),
+            nodes: Some(n as i64),
+            steps: Some(rounds * local_steps),
+            batch_size: Some(32),
+            lr: Some(1e-2),
+            threads: Some(1),
+            device: Some("cpu".into()),
+            ..TrainOptions::default()
+        };
+        let config = options.resolve().unwrap();
+        let split = load::load(&config.data_spec(), config.holdout).unwrap();
+        let mut torch = TorchTraining::new(&config, &split).unwrap();
+        let init = torch.initial_params().unwrap();
+        let mut g = gossip_cfg("ring", rounds as u64);
+        g.local_steps = local_steps as u64;
+        let ids = peer_ids(n, 3);
+        let nodes = ids
+            .iter()
+            .map(|&id| SimNode {
+                id,
+                mixer: Box::new(Gossip::new(g.clone(), id, ids.clone()).unwrap()),
+                params: init.clone(),
+            })
+            .collect();
+        let cfg = SimConfig { eval_every: 1, ..SimConfig::default() };
+        let r = Simulator::new(cfg, nodes).unwrap().run(&mut torch).unwrap();
+        assert_eq!(r.initial_consensus_distance, 0.0, "every node starts from the same model");
+        assert!(r.rounds.iter().all(|s| s.consensus_distance > 0.0), "shards differ");
+        let acc: Vec<f64> = r.rounds.iter().map(|s| s.mean_metric.unwrap()).collect();
+        // Ten classes: chance is 0.1. Measured 0.39, 0.68, 0.84, 0.91, 0.94, 0.95.
+        assert!(acc[5] > 0.8 && acc[5] > acc[0], "{acc:?}");
+        let fin = r.final_metrics.unwrap();
+        assert_eq!(fin.name, "accuracy");
+        assert!((fin.mean_node - acc[5]).abs() < 1e-12);
+    }
+}

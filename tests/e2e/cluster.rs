@@ -1,0 +1,179 @@
+//! `murmur cluster` and `murmur run`: real processes gossiping over libp2p on
+//! 127.0.0.1, on MNIST, and a node that is killed and comes back.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{data_dir, murmur, murmur_bin, ok, read_json, s};
+
+/// Runs an 8-node cluster on MNIST with Dirichlet(0.1) shards and returns cluster.json.
+fn mnist_cluster(out: &Path, strategy: &[&str]) -> serde_json::Value {
+    let mnist = format!("mnist:{}", s(&data_dir().join("mnist")));
+    let mut args = vec![
+        "cluster",
+        "--nodes",
+        "8",
+        "--model",
+        "lenet",
+        "--data",
+        &mnist,
+        "--partition",
+        "dirichlet:0.1",
+        "--steps",
+        "400",
+        "--local-steps",
+        "10",
+        "--lr",
+        "2e-3",
+        "--round-timeout-ms",
+        "5000",
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(strategy);
+    ok(&murmur(&args));
+    read_json(&out.join("cluster.json"))
+}
+
+#[test]
+fn gossip_and_merge_on_mnist_with_label_skew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gossip =
+        mnist_cluster(&tmp.path().join("gossip"), &["--strategy", "gossip", "--topology", "ring"]);
+    let nodes = gossip["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 8);
+    assert!(nodes.iter().all(|n| n["exit_status"] == 0 && n["bytes_sent"].as_u64().unwrap() > 0));
+    let gossip_acc = gossip["average"]["eval_accuracy"].as_f64().unwrap();
+    assert!(gossip_acc >= 0.90, "gossip averaged model accuracy {gossip_acc}");
+    assert!(tmp.path().join("gossip/accuracy.svg").exists());
+
+    let merge = mnist_cluster(
+        &tmp.path().join("merge"),
+        &["--strategy", "merge", "--exchange-prob", "0.2"],
+    );
+    let merged = merge["merged"]["eval_accuracy"].as_f64().unwrap();
+    let local = merge["merged"]["local_mean_accuracy"].as_f64().unwrap();
+    assert!(merged >= local + 0.10, "merged {merged} vs mean local {local}");
+    assert!(merged >= gossip_acc - 0.05, "merged {merged} vs gossip {gossip_acc}");
+    // After the final all-reduce every node holds the same model.
+    assert!(merge["consensus_distance"].as_f64().unwrap() < 1e-4);
+
+    // No communication at all: the final merge of models that never met.
+    let alone = mnist_cluster(&tmp.path().join("alone"), &["--strategy", "merge"]);
+    let alone_merged = alone["merged"]["eval_accuracy"].as_f64().unwrap();
+    eprintln!(
+        "MNIST 8 nodes Dirichlet(0.1): gossip avg {gossip_acc:.4}; merge r=0.2 merged {merged:.4} (local {local:.4}); \
+         no communication merged {alone_merged:.4} (local {:.4})",
+        alone["merged"]["local_mean_accuracy"].as_f64().unwrap()
+    );
+    assert!(alone["nodes"].as_array().unwrap().iter().all(|n| n["exit_status"] == 0));
+}
+
+/// A `murmur run` process and the address it listens on.
+struct Node {
+    child: Child,
+    addr: String,
+}
+
+fn start_node(dir: &Path, i: usize, bootstrap: Option<&str>, resume: bool) -> Node {
+    let mut cmd = Command::new(murmur_bin());
+    cmd.args([
+        "run",
+        "--data-dir",
+        s(dir),
+        "--nodes",
+        "4",
+        "--node",
+        &i.to_string(),
+        "--data",
+        "synthetic",
+        "--hidden",
+        "64",
+        "--rounds",
+        "300",
+        "--local-steps",
+        "10",
+        "--checkpoint-every",
+        "200",
+        "--round-timeout-ms",
+        "1000",
+        "--join-timeout-ms",
+        "20000",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--progress",
+        "json",
+    ])
+    .env("MURMUR_THREADS", "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    if resume {
+        cmd.arg("--resume");
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let addr = first["addrs"][0].as_str().unwrap().to_string();
+    // Keep draining stdout so the node never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Node { child, addr }
+}
+
+fn wait_exit(node: &mut Node, limit: Duration) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(start.elapsed() < limit, "node did not finish within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn checkpointed_step(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("checkpoint/meta.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|m| m["step"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (0..4).map(|i| tmp.path().join(format!("node-{i}"))).collect();
+    let boot = start_node(&dirs[0], 0, None, false);
+    let boot_addr = boot.addr.clone();
+    let mut nodes = vec![boot];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(start_node(dir, i, Some(&boot_addr), false));
+    }
+    // Kill node 2 once it has written a checkpoint.
+    let start = Instant::now();
+    while checkpointed_step(&dirs[2]) < 200 {
+        assert!(start.elapsed() < Duration::from_secs(120), "node 2 never checkpointed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nodes[2].child.kill().unwrap();
+    nodes[2].child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut back = start_node(&dirs[2], 2, Some(&boot_addr), true);
+    for i in [0, 1, 3] {
+        assert_eq!(wait_exit(&mut nodes[i], Duration::from_secs(240)), 0, "node {i}");
+    }
+    assert_eq!(wait_exit(&mut back, Duration::from_secs(240)), 0, "the resumed node");
+    let resumed = read_json(&dirs[2].join("summary.json"));
+    assert!(resumed["resumed_from_round"].as_u64().is_some());
+    assert_eq!(resumed["rounds"], 300);
+    for d in &dirs {
+        let summary = read_json(&d.join("summary.json"));
+        let acc = summary["final"]["eval_accuracy"].as_f64().unwrap();
+        assert!(acc > 0.8, "{}: accuracy {acc}", d.display());
+    }
+}
