@@ -162,7 +162,9 @@ fn watch(mut children: Vec<Child>, lines: Lines, n: usize) -> Vec<Option<i32>> {
     let mut status: Vec<Option<Option<i32>>> = vec![None; n];
     let tty = std::io::stdout().is_terminal();
     let mut drawn = false;
-    let mut last_print = Instant::now() - Duration::from_secs(60);
+    let mut last_print = Instant::now();
+    let mut last_decile = 0;
+    let started = Instant::now();
     while status.iter().any(Option::is_none) {
         while let Ok((i, v)) = lines.recv_timeout(Duration::from_millis(200)) {
             update(&mut state[i], &v);
@@ -183,13 +185,19 @@ fn watch(mut children: Vec<Child>, lines: Lines, n: usize) -> Vec<Option<i32>> {
                 println!("\x1b[2K{}", render(i, s));
             }
             drawn = true;
-        } else if last_print.elapsed() > Duration::from_secs(5)
-            || status.iter().all(Option::is_some)
-        {
-            for (i, s) in state.iter().enumerate() {
-                println!("{}", render(i, s));
+        } else {
+            // Off a terminal: a block of lines every tenth of the run (by the
+            // slowest node), every 30 s, and at the end.
+            let slowest = state.iter().map(|s| s.round * 10 / s.rounds.max(1)).min().unwrap_or(0);
+            let all_done = status.iter().all(Option::is_some);
+            if slowest > last_decile || last_print.elapsed() > Duration::from_secs(30) || all_done {
+                println!("-- {:.0}s", started.elapsed().as_secs_f64());
+                for (i, s) in state.iter().enumerate() {
+                    println!("{}", render(i, s));
+                }
+                last_print = Instant::now();
+                last_decile = slowest;
             }
-            last_print = Instant::now();
         }
         let _ = std::io::stdout().flush();
     }

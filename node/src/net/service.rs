@@ -522,6 +522,7 @@ impl SwarmDriver {
                 _ = heartbeat.tick() => {
                     self.publish_heartbeat();
                     self.expire_members().await;
+                    self.redial_bootstrap();
                 }
                 _ = bootstrap.tick() => {
                     // Fails only while the routing table is empty; the next tick retries.
@@ -538,6 +539,26 @@ impl SwarmDriver {
             }
         }
         debug!("swarm task ended");
+    }
+
+    /// Bootstrap nodes may start after us or restart: while none is
+    /// connected, dial them again on every heartbeat.
+    fn redial_bootstrap(&mut self) {
+        let boot: Vec<(PeerId, Multiaddr)> = self
+            .cfg
+            .bootstrap
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(peer)) => Some((peer, a.clone())),
+                _ => None,
+            })
+            .collect();
+        if boot.iter().any(|(p, _)| self.swarm.is_connected(p)) {
+            return;
+        }
+        for (_, addr) in boot {
+            let _ = self.swarm.dial(addr);
+        }
     }
 
     fn publish_heartbeat(&mut self) {
@@ -678,10 +699,17 @@ impl SwarmDriver {
         };
         match self.membership.observe(&hb, source, Instant::now()) {
             Ok(joined) => {
+                // Kademlia keeps the addresses, so that opening a stream to
+                // a member can dial it; a new member is dialled at once so
+                // the first exchange does not wait for a connection.
                 if let Some(m) = self.membership.get(&source) {
                     for addr in m.addrs.clone() {
+                        self.swarm.behaviour_mut().kad.add_address(&source, addr.clone());
                         self.swarm.add_peer_address(source, addr);
                     }
+                }
+                if joined.is_some() {
+                    self.dial_if_new(source);
                 }
                 if let Some(ev) = joined {
                     // The view first: whoever reacts to the event reads it.
