@@ -92,7 +92,7 @@ fn start_node(dir: &Path, i: usize, bootstrap: Option<&str>, resume: bool) -> No
         "--hidden",
         "64",
         "--rounds",
-        "300",
+        "1500",
         "--local-steps",
         "10",
         "--checkpoint-every",
@@ -108,7 +108,10 @@ fn start_node(dir: &Path, i: usize, bootstrap: Option<&str>, resume: bool) -> No
     ])
     .env("MURMUR_THREADS", "1")
     .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    .stderr(
+        std::fs::File::create(dir.with_extension(if resume { "resumed.log" } else { "log" }))
+            .unwrap(),
+    );
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
@@ -170,10 +173,66 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
     assert_eq!(wait_exit(&mut back, Duration::from_secs(240)), 0, "the resumed node");
     let resumed = read_json(&dirs[2].join("summary.json"));
     assert!(resumed["resumed_from_round"].as_u64().is_some());
-    assert_eq!(resumed["rounds"], 300);
+    let others: Vec<serde_json::Value> = [0, 1, 3]
+        .iter()
+        .map(|i| read_json(&dirs[*i].join("summary.json"))["peer_id"].clone())
+        .collect();
+    assert!(
+        others.contains(&resumed["pulled_from"]),
+        "pulled from {} (live peers {others:?})",
+        resumed["pulled_from"]
+    );
+    assert_eq!(resumed["rounds"], 1500);
     for d in &dirs {
         let summary = read_json(&d.join("summary.json"));
         let acc = summary["final"]["eval_accuracy"].as_f64().unwrap();
         assert!(acc > 0.8, "{}: accuracy {acc}", d.display());
     }
+}
+
+#[test]
+fn sigterm_stops_a_node_gracefully_with_checkpoint_and_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("solo");
+    let mut cmd = Command::new(murmur_bin());
+    cmd.args([
+        "run",
+        "--data-dir",
+        s(&dir),
+        "--nodes",
+        "1",
+        "--data",
+        "synthetic",
+        "--rounds",
+        "100000",
+        "--local-steps",
+        "10",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--progress",
+        "json",
+    ])
+    .env("MURMUR_THREADS", "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait until it trains, then ask it to stop.
+    for line in lines.by_ref() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["event"] == "round" && v["round"].as_u64().unwrap() >= 3 {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut node = Node { child, addr: String::new() };
+    assert_eq!(wait_exit(&mut node, Duration::from_secs(60)), 0);
+    let summary = read_json(&dir.join("summary.json"));
+    assert_eq!(summary["interrupted"], true);
+    let rounds = summary["rounds"].as_u64().unwrap();
+    assert!((3..100000).contains(&rounds), "stopped at round {rounds}");
+    let meta = read_json(&dir.join("checkpoint/meta.json"));
+    assert_eq!(meta["step"], summary["steps"]);
 }

@@ -40,6 +40,9 @@ const RUN: &str = "bench-transfer";
 const FINGERPRINT: &str = "bench-transfer";
 /// How long the sender waits for its connection to the receiver.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the receiver waits for the next payload (or shard) before it
+/// gives up: a sender that failed does not leave it hanging.
+const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the receiver waits for the sender to hang up after the last payload.
 const HANG_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most shards one payload may be split into.
@@ -178,8 +181,15 @@ async fn recv_murmur(args: &BenchTransferArgs, elements: usize) -> Result<(), Cl
     let mut done = 0;
     let mut cpu = cpu_seconds();
     while done < args.repeat {
-        let Some(event) = events.recv().await else {
-            return Err(CliError::failed("the network stopped before every payload arrived"));
+        let event = match tokio::time::timeout(PAYLOAD_TIMEOUT, events.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(CliError::failed("the network stopped before every payload")),
+            Err(_) => {
+                return Err(CliError::failed(format!(
+                    "received {done} of {} payloads, then nothing for {PAYLOAD_TIMEOUT:?}",
+                    args.repeat
+                )));
+            }
         };
         let NetEvent::Payload { payload, .. } = event else { continue };
         if let Some(whole) = pending.add(payload) {

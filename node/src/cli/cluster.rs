@@ -274,6 +274,7 @@ fn report(
                 "bytes_received": s["bytes"]["bytes_received"],
                 "rounds": s["rounds"],
                 "wall_seconds": s["wall_seconds"],
+                "timing": s["timing"],
             })
         })
         .collect();

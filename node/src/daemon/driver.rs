@@ -29,6 +29,8 @@ use crate::train::trainer::Trainer;
 pub const PULL_REQUEST_SLOT: u64 = u64::MAX - 100;
 /// Slot of the answer to a pull request.
 pub const PULL_REPLY_SLOT: u64 = u64::MAX - 101;
+/// Least time a rejoining node waits for the model it pulled.
+const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a node needs, validated.
 #[derive(Debug)]
@@ -107,6 +109,8 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
         last_loss: None,
         steps_done: 0,
         started: Instant::now(),
+        timing: PhaseTiming::default(),
+        pulled_from: None,
     };
     node.run(setup.resume_round).await
 }
@@ -132,6 +136,37 @@ struct Node {
     last_loss: Option<f64>,
     steps_done: u64,
     started: Instant,
+    timing: PhaseTiming,
+    /// The peer whose model a rejoining node took.
+    pulled_from: Option<PeerId>,
+}
+
+/// Where a node's wall time goes: local phases, and everything between the
+/// end of one local phase and the start of the next (exchange and mixing).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PhaseTiming {
+    pub compute_seconds: f64,
+    pub communication_seconds: f64,
+    #[serde(skip)]
+    training_since: Option<Instant>,
+    #[serde(skip)]
+    mixing_since: Option<Instant>,
+}
+
+impl PhaseTiming {
+    fn train_started(&mut self, now: Instant) {
+        if let Some(t) = self.mixing_since.take() {
+            self.communication_seconds += now.duration_since(t).as_secs_f64();
+        }
+        self.training_since = Some(now);
+    }
+
+    fn train_ended(&mut self, now: Instant) {
+        if let Some(t) = self.training_since.take() {
+            self.compute_seconds += now.duration_since(t).as_secs_f64();
+        }
+        self.mixing_since = Some(now);
+    }
 }
 
 /// How the main loop ended.
@@ -247,9 +282,12 @@ impl Node {
         let mut signals = Signals::new();
         while !finished {
             let deadline = mixer.deadline().map(tokio::time::Instant::from_std);
+            // Inputs below may end the round; compare after acting on them.
+            let before = mixer.round();
             let actions = tokio::select! {
                 done = async { training.as_mut().expect("guarded").await }, if training.is_some() => {
                     training = None;
+                    self.timing.train_ended(Instant::now());
                     let done = flatten(done).map_err(NodeError::Trainer)?;
                     self.on_phase_done(&done, mixer.round());
                     mixer.handle(Input::LocalDone { params: done.params, samples: done.samples }, Instant::now())
@@ -275,7 +313,6 @@ impl Node {
                 }
                 _ = signals.recv() => return Ok(Ending::Interrupted),
             };
-            let before = mixer.round();
             self.execute(mixer, actions, &mut training, &mut finished).await?;
             if mixer.round() != before {
                 self.on_round_end(mixer.round()).await?;
@@ -297,7 +334,10 @@ impl Node {
                 Action::SetParams(v) => {
                     self.worker.set_params(v).await.map_err(NodeError::Trainer)?
                 }
-                Action::Train { steps } => *training = Some(self.worker.train(steps)),
+                Action::Train { steps } => {
+                    self.timing.train_started(Instant::now());
+                    *training = Some(self.worker.train(steps));
+                }
                 Action::Evaluate { label } => {
                     let m = self.worker.evaluate().await.map_err(NodeError::Trainer)?;
                     self.reporter.emit(
@@ -308,13 +348,21 @@ impl Node {
                         self.local_metrics = Some(FinalMetrics::new(self.last_loss, &m));
                     }
                 }
-                Action::Finish => *finished = true,
+                Action::Finish => {
+                    self.timing.train_started(Instant::now());
+                    *finished = true;
+                }
             }
         }
         Ok(())
     }
 
     fn send(&mut self, m: Message) {
+        self.send_within(m, self.run.round_timeout);
+    }
+
+    /// Sends in the background, retrying failed attempts for up to `patience`.
+    fn send_within(&mut self, m: Message, patience: Duration) {
         let kind = match m.kind {
             MsgKind::Params => PayloadKind::Params,
             MsgKind::Delta => PayloadKind::Delta,
@@ -332,7 +380,7 @@ impl Node {
         header.sample_weight = m.weight;
         header.element_offset = m.offset as u64;
         let encoding = self.run.encoding;
-        let give_up = Instant::now() + self.run.round_timeout;
+        let give_up = Instant::now() + patience;
         self.sends.spawn(async move {
             let (header, body) = wire::encode_payload(header, &m.values, encoding);
             let mut attempt = 0u32;
@@ -418,7 +466,8 @@ impl Node {
         Ok(m)
     }
 
-    async fn checkpoint(&self, round: u64) -> Result<(), NodeError> {
+    /// Writes a checkpoint; returns the steps it holds.
+    async fn checkpoint(&self, round: u64) -> Result<u64, NodeError> {
         let mut options = self.options.clone();
         options["round"] = serde_json::json!(round);
         let dir = checkpoint::dir_in(&self.data_dir);
@@ -431,14 +480,17 @@ impl Node {
     /// A peer that comes back asks for the model; answer with ours.
     async fn answer_pull(&mut self, from: PeerId) {
         match self.worker.params().await {
-            Ok(values) => self.send(Message {
-                peer: from,
-                kind: MsgKind::Params,
-                slot: PULL_REPLY_SLOT,
-                weight: 1.0,
-                offset: 0,
-                values: Arc::new(values),
-            }),
+            Ok(values) => self.send_within(
+                Message {
+                    peer: from,
+                    kind: MsgKind::Params,
+                    slot: PULL_REPLY_SLOT,
+                    weight: 1.0,
+                    offset: 0,
+                    values: Arc::new(values),
+                },
+                PULL_TIMEOUT,
+            ),
             Err(e) => warn!("cannot answer a pull from {from}: {e}"),
         }
     }
@@ -468,15 +520,17 @@ impl Node {
             offset: 0,
             values: params,
         };
-        self.send(request);
-        let deadline = tokio::time::Instant::now() + self.run.round_timeout;
+        self.send_within(request, PULL_TIMEOUT);
+        // A rejoin is rare and its model matters: wait longer than a round.
+        let deadline = tokio::time::Instant::now() + self.run.round_timeout.max(PULL_TIMEOUT);
         loop {
             tokio::select! {
                 ev = self.events.recv() => match ev {
                     Some(NetEvent::Payload { from, payload }) => match to_message(from, payload) {
                         Some(m) if m.slot == PULL_REPLY_SLOT && from == peer => {
-                            if let Err(e) = self.worker.set_params(m.values.to_vec()).await {
-                                warn!("cannot take the pulled model: {e}");
+                            match self.worker.set_params(m.values.to_vec()).await {
+                                Ok(()) => self.pulled_from = Some(peer),
+                                Err(e) => warn!("cannot take the pulled model: {e}"),
                             }
                             self.reporter.emit(serde_json::json!({"event": "rejoined", "round": round, "from": peer.to_string()}),
                                 || format!("rejoined at round {round} with the model of {peer}"));
@@ -516,8 +570,10 @@ impl Node {
             }
         }
         let round = mixer.round();
+        // An interrupt can leave a local phase running; the trainer finishes
+        // it first, so the checkpoint says how many steps were really done.
+        self.steps_done = self.checkpoint(round).await?;
         let final_eval = self.evaluate(round).await?;
-        self.checkpoint(round).await?;
         let acc = self.network.accounting();
         let summary = NodeSummary {
             murmur_version: env!("CARGO_PKG_VERSION"),
@@ -529,6 +585,7 @@ impl Node {
             rounds: round,
             steps: self.steps_done,
             resumed_from_round: resumed,
+            pulled_from: self.pulled_from.map(|p| p.to_string()),
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             parameters: self.parameters,
@@ -541,6 +598,7 @@ impl Node {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect::<BTreeMap<_, _>>(),
             send_failures: self.send_failures,
+            timing: self.timing.clone(),
             evals: std::mem::take(&mut self.evals),
             local: self.local_metrics.clone(),
             final_metrics: FinalMetrics::new(self.last_loss, &final_eval),

@@ -49,6 +49,8 @@ pub struct NodeSummary {
     pub rounds: u64,
     pub steps: u64,
     pub resumed_from_round: Option<u64>,
+    /// After `--resume`: the live peer whose current model this node took.
+    pub pulled_from: Option<String>,
     pub interrupted: bool,
     pub wall_seconds: f64,
     pub parameters: usize,
@@ -57,6 +59,8 @@ pub struct NodeSummary {
     pub refusals: std::collections::BTreeMap<String, u64>,
     pub strategy_drops: std::collections::BTreeMap<String, u64>,
     pub send_failures: u64,
+    /// Seconds in local phases and in exchanges.
+    pub timing: super::driver::PhaseTiming,
     pub evals: Vec<EvalPoint>,
     /// The local model before the final merge (merge strategy only).
     pub local: Option<FinalMetrics>,

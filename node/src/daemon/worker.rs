@@ -30,7 +30,7 @@ enum Command {
     SetParams { values: Vec<f32>, reply: Reply<()> },
     Params { reply: Reply<Vec<f32>> },
     Evaluate { reply: Reply<EvalMetrics> },
-    Checkpoint { dir: PathBuf, options: serde_json::Value, reply: Reply<()> },
+    Checkpoint { dir: PathBuf, options: serde_json::Value, reply: Reply<u64> },
 }
 
 /// Handle to the trainer thread; dropping it stops the thread.
@@ -79,7 +79,12 @@ impl Worker {
         flatten(self.ask(|reply| Command::Evaluate { reply }).await)
     }
 
-    pub async fn checkpoint(&self, dir: PathBuf, options: serde_json::Value) -> Result<(), String> {
+    /// Writes a checkpoint; returns the number of steps it holds.
+    pub async fn checkpoint(
+        &self,
+        dir: PathBuf,
+        options: serde_json::Value,
+    ) -> Result<u64, String> {
         flatten(self.ask(|reply| Command::Checkpoint { dir, options, reply }).await)
     }
 }
@@ -115,8 +120,8 @@ fn serve(mut trainer: Trainer, commands: mpsc::Receiver<Command>) {
                 let _ = reply.send(Ok(trainer.evaluate()));
             }
             Command::Checkpoint { dir, options, reply } => {
-                let _ =
-                    reply.send(trainer.save_checkpoint(&dir, options).map_err(|e| e.to_string()));
+                let saved = trainer.save_checkpoint(&dir, options).map(|()| trainer.steps_done());
+                let _ = reply.send(saved.map_err(|e| e.to_string()));
             }
         }
     }

@@ -158,10 +158,9 @@ impl Network {
     /// Starts the swarm on a network thread of its own. Returns once it listens.
     pub async fn start(key: Keypair, cfg: NetConfig) -> Result<Started, NetError> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let caller = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("murmur-net".into())
-            .spawn(move || network_thread(key, cfg, caller, ready_tx))
+            .spawn(move || network_thread(key, cfg, ready_tx))
             .map_err(|e| NetError::Thread(e.to_string()))?;
         ready_rx.await.map_err(|_| NetError::Thread("it ended while starting".into()))?
     }
@@ -171,7 +170,6 @@ impl Network {
     async fn setup(
         key: Keypair,
         cfg: NetConfig,
-        caller: tokio::runtime::Handle,
     ) -> Result<(Started, SwarmDriver, mpsc::Receiver<Command>), NetError> {
         let local_peer = key.public().to_peer_id();
         let mut swarm = swarm::build(key, &cfg.swarm)?;
@@ -212,12 +210,12 @@ impl Network {
         let incoming = control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|_| {
             NetError::Swarm(swarm::SwarmError::Build("params protocol registered twice".into()))
         })?;
-        let on = if std::env::var("MURMUR_RECV_ON_CALLER").is_ok() {
-            caller
-        } else {
-            tokio::runtime::Handle::current()
-        };
-        on.spawn(accept_loop(incoming, cfg.expect.clone(), accounting.clone(), events_tx.clone()));
+        tokio::spawn(accept_loop(
+            incoming,
+            cfg.expect.clone(),
+            accounting.clone(),
+            events_tx.clone(),
+        ));
         let driver = SwarmDriver {
             swarm,
             membership: Membership::new(cfg.swarm.run_id.clone(), cfg.member_expiry),
@@ -320,12 +318,7 @@ impl Network {
 /// Runs the network until shutdown: builds it on this thread's runtime,
 /// hands the handle to `start` through `ready`, then drives the swarm.
 /// Ending the runtime ends the accept loop and every transfer with it.
-fn network_thread(
-    key: Keypair,
-    cfg: NetConfig,
-    caller: tokio::runtime::Handle,
-    ready: oneshot::Sender<Result<Started, NetError>>,
-) {
+fn network_thread(key: Keypair, cfg: NetConfig, ready: oneshot::Sender<Result<Started, NetError>>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -334,7 +327,7 @@ fn network_thread(
         }
     };
     runtime.block_on(async move {
-        match Network::setup(key, cfg, caller).await {
+        match Network::setup(key, cfg).await {
             Ok((started, driver, commands)) => {
                 if ready.send(Ok(started)).is_ok() {
                     driver.run(commands).await;
