@@ -113,3 +113,19 @@ EOF
 fi
 
 "$venv/bin/python" scripts/bench_train.py --murmur target/release/murmur --out target/bench "$@"
+
+# Transfer throughput (scripts/bench_transfer.py): /murmur/params/1 moving a
+# 64 MiB payload between two `murmur bench-transfer` processes, against a raw
+# TCP copy and gloo send/recv run from this venv; writes
+# target/bench/transfer.{json,md}. Set MURMUR_BENCH_TRANSFER=0 to skip it.
+if [ "${MURMUR_BENCH_TRANSFER:-1}" != 0 ]; then
+  "$venv/bin/python" scripts/bench_transfer.py --murmur target/release/murmur --out target/bench
+fi
+
+# Round time of an 8-node gossip ring split into compute and communication,
+# 100k and 5M parameters (scripts/bench_rounds.py, stdlib only; alone:
+# `python3 scripts/bench_rounds.py`); writes target/bench/rounds.{json,md}.
+# Set MURMUR_BENCH_ROUNDS=0 to skip it.
+if [ "${MURMUR_BENCH_ROUNDS:-1}" != 0 ]; then
+  python3 scripts/bench_rounds.py --murmur target/release/murmur --out target/bench
+fi

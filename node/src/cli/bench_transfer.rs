@@ -83,6 +83,10 @@ pub struct BenchTransferArgs {
     /// A plain TCP socket instead of libp2p: the baseline
     #[arg(long)]
     raw_tcp: bool,
+    /// Raw TCP receiver: read every payload into a new buffer, as murmur's
+    /// receiver does, instead of reusing one
+    #[arg(long)]
+    fresh_buffer: bool,
     /// Tokio worker threads; 0 runs a current-thread runtime
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -116,6 +120,11 @@ fn check(args: &BenchTransferArgs) -> Result<usize, CliError> {
     if !(1..=MAX_SHARDS).contains(&args.shards) {
         let n = args.shards;
         return Err(CliError::usage(format!("--shards must be 1-{MAX_SHARDS} (got {n})")));
+    }
+    if args.fresh_buffer && !args.raw_tcp {
+        return Err(CliError::usage(
+            "--fresh-buffer applies to --raw-tcp (murmur's receiver always allocates)",
+        ));
     }
     if args.shards > 1 && args.raw_tcp {
         return Err(CliError::usage("--shards applies to murmur payloads, not --raw-tcp"));
@@ -213,6 +222,7 @@ async fn recv_murmur(args: &BenchTransferArgs, elements: usize) -> Result<(), Cl
 struct Whole {
     stamp: u64,
     values: Vec<f32>,
+    filled: usize,
     shards: usize,
     body_bytes: usize,
     frame_bytes: usize,
@@ -224,7 +234,7 @@ struct Whole {
 /// checked that each lies inside the vector.
 struct Assembler {
     elements: usize,
-    partial: HashMap<u64, (Whole, usize)>,
+    partial: HashMap<u64, Whole>,
 }
 
 impl Assembler {
@@ -232,49 +242,36 @@ impl Assembler {
         Assembler { elements, partial: HashMap::new() }
     }
 
+    /// Adds a shard; returns the payload once its last shard is in.
     fn add(&mut self, p: Payload) -> Option<Whole> {
-        let (h, n) = (&p.header, p.values.len());
-        let encoding = encoding::from_proto(h.encoding, h.block_size, h.top_k)
-            .map_or_else(|_| "unknown".to_string(), |e| e.to_string());
-        let (body, frame) = (h.body_len as usize, wire::frame_len(h));
-        if n == self.elements {
-            let stamp = h.round;
-            let whole = Whole {
-                stamp,
-                values: p.values,
-                shards: 1,
-                body_bytes: body,
-                frame_bytes: frame,
-                encoding,
-            };
-            return Some(whole);
-        }
-        let elements = self.elements;
-        let (whole, filled) = self.partial.entry(h.round).or_insert_with(|| {
-            let values = vec![0f32; elements];
-            (
-                Whole {
-                    stamp: h.round,
-                    values,
-                    shards: 0,
-                    body_bytes: 0,
-                    frame_bytes: 0,
-                    encoding,
-                },
-                0,
-            )
+        let h = &p.header;
+        let whole = self.partial.entry(h.round).or_insert_with(|| Whole {
+            stamp: h.round,
+            values: Vec::new(),
+            filled: 0,
+            shards: 0,
+            body_bytes: 0,
+            frame_bytes: 0,
+            encoding: encoding::from_proto(h.encoding, h.block_size, h.top_k)
+                .map_or_else(|_| "unknown".to_string(), |e| e.to_string()),
         });
-        let start = h.element_offset as usize;
-        whole.values[start..start + n].copy_from_slice(&p.values);
+        let (start, n) = (h.element_offset as usize, p.values.len());
         whole.shards += 1;
-        whole.body_bytes += body;
-        whole.frame_bytes += frame;
-        *filled += n;
-        if *filled < elements {
-            return None;
+        whole.body_bytes += h.body_len as usize;
+        whole.frame_bytes += wire::frame_len(h);
+        whole.filled += n;
+        if n == self.elements {
+            // Unsharded: the values are the payload, no copy.
+            whole.values = p.values;
+        } else {
+            whole.values.resize(self.elements, 0.0);
+            whole.values[start..start + n].copy_from_slice(&p.values);
         }
         let stamp = h.round;
-        self.partial.remove(&stamp).map(|(w, _)| w)
+        if whole.filled < self.elements {
+            return None;
+        }
+        self.partial.remove(&stamp)
     }
 }
 
@@ -386,7 +383,8 @@ async fn recv_raw(args: &BenchTransferArgs, elements: usize) -> Result<(), CliEr
     sock.set_nodelay(true).map_err(CliError::failed)?;
     // No encoding carries more than 8 bytes per element (top-k at k = n).
     let limit = elements.saturating_mul(8) as u64;
-    // One buffer for every payload, as a tuned socket copy would do.
+    // One buffer for every payload, as a tuned socket copy would do, unless
+    // --fresh-buffer asks for the page faults of a new one each time.
     let mut body = Vec::new();
     let mut cpu = cpu_seconds();
     for index in 0..args.repeat {
@@ -396,7 +394,11 @@ async fn recv_raw(args: &BenchTransferArgs, elements: usize) -> Result<(), CliEr
         if len > limit {
             return Err(CliError::failed(format!("raw body of {len} bytes exceeds {limit}")));
         }
-        body.resize(len as usize, 0);
+        if args.fresh_buffer {
+            body = vec![0u8; len as usize];
+        } else {
+            body.resize(len as usize, 0);
+        }
         sock.read_exact(&mut body).await.map_err(CliError::failed)?;
         let secs = since_stamp(stamp);
         sock.write_all(&[0]).await.map_err(CliError::failed)?;

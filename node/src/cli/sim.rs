@@ -14,6 +14,7 @@ use libp2p::PeerId;
 use serde::Serialize;
 
 use super::CliError;
+use crate::mix::aggregate::Aggregator;
 use crate::mix::comm::CommSchedule;
 use crate::mix::gossip::{Gossip, GossipConfig};
 use crate::mix::merge::{Exchange, Merge, MergeConfig};
@@ -422,6 +423,8 @@ fn strategy(s: &Settings, id: PeerId, ids: &[PeerId]) -> Result<Box<dyn Mixer>, 
                 comm: s.comm.unwrap_or(CommSchedule::Every(1)),
                 timeout,
                 start_round: 0,
+                aggregator: Aggregator::Mean,
+                norm_bound: 0.0,
             };
             Box::new(Gossip::new(cfg, id, ids.to_vec()).map_err(CliError::usage)?)
         }

@@ -10,6 +10,7 @@ use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
+use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
@@ -57,6 +58,14 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_GOSSIP_STEPS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gossip_steps: Option<i64>,
+    /// How gossip combines its own and its neighbours' vectors: mean, median, trimmed-mean:BETA (BETA in [0, 0.5)), krum:F [default: mean]
+    #[arg(long, env = "MURMUR_AGGREGATOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregator: Option<String>,
+    /// Refuse a neighbour's vector farther from this node's than FACTOR x this node's own update since its last mix; 0 = off [default: 0]
+    #[arg(long, env = "MURMUR_NORM_BOUND", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f64>,
     /// When to communicate: every:K rounds, or late:B (a budget of B rounds concentrated late) [default: every:1]
     #[arg(long, env = "MURMUR_COMM")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,6 +125,9 @@ pub struct RunConfig {
     pub rounds: u64,
     pub topology: TopologySpec,
     pub gossip_steps: u64,
+    pub aggregator: Aggregator,
+    /// The norm bound's factor; 0 = off.
+    pub norm_bound: f64,
     /// None: gossip communicates every round, merge only by `exchange_prob`.
     pub comm: Option<CommSchedule>,
     pub exchange_prob: f64,
@@ -174,6 +186,7 @@ impl RunOptions {
             .unwrap_or("ring")
             .parse()
             .map_err(|e| bad(format!("--topology: {e}")))?;
+        let (aggregator, norm_bound) = self.aggregation()?;
         let comm: Option<CommSchedule> =
             self.comm.as_deref().map(str::parse).transpose().map_err(|e| bad(format!("{e}")))?;
         let exchange_prob = self.exchange_prob.unwrap_or(0.0);
@@ -223,6 +236,8 @@ impl RunOptions {
             rounds,
             topology,
             gossip_steps: positive("--gossip-steps", self.gossip_steps.unwrap_or(1))?,
+            aggregator,
+            norm_bound,
             comm,
             exchange_prob,
             round_timeout: millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?,
@@ -236,6 +251,26 @@ impl RunOptions {
             allowlist,
             progress: self.progress.unwrap_or(ProgressFormat::Text),
         })
+    }
+
+    /// `--aggregator` and `--norm-bound`, which only gossip applies so far.
+    fn aggregation(&self) -> Result<(Aggregator, f64), ConfigError> {
+        let aggregator: Aggregator = self
+            .aggregator
+            .as_deref()
+            .unwrap_or("mean")
+            .parse()
+            .map_err(|e| bad(format!("--aggregator: {e}")))?;
+        let norm_bound = NormBound::new(self.norm_bound.unwrap_or(0.0))
+            .map_err(|e| bad(format!("--norm-bound: {e}")))?
+            .factor();
+        if self.strategy == Some(StrategyKind::Merge) && (!aggregator.is_mean() || norm_bound > 0.0)
+        {
+            return Err(bad(format!(
+                "--aggregator {aggregator} and --norm-bound {norm_bound} apply to gossip only; merge averages every member (drop them or use --strategy gossip)"
+            )));
+        }
+        Ok((aggregator, norm_bound))
     }
 }
 
@@ -254,6 +289,18 @@ mod tests {
             RunOptions { local_steps: Some(20), ..Default::default() }.resolve(&train()).unwrap();
         assert_eq!((r.rounds, r.local_steps), (5, 20));
         assert_eq!(r.topology, TopologySpec::Ring);
+        assert_eq!((r.aggregator, r.norm_bound), (Aggregator::Mean, 0.0));
+    }
+
+    #[test]
+    fn aggregation_options_parse() {
+        let o = RunOptions {
+            aggregator: Some("trimmed-mean:0.2".into()),
+            norm_bound: Some(3.0),
+            ..Default::default()
+        };
+        let r = o.resolve(&train()).unwrap();
+        assert_eq!((r.aggregator, r.norm_bound), (Aggregator::TrimmedMean { beta: 0.2 }, 3.0));
     }
 
     #[test]
@@ -272,6 +319,23 @@ mod tests {
                 "--local-steps must be >= 1 (got 0)",
             ),
             (RunOptions { comm: Some("late:0".into()), ..Default::default() }, "late:0"),
+            (
+                RunOptions { aggregator: Some("trimmed-mean:0.5".into()), ..Default::default() },
+                "--aggregator: aggregator \"trimmed-mean:0.5\"",
+            ),
+            (RunOptions { aggregator: Some("krum:-1".into()), ..Default::default() }, "krum:-1"),
+            (
+                RunOptions { norm_bound: Some(-2.0), ..Default::default() },
+                "--norm-bound: the norm bound must be a finite number >= 0, 0 to disable (got -2)",
+            ),
+            (
+                RunOptions {
+                    strategy: Some(StrategyKind::Merge),
+                    aggregator: Some("median".into()),
+                    ..Default::default()
+                },
+                "--aggregator median and --norm-bound 0 apply to gossip only",
+            ),
             (
                 RunOptions { swarm_key: Some("/nonexistent/key".into()), ..Default::default() },
                 "/nonexistent/key",

@@ -161,6 +161,13 @@ impl PhaseTiming {
         self.training_since = Some(now);
     }
 
+    /// Leaves `d` (round-end evaluation and checkpoint) out of both buckets.
+    fn skip(&mut self, d: Duration) {
+        if let Some(t) = self.mixing_since.as_mut() {
+            *t += d;
+        }
+    }
+
     fn train_ended(&mut self, now: Instant) {
         if let Some(t) = self.training_since.take() {
             self.compute_seconds += now.duration_since(t).as_secs_f64();
@@ -239,6 +246,8 @@ impl Node {
                     comm: self.run.comm.unwrap_or(CommSchedule::Every(1)),
                     timeout: self.run.round_timeout,
                     start_round,
+                    aggregator: self.run.aggregator,
+                    norm_bound: self.run.norm_bound,
                 };
                 Ok(Box::new(
                     Gossip::new(cfg, self.me, members)
@@ -273,10 +282,12 @@ impl Node {
         let mut finished = false;
         let now = Instant::now();
         let start = mixer.start(now);
-        self.execute(mixer, start, &mut training, &mut finished).await?;
+        let first = mixer.round();
+        self.execute(mixer, start, &mut training, &mut finished, first).await?;
         for m in std::mem::take(&mut self.backlog) {
             let acts = mixer.handle(Input::Received(m), Instant::now());
-            self.execute(mixer, acts, &mut training, &mut finished).await?;
+            let before = mixer.round();
+            self.execute(mixer, acts, &mut training, &mut finished, before).await?;
         }
         let mut members = self.members();
         let mut signals = Signals::new();
@@ -313,10 +324,7 @@ impl Node {
                 }
                 _ = signals.recv() => return Ok(Ending::Interrupted),
             };
-            self.execute(mixer, actions, &mut training, &mut finished).await?;
-            if mixer.round() != before {
-                self.on_round_end(mixer.round()).await?;
-            }
+            self.execute(mixer, actions, &mut training, &mut finished, before).await?;
         }
         Ok(Ending::Finished)
     }
@@ -327,7 +335,9 @@ impl Node {
         actions: Vec<Action>,
         training: &mut Option<oneshot::Receiver<Result<PhaseDone, String>>>,
         finished: &mut bool,
+        round_before: u64,
     ) -> Result<(), NodeError> {
+        let mut round_ended = mixer.round() == round_before;
         for a in actions {
             match a {
                 Action::Send(m) => self.send(m),
@@ -335,6 +345,14 @@ impl Node {
                     self.worker.set_params(v).await.map_err(NodeError::Trainer)?
                 }
                 Action::Train { steps } => {
+                    // Round-end work (evaluation, checkpoint) must see the
+                    // mixed model, so it runs before the next phase is queued.
+                    if !round_ended {
+                        round_ended = true;
+                        let t = Instant::now();
+                        self.on_round_end(mixer.round()).await?;
+                        self.timing.skip(t.elapsed());
+                    }
                     self.timing.train_started(Instant::now());
                     *training = Some(self.worker.train(steps));
                 }

@@ -3,6 +3,12 @@
 //! x_i <- sum_j W_ij x_j over itself and the in-neighbours whose messages
 //! arrived by the deadline, renormalised over those (so a silent neighbour
 //! costs accuracy, never progress).
+//!
+//! A robust `Aggregator` (median, trimmed mean, Krum) replaces that weighted
+//! mean with a combination of x_i and the arrived vectors that a few bad
+//! neighbours cannot drag far; a `NormBound` refuses, before any aggregator,
+//! a vector farther from x_i than a multiple of x_i's own update since its
+//! last mix.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
+use super::aggregate::{Aggregator, NormBound, l2_distance};
 use super::comm::CommSchedule;
 use super::mixer::{Action, Drops, Input, Message, Mixer, MsgKind, Roster};
 use super::topology::{Topology, TopologyError, TopologySpec};
@@ -30,6 +37,14 @@ pub struct GossipConfig {
     pub timeout: Duration,
     /// Round to start from (a node that rejoins).
     pub start_round: u64,
+    /// How x_i and the arrived vectors combine. `Mean` is the MH-weighted
+    /// mean renormalised over arrivals; the robust ones ignore the weights.
+    pub aggregator: Aggregator,
+    /// Refuse an arrived vector farther from x_i than this times
+    /// ||x_i after the local phase - x_i after its last mix||; 0 disables.
+    /// The first mix (nothing to measure the update from) is not bounded.
+    /// A negative or non-finite value also disables it (config refuses one).
+    pub norm_bound: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +65,11 @@ pub struct Gossip {
     x: Vec<f32>,
     inbox: BTreeMap<u64, BTreeMap<PeerId, Message>>,
     drops: Drops,
+    norm_bound: NormBound,
+    /// x right after the last mix; kept only while the norm bound is on.
+    last_mixed: Option<Vec<f32>>,
+    /// ||x after this round's local phase - `last_mixed`||.
+    update_norm: Option<f64>,
     /// Mean L2 distance to the neighbours mixed in the last exchange.
     pub last_neighbour_distance: Option<f64>,
 }
@@ -63,6 +83,10 @@ impl Gossip {
     ) -> Result<Gossip, TopologyError> {
         let roster = Roster::new(me, members);
         let topology = Some(Topology::new(&cfg.topology, roster.len(), cfg.seed)?);
+        let norm_bound = NormBound::new(cfg.norm_bound).unwrap_or_else(|e| {
+            tracing::warn!(%e, "gossip norm bound disabled");
+            NormBound::default()
+        });
         Ok(Gossip {
             round: cfg.start_round,
             cfg,
@@ -72,6 +96,9 @@ impl Gossip {
             x: Vec::new(),
             inbox: BTreeMap::new(),
             drops: Drops::default(),
+            norm_bound,
+            last_mixed: None,
+            update_norm: None,
             last_neighbour_distance: None,
         })
     }
@@ -87,26 +114,27 @@ impl Gossip {
         }
     }
 
-    fn topology(&mut self) -> &Topology {
+    /// The topology for the current members, rebuilt when their number
+    /// changed. A spec that cannot be built for the new size (e.g. regular:3
+    /// with 3 members) falls back to complete; `None` only if even that fails.
+    fn topology(&mut self) -> Option<&Topology> {
         let n = self.roster.len();
         if self.topology.as_ref().map(Topology::n) != Some(n) {
-            // Membership changed: a topology that cannot be built for the
-            // new size falls back to complete, which always can.
             let t = Topology::new(&self.cfg.topology, n, self.cfg.seed)
                 .or_else(|_| Topology::new(&TopologySpec::Complete, n, self.cfg.seed));
             self.topology = t.ok();
         }
-        self.topology.get_or_insert_with(|| {
-            Topology::new(&TopologySpec::Complete, 1, 0).unwrap_or_else(|_| unreachable!())
-        })
+        self.topology.as_ref()
     }
 
     fn begin_step(&mut self, step: u64, now: Instant) -> Vec<Action> {
         let slot = self.slot(step);
         let me = self.roster.me;
         let (outs, ins) = {
-            let t = self.topology();
-            (t.out_neighbours(me, slot), t.in_neighbours(me, slot))
+            match self.topology() {
+                Some(t) => (t.out_neighbours(me, slot), t.in_neighbours(me, slot)),
+                None => (Vec::new(), Vec::new()),
+            }
         };
         let values = Arc::new(self.x.clone());
         let mut actions: Vec<Action> = outs
@@ -148,43 +176,52 @@ impl Gossip {
         self.finish_round(true)
     }
 
+    /// Combines x with the expected messages of `slot` that pass the norm
+    /// bound, with the configured aggregator.
     fn mix(&mut self, expect: &[PeerId], mut msgs: BTreeMap<PeerId, Message>, slot: u64) {
-        let me = self.roster.me;
-        let weights = self.topology().weights(me, slot);
-        let mut total = 0.0f64;
-        let mut acc = vec![0f32; self.x.len()];
-        let mut distance = 0.0;
-        let mut mixed = 0usize;
-        for (j, w) in weights {
-            let peer = self.roster.members[j];
-            let values = if j == me {
-                &self.x
-            } else if let Some(m) = msgs.get(&peer).filter(|_| expect.contains(&peer)) {
-                distance += l2(&self.x, &m.values);
-                mixed += 1;
-                m.values.as_ref()
-            } else {
-                continue;
-            };
-            total += w;
-            let w = w as f32;
-            acc.iter_mut().zip(values.iter()).for_each(|(a, v)| *a += w * v);
-        }
         for p in msgs.keys().filter(|p| !expect.contains(p)).copied().collect::<Vec<_>>() {
             msgs.remove(&p);
             self.drops.add("unexpected_sender");
         }
-        if total > 0.0 {
-            let scale = (1.0 / total) as f32;
-            acc.iter_mut().for_each(|a| *a *= scale);
-            self.x = acc;
+        let me = self.roster.me;
+        let weights = self.topology().map(|t| t.weights(me, slot)).unwrap_or_default();
+        let mut own_weight = 0.0;
+        let mut others: Vec<(&[f32], f64)> = Vec::with_capacity(weights.len());
+        for (j, w) in weights {
+            if j == me {
+                own_weight = w;
+                continue;
+            }
+            let peer = self.roster.members[j];
+            let Some(m) = msgs.get(&peer) else { continue };
+            if m.values.len() != self.x.len() {
+                // Arrived before this node knew its own length.
+                self.drops.add("wrong_length");
+                continue;
+            }
+            if !self.admits(&m.values) {
+                tracing::debug!(%peer, slot, "refused a neighbour's vector: norm_bound");
+                self.drops.add("norm_bound");
+                continue;
+            }
+            others.push((m.values.as_slice(), w));
         }
-        self.last_neighbour_distance = (mixed > 0).then(|| distance / mixed as f64);
+        let distance: f64 = others.iter().map(|(v, _)| l2_distance(&self.x, v)).sum();
+        self.last_neighbour_distance = (!others.is_empty()).then(|| distance / others.len() as f64);
+        self.x = self.cfg.aggregator.aggregate(&self.x, own_weight, &others);
+    }
+
+    /// Whether the norm bound lets `values` into this mix.
+    fn admits(&self, values: &[f32]) -> bool {
+        self.update_norm.is_none_or(|u| self.norm_bound.admits(&self.x, values, u))
     }
 
     fn finish_round(&mut self, mixed: bool) -> Vec<Action> {
         let mut actions = Vec::new();
         if mixed {
+            if self.norm_bound.is_enabled() {
+                self.last_mixed = Some(self.x.clone());
+            }
             actions.push(Action::SetParams(self.x.clone()));
         }
         self.round += 1;
@@ -222,10 +259,6 @@ impl Gossip {
     }
 }
 
-fn l2(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
-}
-
 impl Mixer for Gossip {
     fn start(&mut self, _now: Instant) -> Vec<Action> {
         if self.round >= self.cfg.rounds {
@@ -242,6 +275,11 @@ impl Mixer for Gossip {
                     self.drops.add("unexpected_local_done");
                     return Vec::new();
                 }
+                self.update_norm = self
+                    .last_mixed
+                    .as_deref()
+                    .filter(|last| last.len() == params.len())
+                    .map(|last| l2_distance(&params, last));
                 self.x = params;
                 if self.cfg.comm.communicates(self.round, self.cfg.rounds)
                     && self.cfg.gossip_steps > 0
@@ -299,6 +337,8 @@ mod tests {
             comm: CommSchedule::Every(1),
             timeout: Duration::from_secs(1),
             start_round: 0,
+            aggregator: Aggregator::Mean,
+            norm_bound: 0.0,
         }
     }
 
@@ -382,6 +422,65 @@ mod tests {
         let late = Message { peer: ids[2], ..msg };
         assert!(g.handle(Input::Received(late), t0 + Duration::from_secs(2)).is_empty());
         assert_eq!(g.drops.get("stale_slot"), 1);
+    }
+
+    fn params(peer: PeerId, slot: u64, v: f32) -> Input {
+        Input::Received(Message {
+            peer,
+            kind: MsgKind::Params,
+            slot,
+            weight: 1.0,
+            offset: 0,
+            values: Arc::new(vec![v]),
+        })
+    }
+
+    #[test]
+    fn a_robust_aggregator_ignores_the_outlier_that_the_mean_takes() {
+        let ids = peers(4);
+        for (aggregator, want) in [
+            // MH weights on K4 are 1/4 each: (0 + 1 + 2 + 100) / 4.
+            (Aggregator::Mean, 25.75),
+            // {0, 1, 2, 100}: (1 + 2) / 2.
+            (Aggregator::Median, 1.5),
+            (Aggregator::TrimmedMean { beta: 0.25 }, 1.5),
+            // One neighbour each (4 - 1 - 2): 0, 1 and 2 all score 1; own wins.
+            (Aggregator::Krum { f: 1 }, 0.0),
+        ] {
+            let mut g =
+                Gossip::new(GossipConfig { aggregator, ..cfg("complete", 1) }, ids[0], ids.clone())
+                    .unwrap();
+            let t0 = Instant::now();
+            g.start(t0);
+            g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+            g.handle(params(ids[1], 0, 1.0), t0);
+            g.handle(params(ids[2], 0, 2.0), t0);
+            let acts = g.handle(params(ids[3], 0, 100.0), t0);
+            assert_eq!(acts, vec![Action::SetParams(vec![want]), Action::Finish], "{aggregator}");
+        }
+    }
+
+    #[test]
+    fn the_norm_bound_refuses_a_vector_far_beyond_the_own_update() {
+        let ids = peers(3);
+        let c = GossipConfig { norm_bound: 2.0, ..cfg("complete", 2) };
+        let mut g = Gossip::new(c, ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        // Round 0 is not bounded (no earlier mix to measure the update from):
+        // 30 is 30 away, yet mixed: (0 + 0 + 30) / 3.
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        g.handle(params(ids[1], 0, 0.0), t0);
+        let acts = g.handle(params(ids[2], 0, 30.0), t0);
+        assert_eq!(acts[0], Action::SetParams(vec![10.0]));
+        // Round 1: the local phase moved 10 -> 11, so the bound is 2 * 1.
+        // 12.5 (1.5 away) is mixed, 20 (9 away) refused: (11 + 12.5) / 2.
+        g.handle(Input::LocalDone { params: vec![11.0], samples: 1 }, t0);
+        g.handle(params(ids[1], 1, 12.5), t0);
+        let acts = g.handle(params(ids[2], 1, 20.0), t0);
+        assert_eq!(acts, vec![Action::SetParams(vec![11.75]), Action::Finish]);
+        assert_eq!(g.drops.get("norm_bound"), 1);
+        assert_eq!(g.last_neighbour_distance, Some(1.5));
     }
 
     #[test]

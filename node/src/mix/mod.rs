@@ -2,6 +2,7 @@
 //! are sans-IO state machines (`Mixer`); this module also owns the
 //! communication topology, mixing weights and communication schedules.
 
+pub mod aggregate;
 pub mod allreduce;
 pub mod comm;
 pub mod gossip;

@@ -3,17 +3,20 @@
 //! One task owns the swarm and handles every `SwarmEvent` (discovery,
 //! membership heartbeats, admission refusals). Bulk payloads bypass it: a
 //! cloned `libp2p_stream::Control` opens `/murmur/params/1` streams, and an
-//! accept task reads inbound streams, validates them (`wire`) and hands good
-//! payloads to the node as `NetEvent`s.
+//! accept loop hands inbound streams to tasks that read and validate them
+//! (`wire`) and pass good payloads to the node as `NetEvent`s.
 //!
-//! All of it runs on one thread of its own, a current-thread tokio runtime,
-//! whatever runtime the caller uses: the swarm, its connection tasks (Noise
-//! and Yamux) and every stream's reads and writes. Yamux moves a stream's
-//! bytes to its connection task in 16 KiB frames, and when the two sit on
-//! different threads each frame costs a cross-thread wake-up; on one thread a
-//! 64 MiB payload moved about 1.7x faster (scripts/bench_transfer.py). The
-//! caller's side of `send` only copies the body to the network thread in
-//! `SEND_CHUNK` pieces.
+//! Threads. The swarm, its connection tasks (Noise, Yamux) and every
+//! stream's reads and writes run on one network thread with a current-thread
+//! tokio runtime, whatever runtime the caller uses. Yamux hands a stream's
+//! bytes to its connection task in 16 KiB frames; with the two on different
+//! threads each frame is a cross-thread wake-up, and the sender of a 64 MiB
+//! payload spent about 90 ms of CPU instead of 60 (scripts/bench_transfer.py).
+//! `send` therefore only copies the body to the network thread in
+//! `SEND_CHUNK` pieces. The accept loop has a thread of its own:
+//! libp2p-stream keeps a single slot for a stream not yet accepted and drops
+//! the next one while it is taken, so the loop must run the moment it is
+//! woken, not after the connection tasks that woke it.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -210,12 +213,18 @@ impl Network {
         let incoming = control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|_| {
             NetError::Swarm(swarm::SwarmError::Build("params protocol registered twice".into()))
         })?;
-        tokio::spawn(accept_loop(
+        let readers = tokio::runtime::Handle::current();
+        let accept = accept_loop(
             incoming,
             cfg.expect.clone(),
             accounting.clone(),
             events_tx.clone(),
-        ));
+            readers,
+        );
+        std::thread::Builder::new()
+            .name("murmur-accept".into())
+            .spawn(move || futures::executor::block_on(accept))
+            .map_err(|e| NetError::Thread(format!("cannot start the accept thread: {e}")))?;
         let driver = SwarmDriver {
             swarm,
             membership: Membership::new(cfg.swarm.run_id.clone(), cfg.member_expiry),
@@ -258,13 +267,17 @@ impl Network {
         let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame, chunks));
         let mut net = AbortOnDrop(net);
         let transfer = async move {
-            // `write_payload` checks the header against the body before the
-            // first byte; the network thread counts the frame's bytes.
             let mut sink = ChunkSink { tx, buf: Vec::new() };
-            wire::write_payload(&mut sink, header, body)
-                .await
-                .map_err(|source| SendError::Io { peer, source })?;
+            let written = wire::write_payload(&mut sink, header, body).await;
             drop(sink);
+            // A header that does not describe the body is refused before the
+            // first byte; any other failure (a broken pipe) is the network
+            // thread's, and its verdict says why.
+            if let Err(source) = written
+                && source.kind() == std::io::ErrorKind::InvalidInput
+            {
+                return Err(SendError::Io { peer, source });
+            }
             (&mut net.0).await.unwrap_or_else(|e| {
                 Err(SendError::Open { peer, reason: format!("the network thread stopped: {e}") })
             })
@@ -462,11 +475,12 @@ async fn accept_loop(
     expect: Expectation,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
+    readers: tokio::runtime::Handle,
 ) {
     let expect = Arc::new(expect);
     while let Some((peer, mut stream)) = incoming.next().await {
         let (expect, accounting, events) = (expect.clone(), accounting.clone(), events.clone());
-        tokio::spawn(async move {
+        readers.spawn(async move {
             let result = wire::read_payload(&mut stream, &expect, &peer.to_bytes()).await;
             let ack = match result {
                 Ok(payload) => {

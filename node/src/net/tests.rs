@@ -230,3 +230,39 @@ async fn payloads_also_travel_over_quic() {
     // Multiples of 0.25 below 64 need at most 8 significant bits: exact in bf16.
     assert_eq!(payload.values, values);
 }
+
+/// `send` hands the body to the network thread in pieces: a sender that
+/// stops waiting midway must reset its stream (the receiver refuses the
+/// stub and is not left reading) and leave the connection fit for the next
+/// payload, from a current-thread caller as well.
+#[tokio::test(flavor = "current_thread")]
+async fn a_send_abandoned_midway_is_refused_and_the_next_one_arrives() {
+    let n = 16 * 1024 * 1024;
+    let (a, mut arx) = start(config(n)).await;
+    let mut cfg = config(n);
+    cfg.bootstrap = vec![dial_addr(&a)];
+    let (b, _brx) = start(cfg).await;
+    wait_until("b to connect", Duration::from_secs(20), || {
+        a.view().connected.contains(&b.local_peer)
+    })
+    .await;
+    let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let (h, body) = header(&b, &values, Encoding::F32);
+    // 64 MiB through Noise takes far longer than 30 ms; the first bytes do not.
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(30), b.send(a.local_peer, &h, &body));
+    assert!(abandoned.await.is_err(), "64 MiB arrived within 30 ms");
+    wait_until("the stub to be refused", Duration::from_secs(20), || {
+        let acc = a.accounting();
+        acc.refusals("truncated") + acc.refusals("io") == 1
+    })
+    .await;
+    b.send(a.local_peer, &h, &body).await.unwrap();
+    let (from, payload) = next_payload(&mut arx).await;
+    assert_eq!(from, b.local_peer);
+    assert!(payload.values == values);
+    let mut bad = h.clone();
+    bad.body_len += 1;
+    let err = b.send(a.local_peer, &bad, &body).await.unwrap_err();
+    assert!(err.to_string().contains("body_len"), "{err}");
+}
