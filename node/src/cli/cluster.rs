@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use super::CliError;
 use super::plot::{Series, svg};
 use crate::daemon::config::RunOptions;
+use crate::mix::consensus;
 use crate::net::identity;
 use crate::train::config::TrainOptions;
 use crate::train::eval::EvalMetrics;
@@ -420,35 +421,20 @@ fn read_model(path: &Path) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// The models as slices, if they all have the same length.
+fn same_length(models: &[Vec<f32>]) -> Option<Vec<&[f32]>> {
+    let d = models.first()?.len();
+    models.iter().all(|m| m.len() == d).then(|| models.iter().map(Vec::as_slice).collect())
+}
+
 /// The element-wise mean of equally long models.
 fn mean_model(models: &[Vec<f32>]) -> Option<Vec<f32>> {
-    let d = models.first()?.len();
-    if models.iter().any(|m| m.len() != d) {
-        return None;
-    }
-    let mut mean = vec![0f64; d];
-    for m in models {
-        mean.iter_mut().zip(m).for_each(|(a, &v)| *a += v as f64);
-    }
-    Some(mean.into_iter().map(|v| (v / models.len() as f64) as f32).collect())
+    Some(consensus::mean(&same_length(models)?).into_iter().map(|v| v as f32).collect())
 }
 
 /// sqrt((1/n) * sum_i ||x_i - mean||^2): how far the models are from agreeing.
 pub fn consensus_distance(models: &[Vec<f32>]) -> Option<f64> {
-    let n = models.len();
-    let d = models.first()?.len();
-    if models.iter().any(|m| m.len() != d) {
-        return None;
-    }
-    let mut mean = vec![0f64; d];
-    for m in models {
-        mean.iter_mut().zip(m).for_each(|(a, &v)| *a += v as f64 / n as f64);
-    }
-    let total: f64 = models
-        .iter()
-        .map(|m| m.iter().zip(&mean).map(|(&v, &a)| (v as f64 - a).powi(2)).sum::<f64>())
-        .sum();
-    Some((total / n as f64).sqrt())
+    Some(consensus::consensus_distance(&same_length(models)?))
 }
 
 #[cfg(test)]

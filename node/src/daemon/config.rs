@@ -14,7 +14,7 @@ use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
-use crate::train::config::{ConfigError, TrainConfig};
+use crate::train::config::{ConfigError, TrainConfig, bad, positive};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -141,17 +141,6 @@ pub struct RunConfig {
     pub swarm_key: Option<PreSharedKey>,
     pub allowlist: Option<Vec<PeerId>>,
     pub progress: ProgressFormat,
-}
-
-fn bad(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
-}
-
-fn positive(flag: &str, v: i64) -> Result<u64, ConfigError> {
-    if v <= 0 {
-        return Err(bad(format!("{flag} must be >= 1 (got {v})")));
-    }
-    Ok(v as u64)
 }
 
 fn millis(flag: &str, v: i64) -> Result<Duration, ConfigError> {

@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod allreduce;
 pub mod comm;
+pub mod consensus;
 pub mod gossip;
 pub mod merge;
 pub mod mixer;

@@ -45,6 +45,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::Serialize;
 
+pub use super::consensus::{consensus_distance, mean};
+
 use super::mixer::{Action, Input, Message, Mixer};
 use crate::params::FlatParams;
 use crate::train::config::TrainConfig;
@@ -873,30 +875,6 @@ fn node_report(n: &NodeState) -> NodeReport {
         crashed_at_round: n.crashed_at_round,
         drops: n.mixer.dropped().into_iter().collect(),
     }
-}
-
-/// The coordinate-wise mean, in f64 (empty for no vectors).
-pub fn mean(xs: &[&[f32]]) -> Vec<f64> {
-    let Some(first) = xs.first() else { return Vec::new() };
-    let mut acc = vec![0f64; first.len()];
-    for x in xs {
-        acc.iter_mut().zip(x.iter()).for_each(|(a, v)| *a += f64::from(*v));
-    }
-    acc.iter_mut().for_each(|a| *a /= xs.len() as f64);
-    acc
-}
-
-/// `sqrt((1/n) sum_i ||x_i - x_bar||^2)`, in f64; 0 for no vectors.
-pub fn consensus_distance(xs: &[&[f32]]) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    let m = mean(xs);
-    let total: f64 = xs
-        .iter()
-        .map(|x| x.iter().zip(&m).map(|(v, c)| (f64::from(*v) - c).powi(2)).sum::<f64>())
-        .sum();
-    (total / xs.len() as f64).sqrt()
 }
 
 fn l2_distance(a: &[f64], b: &[f64]) -> f64 {

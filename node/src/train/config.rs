@@ -175,7 +175,7 @@ pub struct TrainOptions {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn bad(msg: impl Into<String>) -> ConfigError {
+pub(crate) fn bad(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
@@ -353,7 +353,8 @@ pub fn split_known<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn positive(flag: &str, v: i64) -> Result<u64, ConfigError> {
+/// `v` as a count that must be at least 1, or an error naming `flag`.
+pub(crate) fn positive(flag: &str, v: i64) -> Result<u64, ConfigError> {
     if v <= 0 {
         return Err(bad(format!("{flag} must be >= 1 (got {v})")));
     }
