@@ -4,6 +4,7 @@
 pub mod accounting;
 pub mod encoding;
 pub mod identity;
+pub mod inbound;
 pub mod membership;
 pub mod service;
 pub mod swarm;

@@ -3,8 +3,9 @@
 //! One task owns the swarm and handles every `SwarmEvent` (discovery,
 //! membership heartbeats, admission refusals). Bulk payloads bypass it: a
 //! cloned `libp2p_stream::Control` opens `/murmur/params/1` streams, and an
-//! accept loop hands inbound streams to tasks that read and validate them
-//! (`wire`) and pass good payloads to the node as `NetEvent`s.
+//! accept loop takes inbound streams off the queue of `inbound` and hands
+//! them to tasks that read and validate them (`wire`) and pass good payloads
+//! to the node as `NetEvent`s.
 //!
 //! Threads. The swarm, its connection tasks (Noise, Yamux) and every
 //! stream's reads and writes run on one network thread with a current-thread
@@ -13,10 +14,7 @@
 //! threads each frame is a cross-thread wake-up, and the sender of a 64 MiB
 //! payload spent about 90 ms of CPU instead of 60 (scripts/bench_transfer.py).
 //! `send` therefore only copies the body to the network thread in
-//! `SEND_CHUNK` pieces. The accept loop has a thread of its own:
-//! libp2p-stream keeps a single slot for a stream not yet accepted and drops
-//! the next one while it is taken, so the loop must run the moment it is
-//! woken, not after the connection tasks that woke it.
+//! `SEND_CHUNK` pieces.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -35,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::accounting::{Accounting, Direction, Snapshot};
+use super::inbound::InboundStream;
 use super::membership::{Member, MemberEvent, Membership};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
@@ -62,6 +61,8 @@ pub struct NetConfig {
     pub role: String,
     /// What inbound payloads must match.
     pub expect: Expectation,
+    /// Inbound payloads read at once; each may hold one model's worth of values.
+    pub max_inbound_reads: usize,
 }
 
 impl NetConfig {
@@ -80,6 +81,7 @@ impl NetConfig {
                 fingerprint: fingerprint.to_string(),
                 total_elements: elements,
             },
+            max_inbound_reads: 32,
         }
     }
 }
@@ -175,7 +177,8 @@ impl Network {
         cfg: NetConfig,
     ) -> Result<(Started, SwarmDriver, mpsc::Receiver<Command>), NetError> {
         let local_peer = key.public().to_peer_id();
-        let mut swarm = swarm::build(key, &cfg.swarm)?;
+        let accounting = Accounting::default();
+        let (mut swarm, inbound) = swarm::build(key, &cfg.swarm, accounting.clone())?;
         let mut listening = Vec::new();
         for addr in &cfg.listen {
             swarm
@@ -205,26 +208,17 @@ impl Network {
         for addr in &cfg.bootstrap {
             dial_bootstrap(&mut swarm, addr)?;
         }
-        let accounting = Accounting::default();
         let view = Arc::new(Mutex::new(NetView { listen_addrs: listening, ..Default::default() }));
         let (events_tx, events_rx) = mpsc::channel(256);
         let (commands, commands_rx) = mpsc::channel(64);
-        let mut control = swarm.behaviour().stream.new_control();
-        let incoming = control.accept(StreamProtocol::new(wire::PROTOCOL)).map_err(|_| {
-            NetError::Swarm(swarm::SwarmError::Build("params protocol registered twice".into()))
-        })?;
-        let readers = tokio::runtime::Handle::current();
-        let accept = accept_loop(
-            incoming,
+        let control = swarm.behaviour().stream.new_control();
+        tokio::spawn(accept_loop(
+            inbound,
             cfg.expect.clone(),
             accounting.clone(),
             events_tx.clone(),
-            readers,
-        );
-        std::thread::Builder::new()
-            .name("murmur-accept".into())
-            .spawn(move || futures::executor::block_on(accept))
-            .map_err(|e| NetError::Thread(format!("cannot start the accept thread: {e}")))?;
+            cfg.max_inbound_reads,
+        ));
         let driver = SwarmDriver {
             swarm,
             membership: Membership::new(cfg.swarm.run_id.clone(), cfg.member_expiry),
@@ -469,18 +463,24 @@ fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), 
         .map_err(|e| NetError::Dial { addr: addr.clone(), reason: e.to_string() })
 }
 
-/// Reads inbound `/murmur/params/1` streams, one task each.
+/// Reads inbound `/murmur/params/1` streams, one task each, at most
+/// `max_reads` at a time: each read may hold a model-sized buffer, so this
+/// bounds what peers can make the node allocate. Streams beyond it wait in
+/// the queue (their senders wait for the acknowledgement).
 async fn accept_loop(
-    mut incoming: libp2p_stream::IncomingStreams,
+    mut incoming: mpsc::Receiver<InboundStream>,
     expect: Expectation,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
-    readers: tokio::runtime::Handle,
+    max_reads: usize,
 ) {
     let expect = Arc::new(expect);
-    while let Some((peer, mut stream)) = incoming.next().await {
+    let reads = Arc::new(tokio::sync::Semaphore::new(max_reads.max(1)));
+    while let Some((peer, mut stream)) = incoming.recv().await {
+        let Ok(permit) = reads.clone().acquire_owned().await else { return };
         let (expect, accounting, events) = (expect.clone(), accounting.clone(), events.clone());
-        readers.spawn(async move {
+        tokio::spawn(async move {
+            let _permit = permit;
             let result = wire::read_payload(&mut stream, &expect, &peer.to_bytes()).await;
             let ack = match result {
                 Ok(payload) => {

@@ -1,7 +1,8 @@
 //! The libp2p swarm: transports (TCP + Noise + Yamux, optionally behind a
 //! pre-shared key; QUIC) and the composed behaviour (admission, limits,
 //! identify, ping, Kademlia, mDNS, gossipsub, and the stream protocol that
-//! carries `/murmur/params/1`).
+//! carries `/murmur/params/1`: opened through libp2p-stream, accepted into
+//! the queue of `inbound`).
 //!
 //! Every limit and timeout is set here from `SwarmSettings`, not left to a
 //! library default by accident.
@@ -20,6 +21,11 @@ use libp2p::{
     PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list, connection_limits,
     gossipsub, identify, kad, mdns, noise, ping, quic, tcp, yamux,
 };
+use tokio::sync::mpsc;
+
+use super::accounting::Accounting;
+use super::inbound::{self, InboundStream};
+use super::wire;
 
 /// Largest gossip message: heartbeats and announcements only.
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
@@ -45,6 +51,8 @@ pub struct SwarmSettings {
     pub max_connections_per_peer: u32,
     pub max_pending: u32,
     pub gossip_heartbeat: Duration,
+    /// Inbound payload streams that may wait to be read, over all peers.
+    pub inbound_queue: usize,
 }
 
 impl SwarmSettings {
@@ -62,6 +70,7 @@ impl SwarmSettings {
             max_connections_per_peer: 2,
             max_pending: 64,
             gossip_heartbeat: Duration::from_millis(500),
+            inbound_queue: 256,
         }
     }
 }
@@ -91,6 +100,7 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub gossipsub: gossipsub::Behaviour,
     pub stream: libp2p_stream::Behaviour,
+    pub params_inbound: inbound::Behaviour,
 }
 
 /// Checks that a run id can scope protocol and topic names.
@@ -106,20 +116,28 @@ pub fn members_topic(run_id: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("murmur/{run_id}/members/1"))
 }
 
-/// Builds the swarm for `key` with `s`.
-pub fn build(key: Keypair, s: &SwarmSettings) -> Result<Swarm<Behaviour>, SwarmError> {
+/// Builds the swarm for `key` with `s`, and the queue its inbound payload
+/// streams arrive on (overflows counted in `accounting`).
+pub fn build(
+    key: Keypair,
+    s: &SwarmSettings,
+    accounting: Accounting,
+) -> Result<(Swarm<Behaviour>, mpsc::Receiver<InboundStream>), SwarmError> {
     check_run_id(&s.run_id)?;
     let transport = transport(&key, s)?;
-    let behaviour = behaviour(&key, s)?;
+    let (params_inbound, queue) =
+        inbound::Behaviour::new(StreamProtocol::new(wire::PROTOCOL), s.inbound_queue, accounting);
+    let behaviour = behaviour(&key, s, params_inbound)?;
     let idle = s.idle_timeout;
-    Ok(SwarmBuilder::with_existing_identity(key)
+    let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|_| transport)
         .map_err(|e| SwarmError::Build(e.to_string()))?
         .with_behaviour(|_| behaviour)
         .map_err(|e| SwarmError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-        .build())
+        .build();
+    Ok((swarm, queue))
 }
 
 fn transport(
@@ -159,7 +177,11 @@ fn transport(
         .boxed())
 }
 
-fn behaviour(key: &Keypair, s: &SwarmSettings) -> Result<Behaviour, SwarmError> {
+fn behaviour(
+    key: &Keypair,
+    s: &SwarmSettings,
+    params_inbound: inbound::Behaviour,
+) -> Result<Behaviour, SwarmError> {
     let peer = key.public().to_peer_id();
     let allow = s.allowlist.as_ref().map(|list| {
         let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
@@ -210,5 +232,6 @@ fn behaviour(key: &Keypair, s: &SwarmSettings) -> Result<Behaviour, SwarmError> 
         mdns: mdns.into(),
         gossipsub,
         stream: libp2p_stream::Behaviour::new(),
+        params_inbound,
     })
 }

@@ -266,3 +266,34 @@ async fn a_send_abandoned_midway_is_refused_and_the_next_one_arrives() {
     let err = b.send(a.local_peer, &bad, &body).await.unwrap_err();
     assert!(err.to_string().contains("body_len"), "{err}");
 }
+
+/// A ring's or an all-reduce's fan-in: many streams open at once, from
+/// several peers and several per peer. Each arrives on its first attempt
+/// (libp2p-stream's one-slot inbound channel used to drop all but one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_from_many_peers_all_arrive_at_once() {
+    let (a, mut arx) = start(config(1024)).await;
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let mut cfg = config(1024);
+        cfg.bootstrap = vec![dial_addr(&a)];
+        senders.push(start(cfg).await);
+    }
+    wait_until("4 peers to connect", Duration::from_secs(20), || a.view().connected.len() == 4)
+        .await;
+    let sends = senders.iter().flat_map(|(s, _)| {
+        (0..8).map(move |k| {
+            let values = vec![k as f32; 1024];
+            let (h, body) = header(s, &values, Encoding::F32);
+            async move { s.send(a.local_peer, &h, &body).await }
+        })
+    });
+    let results = futures::future::join_all(sends).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let mut got = std::collections::BTreeMap::<PeerId, usize>::new();
+    for _ in 0..32 {
+        *got.entry(next_payload(&mut arx).await.0).or_default() += 1;
+    }
+    assert!(got.values().all(|&n| n == 8), "{got:?}");
+    assert_eq!(a.accounting().refusals(super::inbound::QUEUE_FULL), 0);
+}
