@@ -4,11 +4,18 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     unsafe_set_protoc(&protoc);
-    let protos = ["murmur/wire/v1/wire.proto", "murmur/wire/v1/membership.proto"];
+    let protos =
+        ["murmur/wire/v1/wire.proto", "murmur/wire/v1/membership.proto", "murmur/v1/node.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    tonic_prost_build::configure().compile_protos(&protos, &["."])?;
+    // The descriptors of every message and service, for gRPC reflection.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        // Sorted maps: statuses print and compare the same every time.
+        .btree_map(".")
+        .file_descriptor_set_path(out.join("murmur_descriptor.bin"))
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }
 

@@ -5,9 +5,12 @@
 //! parameter vector every other part speaks (`params`) and the command line
 //! (`cli`).
 
+pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod fault;
 pub mod mix;
 pub mod net;
 pub mod params;
+pub mod status;
 pub mod train;

@@ -1,8 +1,10 @@
 //! `murmur cluster`: a local cluster in one command. Starts N `murmur run`
 //! processes on 127.0.0.1 (one bootstrap node, free ports, one libtorch
-//! thread each), shows one progress line per node, and when they finish
-//! writes `cluster.json`, an SVG of accuracy against round and bytes, and a
-//! table of the result.
+//! thread each), shows one progress line per node (read from each node's
+//! gRPC status, through the client `murmur status` uses), and when they
+//! finish writes `cluster.json`, an SVG of accuracy against round and
+//! bytes, and a table of the result. `--node-fault I=SPEC` gives node I a
+//! fault; a node that crashes by an injected crash does not fail the cluster.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::TcpListener;
@@ -15,7 +17,9 @@ use serde_json::{Value, json};
 
 use super::CliError;
 use super::plot::{Series, svg};
+use crate::api::client::NodeClient;
 use crate::daemon::config::RunOptions;
+use crate::fault::{CRASH_EXIT_CODE, FaultKind, FaultSpec};
 use crate::mix::consensus;
 use crate::net::identity;
 use crate::train::config::TrainOptions;
@@ -31,10 +35,25 @@ pub struct ClusterArgs {
     /// TOML file of options for every node; flags override it
     #[arg(long, env = "MURMUR_CONFIG")]
     config: Option<PathBuf>,
+    /// Give node I a fault at start, in --fault syntax (e.g. 2=sign-flip, 0=crash:5); repeatable
+    #[arg(long = "node-fault", value_name = "I=SPEC")]
+    node_fault: Vec<String>,
     #[command(flatten)]
     train: TrainOptions,
     #[command(flatten)]
     run: RunOptions,
+}
+
+/// `I=SPEC` as (node index, spec), checked against the cluster's size.
+fn node_fault(text: &str, n: usize) -> Result<(usize, FaultSpec), CliError> {
+    let (i, spec) = text.split_once('=').ok_or_else(|| {
+        CliError::usage(format!("--node-fault {text:?} must be I=SPEC, as in 2=sign-flip"))
+    })?;
+    let i: usize = i.trim().parse().ok().filter(|&i| i < n).ok_or_else(|| {
+        CliError::usage(format!("--node-fault {text:?}: node {i:?} is not one of 0..{n}"))
+    })?;
+    let spec = spec.parse().map_err(|e| CliError::usage(format!("--node-fault: {e}")))?;
+    Ok((i, spec))
 }
 
 /// What the cluster knows of one node while it runs.
@@ -46,7 +65,9 @@ struct NodeLine {
     loss: Option<f64>,
     accuracy: Option<f64>,
     bytes_sent: u64,
-    state: &'static str,
+    state: String,
+    api: Option<String>,
+    faults: Vec<String>,
 }
 
 pub fn run(args: ClusterArgs) -> Result<(), CliError> {
@@ -72,13 +93,18 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
     run.bootstrap = None;
     run.progress = None;
     let n = train_cfg.nodes;
+    let mut faults: Vec<Vec<FaultSpec>> = vec![Vec::new(); n];
+    for text in &args.node_fault {
+        let (i, spec) = node_fault(text, n)?;
+        faults[i].push(spec);
+    }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| CliError::failed(format!("cannot create {}: {e}", args.out.display())))?;
     let config_path = args.out.join("cluster.toml");
     write_config(&config_path, &train, &run)?;
     let started = Instant::now();
-    let (children, lines) = spawn_nodes(&args.out, &config_path, n)?;
-    let statuses = watch(children, lines, n);
+    let (children, lines) = spawn_nodes(&args.out, &config_path, &faults)?;
+    let (statuses, apis) = watch(children, lines, n);
     let wall = started.elapsed().as_secs_f64();
     let evaluate_average = |avg: &[f32]| -> Option<EvalMetrics> {
         let mut cfg = train_cfg.clone();
@@ -87,7 +113,27 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
         t.set_flat(avg).ok()?;
         Some(t.evaluate())
     };
-    report(&args.out, n, statuses, wall, train_cfg.model.name(), evaluate_average)
+    let nodes = NodeRecords { exits: statuses, apis, faults };
+    report(&args.out, n, nodes, wall, train_cfg.model.name(), evaluate_average)
+}
+
+/// What the cluster recorded of its nodes.
+struct NodeRecords {
+    exits: Vec<Option<i32>>,
+    apis: Vec<Option<String>>,
+    faults: Vec<Vec<FaultSpec>>,
+}
+
+impl NodeRecords {
+    /// A node failed unless it exited 0 or crashed by the crash it was given.
+    fn failed(&self, i: usize) -> bool {
+        let crash_given = self.faults[i].iter().any(|f| matches!(f.kind, FaultKind::Crash { .. }));
+        match self.exits[i] {
+            Some(0) => false,
+            Some(CRASH_EXIT_CODE) => !crash_given,
+            _ => true,
+        }
+    }
 }
 
 fn write_config(path: &Path, train: &TrainOptions, run: &RunOptions) -> Result<(), CliError> {
@@ -106,7 +152,12 @@ fn free_port() -> Result<u16, CliError> {
 
 type Lines = mpsc::Receiver<(usize, Value)>;
 
-fn spawn_nodes(out: &Path, config: &Path, n: usize) -> Result<(Vec<Child>, Lines), CliError> {
+fn spawn_nodes(
+    out: &Path,
+    config: &Path,
+    faults: &[Vec<FaultSpec>],
+) -> Result<(Vec<Child>, Lines), CliError> {
+    let n = faults.len();
     let exe = std::env::current_exe()
         .map_err(|e| CliError::failed(format!("cannot find the murmur binary: {e}")))?;
     let boot_dir = out.join("node-0");
@@ -116,7 +167,7 @@ fn spawn_nodes(out: &Path, config: &Path, n: usize) -> Result<(Vec<Child>, Lines
     let boot_addr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{boot_peer}");
     let (tx, rx) = mpsc::channel();
     let mut children = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, node_faults) in faults.iter().enumerate() {
         let listen = if i == 0 {
             format!("/ip4/127.0.0.1/tcp/{port}")
         } else {
@@ -136,6 +187,9 @@ fn spawn_nodes(out: &Path, config: &Path, n: usize) -> Result<(Vec<Child>, Lines
             ));
         if i > 0 {
             cmd.args(["--bootstrap", &boot_addr]);
+        }
+        for f in node_faults {
+            cmd.arg("--fault").arg(f.to_string());
         }
         if std::env::var_os("MURMUR_THREADS").is_none() {
             cmd.env("MURMUR_THREADS", "1");
@@ -157,10 +211,18 @@ fn spawn_nodes(out: &Path, config: &Path, n: usize) -> Result<(Vec<Child>, Lines
     Ok((children, rx))
 }
 
-/// Follows the nodes until all have exited; returns their exit codes.
-fn watch(mut children: Vec<Child>, lines: Lines, n: usize) -> Vec<Option<i32>> {
-    let mut state = vec![NodeLine { state: "starting", ..Default::default() }; n];
+/// Follows the nodes until all have exited; returns their exit codes and
+/// API addresses. Progress comes from each node's GetStatus once its API is
+/// known (its first progress line says where), from its progress lines before.
+fn watch(
+    mut children: Vec<Child>,
+    lines: Lines,
+    n: usize,
+) -> (Vec<Option<i32>>, Vec<Option<String>>) {
+    let mut state = vec![NodeLine { state: "starting".into(), ..Default::default() }; n];
     let mut status: Vec<Option<Option<i32>>> = vec![None; n];
+    let mut clients: Vec<Option<NodeClient>> = vec![None; n];
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
     let tty = std::io::stdout().is_terminal();
     let mut drawn = false;
     let mut last_print = Instant::now();
@@ -170,12 +232,19 @@ fn watch(mut children: Vec<Child>, lines: Lines, n: usize) -> Vec<Option<i32>> {
         while let Ok((i, v)) = lines.recv_timeout(Duration::from_millis(200)) {
             update(&mut state[i], &v);
         }
+        if let Some(rt) = &runtime {
+            rt.block_on(poll_statuses(&mut state, &mut clients, &status));
+        }
         for (i, c) in children.iter_mut().enumerate() {
             if status[i].is_none()
                 && let Ok(Some(s)) = c.try_wait()
             {
                 status[i] = Some(s.code());
-                state[i].state = if s.success() { "done" } else { "failed" };
+                state[i].state = match s.code() {
+                    Some(0) => "done".into(),
+                    Some(CRASH_EXIT_CODE) => "crashed".into(),
+                    _ => "failed".into(),
+                };
             }
         }
         if tty {
@@ -202,26 +271,54 @@ fn watch(mut children: Vec<Child>, lines: Lines, n: usize) -> Vec<Option<i32>> {
         }
         let _ = std::io::stdout().flush();
     }
-    status.into_iter().map(Option::flatten).collect()
+    let apis = state.into_iter().map(|s| s.api).collect();
+    (status.into_iter().map(Option::flatten).collect(), apis)
+}
+
+/// Reads every running node's status through its API (briefly: a node that
+/// does not answer keeps its last line).
+async fn poll_statuses(
+    state: &mut [NodeLine],
+    clients: &mut [Option<NodeClient>],
+    exited: &[Option<Option<i32>>],
+) {
+    const PATIENCE: Duration = Duration::from_millis(500);
+    for (i, line) in state.iter_mut().enumerate() {
+        let Some(api) = line.api.clone().filter(|_| exited[i].is_none()) else { continue };
+        if clients[i].is_none() {
+            clients[i] = NodeClient::connect(&api, None, PATIENCE).await.ok();
+        }
+        let Some(client) = clients[i].as_mut() else { continue };
+        if let Ok(Ok(s)) = tokio::time::timeout(PATIENCE, client.status()).await {
+            line.state = super::status::phase_name(s.phase);
+            line.round = s.round;
+            line.rounds = s.rounds;
+            line.loss = s.train_loss;
+            line.accuracy = s.eval_accuracy.or(line.accuracy);
+            line.bytes_sent = s.traffic.map_or(line.bytes_sent, |t| t.bytes_sent);
+            line.faults = s.active_faults.iter().map(|f| f.spec.clone()).collect();
+        }
+    }
 }
 
 fn update(line: &mut NodeLine, v: &Value) {
     match v["event"].as_str() {
         Some("listening") => {
             line.peer = v["peer_id"].as_str().unwrap_or_default().to_string();
-            line.state = "joining";
+            line.api = v["api"].as_str().map(str::to_string);
+            line.state = "joining".into();
         }
         Some("round") => {
             line.round = v["round"].as_u64().unwrap_or(line.round) + 1;
             line.rounds = v["rounds"].as_u64().unwrap_or(line.rounds);
             line.loss = v["loss"].as_f64();
             line.bytes_sent = v["bytes_sent"].as_u64().unwrap_or(line.bytes_sent);
-            line.state = "training";
+            line.state = "training".into();
         }
         Some("eval") => line.accuracy = v["metrics"]["accuracy"].as_f64().or(line.accuracy),
         Some("done") => {
             line.accuracy = v["final"]["eval_accuracy"].as_f64().or(line.accuracy);
-            line.state = "finishing";
+            line.state = "finishing".into();
         }
         _ => {}
     }
@@ -229,8 +326,13 @@ fn update(line: &mut NodeLine, v: &Value) {
 
 fn render(i: usize, s: &NodeLine) -> String {
     let peer = s.peer.get(s.peer.len().saturating_sub(8)..).unwrap_or("");
+    let faults = if s.faults.is_empty() {
+        String::new()
+    } else {
+        format!("  faults {}", s.faults.join(" "))
+    };
     format!(
-        "node {i:>2} ..{peer:<8} {:<9} round {:>4}/{:<4} loss {:>7} acc {:>7} sent {}",
+        "node {i:>2} ..{peer:<8} {:<9} round {:>4}/{:<4} loss {:>7} acc {:>7} sent {}{faults}",
         s.state,
         s.round,
         s.rounds,
@@ -243,7 +345,7 @@ fn render(i: usize, s: &NodeLine) -> String {
 fn report(
     out: &Path,
     n: usize,
-    statuses: Vec<Option<i32>>,
+    records: NodeRecords,
     wall: f64,
     model: &str,
     evaluate_average: impl FnOnce(&[f32]) -> Option<EvalMetrics>,
@@ -260,15 +362,19 @@ fn report(
     let average = mean_model(&params).and_then(|avg| evaluate_average(&avg));
     let nodes: Vec<Value> = summaries
         .iter()
-        .zip(&statuses)
         .enumerate()
-        .map(|(i, (s, code))| {
+        .map(|(i, s)| {
             let s = s.clone().unwrap_or(Value::Null);
             json!({
                 "index": i,
                 "peer_id": s["peer_id"],
                 "data_dir": out.join(format!("node-{i}")),
-                "exit_status": code,
+                "api": records.apis[i],
+                "faults": records.faults[i].iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "exit_status": records.exits[i],
+                "refusals": s["refusals"],
+                "strategy_drops": s["strategy_drops"],
+                "fault_effects": s["fault_effects"],
                 "final": s["final"],
                 "local": s["local"],
                 "bytes_sent": s["bytes"]["bytes_sent"],
@@ -300,7 +406,7 @@ fn report(
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", chart.display())))?;
     print_table(&doc);
     println!("wrote {} and {}", path.display(), chart.display());
-    match statuses.iter().filter(|c| **c != Some(0)).count() {
+    match (0..n).filter(|&i| records.failed(i)).count() {
         0 => Ok(()),
         k => Err(CliError::failed(format!(
             "{k} of {n} nodes failed; see {}/node-*.log",

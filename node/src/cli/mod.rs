@@ -10,6 +10,7 @@ mod plot;
 mod progress;
 mod run;
 mod sim;
+mod status;
 mod train;
 
 use std::process::ExitCode;
@@ -43,6 +44,14 @@ enum Command {
     Cluster(Box<cluster::ClusterArgs>),
     /// Simulate many nodes in one process over a lossy network, in virtual time.
     Sim(Box<sim::SimArgs>),
+    /// Show what running nodes are doing, from their API (HOST:PORT...).
+    Status(status::StatusArgs),
+    /// Inject, clear or list faults on a running node.
+    Fault(status::FaultArgs),
+    /// Ask a running node to write a checkpoint now.
+    Checkpoint(status::NodeCallArgs),
+    /// Ask a running node to stop gracefully (checkpoint, summary, exit 0).
+    Shutdown(status::NodeCallArgs),
     /// Print a node's peer id (creates its key in --data-dir on first use).
     Id(id::IdArgs),
     /// Write a new pre-shared key file for a private swarm.
@@ -59,6 +68,14 @@ pub enum CliError {
     Usage(String),
     /// Something failed while running: exit 1.
     Failed(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Usage(m) | CliError::Failed(m) => f.write_str(m),
+        }
+    }
 }
 
 impl CliError {
@@ -83,6 +100,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(*args),
         Command::Cluster(args) => cluster::run(*args),
         Command::Sim(args) => sim::run(*args),
+        Command::Status(args) => status::status(args),
+        Command::Fault(args) => status::fault(args),
+        Command::Checkpoint(args) => status::checkpoint(args),
+        Command::Shutdown(args) => status::shutdown(args),
         Command::Id(args) => id::id(args),
         Command::SwarmKey(args) => id::swarm_key(args),
         Command::BenchTransfer(args) => bench_transfer::run(args),

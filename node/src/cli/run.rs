@@ -2,12 +2,17 @@
 //! before anything is written, then hands off to `daemon::run_node`.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::CliError;
-use crate::daemon::config::RunOptions;
+use crate::api::ApiToken;
+use crate::daemon::config::{RunConfig, RunOptions};
 use crate::daemon::{NodeSetup, run_node};
+use crate::fault::Faults;
 use crate::net::identity;
+use crate::train::batch::mix_seed;
 use crate::train::checkpoint;
+use crate::train::config::TrainConfig;
 use crate::train::config::{TrainOptions, split_known};
 use crate::train::load;
 use crate::train::trainer::Trainer;
@@ -23,6 +28,9 @@ pub struct RunArgs {
     /// Continue from the checkpoint in --data-dir and rejoin the run
     #[arg(long)]
     pub resume: bool,
+    /// Token that control calls (InjectFault, ClearFaults, SaveCheckpoint, Shutdown) must present; never saved
+    #[arg(long, env = "MURMUR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     #[command(flatten)]
     pub train: TrainOptions,
     #[command(flatten)]
@@ -47,16 +55,24 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
     let train_opts = saved.train.overridden_by(&file_train).overridden_by(&args.train);
     let run_opts = saved.run.overridden_by(&file_run).overridden_by(&args.run);
     let train = train_opts.resolve().map_err(CliError::usage)?;
-    let run = run_opts.resolve(&train).map_err(CliError::usage)?;
+    let mut run = run_opts.resolve(&train).map_err(CliError::usage)?;
+    if let Some(text) = &args.api_token {
+        run.api_token =
+            Some(ApiToken::new(text).map_err(|e| CliError::usage(format!("--api-token: {e}")))?);
+    }
     let split = load::load(&train.data_spec(), train.holdout).map_err(CliError::usage)?;
     let mut trainer = Trainer::new(train.clone(), &split).map_err(CliError::usage)?;
     if args.resume {
         let ck = checkpoint::load(&checkpoint::dir_in(&args.data_dir)).map_err(CliError::usage)?;
         trainer.restore(&ck).map_err(CliError::usage)?;
     }
+    let faults = start_faults(&train, &run, &trainer)?;
     let key = identity::load_or_create(&args.data_dir).map_err(CliError::usage)?;
+    // Faults are not saved: a node resumed after an injected crash must not
+    // crash again.
+    let saved_run = RunOptions { fault: None, ..run_opts };
     let options =
-        serde_json::to_value(SavedOptions { train: train_opts, run: run_opts, round: None })
+        serde_json::to_value(SavedOptions { train: train_opts, run: saved_run, round: None })
             .map_err(CliError::failed)?;
     let setup = NodeSetup {
         train,
@@ -66,6 +82,7 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         data_dir: args.data_dir,
         options,
         resume_round: args.resume.then_some(saved.round.unwrap_or(0)),
+        faults,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -73,6 +90,28 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(run_node(setup)).map(|_| ()).map_err(CliError::failed)
+}
+
+/// The node's fault injector, holding the `--fault`s; refuses one that
+/// cannot apply to this node (label-flip on text).
+fn start_faults(
+    train: &TrainConfig,
+    run: &RunConfig,
+    trainer: &Trainer,
+) -> Result<Faults, CliError> {
+    let seed = mix_seed(train.seed, 0xfa17_0000 + train.node as u64);
+    let mut faults = Faults::new(seed);
+    if !trainer.has_labels() {
+        faults = faults.without_labels(
+            "label-flip needs labelled data (mnist, cifar10, synthetic); this node trains on text",
+        );
+    }
+    for spec in &run.faults {
+        faults
+            .inject(spec.clone(), Instant::now())
+            .map_err(|e| CliError::usage(format!("--fault: {e}")))?;
+    }
+    Ok(faults)
 }
 
 /// The options saved with the checkpoint (`--resume`), or none.

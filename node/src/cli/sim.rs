@@ -442,6 +442,8 @@ fn strategy(s: &Settings, id: PeerId, ids: &[PeerId]) -> Result<Box<dyn Mixer>, 
                 exchange_timeout: timeout,
                 final_timeout: timeout,
                 start_round: 0,
+                aggregator: Aggregator::Mean,
+                norm_bound: crate::mix::aggregate::NormBound::default(),
             };
             Box::new(Merge::new(cfg, id, ids.to_vec()).map_err(CliError::usage)?)
         }

@@ -3,6 +3,7 @@
 //! TOML file, `MURMUR_*` variables and flags can be layered; `resolve`
 //! validates once.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
+use crate::api::ApiToken;
+use crate::fault::FaultSpec;
 use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
 use crate::mix::topology::TopologySpec;
@@ -114,6 +117,22 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_PROGRESS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<ProgressFormat>,
+    /// Serve the gRPC node API on HOST:PORT, or `off` [default: 127.0.0.1:0, a free port, printed at start]
+    #[arg(long, env = "MURMUR_API")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// File whose first line is the token control calls must present (see also --api-token)
+    #[arg(long, env = "MURMUR_API_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
+    #[arg(long, env = "MURMUR_METRICS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+    /// Inject a fault, repeatable: crash[:R], pause[:D], drop:P[:in|out], delay:D[~J], bandwidth:RATE, partition:PEER[+PEER...], noise:S, sign-flip, scale:C, nan, label-flip; then ,for=D and/or ,from=ROUND (e.g. drop:0.3,for=30s)
+    #[arg(long = "fault", env = "MURMUR_FAULT", value_delimiter = ';')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Vec<String>>,
 }
 
 /// Validated strategy and network settings.
@@ -141,6 +160,23 @@ pub struct RunConfig {
     pub swarm_key: Option<PreSharedKey>,
     pub allowlist: Option<Vec<PeerId>>,
     pub progress: ProgressFormat,
+    /// Where the gRPC API listens; `None`: off.
+    pub api: Option<SocketAddr>,
+    /// The token control calls need; `None`: they need none.
+    pub api_token: Option<ApiToken>,
+    /// Where `/metrics` is served; `None`: off.
+    pub metrics: Option<SocketAddr>,
+    /// Faults to inject at start.
+    pub faults: Vec<FaultSpec>,
+}
+
+/// `HOST:PORT` for a server to listen on (`localhost` is 127.0.0.1).
+fn listen_addr(flag: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    let text = text.trim();
+    let local = text.strip_prefix("localhost:").map(|port| format!("127.0.0.1:{port}"));
+    local.as_deref().unwrap_or(text).parse().map_err(|_| {
+        bad(format!("{flag} {text:?} is not HOST:PORT with a numeric host, as in 127.0.0.1:7070 or 0.0.0.0:7070"))
+    })
 }
 
 fn millis(flag: &str, v: i64) -> Result<Duration, ConfigError> {
@@ -239,10 +275,29 @@ impl RunOptions {
             swarm_key,
             allowlist,
             progress: self.progress.unwrap_or(ProgressFormat::Text),
+            api: match self.api.as_deref().map(str::trim) {
+                Some("off") => None,
+                Some(a) => Some(listen_addr("--api", a)?),
+                None => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            },
+            api_token: self
+                .api_token_file
+                .as_deref()
+                .map(ApiToken::from_file)
+                .transpose()
+                .map_err(|e| bad(format!("--api-token-file: {e}")))?,
+            metrics: self.metrics.as_deref().map(|m| listen_addr("--metrics", m)).transpose()?,
+            faults: self
+                .fault
+                .iter()
+                .flatten()
+                .map(|f| f.parse::<FaultSpec>().map_err(|e| bad(format!("--fault: {e}"))))
+                .collect::<Result<_, _>>()?,
         })
     }
 
-    /// `--aggregator` and `--norm-bound`, which only gossip applies so far.
+    /// `--aggregator` and `--norm-bound` (gossip's mix, merge's exchanges
+    /// and final all-reduce).
     fn aggregation(&self) -> Result<(Aggregator, f64), ConfigError> {
         let aggregator: Aggregator = self
             .aggregator
@@ -253,12 +308,6 @@ impl RunOptions {
         let norm_bound = NormBound::new(self.norm_bound.unwrap_or(0.0))
             .map_err(|e| bad(format!("--norm-bound: {e}")))?
             .factor();
-        if self.strategy == Some(StrategyKind::Merge) && (!aggregator.is_mean() || norm_bound > 0.0)
-        {
-            return Err(bad(format!(
-                "--aggregator {aggregator} and --norm-bound {norm_bound} apply to gossip only; merge averages every member (drop them or use --strategy gossip)"
-            )));
-        }
         Ok((aggregator, norm_bound))
     }
 }
@@ -279,6 +328,24 @@ mod tests {
         assert_eq!((r.rounds, r.local_steps), (5, 20));
         assert_eq!(r.topology, TopologySpec::Ring);
         assert_eq!((r.aggregator, r.norm_bound), (Aggregator::Mean, 0.0));
+    }
+
+    #[test]
+    fn api_metrics_and_faults_resolve() {
+        let r = RunOptions::default().resolve(&train()).unwrap();
+        assert_eq!(r.api, Some(SocketAddr::from(([127, 0, 0, 1], 0))), "on, loopback, by default");
+        assert_eq!((r.metrics, r.faults.len()), (None, 0));
+        let o = RunOptions {
+            api: Some("off".into()),
+            metrics: Some("localhost:9100".into()),
+            fault: Some(vec!["drop:0.3,for=30s".into(), "sign-flip".into()]),
+            ..Default::default()
+        };
+        let r = o.resolve(&train()).unwrap();
+        assert_eq!(r.api, None);
+        assert_eq!(r.metrics, Some(SocketAddr::from(([127, 0, 0, 1], 9100))));
+        let shown: Vec<String> = r.faults.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["drop:0.3,for=30s", "sign-flip"]);
     }
 
     #[test]
@@ -318,16 +385,24 @@ mod tests {
                 "--norm-bound: the norm bound must be a finite number >= 0, 0 to disable (got -2)",
             ),
             (
-                RunOptions {
-                    strategy: Some(StrategyKind::Merge),
-                    aggregator: Some("median".into()),
-                    ..Default::default()
-                },
-                "--aggregator median and --norm-bound 0 apply to gossip only",
-            ),
-            (
                 RunOptions { swarm_key: Some("/nonexistent/key".into()), ..Default::default() },
                 "/nonexistent/key",
+            ),
+            (RunOptions { api: Some("7070".into()), ..Default::default() }, "--api \"7070\""),
+            (
+                RunOptions { metrics: Some("example.org:9090".into()), ..Default::default() },
+                "--metrics \"example.org:9090\"",
+            ),
+            (
+                RunOptions { fault: Some(vec!["drop:2".into()]), ..Default::default() },
+                "--fault: fault \"drop:2\": the drop fraction must be in (0, 1] (got 2)",
+            ),
+            (
+                RunOptions {
+                    api_token_file: Some("/nonexistent/token".into()),
+                    ..Default::default()
+                },
+                "cannot read the API token file /nonexistent/token",
             ),
         ];
         for (opts, needle) in cases {

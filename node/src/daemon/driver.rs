@@ -7,20 +7,26 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
+use murmur_proto::v1::Phase;
 use murmur_proto::wire::v1::PayloadKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::config::{RunConfig, StrategyKind};
 use super::report::{EvalPoint, FinalMetrics, NodeSummary, Reporter, human_bytes};
 use super::worker::{PhaseDone, Worker, flatten};
+use crate::api::metrics::{MetricsServer, serve_metrics};
+use crate::api::{ApiServer, Control, SavedCheckpoint};
+use crate::fault::{CRASH_EXIT_CODE, Faults};
+use crate::mix::aggregate::NormBound;
 use crate::mix::comm::CommSchedule;
 use crate::mix::gossip::{Gossip, GossipConfig};
 use crate::mix::merge::{Exchange, Merge, MergeConfig};
 use crate::mix::mixer::{Action, Input, Message, Mixer, MsgKind};
 use crate::net::service::{NetConfig, NetEvent, Network, SendError};
 use crate::net::wire;
+use crate::status::{NodeState, StatusBoard, model_hash};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::trainer::Trainer;
@@ -44,6 +50,8 @@ pub struct NodeSetup {
     pub options: serde_json::Value,
     /// Round to continue from, when resuming.
     pub resume_round: Option<u64>,
+    /// The node's faults, holding those given at start (`--fault`).
+    pub faults: Faults,
 }
 
 /// Why a node stopped early.
@@ -57,13 +65,17 @@ pub enum NodeError {
     Trainer(String),
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Api(#[from] crate::api::server::ApiError),
 }
 
-/// Runs one node to the end of its run (or a signal) and writes its summary.
+/// Runs one node to the end of its run (or a signal, or a Shutdown call)
+/// and writes its summary.
 pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     let fingerprint = setup.trainer.model.layout().fingerprint.to_string();
     let parameters = setup.trainer.model.num_params();
     let run = setup.run.clone();
+    let faults = Arc::new(setup.faults);
     let mut net_cfg = NetConfig::new(&run.run_id, &fingerprint, parameters);
     net_cfg.listen = run.listen.clone();
     net_cfg.bootstrap = run.bootstrap.clone();
@@ -72,26 +84,68 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.swarm.swarm_key = run.swarm_key;
     net_cfg.swarm.allowlist = run.allowlist.clone();
     net_cfg.transfer_timeout = run.round_timeout.max(Duration::from_secs(5));
+    net_cfg.faults = faults.clone();
     let (network, events) = Network::start(setup.key.clone(), net_cfg).await?;
+    let network = Arc::new(network);
+    let initial_hash =
+        setup.trainer.model.params().map(|p| model_hash(&p.values)).unwrap_or_default();
+    let board = StatusBoard::new(
+        NodeState {
+            run_id: run.run_id.clone(),
+            strategy: format!("{:?}", run.strategy).to_lowercase(),
+            phase: Phase::Joining,
+            round: setup.resume_round.unwrap_or(0),
+            rounds: run.rounds,
+            steps_planned: run.rounds * run.local_steps,
+            model_hash: initial_hash,
+            node_index: setup.train.node as u32,
+            nodes: setup.train.nodes as u32,
+            ..NodeState::default()
+        },
+        network.clone(),
+        faults.clone(),
+    );
+    let (control_tx, control) = mpsc::channel(16);
+    let api = match run.api {
+        Some(addr) => Some(
+            crate::api::serve(addr, run.api_token.clone(), board.clone(), control_tx.clone())
+                .await?,
+        ),
+        None => None,
+    };
+    let metrics = match run.metrics {
+        Some(addr) => Some(serve_metrics(addr, board.clone()).await?),
+        None => None,
+    };
     let reporter = Reporter { format: run.progress };
     let me = network.local_peer;
     let addrs: Vec<String> =
         network.view().listen_addrs.iter().map(|a| format!("{a}/p2p/{me}")).collect();
+    let api_addr = api.as_ref().map(|a| a.addr.to_string());
+    let metrics_addr = metrics.as_ref().map(|m| m.addr.to_string());
     reporter.emit(
-        serde_json::json!({"event": "listening", "peer_id": me.to_string(), "addrs": addrs}),
+        serde_json::json!({"event": "listening", "peer_id": me.to_string(), "addrs": addrs,
+            "api": api_addr, "metrics": metrics_addr}),
         || {
-            format!(
+            let mut line = format!(
                 "murmur run: node {} of {}, peer {me}, listening on {}",
                 setup.train.node,
                 setup.train.nodes,
                 addrs.join(" ")
-            )
+            );
+            if let Some(a) = &api_addr {
+                line += &format!("; API on {a}");
+            }
+            if let Some(m) = &metrics_addr {
+                line += &format!("; metrics on http://{m}/metrics");
+            }
+            line
         },
     );
-    let worker = Worker::spawn(setup.trainer);
+    let worker = Worker::spawn(setup.trainer, faults.clone());
     let mut node = Node {
         me,
-        network: Arc::new(network),
+        network,
         events,
         worker,
         run,
@@ -111,8 +165,25 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
         started: Instant::now(),
         timing: PhaseTiming::default(),
         pulled_from: None,
+        board,
+        faults,
+        control,
+        _control_tx: control_tx,
+        stop_requested: false,
     };
-    node.run(setup.resume_round).await
+    let summary = node.run(setup.resume_round).await;
+    node.board.update(|s| s.phase = Phase::Done);
+    stop_servers(api, metrics).await;
+    summary
+}
+
+/// Ends the API and metrics servers; a client still watching cannot hold
+/// the node up for more than a moment.
+async fn stop_servers(api: Option<ApiServer>, metrics: Option<MetricsServer>) {
+    drop(metrics);
+    if let Some(api) = api {
+        let _ = tokio::time::timeout(Duration::from_secs(1), api.stop()).await;
+    }
 }
 
 struct Node {
@@ -127,7 +198,7 @@ struct Node {
     parameters: usize,
     data_dir: PathBuf,
     options: serde_json::Value,
-    sends: JoinSet<bool>,
+    sends: JoinSet<Result<(), String>>,
     send_failures: u64,
     /// Messages that arrived before the strategy existed.
     backlog: Vec<Message>,
@@ -139,6 +210,13 @@ struct Node {
     timing: PhaseTiming,
     /// The peer whose model a rejoining node took.
     pulled_from: Option<PeerId>,
+    board: StatusBoard,
+    faults: Arc<Faults>,
+    control: mpsc::Receiver<Control>,
+    /// Keeps `control` open when no API serves (so it never reads as closed).
+    _control_tx: mpsc::Sender<Control>,
+    /// A Shutdown call came while the node could not stop at once.
+    stop_requested: bool,
 }
 
 /// Where a node's wall time goes: local phases, and everything between the
@@ -212,8 +290,9 @@ impl Node {
 
     async fn wait_for_members(&mut self) {
         let deadline = tokio::time::Instant::now() + self.run.join_timeout;
-        while self.members().len() < self.train.nodes {
+        while self.members().len() < self.train.nodes && !self.stop_requested {
             tokio::select! {
+                c = self.control.recv() => self.on_control(c, 0).await,
                 ev = self.events.recv() => match ev {
                     Some(NetEvent::Payload { from, payload }) => {
                         if let Some(m) = to_message(from, payload) {
@@ -225,7 +304,10 @@ impl Node {
                 },
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     if tokio::time::Instant::now() >= deadline {
-                        warn!(found = self.members().len(), wanted = self.train.nodes, "join timeout; starting with the members found");
+                        let found = self.members().len();
+                        let msg = format!("join timeout: starting with {found} of {} members", self.train.nodes);
+                        warn!("{msg}");
+                        self.board.update(|s| s.last_error = msg);
                         return;
                     }
                 }
@@ -268,6 +350,8 @@ impl Node {
                     exchange_timeout: self.run.round_timeout,
                     final_timeout: self.run.round_timeout,
                     start_round,
+                    aggregator: self.run.aggregator,
+                    norm_bound: NormBound::new(self.run.norm_bound).unwrap_or_default(),
                 };
                 Ok(Box::new(
                     Merge::new(cfg, self.me, members)
@@ -283,6 +367,8 @@ impl Node {
         let now = Instant::now();
         let start = mixer.start(now);
         let first = mixer.round();
+        self.faults.set_round(first, Instant::now());
+        self.crash_if_due(first);
         self.execute(mixer, start, &mut training, &mut finished, first).await?;
         for m in std::mem::take(&mut self.backlog) {
             let acts = mixer.handle(Input::Received(m), Instant::now());
@@ -291,7 +377,17 @@ impl Node {
         }
         let mut members = self.members();
         let mut signals = Signals::new();
+        let mut fault_changes = self.faults.subscribe();
         while !finished {
+            if self.stop_requested {
+                return Ok(Ending::Interrupted);
+            }
+            if self.faults.paused(Instant::now()) {
+                if self.wait_out_pause(&mut signals, mixer.round(), training.is_some()).await {
+                    return Ok(Ending::Interrupted);
+                }
+                continue;
+            }
             let deadline = mixer.deadline().map(tokio::time::Instant::from_std);
             // Inputs below may end the round; compare after acting on them.
             let before = mixer.round();
@@ -310,6 +406,11 @@ impl Node {
                         Some(m) => mixer.handle(Input::Received(m), Instant::now()),
                         None => Vec::new(),
                     },
+                    Some(NetEvent::Refused { from, header: Some(h) }) => match msg_kind(h.kind) {
+                        Some(kind) => mixer.handle(Input::Refused { peer: from, kind, slot: h.round }, Instant::now()),
+                        None => Vec::new(),
+                    },
+                    Some(NetEvent::Refused { .. }) => Vec::new(),
                     Some(NetEvent::MemberJoined(_)) | Some(NetEvent::MemberLeft(_)) => {
                         let now_members = self.members();
                         if now_members != members {
@@ -323,10 +424,81 @@ impl Node {
                     mixer.handle(Input::Tick, Instant::now())
                 }
                 _ = signals.recv() => return Ok(Ending::Interrupted),
+                c = self.control.recv() => {
+                    self.on_control(c, mixer.round()).await;
+                    Vec::new()
+                }
+                // A new pause must stop the loop even while it waits for peers.
+                _ = fault_changes.changed() => Vec::new(),
             };
             self.execute(mixer, actions, &mut training, &mut finished, before).await?;
         }
         Ok(Ending::Finished)
+    }
+
+    /// Sits out an injected pause (training stops in the trainer, traffic in
+    /// the network); the API still answers. Returns true if told to stop.
+    async fn wait_out_pause(&mut self, signals: &mut Signals, round: u64, training: bool) -> bool {
+        self.board.update(|s| s.phase = Phase::Paused);
+        let faults = self.faults.clone();
+        let stop = loop {
+            tokio::select! {
+                _ = faults.wait_unpaused() => break false,
+                _ = signals.recv() => break true,
+                c = self.control.recv() => {
+                    self.on_control(c, round).await;
+                    if self.stop_requested {
+                        break true;
+                    }
+                }
+            }
+        };
+        let phase = if training { Phase::Training } else { Phase::Mixing };
+        self.board.update(|s| s.phase = phase);
+        stop
+    }
+
+    /// Carries out an API request. A checkpoint waits for the trainer to
+    /// finish the phase it is in; a shutdown ends the run at the next turn.
+    async fn on_control(&mut self, c: Option<Control>, round: u64) {
+        match c {
+            Some(Control::SaveCheckpoint(reply)) => {
+                let saved = self.checkpoint(round).await.map(|step| SavedCheckpoint {
+                    path: checkpoint::dir_in(&self.data_dir).display().to_string(),
+                    step,
+                    round,
+                });
+                let _ = reply.send(saved.map_err(|e| e.to_string()));
+            }
+            Some(Control::Shutdown) => self.stop_requested = true,
+            None => {}
+        }
+    }
+
+    /// Exits as a crashed process would, if an injected crash is due as
+    /// `round` begins: no checkpoint, no summary, a non-zero status.
+    fn crash_if_due(&self, round: u64) {
+        if self.faults.crash_due(round, Instant::now()) {
+            error!(round, "injected crash");
+            eprintln!(
+                "murmur run: injected crash at round {round} (exit status {CRASH_EXIT_CODE})"
+            );
+            std::process::exit(CRASH_EXIT_CODE);
+        }
+    }
+
+    /// Copies what the strategy knows into the status.
+    fn publish(&self, mixer: &dyn Mixer) {
+        let drops: BTreeMap<String, u64> =
+            mixer.dropped().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let (round, distance, failures) =
+            (mixer.round(), mixer.neighbour_distance(), self.send_failures);
+        self.board.update(|s| {
+            s.round = round;
+            s.strategy_drops = drops;
+            s.consensus_distance = distance;
+            s.send_failures = failures;
+        });
     }
 
     async fn execute(
@@ -342,7 +514,9 @@ impl Node {
             match a {
                 Action::Send(m) => self.send(m),
                 Action::SetParams(v) => {
-                    self.worker.set_params(v).await.map_err(NodeError::Trainer)?
+                    let hash = model_hash(&v);
+                    self.worker.set_params(v).await.map_err(NodeError::Trainer)?;
+                    self.board.update(|s| s.model_hash = hash);
                 }
                 Action::Train { steps } => {
                     // Round-end work (evaluation, checkpoint) must see the
@@ -355,6 +529,7 @@ impl Node {
                     }
                     self.timing.train_started(Instant::now());
                     *training = Some(self.worker.train(steps));
+                    self.board.update(|s| s.phase = Phase::Training);
                 }
                 Action::Evaluate { label } => {
                     let m = self.worker.evaluate().await.map_err(NodeError::Trainer)?;
@@ -372,6 +547,7 @@ impl Node {
                 }
             }
         }
+        self.publish(mixer);
         Ok(())
     }
 
@@ -398,20 +574,29 @@ impl Node {
         header.sample_weight = m.weight;
         header.element_offset = m.offset as u64;
         let encoding = self.run.encoding;
-        let give_up = Instant::now() + patience;
+        let now = Instant::now();
+        let give_up = now + patience;
+        // A Byzantine fault changes what goes on the wire, never the model.
+        let values = if self.faults.corrupts(now) {
+            let mut v = m.values.to_vec();
+            self.faults.corrupt(&mut v, now);
+            Arc::new(v)
+        } else {
+            m.values.clone()
+        };
         self.sends.spawn(async move {
-            let (header, body) = wire::encode_payload(header, &m.values, encoding);
+            let (header, body) = wire::encode_payload(header, &values, encoding);
             let mut attempt = 0u32;
             loop {
                 match network.send(m.peer, &header, &body).await {
-                    Ok(()) => return true,
-                    // A refusal is final; anything else (a stream the peer
-                    // dropped while busy, a connection being set up) is retried
-                    // with backoff until the exchange's deadline.
-                    Err(SendError::Refused { .. }) => return false,
+                    Ok(()) => return Ok(()),
+                    // A refusal is final; anything else (a connection being
+                    // set up, a peer restarting) is retried with backoff
+                    // until the exchange's deadline.
+                    Err(e @ SendError::Refused { .. }) => return Err(e.to_string()),
                     Err(e) if Instant::now() + retry_delay(attempt) >= give_up => {
                         debug!(peer = %m.peer, slot = m.slot, attempt, "send failed: {e}");
-                        return false;
+                        return Err(e.to_string());
                     }
                     Err(e) => {
                         debug!(peer = %m.peer, slot = m.slot, attempt, "send failed, retrying: {e}");
@@ -422,15 +607,31 @@ impl Node {
             }
         });
         while let Some(done) = self.sends.try_join_next() {
-            if !matches!(done, Ok(true)) {
-                self.send_failures += 1;
-            }
+            self.count_send(done);
         }
+    }
+
+    fn count_send(&mut self, done: Result<Result<(), String>, tokio::task::JoinError>) {
+        let failure = match done {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(e) => format!("a send task ended: {e}"),
+        };
+        self.send_failures += 1;
+        self.board.update(|s| s.last_error = failure);
     }
 
     fn on_phase_done(&mut self, done: &PhaseDone, round: u64) {
         self.last_loss = Some(done.loss);
         self.steps_done = done.steps_done;
+        let hash = model_hash(&done.params);
+        self.board.update(|s| {
+            s.phase = Phase::Mixing;
+            s.step = done.steps_done;
+            s.train_loss = Some(done.loss);
+            s.samples_seen += done.samples;
+            s.model_hash = hash;
+        });
         let bytes = self.network.accounting().total();
         self.reporter.emit(
             serde_json::json!({"event": "round", "round": round, "rounds": self.run.rounds, "step": done.steps_done,
@@ -454,6 +655,8 @@ impl Node {
     /// After mixing: evaluate, checkpoint and announce the round as due.
     async fn on_round_end(&mut self, round: u64) -> Result<(), NodeError> {
         self.network.set_round(round).await;
+        self.faults.set_round(round, Instant::now());
+        self.crash_if_due(round);
         let h = self.run.local_steps;
         let (now, before) = (self.steps_done, self.steps_done.saturating_sub(h));
         let crossed = |every: u64| every > 0 && now / every != before / every;
@@ -474,6 +677,11 @@ impl Node {
                 "bytes_sent": bytes.bytes_sent, "bytes_received": bytes.bytes_received}),
             || format!("eval  round {round}: {}", m),
         );
+        self.board.update(|s| {
+            s.eval_loss = Some(m.loss);
+            s.eval_accuracy = m.accuracy;
+            s.eval_round = Some(round);
+        });
         self.evals.push(EvalPoint {
             round,
             step: self.steps_done,
@@ -574,14 +782,19 @@ impl Node {
         resumed: Option<u64>,
         interrupted: bool,
     ) -> Result<NodeSummary, NodeError> {
+        self.board.update(|s| s.phase = Phase::Finishing);
+        if interrupted {
+            // A stopping node drops its faults: a pause must not keep it
+            // from writing its checkpoint.
+            self.faults.clear(&[]);
+        }
         // Let in-flight sends reach peers that still wait for them.
         let grace = tokio::time::sleep(self.run.round_timeout);
         tokio::pin!(grace);
         loop {
             tokio::select! {
                 done = self.sends.join_next() => match done {
-                    Some(Ok(true)) => {}
-                    Some(_) => self.send_failures += 1,
+                    Some(done) => self.count_send(done),
                     None => break,
                 },
                 _ = &mut grace => break,
@@ -616,6 +829,7 @@ impl Node {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect::<BTreeMap<_, _>>(),
             send_failures: self.send_failures,
+            fault_effects: self.faults.effects(),
             timing: self.timing.clone(),
             evals: std::mem::take(&mut self.evals),
             local: self.local_metrics.clone(),
@@ -640,15 +854,20 @@ fn retry_delay(attempt: u32) -> Duration {
     Duration::from_millis((20u64 << attempt.min(6)).min(1000))
 }
 
+/// The strategy's name for a wire payload kind.
+fn msg_kind(kind: i32) -> Option<MsgKind> {
+    match PayloadKind::try_from(kind).ok()? {
+        PayloadKind::Params => Some(MsgKind::Params),
+        PayloadKind::Delta => Some(MsgKind::Delta),
+        PayloadKind::Shard => Some(MsgKind::Shard),
+        PayloadKind::ShardResult => Some(MsgKind::ShardResult),
+        PayloadKind::Unspecified => None,
+    }
+}
+
 /// A validated payload as a strategy message.
 fn to_message(from: PeerId, p: wire::Payload) -> Option<Message> {
-    let kind = match PayloadKind::try_from(p.header.kind).ok()? {
-        PayloadKind::Params => MsgKind::Params,
-        PayloadKind::Delta => MsgKind::Delta,
-        PayloadKind::Shard => MsgKind::Shard,
-        PayloadKind::ShardResult => MsgKind::ShardResult,
-        PayloadKind::Unspecified => return None,
-    };
+    let kind = msg_kind(p.header.kind)?;
     Some(Message {
         peer: from,
         kind,

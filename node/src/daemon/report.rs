@@ -59,6 +59,8 @@ pub struct NodeSummary {
     pub refusals: std::collections::BTreeMap<String, u64>,
     pub strategy_drops: std::collections::BTreeMap<String, u64>,
     pub send_failures: u64,
+    /// What injected faults did, by effect (dropped_out, corrupted...).
+    pub fault_effects: std::collections::BTreeMap<String, u64>,
     /// Seconds in local phases and in exchanges.
     pub timing: super::driver::PhaseTiming,
     pub evals: Vec<EvalPoint>,

@@ -1,13 +1,19 @@
 //! The trainer thread. libtorch is blocking and its tensors must not be
 //! touched from the async side, so one OS thread owns the `Trainer` and
 //! serves commands in order; every command carries its own reply channel.
+//!
+//! Injected faults that act on training are carried out here, between
+//! steps: a pause holds the next step until it ends, and label-flip turns
+//! the trainer's labels over while it is active.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::fault::Faults;
 use crate::train::eval::EvalMetrics;
 use crate::train::trainer::Trainer;
 
@@ -41,11 +47,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(trainer: Trainer) -> Worker {
+    pub fn spawn(trainer: Trainer, faults: Arc<Faults>) -> Worker {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("murmur-trainer".into())
-            .spawn(move || serve(trainer, rx))
+            .spawn(move || serve(trainer, rx, &faults))
             .ok();
         Worker { commands: Some(tx), thread }
     }
@@ -103,11 +109,11 @@ pub fn flatten<T>(r: Result<Result<T, String>, oneshot::error::RecvError>) -> Re
     r.unwrap_or_else(|_| Err("the trainer thread stopped".into()))
 }
 
-fn serve(mut trainer: Trainer, commands: mpsc::Receiver<Command>) {
+fn serve(mut trainer: Trainer, commands: mpsc::Receiver<Command>, faults: &Faults) {
     while let Ok(cmd) = commands.recv() {
         match cmd {
             Command::Train { steps, reply } => {
-                let _ = reply.send(train(&mut trainer, steps));
+                let _ = reply.send(train(&mut trainer, steps, faults));
             }
             Command::SetParams { values, reply } => {
                 let _ = reply.send(trainer.set_flat(&values).map_err(|e| e.to_string()));
@@ -127,9 +133,11 @@ fn serve(mut trainer: Trainer, commands: mpsc::Receiver<Command>) {
     }
 }
 
-fn train(trainer: &mut Trainer, steps: u64) -> Result<PhaseDone, String> {
+fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone, String> {
     let mut loss = 0.0;
     for _ in 0..steps {
+        sit_out_pause(faults);
+        trainer.set_label_flip(faults.label_flip(Instant::now()));
         loss += trainer.step().map_err(|e| e.to_string())?.loss;
     }
     let params = trainer.model.params().map_err(|e| e.to_string())?.values;
@@ -139,4 +147,14 @@ fn train(trainer: &mut Trainer, steps: u64) -> Result<PhaseDone, String> {
         samples: steps * trainer.config.batch_size as u64,
         steps_done: trainer.steps_done(),
     })
+}
+
+/// Blocks this thread while a pause is active, waking at its end (or every
+/// 20 ms, to notice a pause cleared early).
+fn sit_out_pause(faults: &Faults) {
+    const POLL: Duration = Duration::from_millis(20);
+    while let Some(end) = faults.pause_end(Instant::now()) {
+        let left = end.map_or(POLL, |e| e.saturating_duration_since(Instant::now()));
+        std::thread::sleep(left.min(POLL));
+    }
 }

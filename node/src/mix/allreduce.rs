@@ -17,6 +17,14 @@
 //! the arithmetic mean to f32 rounding whatever the arrival order, and every
 //! member that hears an owner gets bit-identical values for its range.
 //!
+//! With a robust [`Aggregator`] an owner keeps the shards it is sent and
+//! combines them with its own by that aggregator (median, trimmed mean,
+//! Krum) instead of the weighted mean; a [`NormBound`] refuses, before that,
+//! a shard farther from the owner's own values than a multiple of the
+//! owner's own update on that range (when a reference to measure it from is
+//! set). Robust aggregation protects each owner's range from bad
+//! contributors; it cannot protect a range from a bad owner.
+//!
 //! This component owns the shard arithmetic and the validation of shard
 //! messages; it never touches sockets or clocks (time is passed in), and it
 //! does not route: the strategy asks [`AllReduce::accepts`] and hands over
@@ -29,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
+use super::aggregate::{Aggregator, NormBound, l2_distance};
 use super::mixer::{Drops, Message, MsgKind, Roster};
 
 /// Messages held before `start` (a faster peer may send its shards before
@@ -68,6 +77,10 @@ struct Reduction {
     sum: Vec<f64>,
     weight: f64,
     from: BTreeSet<PeerId>,
+    /// The contributions themselves, kept for a robust aggregator.
+    shards: Vec<(Arc<Vec<f32>>, f64)>,
+    /// Members whose contribution was refused on arrival: not waited for.
+    silent: BTreeSet<PeerId>,
 }
 
 /// The state from `start` on.
@@ -93,6 +106,10 @@ pub struct AllReduce {
     run: Option<Running>,
     drops: Drops,
     contributions: usize,
+    aggregator: Aggregator,
+    norm_bound: NormBound,
+    /// Where this member's values stood at its last mix, for the norm bound.
+    reference: Option<Vec<f32>>,
 }
 
 impl AllReduce {
@@ -106,7 +123,23 @@ impl AllReduce {
             run: None,
             drops: Drops::default(),
             contributions: 0,
+            aggregator: Aggregator::Mean,
+            norm_bound: NormBound::default(),
+            reference: None,
         }
+    }
+
+    /// Owners combine with `aggregator` and refuse shards over `norm_bound`.
+    pub fn with_aggregation(mut self, aggregator: Aggregator, norm_bound: NormBound) -> AllReduce {
+        self.aggregator = aggregator;
+        self.norm_bound = norm_bound;
+        self
+    }
+
+    /// The vector this member's own update is measured from (its values at
+    /// its last mix); without one the norm bound does not apply.
+    pub fn set_reference(&mut self, reference: Vec<f32>) {
+        self.reference = Some(reference);
     }
 
     pub fn slot(&self) -> u64 {
@@ -145,6 +178,8 @@ impl AllReduce {
             sum: values[mine].iter().map(|&v| weight * f64::from(v)).collect(),
             weight,
             from: BTreeSet::new(),
+            shards: Vec::new(),
+            silent: BTreeSet::new(),
         });
         let fills = (0..n)
             .map(|j| if shard(len, n, j).is_empty() { Fill::Owner } else { Fill::Pending })
@@ -177,7 +212,10 @@ impl AllReduce {
             return Vec::new();
         };
         let reason = match m.kind {
-            MsgKind::Shard => run.add_shard(&m),
+            MsgKind::Shard => {
+                let bound = (self.norm_bound, self.reference.as_deref());
+                run.add_shard(&m, bound, !self.aggregator.is_mean())
+            }
             _ => run.add_result(&m),
         };
         match reason {
@@ -190,6 +228,31 @@ impl AllReduce {
                 self.try_reduce(false)
             }
             Ok(()) => Vec::new(),
+        }
+    }
+
+    /// A member's message to this all-reduce was refused on arrival: a
+    /// refused shard is not waited for, and a refused result leaves its
+    /// range to the local values at once. Returns what to send in reply.
+    pub fn refused(&mut self, peer: PeerId, kind: MsgKind) -> Vec<Message> {
+        let Some(run) = &mut self.run else { return Vec::new() };
+        let Some(j) = run.roster.index_of(&peer).filter(|&j| j != run.roster.me) else {
+            return Vec::new();
+        };
+        match kind {
+            MsgKind::Shard => {
+                if let Some(own) = &mut run.own {
+                    own.silent.insert(peer);
+                }
+                self.try_reduce(false)
+            }
+            MsgKind::ShardResult => {
+                if run.fills[j] == Fill::Pending {
+                    run.fills[j] = Fill::Fallback;
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -265,14 +328,20 @@ impl AllReduce {
     fn try_reduce(&mut self, force: bool) -> Vec<Message> {
         let Some(run) = &mut self.run else { return Vec::new() };
         let Some(own) = &run.own else { return Vec::new() };
-        if own.from.len() + 1 < run.roster.len() && !force {
+        let answered = own.from.union(&own.silent).count();
+        if answered + 1 < run.roster.len() && !force {
             return Vec::new();
         }
         let Some(own) = run.own.take() else { return Vec::new() };
         let (me, range) = (run.roster.me, run.range(run.roster.me));
         let mean = &mut run.result[range.clone()];
-        // Zero total weight has no mean: the range keeps the local values.
-        if own.weight > 0.0 {
+        if !self.aggregator.is_mean() {
+            let others: Vec<(&[f32], f64)> =
+                own.shards.iter().map(|(v, w)| (v.as_slice(), *w)).collect();
+            let combined = self.aggregator.aggregate(mean, 1.0, &others);
+            mean.copy_from_slice(&combined);
+        } else if own.weight > 0.0 {
+            // Zero total weight has no mean: the range keeps the local values.
             mean.iter_mut().zip(&own.sum).for_each(|(m, s)| *m = (s / own.weight) as f32);
         }
         run.fills[me] = Fill::Owner;
@@ -318,15 +387,34 @@ impl Running {
         }
     }
 
-    fn add_shard(&mut self, m: &Message) -> Result<(), &'static str> {
+    /// Takes a contribution to this member's range; `keep` holds on to it
+    /// for a robust aggregator.
+    fn add_shard(
+        &mut self,
+        m: &Message,
+        (bound, reference): (NormBound, Option<&[f32]>),
+        keep: bool,
+    ) -> Result<(), &'static str> {
         let me = self.roster.me;
         self.check(m, |_| me)?;
         if !(m.weight.is_finite() && m.weight >= 0.0) {
             return Err("bad_weight");
         }
+        let range = self.range(me);
+        let local = &self.result[range.clone()];
+        if let Some(reference) = reference.filter(|r| r.len() == self.result.len()) {
+            let update = l2_distance(local, &reference[range]);
+            if !bound.admits(local, &m.values, update) {
+                return Err("norm_bound");
+            }
+        }
         let own = self.own.as_mut().ok_or("late_shard")?;
-        if !own.from.insert(m.peer) {
+        if own.from.contains(&m.peer) {
             return Err("duplicate");
+        }
+        own.from.insert(m.peer);
+        if keep {
+            own.shards.push((m.values.clone(), m.weight));
         }
         own.sum.iter_mut().zip(m.values.iter()).for_each(|(s, &v)| *s += m.weight * f64::from(v));
         own.weight += m.weight;
@@ -453,6 +541,84 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_robust_owner_keeps_a_bad_shard_out_and_the_mean_does_not() {
+        let n = 5;
+        // Four honest members near 1.0, one Byzantine at 1000.
+        let x: Vec<Vec<f32>> =
+            (0..n).map(|i| vec![if i == 4 { 1000.0 } else { 1.0 + i as f32 * 0.01 }; 10]).collect();
+        for (aggregator, lo, hi) in [
+            (Aggregator::Mean, 200.0, 201.0),
+            (Aggregator::Median, 1.01, 1.03),
+            (Aggregator::TrimmedMean { beta: 0.2 }, 1.0, 1.03),
+        ] {
+            let mut c = Cluster::new(n);
+            for ar in c.ars.iter_mut() {
+                *ar = AllReduce::new(7, T).with_aggregation(aggregator, NormBound::default());
+            }
+            for (i, xi) in x.iter().enumerate() {
+                c.start(i, xi, 1.0);
+            }
+            for ar in &c.ars {
+                let r = ar.result().unwrap();
+                assert!(r.iter().all(|v| (lo..=hi).contains(v)), "{aggregator}: {r:?}");
+                assert_eq!(ar.result(), c.ars[0].result(), "{aggregator}: members agree");
+            }
+        }
+    }
+
+    #[test]
+    fn the_norm_bound_refuses_a_far_shard_once_there_is_a_reference() {
+        let ids = peers(2);
+        let mut ar =
+            AllReduce::new(7, T).with_aggregation(Aggregator::Mean, NormBound::new(2.0).unwrap());
+        // Own update on its range is 1 (from 0 to 1): a shard 5 away is refused.
+        ar.set_reference(vec![0.0, 0.0]);
+        let roster = Roster::new(ids[0], ids.clone());
+        let me = roster.me;
+        let t0 = Instant::now();
+        ar.start(roster, vec![1.0, 1.0], 1.0, t0);
+        let range = shard(2, 2, me);
+        let far = Message {
+            peer: ids[1 - me],
+            kind: MsgKind::Shard,
+            slot: 7,
+            weight: 1.0,
+            offset: range.start,
+            values: Arc::new(vec![6.0; range.len()]),
+        };
+        assert!(ar.receive(far).is_empty());
+        assert_eq!(ar.drops().get("norm_bound"), 1);
+    }
+
+    #[test]
+    fn a_refused_shard_is_not_waited_for_and_a_refused_result_falls_back() {
+        let ids = peers(3);
+        let roster = Roster::new(ids[0], ids.clone());
+        let (me, t0) = (roster.me, Instant::now());
+        let mut ar = AllReduce::new(7, T);
+        let sent = ar.start(roster, vec![3.0; 6], 1.0, t0);
+        assert_eq!(sent.len(), 2, "one shard to each other owner");
+        let others: Vec<PeerId> = ids.iter().copied().filter(|p| *p != ids[me]).collect();
+        let mine = shard(6, 3, me);
+        let shard_from = |peer| Message {
+            peer,
+            kind: MsgKind::Shard,
+            slot: 7,
+            weight: 1.0,
+            offset: mine.start,
+            values: Arc::new(vec![5.0; mine.len()]),
+        };
+        assert!(ar.receive(shard_from(others[0])).is_empty(), "waits for the third");
+        let results = ar.refused(others[1], MsgKind::Shard);
+        assert_eq!(results.len(), 2, "reduced over the two that answered, at once");
+        assert!(results.iter().all(|m| m.values.iter().all(|&v| v == 4.0)));
+        // Both other owners' results refused: their ranges keep the local values.
+        ar.refused(others[0], MsgKind::ShardResult);
+        ar.refused(others[1], MsgKind::ShardResult);
+        assert!(ar.is_done() && ar.fallbacks() == 2);
     }
 
     #[test]

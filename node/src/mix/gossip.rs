@@ -64,13 +64,16 @@ pub struct Gossip {
     phase: Phase,
     x: Vec<f32>,
     inbox: BTreeMap<u64, BTreeMap<PeerId, Message>>,
+    /// Peers whose message for a slot was refused on arrival: not waited for.
+    refused: BTreeMap<u64, std::collections::BTreeSet<PeerId>>,
     drops: Drops,
     norm_bound: NormBound,
     /// x right after the last mix; kept only while the norm bound is on.
     last_mixed: Option<Vec<f32>>,
     /// ||x after this round's local phase - `last_mixed`||.
     update_norm: Option<f64>,
-    /// Mean L2 distance to the neighbours mixed in the last exchange.
+    /// Mean L2 distance to the neighbours mixed in the last exchange that
+    /// mixed any.
     pub last_neighbour_distance: Option<f64>,
 }
 
@@ -95,6 +98,7 @@ impl Gossip {
             phase: Phase::Training,
             x: Vec::new(),
             inbox: BTreeMap::new(),
+            refused: BTreeMap::new(),
             drops: Drops::default(),
             norm_bound,
             last_mixed: None,
@@ -161,13 +165,16 @@ impl Gossip {
         let Phase::Exchanging { step, expect, .. } = &self.phase else { return Vec::new() };
         let (step, expect) = (*step, expect.clone());
         let slot = self.slot(step);
-        let arrived = self
-            .inbox
-            .get(&slot)
-            .map_or(0, |m| expect.iter().filter(|p| m.contains_key(p)).count());
-        if arrived < expect.len() && !force {
+        let inbox = self.inbox.get(&slot);
+        let refused = self.refused.get(&slot);
+        let arrived = expect.iter().filter(|p| inbox.is_some_and(|m| m.contains_key(p))).count();
+        let answered =
+            arrived + expect.iter().filter(|p| refused.is_some_and(|r| r.contains(p))).count();
+        if answered < expect.len() && !force {
             return Vec::new();
         }
+        self.drops.add_many("missing_at_deadline", expect.len().saturating_sub(answered) as u64);
+        self.refused = self.refused.split_off(&(slot + 1));
         let msgs = self.inbox.remove(&slot).unwrap_or_default();
         self.mix(&expect, msgs, slot);
         if step + 1 < self.cfg.gossip_steps {
@@ -207,7 +214,10 @@ impl Gossip {
             others.push((m.values.as_slice(), w));
         }
         let distance: f64 = others.iter().map(|(v, _)| l2_distance(&self.x, v)).sum();
-        self.last_neighbour_distance = (!others.is_empty()).then(|| distance / others.len() as f64);
+        // An exchange in which nobody arrived keeps the last distance known.
+        if !others.is_empty() {
+            self.last_neighbour_distance = Some(distance / others.len() as f64);
+        }
         self.x = self.cfg.aggregator.aggregate(&self.x, own_weight, &others);
     }
 
@@ -290,6 +300,14 @@ impl Mixer for Gossip {
                 }
             }
             Input::Received(m) => self.receive(m, now),
+            Input::Refused { peer, kind: MsgKind::Params, slot } => {
+                let current = self.current_slot();
+                if slot >= current && slot <= current + MAX_SLOTS_AHEAD {
+                    self.refused.entry(slot).or_default().insert(peer);
+                }
+                self.try_mix(now, false)
+            }
+            Input::Refused { .. } => Vec::new(),
             Input::Members(members) => {
                 self.roster = Roster::new(self.roster.me(), members);
                 Vec::new()
@@ -314,6 +332,10 @@ impl Mixer for Gossip {
 
     fn dropped(&self) -> Vec<(&'static str, u64)> {
         self.drops.list()
+    }
+
+    fn neighbour_distance(&self) -> Option<f64> {
+        self.last_neighbour_distance
     }
 }
 
@@ -422,6 +444,25 @@ mod tests {
         let late = Message { peer: ids[2], ..msg };
         assert!(g.handle(Input::Received(late), t0 + Duration::from_secs(2)).is_empty());
         assert_eq!(g.drops.get("stale_slot"), 1);
+    }
+
+    #[test]
+    fn a_refused_message_is_not_waited_for_and_a_missing_one_is_counted() {
+        let ids = peers(3);
+        let mut g = Gossip::new(cfg("complete", 3), ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        assert!(g.handle(params(ids[1], 0, 3.0), t0).is_empty());
+        // The third node's message was refused (NaN): mix now, not at the deadline.
+        let acts = g.handle(Input::Refused { peer: ids[2], kind: MsgKind::Params, slot: 0 }, t0);
+        assert_eq!(acts, vec![Action::SetParams(vec![1.5]), Action::Train { steps: 5 }]);
+        assert_eq!(g.drops.get("missing_at_deadline"), 0);
+        // Next round nothing arrives from either: both are missing at the deadline.
+        g.handle(Input::LocalDone { params: vec![1.5], samples: 1 }, t0);
+        g.handle(Input::Tick, t0 + Duration::from_secs(1));
+        assert_eq!(g.drops.get("missing_at_deadline"), 2);
+        assert_eq!(g.neighbour_distance(), Some(3.0), "the last exchange that mixed anyone");
     }
 
     fn params(peer: PeerId, slot: u64, v: f32) -> Input {

@@ -12,6 +12,13 @@
 //! x <- (x + x_partner) / 2, which preserves the global mean; a partner that
 //! misses the deadline leaves x unchanged. The final average is the
 //! [`AllReduce`] with equal weights under [`FINAL_SLOT`].
+//!
+//! Robust aggregation: the final all-reduce's owners combine by the
+//! configured [`Aggregator`]; a [`NormBound`] refuses a partner's vector in
+//! a pairwise exchange, and a shard in the final merge, that lies farther
+//! from this node's own than a multiple of its update since its last
+//! exchange (no bound before the first exchange: there is no update to
+//! measure yet).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +29,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::aggregate::{Aggregator, NormBound, l2_distance};
 use super::allreduce::{AllReduce, AllReduceTimeouts};
 use super::comm::CommSchedule;
 use super::mixer::{Action, Drops, Input, Message, Mixer, MsgKind, Roster};
@@ -61,6 +69,9 @@ pub struct MergeConfig {
     pub final_timeout: Duration,
     /// Round to start from (a node that rejoins).
     pub start_round: u64,
+    /// How the final all-reduce's owners combine the shards.
+    pub aggregator: Aggregator,
+    pub norm_bound: NormBound,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -90,6 +101,9 @@ pub struct Merge {
     drops: Drops,
     /// Pairwise exchanges that completed (the partner's values arrived).
     pub exchanges: u64,
+    /// x right after the last pairwise exchange; kept while the norm bound is on.
+    last_mixed: Option<Vec<f32>>,
+    last_distance: Option<f64>,
 }
 
 impl Merge {
@@ -101,6 +115,8 @@ impl Merge {
             return Err(MergeError::Probability(p));
         }
         let timeouts = AllReduceTimeouts { reduce: cfg.final_timeout, gather: cfg.final_timeout };
+        let all_reduce =
+            AllReduce::new(FINAL_SLOT, timeouts).with_aggregation(cfg.aggregator, cfg.norm_bound);
         Ok(Merge {
             round: cfg.start_round,
             cfg,
@@ -108,9 +124,11 @@ impl Merge {
             phase: Phase::Training,
             x: Vec::new(),
             inbox: BTreeMap::new(),
-            all_reduce: AllReduce::new(FINAL_SLOT, timeouts),
+            all_reduce,
             drops: Drops::default(),
             exchanges: 0,
+            last_mixed: None,
+            last_distance: None,
         })
     }
 
@@ -153,17 +171,45 @@ impl Merge {
                 self.inbox.get_mut(&self.round).and_then(|b| b.remove(&partner));
                 None
             }
+            Some(m) if !self.admits(&m.values) => {
+                self.drops.add("norm_bound");
+                self.inbox.get_mut(&self.round).and_then(|b| b.remove(&partner));
+                // Refused: the exchange is over, as if the partner were silent.
+                return self.close_exchange(partner, false, now);
+            }
             other => other,
         };
         let mixed = match arrived {
             Some(m) => {
+                self.last_distance = Some(l2_distance(&self.x, &m.values));
                 average_into(&mut self.x, &m.values);
                 self.exchanges += 1;
                 true
             }
-            None if force => false,
+            None if force => {
+                self.drops.add("missing_at_deadline");
+                false
+            }
             None => return Vec::new(),
         };
+        self.close_exchange(partner, mixed, now)
+    }
+
+    /// Whether the norm bound lets a partner's `values` in.
+    fn admits(&self, values: &[f32]) -> bool {
+        match &self.last_mixed {
+            Some(last) if self.cfg.norm_bound.is_enabled() && last.len() == self.x.len() => {
+                self.cfg.norm_bound.admits(&self.x, values, l2_distance(&self.x, last))
+            }
+            _ => true,
+        }
+    }
+
+    fn close_exchange(&mut self, partner: PeerId, mixed: bool, now: Instant) -> Vec<Action> {
+        if mixed && self.cfg.norm_bound.is_enabled() {
+            self.last_mixed = Some(self.x.clone());
+            self.all_reduce.set_reference(self.x.clone());
+        }
         if let Some(mut slot) = self.inbox.remove(&self.round) {
             slot.remove(&partner);
             slot.values().for_each(|_| self.drops.add("unexpected_sender"));
@@ -298,6 +344,20 @@ impl Mixer for Merge {
                 }
             }
             Input::Received(m) => self.receive(m, now),
+            Input::Refused { peer, kind, slot } => {
+                if slot == FINAL_SLOT {
+                    let sends = self.all_reduce.refused(peer, kind);
+                    let mut actions: Vec<Action> = sends.into_iter().map(Action::Send).collect();
+                    actions.extend(self.finish_if_merged());
+                    return actions;
+                }
+                match self.phase {
+                    Phase::Exchanging { partner, .. } if partner == peer && slot == self.round => {
+                        self.close_exchange(partner, false, now)
+                    }
+                    _ => Vec::new(),
+                }
+            }
             Input::Members(members) => {
                 self.roster = Roster::new(self.roster.me(), members);
                 Vec::new()
@@ -327,6 +387,10 @@ impl Mixer for Merge {
 
     fn round(&self) -> u64 {
         self.round
+    }
+
+    fn neighbour_distance(&self) -> Option<f64> {
+        self.last_distance
     }
 
     fn dropped(&self) -> Vec<(&'static str, u64)> {
@@ -359,6 +423,8 @@ mod tests {
             exchange_timeout: Duration::from_secs(1),
             final_timeout: Duration::from_secs(2),
             start_round: 0,
+            aggregator: Aggregator::Mean,
+            norm_bound: NormBound::default(),
         }
     }
 

@@ -45,6 +45,10 @@ pub enum Input {
     LocalDone { params: Vec<f32>, samples: u64 },
     /// A validated message from a peer (`Message::peer` is the sender).
     Received(Message),
+    /// A peer's message of `kind` for `slot` arrived but was refused (NaN,
+    /// bad checksum...): it will not come, so the strategy need not wait
+    /// for it. It mixes nothing.
+    Refused { peer: PeerId, kind: MsgKind, slot: u64 },
     /// The live members of the run changed (sorted, including this node).
     Members(Vec<PeerId>),
     /// A deadline returned by `deadline()` has passed.
@@ -81,8 +85,14 @@ pub trait Mixer: Send {
     fn round(&self) -> u64;
 
     /// Counters of what the strategy dropped, by reason (stale slot,
-    /// unexpected sender, wrong length...).
+    /// unexpected sender, wrong length, missing at the deadline...).
     fn dropped(&self) -> Vec<(&'static str, u64)>;
+
+    /// Mean L2 distance from this node's vector to the peers' vectors it
+    /// mixed in its last exchange, if it mixed any yet.
+    fn neighbour_distance(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Sorted members and this node's index among them.
@@ -127,7 +137,13 @@ pub struct Drops(std::collections::BTreeMap<&'static str, u64>);
 
 impl Drops {
     pub fn add(&mut self, reason: &'static str) {
-        *self.0.entry(reason).or_default() += 1;
+        self.add_many(reason, 1);
+    }
+
+    pub fn add_many(&mut self, reason: &'static str, n: u64) {
+        if n > 0 {
+            *self.0.entry(reason).or_default() += n;
+        }
     }
 
     pub fn list(&self) -> Vec<(&'static str, u64)> {

@@ -1180,6 +1180,8 @@ mod tests {
             exchange_timeout: Duration::from_millis(100),
             final_timeout: Duration::from_millis(100),
             start_round: 0,
+            aggregator: Aggregator::Mean,
+            norm_bound: crate::mix::aggregate::NormBound::default(),
         };
         let nodes = ids
             .iter()

@@ -37,6 +37,7 @@ use super::inbound::InboundStream;
 use super::membership::{Member, MemberEvent, Membership};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
+use crate::fault::Faults;
 
 /// Bytes of a payload handed to the network thread at a time, and how many
 /// such pieces may wait for it: wake-ups stay rare and a send holds at most
@@ -63,6 +64,9 @@ pub struct NetConfig {
     pub expect: Expectation,
     /// Inbound payloads read at once; each may hold one model's worth of values.
     pub max_inbound_reads: usize,
+    /// The node's injected faults; the network carries out drops, delays,
+    /// bandwidth caps, partitions and pauses.
+    pub faults: Arc<Faults>,
 }
 
 impl NetConfig {
@@ -82,6 +86,7 @@ impl NetConfig {
                 total_elements: elements,
             },
             max_inbound_reads: 32,
+            faults: Arc::new(Faults::new(0)),
         }
     }
 }
@@ -93,6 +98,12 @@ pub enum NetEvent {
     Payload {
         from: PeerId,
         payload: Payload,
+    },
+    /// A peer's payload was refused; `header` is its header if it decoded
+    /// and named this run and that peer (so the message it was is known).
+    Refused {
+        from: PeerId,
+        header: Option<PayloadHeader>,
     },
     MemberJoined(PeerId),
     MemberLeft(PeerId),
@@ -149,6 +160,7 @@ pub struct Network {
     sender_bytes: Vec<u8>,
     /// The network thread's runtime: transfers run there.
     runtime: tokio::runtime::Handle,
+    faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for Network {
@@ -218,6 +230,7 @@ impl Network {
             accounting.clone(),
             events_tx.clone(),
             cfg.max_inbound_reads,
+            cfg.faults.clone(),
         ));
         let driver = SwarmDriver {
             swarm,
@@ -229,6 +242,8 @@ impl Network {
             events: events_tx,
             round: 0,
             seq: 0,
+            faults: cfg.faults.clone(),
+            blocked: BTreeSet::new(),
         };
         let network = Network {
             local_peer,
@@ -239,6 +254,7 @@ impl Network {
             transfer_timeout: cfg.transfer_timeout,
             sender_bytes: local_peer.to_bytes(),
             runtime: tokio::runtime::Handle::current(),
+            faults: cfg.faults.clone(),
         };
         Ok(((network, events_rx), driver, commands_rx))
     }
@@ -249,18 +265,38 @@ impl Network {
     }
 
     /// Sends one payload to `peer` and waits for its acknowledgement.
+    ///
+    /// Injected faults act here: a pause holds the send until it ends, a
+    /// partition refuses it, a delay holds it back (within the timeout), a
+    /// drop loses it silently (the sender believes it went, as over a lossy
+    /// link), and a bandwidth cap paces its bytes.
     pub async fn send(
         &self,
         peer: PeerId,
         header: &PayloadHeader,
         body: &[u8],
     ) -> Result<(), SendError> {
+        self.faults.wait_unpaused().await;
+        if self.faults.blocks(&peer, Instant::now()) {
+            return Err(SendError::Open {
+                peer,
+                reason: "partitioned by an injected fault".into(),
+            });
+        }
         let timeout = self.transfer_timeout;
+        let delay = self.faults.send_delay(Instant::now());
+        let rate = self.faults.bandwidth(Instant::now());
+        if self.faults.drop_outgoing(Instant::now()) {
+            return Ok(());
+        }
         let (tx, chunks) = futures::channel::mpsc::channel(SEND_QUEUE);
         let frame = wire::frame_len(header);
-        let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame, chunks));
+        let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame, chunks, rate));
         let mut net = AbortOnDrop(net);
         let transfer = async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
             let mut sink = ChunkSink { tx, buf: Vec::new() };
             let written = wire::write_payload(&mut sink, header, body).await;
             drop(sink);
@@ -279,7 +315,8 @@ impl Network {
         let result = tokio::time::timeout(timeout, transfer)
             .await
             .unwrap_or(Err(SendError::Timeout { peer, timeout }));
-        if result.is_ok() {
+        // A refused payload still crossed the wire in full.
+        if matches!(result, Ok(()) | Err(SendError::Refused { .. })) {
             self.accounting.record(
                 &peer,
                 kind_label(header.kind),
@@ -356,6 +393,7 @@ async fn transfer(
     peer: PeerId,
     frame: usize,
     mut chunks: futures::channel::mpsc::Receiver<Vec<u8>>,
+    rate: Option<u64>,
 ) -> Result<(), SendError> {
     let Some(first) = chunks.next().await else {
         return Err(SendError::Open { peer, reason: "nothing to send".into() });
@@ -365,11 +403,21 @@ async fn transfer(
         .await
         .map_err(|e| SendError::Open { peer, reason: e.to_string() })?;
     let io = |source| SendError::Io { peer, source };
-    let mut written = first.len();
-    stream.write_all(&first).await.map_err(io)?;
-    while let Some(chunk) = chunks.next().await {
+    let mut pacer = rate.map(Pacer::new);
+    let mut written = 0;
+    let mut next = Some(first);
+    while let Some(chunk) = next {
         written += chunk.len();
-        stream.write_all(&chunk).await.map_err(io)?;
+        match &mut pacer {
+            None => stream.write_all(&chunk).await.map_err(io)?,
+            Some(p) => {
+                for piece in chunk.chunks(PACED_PIECE) {
+                    p.wait(piece.len()).await;
+                    stream.write_all(piece).await.map_err(io)?;
+                }
+            }
+        }
+        next = chunks.next().await;
     }
     if written != frame {
         let e =
@@ -381,6 +429,29 @@ async fn transfer(
     stream.read_exact(&mut ack).await.map_err(io)?;
     let _ = stream.close().await;
     if ack[0] == ACK_OK { Ok(()) } else { Err(SendError::Refused { peer }) }
+}
+
+/// Bytes written at a time under a bandwidth cap.
+const PACED_PIECE: usize = 16 * 1024;
+
+/// Paces writes to `rate` bytes per second from its first write.
+struct Pacer {
+    rate: f64,
+    start: tokio::time::Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer { rate: rate.max(1) as f64, start: tokio::time::Instant::now(), sent: 0 }
+    }
+
+    /// Waits until `len` more bytes fit the rate.
+    async fn wait(&mut self, len: usize) {
+        let due = self.start + Duration::from_secs_f64(self.sent as f64 / self.rate);
+        tokio::time::sleep_until(due).await;
+        self.sent += len as u64;
+    }
 }
 
 /// Ends a transfer on the network thread when its sender stops waiting.
@@ -467,22 +538,35 @@ fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), 
 /// `max_reads` at a time: each read may hold a model-sized buffer, so this
 /// bounds what peers can make the node allocate. Streams beyond it wait in
 /// the queue (their senders wait for the acknowledgement).
+///
+/// Injected faults act here too: a pause holds reading until it ends, a
+/// partition drops the stream unread, and a drop loses a good payload after
+/// acknowledging it (as if it had vanished on the way).
 async fn accept_loop(
     mut incoming: mpsc::Receiver<InboundStream>,
     expect: Expectation,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
     max_reads: usize,
+    faults: Arc<Faults>,
 ) {
     let expect = Arc::new(expect);
     let reads = Arc::new(tokio::sync::Semaphore::new(max_reads.max(1)));
     while let Some((peer, mut stream)) = incoming.recv().await {
+        faults.wait_unpaused().await;
+        if faults.blocks(&peer, Instant::now()) {
+            continue;
+        }
         let Ok(permit) = reads.clone().acquire_owned().await else { return };
         let (expect, accounting, events) = (expect.clone(), accounting.clone(), events.clone());
+        let faults = faults.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let result = wire::read_payload(&mut stream, &expect, &peer.to_bytes()).await;
+            let mut seen = None;
+            let result =
+                wire::read_payload_noting(&mut stream, &expect, &peer.to_bytes(), &mut seen).await;
             let ack = match result {
+                Ok(_) if faults.drop_incoming(Instant::now()) => ACK_OK,
                 Ok(payload) => {
                     let kind = kind_label(payload.header.kind);
                     accounting.record(
@@ -497,6 +581,7 @@ async fn accept_loop(
                 Err(refusal) => {
                     warn!(%peer, reason = refusal.reason(), "refused payload: {refusal}");
                     accounting.refuse(refusal.reason());
+                    let _ = events.send(NetEvent::Refused { from: peer, header: seen }).await;
                     ACK_REFUSED
                 }
             };
@@ -517,20 +602,29 @@ struct SwarmDriver {
     events: mpsc::Sender<NetEvent>,
     round: u64,
     seq: u64,
+    faults: Arc<Faults>,
+    /// Peers blocked for an injected partition.
+    blocked: BTreeSet<PeerId>,
 }
 
 impl SwarmDriver {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat_every);
         let mut bootstrap = tokio::time::interval(Duration::from_secs(30));
+        let mut faults = self.faults.subscribe();
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 _ = heartbeat.tick() => {
-                    self.publish_heartbeat();
+                    self.apply_partitions();
+                    // A paused node is silent: its peers see it go quiet.
+                    if !self.faults.paused(Instant::now()) {
+                        self.publish_heartbeat();
+                    }
                     self.expire_members().await;
                     self.redial_bootstrap();
                 }
+                _ = faults.changed() => self.apply_partitions(),
                 _ = bootstrap.tick() => {
                     // Fails only while the routing table is empty; the next tick retries.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -546,6 +640,22 @@ impl SwarmDriver {
             }
         }
         debug!("swarm task ended");
+    }
+
+    /// Blocks the peers an injected partition names (closing their
+    /// connections and refusing new ones) and unblocks those it no longer does.
+    fn apply_partitions(&mut self) {
+        let want = self.faults.partitioned(Instant::now());
+        let block = &mut self.swarm.behaviour_mut().partition;
+        for p in want.difference(&self.blocked) {
+            info!(peer = %p, "partitioned from a peer (injected fault)");
+            block.block_peer(*p);
+        }
+        for p in self.blocked.difference(&want) {
+            info!(peer = %p, "partition from a peer ended");
+            block.unblock_peer(*p);
+        }
+        self.blocked = want;
     }
 
     /// Bootstrap nodes may start after us or restart: while none is
@@ -657,8 +767,8 @@ impl SwarmDriver {
                 self.accounting.refuse(reason);
             }
             SwarmEvent::OutgoingConnectionError { error, peer_id, .. } => {
-                if let DialError::Denied { .. } = error {
-                    self.accounting.refuse("peer_not_allowed");
+                if let DialError::Denied { cause } = &error {
+                    self.accounting.refuse(denial_reason(cause));
                 }
                 debug!(peer = ?peer_id, "dial failed: {error}");
             }
@@ -734,13 +844,19 @@ impl SwarmDriver {
 
 fn listen_error_reason(e: &ListenError) -> &'static str {
     match e {
-        ListenError::Denied { cause }
-            if cause.downcast_ref::<libp2p::allow_block_list::NotAllowed>().is_some() =>
-        {
-            "peer_not_allowed"
-        }
-        ListenError::Denied { .. } => "connection_limit",
+        ListenError::Denied { cause } => denial_reason(cause),
         ListenError::Transport(_) => "handshake_failed",
         _ => "connection_failed",
+    }
+}
+
+/// Which behaviour turned a connection down.
+fn denial_reason(cause: &libp2p::swarm::ConnectionDenied) -> &'static str {
+    if cause.downcast_ref::<libp2p::allow_block_list::NotAllowed>().is_some() {
+        "peer_not_allowed"
+    } else if cause.downcast_ref::<libp2p::allow_block_list::Blocked>().is_some() {
+        "partitioned"
+    } else {
+        "connection_limit"
     }
 }

@@ -93,6 +93,8 @@ pub enum SwarmError {
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    /// Peers cut off by an injected partition fault.
+    pub partition: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -225,6 +227,7 @@ fn behaviour(
             .map_err(|e| SwarmError::Gossip(e.to_string()))?;
     Ok(Behaviour {
         allow: allow.into(),
+        partition: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),

@@ -254,6 +254,18 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
     exp: &Expectation,
     sender: &[u8],
 ) -> Result<Payload, Refusal> {
+    read_payload_noting(r, exp, sender, &mut None).await
+}
+
+/// `read_payload`, also leaving in `seen` the header of a refused payload
+/// when it decoded and named this run and this sender: the receiver then
+/// knows which message will not come, and need not wait for it.
+pub async fn read_payload_noting<R: AsyncRead + Unpin>(
+    r: &mut R,
+    exp: &Expectation,
+    sender: &[u8],
+    seen: &mut Option<PayloadHeader>,
+) -> Result<Payload, Refusal> {
     let mut prefix = [0u8; PREFIX_LEN];
     read_full(r, &mut prefix, "length prefix").await?;
     let len = u32::from_le_bytes(prefix) as usize;
@@ -264,6 +276,9 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
     read_full(r, &mut buf, "header").await?;
     let header =
         PayloadHeader::decode(buf.as_slice()).map_err(|e| Refusal::BadHeader(e.to_string()))?;
+    if header.run_id == exp.run_id && header.sender == sender {
+        *seen = Some(header.clone());
+    }
     let shape = shape(&header, exp, sender)?;
     let values = if shape.encoding == Encoding::F32 {
         // Read straight into the values: no second copy of the body.

@@ -47,7 +47,7 @@ pub enum TrainError {
 /// The node's training shard on the model's device.
 #[derive(Debug)]
 enum TrainData {
-    Class { x: Tensor, y: Tensor, sampler: EpochSampler },
+    Class { x: Tensor, y: Tensor, sampler: EpochSampler, classes: i64 },
     Text { tokens: Tensor, len: usize, context: usize, seed: u64 },
 }
 
@@ -70,6 +70,8 @@ pub struct Trainer {
     shard_examples: usize,
     step: u64,
     recent: VecDeque<f64>,
+    /// Train on flipped labels (an injected fault): class c becomes C - 1 - c.
+    label_flip: bool,
 }
 
 impl Trainer {
@@ -96,7 +98,8 @@ impl Trainer {
                 let sampler = EpochSampler::new(idx.len(), config.batch_size, sampler_seed);
                 let task =
                     Task::Classify { sample_shape: c.sample_shape.clone(), classes: c.num_classes };
-                (task, TrainData::Class { x, y, sampler }, idx.len())
+                let classes = c.num_classes as i64;
+                (task, TrainData::Class { x, y, sampler, classes }, idx.len())
             }
             Dataset::Text(t) => {
                 partition::check_text_scheme(&config.partition)?;
@@ -124,7 +127,19 @@ impl Trainer {
             shard_examples,
             step: 0,
             recent: VecDeque::new(),
+            label_flip: false,
         })
+    }
+
+    /// Whether this trainer's data has labels (label-flip needs them).
+    pub fn has_labels(&self) -> bool {
+        matches!(self.data, TrainData::Class { .. })
+    }
+
+    /// Turns label flipping on or off for the steps that follow; a no-op
+    /// for text, which has no labels.
+    pub fn set_label_flip(&mut self, on: bool) {
+        self.label_flip = on && self.has_labels();
     }
 
     /// Steps completed so far.
@@ -162,10 +177,12 @@ impl Trainer {
 
     fn batch(&mut self) -> (Tensor, Tensor) {
         match &mut self.data {
-            TrainData::Class { x, y, sampler } => {
+            TrainData::Class { x, y, sampler, classes } => {
                 let idx: Vec<i64> = sampler.indices(self.step).iter().map(|&i| i as i64).collect();
                 let idx = Tensor::from_slice(&idx).to_device(x.device());
-                (x.index_select(0, &idx), y.index_select(0, &idx))
+                let labels = y.index_select(0, &idx);
+                let labels = if self.label_flip { (labels * -1) + (*classes - 1) } else { labels };
+                (x.index_select(0, &idx), labels)
             }
             TrainData::Text { tokens, len, context, seed } => {
                 let starts: Vec<i64> =

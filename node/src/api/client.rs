@@ -1,0 +1,172 @@
+//! A client of one node's API, as `murmur status`, `murmur fault` and
+//! `murmur cluster` use it.
+
+use std::time::Duration;
+
+use murmur_proto::v1 as pb;
+use murmur_proto::v1::node_service_client::NodeServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use super::token::{AUTHORIZATION, ApiToken};
+use crate::fault::FaultSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{addr:?} is not a node API address (expected HOST:PORT, as in 127.0.0.1:7070)")]
+    BadAddress { addr: String },
+    #[error("cannot reach the node API at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{call} on {addr} failed: {message} ({code:?})")]
+    Call { addr: String, call: &'static str, code: tonic::Code, message: String },
+}
+
+impl ClientError {
+    /// The gRPC status code of a failed call.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Call { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one node.
+#[derive(Debug, Clone)]
+pub struct NodeClient {
+    addr: String,
+    inner: NodeServiceClient<Channel>,
+    token: Option<ApiToken>,
+}
+
+/// `HOST:PORT` (or `http://HOST:PORT`) as a URI tonic can dial.
+fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
+    let bare = addr.strip_prefix("http://").unwrap_or(addr);
+    let ok = bare.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && !bare.contains('/')
+    });
+    if ok {
+        Ok(format!("http://{bare}"))
+    } else {
+        Err(ClientError::BadAddress { addr: addr.to_string() })
+    }
+}
+
+impl NodeClient {
+    /// Connects to the API at `addr`, giving up after `timeout`.
+    pub async fn connect(
+        addr: &str,
+        token: Option<ApiToken>,
+        timeout: Duration,
+    ) -> Result<NodeClient, ClientError> {
+        let uri = endpoint_uri(addr)?;
+        let connect = |reason: String| ClientError::Connect { addr: addr.to_string(), reason };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| connect(e.to_string()))?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| connect(format!("{e} ({})", source_of(&e))))?;
+        Ok(NodeClient { addr: addr.to_string(), inner: NodeServiceClient::new(channel), token })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(value) = self.token.as_ref().and_then(|t| t.bearer().parse().ok()) {
+            r.metadata_mut().insert(AUTHORIZATION, value);
+        }
+        r
+    }
+
+    fn failed(&self, call: &'static str) -> impl Fn(tonic::Status) -> ClientError + '_ {
+        move |s| ClientError::Call {
+            addr: self.addr.clone(),
+            call,
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+
+    pub async fn status(&mut self) -> Result<pb::NodeStatus, ClientError> {
+        let r = self.request(pb::GetStatusRequest {});
+        let out = self.inner.get_status(r).await;
+        out.map(tonic::Response::into_inner).map_err(self.failed("GetStatus"))
+    }
+
+    /// The node's status stream, at most one message per `min_interval`.
+    pub async fn watch(
+        &mut self,
+        min_interval: Duration,
+    ) -> Result<tonic::Streaming<pb::NodeStatus>, ClientError> {
+        let ms = u32::try_from(min_interval.as_millis()).unwrap_or(u32::MAX);
+        let r = self.request(pb::WatchStatusRequest { min_interval_ms: ms });
+        let out = self.inner.watch_status(r).await;
+        out.map(tonic::Response::into_inner).map_err(self.failed("WatchStatus"))
+    }
+
+    pub async fn peers(&mut self) -> Result<Vec<pb::Peer>, ClientError> {
+        let r = self.request(pb::ListPeersRequest {});
+        let out = self.inner.list_peers(r).await;
+        out.map(|r| r.into_inner().peers).map_err(self.failed("ListPeers"))
+    }
+
+    pub async fn inject(&mut self, spec: &FaultSpec) -> Result<pb::ActiveFault, ClientError> {
+        let r = self
+            .request(pb::InjectFaultRequest { fault: Some(spec.to_proto()), spec: String::new() });
+        let out = self.inner.inject_fault(r).await;
+        out.map(|r| r.into_inner().fault.unwrap_or_default()).map_err(self.failed("InjectFault"))
+    }
+
+    /// Ends the faults `ids`, or all of them; returns how many ended.
+    pub async fn clear(&mut self, ids: Vec<u64>) -> Result<u32, ClientError> {
+        let r = self.request(pb::ClearFaultsRequest { ids });
+        let out = self.inner.clear_faults(r).await;
+        out.map(|r| r.into_inner().cleared).map_err(self.failed("ClearFaults"))
+    }
+
+    pub async fn checkpoint(&mut self) -> Result<pb::SaveCheckpointResponse, ClientError> {
+        let r = self.request(pb::SaveCheckpointRequest {});
+        let out = self.inner.save_checkpoint(r).await;
+        out.map(tonic::Response::into_inner).map_err(self.failed("SaveCheckpoint"))
+    }
+
+    pub async fn shutdown(&mut self) -> Result<(), ClientError> {
+        let r = self.request(pb::ShutdownRequest {});
+        let out = self.inner.shutdown(r).await;
+        out.map(|_| ()).map_err(self.failed("Shutdown"))
+    }
+}
+
+/// The innermost cause of a transport error, which says what really failed
+/// ("Connection refused") where the outer one only says "transport error".
+fn source_of(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_host_and_port() {
+        assert_eq!(endpoint_uri("127.0.0.1:7070").unwrap(), "http://127.0.0.1:7070");
+        assert_eq!(endpoint_uri("http://node-3:7070").unwrap(), "http://node-3:7070");
+        for bad in [
+            "127.0.0.1",
+            ":7070",
+            "127.0.0.1:0",
+            "127.0.0.1:99999",
+            "http://a:1/x",
+            "/ip4/1.2.3.4/tcp/5",
+        ] {
+            assert!(matches!(endpoint_uri(bad), Err(ClientError::BadAddress { .. })), "{bad}");
+        }
+    }
+}

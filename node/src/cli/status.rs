@@ -1,0 +1,371 @@
+//! `murmur status ADDR...`: what one or many nodes are doing, from their
+//! gRPC API, as a table (`--watch` follows, `--json` is for scripts), and
+//! the small control commands that share its client: `murmur fault`,
+//! `murmur checkpoint`, `murmur shutdown`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use murmur_proto::v1 as pb;
+use serde_json::{Value, json};
+
+use super::CliError;
+use crate::api::ApiToken;
+use crate::api::client::NodeClient;
+use crate::daemon::human_bytes;
+use crate::fault::FaultSpec;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a client proves it may make control calls.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TokenArgs {
+    /// The node's API token (for control calls)
+    #[arg(long, env = "MURMUR_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// File whose first line is the node's API token
+    #[arg(long, env = "MURMUR_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn token(&self) -> Result<Option<ApiToken>, CliError> {
+        match (&self.api_token, &self.api_token_file) {
+            (Some(t), _) => ApiToken::new(t).map(Some).map_err(CliError::usage),
+            (None, Some(f)) => ApiToken::from_file(f).map(Some).map_err(CliError::usage),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// API addresses of the nodes (HOST:PORT), as `murmur run` prints them
+    #[arg(required = true)]
+    addrs: Vec<String>,
+    /// Keep following: redraw whenever a node's status changes
+    #[arg(long)]
+    watch: bool,
+    /// JSON instead of a table (with --watch, one line per change)
+    #[arg(long)]
+    json: bool,
+    /// Also list each node's peers
+    #[arg(long)]
+    peers: bool,
+    /// With --watch, least time between two updates of one node, in milliseconds
+    #[arg(long, default_value_t = 500)]
+    interval_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FaultArgs {
+    #[command(subcommand)]
+    action: FaultAction,
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum FaultAction {
+    /// Start a fault on a node, in --fault syntax (e.g. drop:0.3,for=30s)
+    Inject { addr: String, spec: String },
+    /// End faults on a node: the ids given, or all of them
+    Clear { addr: String, ids: Vec<u64> },
+    /// List a node's faults
+    List { addr: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NodeCallArgs {
+    /// API address of the node (HOST:PORT)
+    addr: String,
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))
+}
+
+async fn connect(addr: &str, token: Option<ApiToken>) -> Result<NodeClient, CliError> {
+    NodeClient::connect(addr, token, CONNECT_TIMEOUT).await.map_err(|e| match e {
+        crate::api::client::ClientError::BadAddress { .. } => CliError::usage(e),
+        other => CliError::failed(other),
+    })
+}
+
+pub fn status(args: StatusArgs) -> Result<(), CliError> {
+    runtime()?
+        .block_on(async move { if args.watch { watch(&args).await } else { once(&args).await } })
+}
+
+/// One look at every node; fails (exit 1) if any could not be read.
+async fn once(args: &StatusArgs) -> Result<(), CliError> {
+    let mut rows = Vec::new();
+    for addr in &args.addrs {
+        let row = match connect(addr, None).await {
+            Ok(mut c) => match (c.status().await, args.peers) {
+                (Ok(s), true) => c.peers().await.map(|p| (s, p)).map_err(|e| e.to_string()),
+                (Ok(s), false) => Ok((s, Vec::new())),
+                (Err(e), _) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        rows.push((addr.clone(), row));
+    }
+    if args.json {
+        let all: Vec<Value> = rows.iter().map(|(a, r)| row_json(a, r)).collect();
+        println!("{}", serde_json::to_string_pretty(&all).map_err(CliError::failed)?);
+    } else {
+        print!("{}", table(&rows));
+    }
+    match rows.iter().filter(|(_, r)| r.is_err()).count() {
+        0 => Ok(()),
+        n => Err(CliError::failed(format!("{n} of {} nodes could not be read", rows.len()))),
+    }
+}
+
+/// Follows every node's WatchStatus stream and redraws on each change.
+async fn watch(args: &StatusArgs) -> Result<(), CliError> {
+    let interval = Duration::from_millis(args.interval_ms.max(100));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Result<pb::NodeStatus, String>)>(64);
+    for (i, addr) in args.addrs.iter().enumerate() {
+        let (tx, addr) = (tx.clone(), addr.clone());
+        tokio::spawn(async move {
+            let stream = match connect(&addr, None).await {
+                Ok(mut c) => c.watch(interval).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send((i, Err(e))).await;
+                    return;
+                }
+            };
+            while let Some(item) = stream.next().await {
+                let item = item.map_err(|e| format!("{addr}: {}", e.message()));
+                let ended = item.is_err();
+                if tx.send((i, item)).await.is_err() || ended {
+                    return;
+                }
+            }
+            let _ = tx.send((i, Err(format!("{addr}: the node closed its status stream")))).await;
+        });
+    }
+    drop(tx);
+    let mut rows: Vec<Row> =
+        args.addrs.iter().map(|a| (a.clone(), Err("waiting".to_string()))).collect();
+    let tty = std::io::stdout().is_terminal() && !args.json;
+    let mut drawn_lines = 0;
+    while let Some((i, update)) = rx.recv().await {
+        rows[i].1 = update.map(|s| (s, Vec::new()));
+        if args.json {
+            println!("{}", row_json(&rows[i].0, &rows[i].1));
+            continue;
+        }
+        let text = table(&rows);
+        if tty && drawn_lines > 0 {
+            print!("\x1b[{drawn_lines}A\x1b[J");
+        }
+        print!("{text}");
+        if !tty {
+            println!();
+        }
+        drawn_lines = text.lines().count();
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}
+
+type Row = (String, Result<(pb::NodeStatus, Vec<pb::Peer>), String>);
+
+/// The table `murmur status` and `murmur cluster` print.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<22} {:<4} {:<14} {:<9} {:>9} {:>11} {:>8} {:>7} {:>5} {:>9} {:>9} {:>7} {:<}\n",
+        "ADDR",
+        "NODE",
+        "PEER",
+        "PHASE",
+        "ROUND",
+        "STEP",
+        "LOSS",
+        "ACC",
+        "PEERS",
+        "SENT",
+        "RECEIVED",
+        "REFUSED",
+        "FAULTS"
+    );
+    for (addr, row) in rows {
+        match row {
+            Err(e) => out += &format!("{addr:<22} {e}\n"),
+            Ok((s, peers)) => {
+                out += &status_line(addr, s);
+                for p in peers {
+                    out += &peer_line(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn status_line(addr: &str, s: &pb::NodeStatus) -> String {
+    let t = s.traffic.unwrap_or_default();
+    let refused: u64 = s.refusals.values().sum();
+    let faults: Vec<&str> = s.active_faults.iter().map(|f| f.spec.as_str()).collect();
+    format!(
+        "{addr:<22} {:<4} {:<14} {:<9} {:>9} {:>11} {:>8} {:>7} {:>5} {:>9} {:>9} {:>7} {}\n",
+        s.node_index,
+        short_peer(&s.peer_id),
+        phase_name(s.phase),
+        format!("{}/{}", s.round, s.rounds),
+        format!("{}/{}", s.step, s.steps_planned),
+        s.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.eval_accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+        format!("{}/{}", s.connected_peers, s.live_members.saturating_sub(1)),
+        human_bytes(t.bytes_sent),
+        human_bytes(t.bytes_received),
+        refused,
+        if faults.is_empty() { "-".to_string() } else { faults.join(" ") },
+    )
+}
+
+fn peer_line(p: &pb::Peer) -> String {
+    let t = p.traffic.unwrap_or_default();
+    format!(
+        "    peer {:<52} {:<9} round {:<6} sent {:>9} received {:>9}{}\n",
+        p.peer_id,
+        if p.connected { "connected" } else { "-" },
+        p.round,
+        human_bytes(t.bytes_sent),
+        human_bytes(t.bytes_received),
+        p.last_seen_seconds_ago.map_or(String::new(), |s| format!("  seen {s:.1}s ago")),
+    )
+}
+
+fn short_peer(p: &str) -> String {
+    match p.len() {
+        n if n > 12 => format!("{}..{}", &p[..6], &p[n - 6..]),
+        _ => p.to_string(),
+    }
+}
+
+/// `training`, `mixing`... for a `Phase` number.
+pub fn phase_name(phase: i32) -> String {
+    let p = pb::Phase::try_from(phase).unwrap_or_default();
+    p.as_str_name().trim_start_matches("PHASE_").to_lowercase()
+}
+
+fn row_json(addr: &str, row: &Result<(pb::NodeStatus, Vec<pb::Peer>), String>) -> Value {
+    match row {
+        Err(e) => json!({"addr": addr, "error": e}),
+        Ok((s, peers)) => {
+            let mut v = status_json(s);
+            v["addr"] = json!(addr);
+            if !peers.is_empty() {
+                v["peers"] = peers.iter().map(peer_json).collect();
+            }
+            v
+        }
+    }
+}
+
+fn traffic_json(t: Option<pb::Traffic>) -> Value {
+    let t = t.unwrap_or_default();
+    json!({"bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received,
+        "messages_sent": t.messages_sent, "messages_received": t.messages_received})
+}
+
+/// A status as JSON, field names as in the .proto.
+pub fn status_json(s: &pb::NodeStatus) -> Value {
+    json!({
+        "peer_id": s.peer_id, "run_id": s.run_id, "strategy": s.strategy,
+        "phase": phase_name(s.phase), "round": s.round, "rounds": s.rounds,
+        "step": s.step, "steps_planned": s.steps_planned, "train_loss": s.train_loss,
+        "eval_loss": s.eval_loss, "eval_accuracy": s.eval_accuracy, "eval_round": s.eval_round,
+        "samples_seen": s.samples_seen, "traffic": traffic_json(s.traffic),
+        "refusals": s.refusals, "strategy_drops": s.strategy_drops,
+        "connected_peers": s.connected_peers, "live_members": s.live_members,
+        "model_hash": s.model_hash, "consensus_distance": s.consensus_distance,
+        "active_faults": s.active_faults.iter().map(|f| json!({"id": f.id, "spec": f.spec,
+            "active": f.active, "remaining_seconds": f.remaining_seconds})).collect::<Vec<_>>(),
+        "fault_effects": s.fault_effects, "uptime_seconds": s.uptime_seconds,
+        "last_error": s.last_error, "node_index": s.node_index, "nodes": s.nodes,
+        "listen_addrs": s.listen_addrs, "version": s.version, "send_failures": s.send_failures,
+    })
+}
+
+fn peer_json(p: &pb::Peer) -> Value {
+    json!({"peer_id": p.peer_id, "connected": p.connected, "member": p.member, "addrs": p.addrs,
+        "round": p.round, "role": p.role, "traffic": traffic_json(p.traffic),
+        "last_seen_seconds_ago": p.last_seen_seconds_ago})
+}
+
+pub fn fault(args: FaultArgs) -> Result<(), CliError> {
+    let token = args.token.token()?;
+    runtime()?.block_on(async move {
+        match args.action {
+            FaultAction::Inject { addr, spec } => {
+                let spec: FaultSpec = spec.parse().map_err(CliError::usage)?;
+                let mut c = connect(&addr, token).await?;
+                let f = c.inject(&spec).await.map_err(CliError::failed)?;
+                println!(
+                    "fault {} on {addr}: {}{}",
+                    f.id,
+                    f.spec,
+                    if f.active { "" } else { " (waiting for its round)" }
+                );
+            }
+            FaultAction::Clear { addr, ids } => {
+                let mut c = connect(&addr, token).await?;
+                let n = c.clear(ids).await.map_err(CliError::failed)?;
+                println!("{n} fault(s) cleared on {addr}");
+            }
+            FaultAction::List { addr } => {
+                let mut c = connect(&addr, token).await?;
+                let s = c.status().await.map_err(CliError::failed)?;
+                for f in &s.active_faults {
+                    let left =
+                        f.remaining_seconds.map_or(String::new(), |r| format!(", {r:.1}s left"));
+                    let state = if f.active { "active" } else { "waiting" };
+                    println!("{:>4}  {}  ({state}{left})", f.id, f.spec);
+                }
+                if s.active_faults.is_empty() {
+                    println!("no faults on {addr}");
+                }
+                for (effect, n) in &s.fault_effects {
+                    println!("      {effect}: {n}");
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn checkpoint(args: NodeCallArgs) -> Result<(), CliError> {
+    let token = args.token.token()?;
+    runtime()?.block_on(async move {
+        let mut c = connect(&args.addr, token).await?;
+        let r = c.checkpoint().await.map_err(CliError::failed)?;
+        println!("checkpoint of step {} (round {}) written to {}", r.step, r.round, r.path);
+        Ok(())
+    })
+}
+
+pub fn shutdown(args: NodeCallArgs) -> Result<(), CliError> {
+    let token = args.token.token()?;
+    runtime()?.block_on(async move {
+        let mut c = connect(&args.addr, token).await?;
+        c.shutdown().await.map_err(CliError::failed)?;
+        println!("{} is shutting down (checkpoint and summary first)", args.addr);
+        Ok(())
+    })
+}
