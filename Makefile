@@ -26,9 +26,10 @@ demo: build
 	$(MURMUR) cluster --nodes 4 --strategy gossip --topology ring --data synthetic --model mlp \
 		--partition dirichlet:0.5 --steps 3000 --local-steps 25 --eval-every 500 --out target/demo
 
-# The whole suite: unit tests and end-to-end tests with real processes.
+# The whole suite: unit tests and end-to-end tests with real processes. The
+# API tests also run an independent Python gRPC client from a cached venv.
 test: build
-	$(CARGO) test --release --workspace
+	MURMUR_TEST_PYTHON="$$(scripts/setup-test-venv.sh)" $(CARGO) test --release --workspace
 
 lint: setup
 	cargo fmt --all -- --check

@@ -6,8 +6,11 @@
 // Every function here is test code: a panic is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod api;
 mod cluster;
+mod faults;
 mod harness;
 mod identity;
 mod sim;
+mod swarm;
 mod train;

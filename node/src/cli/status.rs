@@ -23,10 +23,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TokenArgs {
     /// The node's API token (for control calls)
-    #[arg(long, env = "MURMUR_API_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "MURMUR_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
     /// File whose first line is the node's API token
-    #[arg(long, env = "MURMUR_API_TOKEN_FILE")]
+    #[arg(long, global = true, env = "MURMUR_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
 }
 

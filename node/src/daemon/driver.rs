@@ -364,6 +364,8 @@ impl Node {
     async fn drive(&mut self, mixer: &mut dyn Mixer) -> Result<Ending, NodeError> {
         let mut training: Option<oneshot::Receiver<Result<PhaseDone, String>>> = None;
         let mut finished = false;
+        let params = self.worker.params().await.map_err(NodeError::Trainer)?;
+        mixer.set_start_params(&params);
         let now = Instant::now();
         let start = mixer.start(now);
         let first = mixer.round();
@@ -822,6 +824,7 @@ impl Node {
             parameters: self.parameters,
             fingerprint: self.fingerprint.clone(),
             bytes: acc.total(),
+            traffic_by_peer: acc.by_peer(),
             refusals: acc.refusals.clone(),
             strategy_drops: mixer
                 .dropped()

@@ -56,6 +56,8 @@ pub struct NodeSummary {
     pub parameters: usize,
     pub fingerprint: String,
     pub bytes: Counts,
+    /// Traffic with each peer (base58 peer id), all kinds together.
+    pub traffic_by_peer: std::collections::BTreeMap<String, Counts>,
     pub refusals: std::collections::BTreeMap<String, u64>,
     pub strategy_drops: std::collections::BTreeMap<String, u64>,
     pub send_failures: u64,

@@ -42,7 +42,8 @@ pub struct GossipConfig {
     pub aggregator: Aggregator,
     /// Refuse an arrived vector farther from x_i than this times
     /// ||x_i after the local phase - x_i after its last mix||; 0 disables.
-    /// The first mix (nothing to measure the update from) is not bounded.
+    /// Before the first mix the update is measured from the start params
+    /// (`set_start_params`); without them the first mix is not bounded.
     /// A negative or non-finite value also disables it (config refuses one).
     pub norm_bound: f64,
 }
@@ -270,6 +271,12 @@ impl Gossip {
 }
 
 impl Mixer for Gossip {
+    fn set_start_params(&mut self, params: &[f32]) {
+        if self.norm_bound.is_enabled() {
+            self.last_mixed = Some(params.to_vec());
+        }
+    }
+
     fn start(&mut self, _now: Instant) -> Vec<Action> {
         if self.round >= self.cfg.rounds {
             self.phase = Phase::Done;
@@ -522,6 +529,22 @@ mod tests {
         assert_eq!(acts, vec![Action::SetParams(vec![11.75]), Action::Finish]);
         assert_eq!(g.drops.get("norm_bound"), 1);
         assert_eq!(g.last_neighbour_distance, Some(1.5));
+    }
+
+    #[test]
+    fn with_start_params_the_norm_bound_holds_from_the_first_mix() {
+        let ids = peers(3);
+        let c = GossipConfig { norm_bound: 2.0, ..cfg("complete", 2) };
+        let mut g = Gossip::new(c, ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.set_start_params(&[0.0]);
+        g.start(t0);
+        // The first phase moved 0 -> 1: bound 2 * 1. 2.5 is mixed, 30 refused.
+        g.handle(Input::LocalDone { params: vec![1.0], samples: 1 }, t0);
+        g.handle(params(ids[1], 0, 2.5), t0);
+        let acts = g.handle(params(ids[2], 0, 30.0), t0);
+        assert_eq!(acts[0], Action::SetParams(vec![1.75]));
+        assert_eq!(g.drops.get("norm_bound"), 1);
     }
 
     #[test]

@@ -17,8 +17,7 @@
 //! configured [`Aggregator`]; a [`NormBound`] refuses a partner's vector in
 //! a pairwise exchange, and a shard in the final merge, that lies farther
 //! from this node's own than a multiple of its update since its last
-//! exchange (no bound before the first exchange: there is no update to
-//! measure yet).
+//! exchange (or since the start params, before the first).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -322,6 +321,13 @@ fn average_into(x: &mut [f32], y: &[f32]) {
 }
 
 impl Mixer for Merge {
+    fn set_start_params(&mut self, params: &[f32]) {
+        if self.cfg.norm_bound.is_enabled() {
+            self.last_mixed = Some(params.to_vec());
+            self.all_reduce.set_reference(params.to_vec());
+        }
+    }
+
     fn start(&mut self, _now: Instant) -> Vec<Action> {
         if self.round >= self.cfg.rounds {
             self.phase = Phase::Done;

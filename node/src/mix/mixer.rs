@@ -75,6 +75,12 @@ pub trait Mixer: Send {
     /// Actions to take when the node starts (usually the first `Train`).
     fn start(&mut self, now: Instant) -> Vec<Action>;
 
+    /// The parameters the node starts from, given before `start`: the
+    /// reference its own update is measured from until its first mix (so a
+    /// norm bound holds from the first exchange on). Strategies that keep
+    /// no reference ignore it.
+    fn set_start_params(&mut self, _params: &[f32]) {}
+
     /// Reacts to one input.
     fn handle(&mut self, input: Input, now: Instant) -> Vec<Action>;
 

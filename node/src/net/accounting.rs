@@ -64,6 +64,18 @@ impl Snapshot {
         t
     }
 
+    /// Totals per peer (base58) over all kinds.
+    pub fn by_peer(&self) -> BTreeMap<String, Counts> {
+        self.per_peer
+            .iter()
+            .map(|(peer, kinds)| {
+                let mut t = Counts::default();
+                kinds.values().for_each(|c| t.merge(c));
+                (peer.clone(), t)
+            })
+            .collect()
+    }
+
     /// Totals with one peer over all kinds.
     pub fn with_peer(&self, peer: &PeerId) -> Counts {
         let mut t = Counts::default();

@@ -219,7 +219,7 @@ pub fn encode(values: &[f32], enc: Encoding) -> Vec<u8> {
 /// so nothing is allocated for a body that does not match.
 pub fn decode(body: &[u8], enc: Encoding, element_count: usize) -> Result<Vec<f32>, DecodeError> {
     check_len(body, enc, element_count)?;
-    let mut out = vec![0.0; element_count];
+    let mut out = super::hugepages::zeroed_f32(element_count);
     decode_into(body, enc, &mut out)?;
     Ok(out)
 }

@@ -3,6 +3,7 @@
 
 pub mod accounting;
 pub mod encoding;
+mod hugepages;
 pub mod identity;
 pub mod inbound;
 pub mod membership;

@@ -161,6 +161,9 @@ pub struct Network {
     /// The network thread's runtime: transfers run there.
     runtime: tokio::runtime::Handle,
     faults: Arc<Faults>,
+    /// One clock for every transfer's bytes, so a bandwidth cap holds for
+    /// the node as a whole, not per payload.
+    pacer: Arc<Pacer>,
 }
 
 impl std::fmt::Debug for Network {
@@ -255,6 +258,7 @@ impl Network {
             sender_bytes: local_peer.to_bytes(),
             runtime: tokio::runtime::Handle::current(),
             faults: cfg.faults.clone(),
+            pacer: Arc::new(Pacer::default()),
         };
         Ok(((network, events_rx), driver, commands_rx))
     }
@@ -291,7 +295,8 @@ impl Network {
         }
         let (tx, chunks) = futures::channel::mpsc::channel(SEND_QUEUE);
         let frame = wire::frame_len(header);
-        let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame, chunks, rate));
+        let pacing = rate.map(|r| (self.pacer.clone(), r));
+        let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame, chunks, pacing));
         let mut net = AbortOnDrop(net);
         let transfer = async move {
             if let Some(d) = delay {
@@ -393,7 +398,7 @@ async fn transfer(
     peer: PeerId,
     frame: usize,
     mut chunks: futures::channel::mpsc::Receiver<Vec<u8>>,
-    rate: Option<u64>,
+    pacing: Option<(Arc<Pacer>, u64)>,
 ) -> Result<(), SendError> {
     let Some(first) = chunks.next().await else {
         return Err(SendError::Open { peer, reason: "nothing to send".into() });
@@ -403,16 +408,15 @@ async fn transfer(
         .await
         .map_err(|e| SendError::Open { peer, reason: e.to_string() })?;
     let io = |source| SendError::Io { peer, source };
-    let mut pacer = rate.map(Pacer::new);
     let mut written = 0;
     let mut next = Some(first);
     while let Some(chunk) = next {
         written += chunk.len();
-        match &mut pacer {
+        match &pacing {
             None => stream.write_all(&chunk).await.map_err(io)?,
-            Some(p) => {
+            Some((pacer, rate)) => {
                 for piece in chunk.chunks(PACED_PIECE) {
-                    p.wait(piece.len()).await;
+                    pacer.wait(piece.len(), *rate).await;
                     stream.write_all(piece).await.map_err(io)?;
                 }
             }
@@ -432,25 +436,27 @@ async fn transfer(
 }
 
 /// Bytes written at a time under a bandwidth cap.
-const PACED_PIECE: usize = 16 * 1024;
+const PACED_PIECE: usize = 4 * 1024;
 
-/// Paces writes to `rate` bytes per second from its first write.
+/// A link of limited rate shared by all transfers: each piece books the
+/// link for len / rate after the previous booking ends, and is written when
+/// its booking ends, as a slow link would deliver it.
+#[derive(Debug, Default)]
 struct Pacer {
-    rate: f64,
-    start: tokio::time::Instant,
-    sent: u64,
+    free_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Pacer {
-    fn new(rate: u64) -> Pacer {
-        Pacer { rate: rate.max(1) as f64, start: tokio::time::Instant::now(), sent: 0 }
-    }
-
-    /// Waits until `len` more bytes fit the rate.
-    async fn wait(&mut self, len: usize) {
-        let due = self.start + Duration::from_secs_f64(self.sent as f64 / self.rate);
+    async fn wait(&self, len: usize, rate: u64) {
+        let due = {
+            let mut free_at = self.free_at.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = free_at.map_or(now, |t| t.max(now));
+            let due = start + Duration::from_secs_f64(len as f64 / rate.max(1) as f64);
+            *free_at = Some(due);
+            due
+        };
         tokio::time::sleep_until(due).await;
-        self.sent += len as u64;
     }
 }
 

@@ -21,6 +21,7 @@ use murmur_proto::wire::v1::{PayloadHeader, PayloadKind};
 use prost::Message;
 
 use super::encoding::{self, DecodeError, Encoding};
+use super::hugepages;
 
 /// The stream protocol that carries payloads.
 pub const PROTOCOL: &str = "/murmur/params/1";
@@ -282,13 +283,13 @@ pub async fn read_payload_noting<R: AsyncRead + Unpin>(
     let shape = shape(&header, exp, sender)?;
     let values = if shape.encoding == Encoding::F32 {
         // Read straight into the values: no second copy of the body.
-        let mut values = vec![0f32; shape.element_count];
+        let mut values = hugepages::zeroed_f32(shape.element_count);
         let bytes = bytemuck::cast_slice_mut::<f32, u8>(&mut values);
         read_full(r, bytes, "body").await?;
         verify_checksum(bytes, header.checksum)?;
         values
     } else {
-        let mut body = vec![0u8; shape.body_len];
+        let mut body = hugepages::zeroed_bytes(shape.body_len);
         read_full(r, &mut body, "body").await?;
         verify_checksum(&body, header.checksum)?;
         encoding::decode(&body, shape.encoding, shape.element_count)?

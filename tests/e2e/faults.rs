@@ -1,0 +1,309 @@
+//! Every fault of the injector, end to end on a small cluster of real
+//! processes: its effect shows in the status or summary of the node that
+//! has it and of its peers. Then robust aggregation on MNIST with two
+//! sign-flipping nodes out of eight.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{data_dir, murmur, ok, read_json, s};
+use crate::swarm::start_swarm;
+
+/// A `murmur cluster` of `n` nodes on the built-in data over a complete
+/// graph, plus `extra`; returns cluster.json.
+fn cluster(out: &Path, n: usize, rounds: u64, extra: &[&str]) -> Value {
+    let (n, rounds) = (n.to_string(), rounds.to_string());
+    let mut args = vec![
+        "cluster",
+        "--nodes",
+        &n,
+        "--data",
+        "synthetic",
+        "--hidden",
+        "32",
+        "--topology",
+        "complete",
+        "--rounds",
+        &rounds,
+        "--local-steps",
+        "10",
+        "--lr",
+        "1e-2",
+        "--out",
+        s(out),
+    ];
+    if !extra.contains(&"--round-timeout-ms") {
+        args.extend(["--round-timeout-ms", "2000"]);
+    }
+    args.extend_from_slice(extra);
+    ok(&murmur(&args));
+    read_json(&out.join("cluster.json"))
+}
+
+fn summary(out: &Path, i: usize) -> Value {
+    read_json(&out.join(format!("node-{i}/summary.json")))
+}
+
+fn count(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cluster(
+        tmp.path(),
+        3,
+        30,
+        &["--round-timeout-ms", "500", "--node-fault", "1=drop:0.3:out"],
+    );
+    let nodes = c["nodes"].as_array().unwrap();
+    let dropped = count(&nodes[1]["fault_effects"], "dropped_out");
+    // 30 rounds x 2 neighbours x 0.3 = 18 expected.
+    assert!((6..=32).contains(&dropped), "node 1 dropped {dropped} of 60");
+    let missing: u64 =
+        [0, 2].iter().map(|&i| count(&nodes[i]["strategy_drops"], "missing_at_deadline")).sum();
+    assert!(missing >= dropped, "peers missed {missing}, node 1 dropped {dropped}");
+}
+
+#[test]
+fn a_partition_leaves_no_bytes_between_its_two_sides() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Node 2's identity first, so node 1 can be told to cut it off.
+    let id = ok(&murmur(&["id", "--data-dir", s(&tmp.path().join("node-2"))]));
+    let peer2 = id.trim().to_string();
+    let spec = format!("1=partition:{peer2}");
+    let c = cluster(tmp.path(), 3, 12, &["--round-timeout-ms", "1000", "--node-fault", &spec]);
+    let (s0, s1, s2) = (summary(tmp.path(), 0), summary(tmp.path(), 1), summary(tmp.path(), 2));
+    let peer1 = s1["peer_id"].as_str().unwrap();
+    assert_eq!(s2["peer_id"], peer2.as_str());
+    let bytes = |s: &Value, p: &str| {
+        count(&s["traffic_by_peer"][p], "bytes_sent")
+            + count(&s["traffic_by_peer"][p], "bytes_received")
+    };
+    assert_eq!(
+        bytes(&s1, &peer2),
+        0,
+        "node 1 exchanged bytes with node 2: {}",
+        s1["traffic_by_peer"]
+    );
+    assert_eq!(
+        bytes(&s2, peer1),
+        0,
+        "node 2 exchanged bytes with node 1: {}",
+        s2["traffic_by_peer"]
+    );
+    // Both still talk to node 0, and every node finishes its rounds.
+    assert!(bytes(&s0, peer1) > 0 && bytes(&s0, &peer2) > 0);
+    assert!(
+        c["nodes"].as_array().unwrap().iter().all(|n| n["exit_status"] == 0 && n["rounds"] == 12)
+    );
+    assert!(count(&s1["fault_effects"], "partitioned") > 0);
+}
+
+#[test]
+fn an_injected_crash_exits_non_zero_and_the_others_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cluster(tmp.path(), 3, 12, &["--node-fault", "2=crash:4"]);
+    let nodes = c["nodes"].as_array().unwrap();
+    assert_eq!(nodes[2]["exit_status"], 70);
+    assert!(!tmp.path().join("node-2/summary.json").exists(), "a crash writes no summary");
+    for i in [0, 1] {
+        assert_eq!(nodes[i]["exit_status"], 0);
+        assert_eq!(nodes[i]["rounds"], 12);
+        assert!(nodes[i]["final"]["eval_accuracy"].as_f64().unwrap() > 0.5);
+    }
+}
+
+#[test]
+fn nan_messages_are_refused_by_every_honest_peer_whose_model_stays_finite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cluster(tmp.path(), 4, 15, &["--node-fault", "3=nan"]);
+    let nodes = c["nodes"].as_array().unwrap();
+    assert!(count(&nodes[3]["fault_effects"], "corrupted") >= 15 * 3);
+    for n in &nodes[..3] {
+        // Every round's NaN message refused by the wire, and not waited for.
+        assert!(count(&n["refusals"], "non_finite") >= 14, "{n}");
+        assert!(count(&n["strategy_drops"], "missing_at_deadline") <= 1, "{n}");
+        let loss = n["final"]["eval_loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss < 1.0, "{n}");
+    }
+}
+
+#[test]
+fn a_delay_or_a_bandwidth_cap_slows_the_exchanges_of_the_node_and_its_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = cluster(&tmp.path().join("base"), 3, 10, &[]);
+    let comm =
+        |c: &Value, i: usize| c["nodes"][i]["timing"]["communication_seconds"].as_f64().unwrap();
+    let delayed = cluster(&tmp.path().join("delay"), 3, 10, &["--node-fault", "1=delay:300ms"]);
+    assert!(count(&delayed["nodes"][1]["fault_effects"], "delayed") >= 20);
+    // The peers wait for node 1's messages, 300 ms late (rounds overlap, so
+    // not the full 300 ms each; measured about 1.5 s over 10 rounds).
+    for i in [0, 2] {
+        let (d, b) = (comm(&delayed, i), comm(&base, i));
+        assert!(d >= 1.0 && d >= 5.0 * b, "node {i}: {d} s (no delay: {b} s)");
+    }
+    // mlp 32-32-32-10: 2,442 values, about 9.8 kB a payload; two a round at
+    // 20 kB/s for the node as a whole take about a second.
+    let capped = cluster(&tmp.path().join("cap"), 3, 10, &["--node-fault", "1=bandwidth:20kB/s"]);
+    for i in [0, 2] {
+        let (c, b) = (comm(&capped, i), comm(&base, i));
+        assert!(c >= 2.0 && c >= 5.0 * b, "node {i}: {c} s (no cap: {b} s)");
+    }
+}
+
+#[test]
+fn byzantine_senders_are_caught_by_the_norm_bound_of_their_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for mode in ["sign-flip", "scale:10", "noise:1"] {
+        let out = tmp.path().join(mode.replace(':', "-"));
+        let spec = format!("2={mode}");
+        let c = cluster(&out, 3, 15, &["--norm-bound", "3", "--node-fault", &spec]);
+        let nodes = c["nodes"].as_array().unwrap();
+        assert!(count(&nodes[2]["fault_effects"], "corrupted") >= 30, "{mode}: {}", nodes[2]);
+        for n in &nodes[..2] {
+            // Every mix refuses node 2 (the first measures from the start params).
+            assert!(count(&n["strategy_drops"], "norm_bound") >= 15, "{mode}: {n}");
+            assert!(n["final"]["eval_accuracy"].as_f64().unwrap() > 0.6, "{mode}: {n}");
+        }
+    }
+}
+
+#[test]
+fn label_flip_trains_a_node_on_wrong_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cluster(tmp.path(), 3, 20, &["--strategy", "merge", "--node-fault", "2=label-flip"]);
+    let nodes = c["nodes"].as_array().unwrap();
+    let local = |i: usize| nodes[i]["local"]["eval_accuracy"].as_f64().unwrap();
+    assert!(local(2) < 0.2, "the flipped node's own model: {}", local(2));
+    assert!(local(0) > 0.7 && local(1) > 0.7, "honest: {} {}", local(0), local(1));
+    // Its peers feel it in the merged model.
+    let merged = c["merged"]["eval_accuracy"].as_f64().unwrap();
+    assert!(merged < (local(0) + local(1)) / 2.0, "merged {merged}");
+    // Text has no labels: refused before anything runs.
+    let text = format!("text:{}", s(&data_dir().join("tinyshakespeare/input.txt")));
+    let refused = murmur(&[
+        "run",
+        "--data-dir",
+        s(&tmp.path().join("text")),
+        "--nodes",
+        "1",
+        "--data",
+        &text,
+        "--fault",
+        "label-flip",
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("label-flip needs labelled data"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_pause_stops_a_node_and_its_peers_see_it_fall_silent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--data",
+        "synthetic",
+        "--hidden",
+        "32",
+        "--rounds",
+        "400",
+        "--local-steps",
+        "10",
+        "--round-timeout-ms",
+        "500",
+    ];
+    let mut nodes = start_swarm(tmp.path(), 3, &args);
+    nodes[1].wait_for("training", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(3));
+    ok(&murmur(&["fault", "inject", &nodes[1].api, "pause,for=6s"]));
+    nodes[1].wait_for("the pause", Duration::from_secs(2), |st| st["phase"] == "paused");
+    // Sends already under way when the pause began may still finish; then nothing moves.
+    std::thread::sleep(Duration::from_millis(300));
+    let paused = nodes[1].status();
+    let missing_before = count(&nodes[0].status()["strategy_drops"], "missing_at_deadline");
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let still = nodes[1].status();
+    assert_eq!(still["phase"], "paused");
+    assert_eq!(still["step"], paused["step"], "no training while paused");
+    assert_eq!(
+        still["traffic"]["bytes_sent"], paused["traffic"]["bytes_sent"],
+        "no sending while paused"
+    );
+    let missing_during = count(&nodes[0].status()["strategy_drops"], "missing_at_deadline");
+    assert!(
+        missing_during > missing_before,
+        "node 0 misses node 1's messages: {missing_before} -> {missing_during}"
+    );
+    let step = paused["step"].as_u64().unwrap();
+    nodes[1].wait_for("the node to resume", Duration::from_secs(20), |st| {
+        st["step"].as_u64() > Some(step + 10)
+    });
+    assert!(t.elapsed() >= Duration::from_millis(1500));
+    for n in &mut nodes {
+        assert_eq!(n.wait_exit(Duration::from_secs(120)), 0);
+    }
+}
+
+/// Honest nodes' mean held-out accuracy in an 8-node MNIST cluster whose
+/// nodes 6 and 7 send sign-flipped parameters (unless `clean`).
+fn mnist_under_attack(out: &Path, aggregator: &str, clean: bool) -> f64 {
+    let mnist = format!("mnist:{}", s(&data_dir().join("mnist")));
+    let mut args = vec![
+        "cluster",
+        "--nodes",
+        "8",
+        "--model",
+        "lenet",
+        "--data",
+        &mnist,
+        "--partition",
+        "iid",
+        "--steps",
+        "300",
+        "--local-steps",
+        "10",
+        "--lr",
+        "2e-3",
+        "--round-timeout-ms",
+        "5000",
+        "--topology",
+        "complete",
+        "--aggregator",
+        aggregator,
+        "--out",
+        s(out),
+    ];
+    if !clean {
+        args.extend(["--node-fault", "6=sign-flip", "--node-fault", "7=sign-flip"]);
+    }
+    ok(&murmur(&args));
+    let c = read_json(&out.join("cluster.json"));
+    let honest: Vec<f64> = c["nodes"].as_array().unwrap()[..6]
+        .iter()
+        .map(|n| n["final"]["eval_accuracy"].as_f64().unwrap())
+        .collect();
+    honest.iter().sum::<f64>() / honest.len() as f64
+}
+
+#[test]
+fn robust_aggregation_holds_honest_accuracy_against_two_sign_flippers_in_eight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = mnist_under_attack(&tmp.path().join("clean"), "mean", true);
+    let mean = mnist_under_attack(&tmp.path().join("mean"), "mean", false);
+    let trimmed = mnist_under_attack(&tmp.path().join("trimmed"), "trimmed-mean:0.25", false);
+    let median = mnist_under_attack(&tmp.path().join("median"), "median", false);
+    eprintln!(
+        "MNIST, 8 nodes, complete graph, nodes 6 and 7 sign-flipping: honest accuracy fault-free {clean:.4}; \
+         mean {mean:.4}; trimmed-mean:0.25 {trimmed:.4}; median {median:.4}"
+    );
+    assert!(clean >= 0.95, "fault-free {clean}");
+    assert!(trimmed >= clean - 0.03, "trimmed mean {trimmed} vs fault-free {clean}");
+    assert!(median >= clean - 0.03, "median {median} vs fault-free {clean}");
+    assert!(mean < clean - 0.20, "the plain mean should break: {mean} vs {clean}");
+}
