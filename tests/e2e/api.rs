@@ -76,10 +76,15 @@ fn control_calls_need_the_token_and_status_calls_do_not() {
     let tmp = tempfile::tempdir().unwrap();
     let token_file = tmp.path().join("api.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    // The token file and a first fault come from the config file.
+    let config = tmp.path().join("node.toml");
+    let toml = format!("api-token-file = {:?}\nfault = [\"delay:1ms,for=1h\"]\n", s(&token_file));
+    std::fs::write(&config, toml).unwrap();
     let mut args = LONG_RUN.to_vec();
-    args.extend(["--api-token-file", s(&token_file)]);
+    args.extend(["--config", s(&config)]);
     let mut node = LiveNode::start(&tmp.path().join("node-0"), 0, 1, None, &args);
     let api = node.api.clone();
+    assert_eq!(node.status()["active_faults"][0]["spec"], "delay:1ms,for=3600s");
     // Status calls: no token needed.
     assert_eq!(grpc_client(&api, &["call", "GetStatus"])["peer_id"], node.peer_id.as_str());
     assert!(grpc_client(&api, &["call", "ListPeers"]).get("code").is_none());
@@ -100,7 +105,7 @@ fn control_calls_need_the_token_and_status_calls_do_not() {
         }
     }
     let st = node.status();
-    assert_eq!(st["active_faults"], serde_json::json!([]));
+    assert_eq!(st["active_faults"].as_array().unwrap().len(), 1, "only the config's: {st}");
     assert_eq!(st["phase"].as_str().map(|p| p != "finishing"), Some(true), "still running: {st}");
     assert!(!node.dir.join("checkpoint/meta.json").exists(), "no checkpoint was written");
     // murmur's own client: the same refusal, then success with the token.
@@ -111,14 +116,14 @@ fn control_calls_need_the_token_and_status_calls_do_not() {
     let ok = murmur(&[&["fault", "inject", &api, "drop:0.5,for=1h"][..], &file_arg].concat());
     assert!(ok.status.success(), "{ok:?}");
     let st = node.status();
-    assert_eq!(st["active_faults"][0]["spec"], "drop:0.5,for=3600s");
+    assert_eq!(st["active_faults"][1]["spec"], "drop:0.5,for=3600s");
     let typed = grpc_client(
         &api,
         &["call", "InjectFault", r#"{"fault": {"delay": {"delay_ms": 5}}}"#, "--token", TOKEN],
     );
     assert_eq!(typed["fault"]["spec"], "delay:5ms", "{typed}");
     let cleared = grpc_client(&api, &["call", "ClearFaults", "{}", "--token", TOKEN]);
-    assert_eq!(cleared["cleared"], 2);
+    assert_eq!(cleared["cleared"], 3);
     let saved = grpc_client(&api, &["call", "SaveCheckpoint", "{}", "--token", TOKEN]);
     assert!(int(&saved["step"]) > 0, "{saved}");
     let meta = read_json(&node.dir.join("checkpoint/meta.json"));
