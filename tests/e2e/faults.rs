@@ -71,14 +71,23 @@ fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peer
 #[test]
 fn a_partition_leaves_no_bytes_between_its_two_sides() {
     let tmp = tempfile::tempdir().unwrap();
-    // Node 2's identity first, so node 1 can be told to cut it off.
-    let id = ok(&murmur(&["id", "--data-dir", s(&tmp.path().join("node-2"))]));
-    let peer2 = id.trim().to_string();
-    let spec = format!("1=partition:{peer2}");
-    let c = cluster(tmp.path(), 3, 12, &["--round-timeout-ms", "1000", "--node-fault", &spec]);
+    // The identities first, so that nodes 1 and 2 can be told to cut each
+    // other off (a partition splits both sides; node 0 still reaches both).
+    let id = |i: usize| {
+        let out = ok(&murmur(&["id", "--data-dir", s(&tmp.path().join(format!("node-{i}")))]));
+        out.trim().to_string()
+    };
+    let (peer1, peer2) = (id(1), id(2));
+    let (cut1, cut2) = (format!("1=partition:{peer2}"), format!("2=partition:{peer1}"));
+    let c = cluster(
+        tmp.path(),
+        3,
+        12,
+        &["--round-timeout-ms", "1000", "--node-fault", &cut1, "--node-fault", &cut2],
+    );
     let (s0, s1, s2) = (summary(tmp.path(), 0), summary(tmp.path(), 1), summary(tmp.path(), 2));
-    let peer1 = s1["peer_id"].as_str().unwrap();
-    assert_eq!(s2["peer_id"], peer2.as_str());
+    assert_eq!((s1["peer_id"].as_str(), s2["peer_id"].as_str()), (Some(&*peer1), Some(&*peer2)));
+    let peer1 = peer1.as_str();
     let bytes = |s: &Value, p: &str| {
         count(&s["traffic_by_peer"][p], "bytes_sent")
             + count(&s["traffic_by_peer"][p], "bytes_received")

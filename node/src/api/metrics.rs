@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::server::ApiError;
+use super::server::{ApiError, bind};
 use crate::status::StatusBoard;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -44,11 +44,7 @@ pub async fn serve_metrics(
     addr: SocketAddr,
     board: StatusBoard,
 ) -> Result<MetricsServer, ApiError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| ApiError::Bind { addr, reason: e.to_string() })?;
-    let bound =
-        listener.local_addr().map_err(|e| ApiError::Bind { addr, reason: e.to_string() })?;
+    let (listener, bound) = bind(addr).await?;
     let app = Router::new().route("/metrics", get(move || scrape(board.clone())));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

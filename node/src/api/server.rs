@@ -63,11 +63,7 @@ pub async fn serve(
     board: StatusBoard,
     control: mpsc::Sender<Control>,
 ) -> Result<ApiServer, ApiError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| ApiError::Bind { addr, reason: e.to_string() })?;
-    let bound =
-        listener.local_addr().map_err(|e| ApiError::Bind { addr, reason: e.to_string() })?;
+    let (listener, bound) = bind(addr).await?;
     if token.is_none() && !bound.ip().is_loopback() {
         warn!(%bound, "the API listens beyond this machine without --api-token: anyone who reaches it can inject faults and stop the node");
     }
@@ -101,6 +97,16 @@ pub async fn serve(
     });
     info!(%bound, "API listening");
     Ok(ApiServer { addr: bound, stop: Some(stop), task })
+}
+
+/// A listener on `addr`, and the address it really got (port 0 picks one).
+pub(super) async fn bind(
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ApiError> {
+    let failed = |e: std::io::Error| ApiError::Bind { addr, reason: e.to_string() };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// The `NodeService` implementation.

@@ -21,8 +21,10 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
@@ -209,6 +211,8 @@ async fn recv_murmur(args: &BenchTransferArgs, elements: usize) -> Result<(), Cl
             line["frame_bytes"] = json!(whole.frame_bytes);
             line["cpu_seconds"] = json!(cpu_seconds() - cpu);
             emit(line);
+            // Done with the values, as a node is after mixing them.
+            net.recycle(whole.values);
             cpu = cpu_seconds();
             done += 1;
         }
@@ -287,7 +291,7 @@ async fn send_murmur(args: &BenchTransferArgs, elements: usize) -> Result<(), Cl
     // Membership events would fill the channel and stall the swarm task.
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     wait_connected(&net, peer).await?;
-    let values = sample_values(elements);
+    let values = Arc::new(sample_values(elements));
     for index in 0..args.repeat {
         let started = Instant::now();
         let mut shards = encode_shards(&net, &values, args.encoding, args.shards);
@@ -336,20 +340,25 @@ async fn wait_hung_up(net: &Network) {
 }
 
 /// `shards` contiguous pieces of `values`, each a sealed payload.
+/// A single shard is encoded as a node sends it: f32 bodies share the values.
 fn encode_shards(
     net: &Network,
-    values: &[f32],
+    values: &Arc<Vec<f32>>,
     enc: Encoding,
     shards: usize,
-) -> Vec<(PayloadHeader, Vec<u8>)> {
+) -> Vec<(PayloadHeader, Bytes)> {
     let per = values.len().div_ceil(shards);
     let template = wire::build_header(RUN, FINGERPRINT, net.sender_bytes(), PayloadKind::Params, 0);
+    if shards <= 1 {
+        return vec![wire::encode_shared(template, values.clone(), enc)];
+    }
     values
         .chunks(per)
         .enumerate()
         .map(|(i, chunk)| {
             let header = PayloadHeader { element_offset: (i * per) as u64, ..template.clone() };
-            wire::encode_payload(header, chunk, enc)
+            let (header, body) = wire::encode_payload(header, chunk, enc);
+            (header, Bytes::from(body))
         })
         .collect()
 }

@@ -170,6 +170,7 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
         control,
         _control_tx: control_tx,
         stop_requested: false,
+        in_use: Vec::new(),
     };
     let summary = node.run(setup.resume_round).await;
     node.board.update(|s| s.phase = Phase::Done);
@@ -217,6 +218,9 @@ struct Node {
     _control_tx: mpsc::Sender<Control>,
     /// A Shutdown call came while the node could not stop at once.
     stop_requested: bool,
+    /// Received values still held by the strategy; given back to the
+    /// network's buffers once only this list holds them.
+    in_use: Vec<Arc<Vec<f32>>>,
 }
 
 /// Where a node's wall time goes: local phases, and everything between the
@@ -405,7 +409,10 @@ impl Node {
                     Some(NetEvent::Payload { from, payload }) => match to_message(from, payload) {
                         Some(m) if m.slot == PULL_REQUEST_SLOT => { self.answer_pull(from).await; Vec::new() }
                         Some(m) if m.slot == PULL_REPLY_SLOT => Vec::new(),
-                        Some(m) => mixer.handle(Input::Received(m), Instant::now()),
+                        Some(m) => {
+                            self.in_use.push(m.values.clone());
+                            mixer.handle(Input::Received(m), Instant::now())
+                        }
                         None => Vec::new(),
                     },
                     Some(NetEvent::Refused { from, header: Some(h) }) => match msg_kind(h.kind) {
@@ -434,8 +441,19 @@ impl Node {
                 _ = fault_changes.changed() => Vec::new(),
             };
             self.execute(mixer, actions, &mut training, &mut finished, before).await?;
+            self.recycle_unused();
         }
         Ok(Ending::Finished)
+    }
+
+    /// Gives the network back the received buffers the strategy let go of.
+    fn recycle_unused(&mut self) {
+        for values in std::mem::take(&mut self.in_use) {
+            match Arc::try_unwrap(values) {
+                Ok(v) => self.network.recycle(v),
+                Err(still_held) => self.in_use.push(still_held),
+            }
+        }
     }
 
     /// Sits out an injected pause (training stops in the trainer, traffic in
@@ -587,7 +605,7 @@ impl Node {
             m.values.clone()
         };
         self.sends.spawn(async move {
-            let (header, body) = wire::encode_payload(header, &values, encoding);
+            let (header, body) = wire::encode_shared(header, values, encoding);
             let mut attempt = 0u32;
             loop {
                 match network.send(m.peer, &header, &body).await {

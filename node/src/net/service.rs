@@ -13,15 +13,14 @@
 //! bytes to its connection task in 16 KiB frames; with the two on different
 //! threads each frame is a cross-thread wake-up, and the sender of a 64 MiB
 //! payload spent about 90 ms of CPU instead of 60 (scripts/bench_transfer.py).
-//! `send` therefore only copies the body to the network thread in
-//! `SEND_CHUNK` pieces.
+//! `send` therefore hands the whole frame to a task on the network thread;
+//! the body travels as shared `Bytes`, never copied.
 
 use std::collections::BTreeSet;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -33,17 +32,15 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::accounting::{Accounting, Direction, Snapshot};
+use super::buffers::BufferPool;
 use super::inbound::InboundStream;
 use super::membership::{Member, MemberEvent, Membership};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
 use crate::fault::Faults;
 
-/// Bytes of a payload handed to the network thread at a time, and how many
-/// such pieces may wait for it: wake-ups stay rare and a send holds at most
-/// a few MiB beyond its body.
-const SEND_CHUNK: usize = 1 << 20;
-const SEND_QUEUE: usize = 2;
+/// Receive buffers kept for reuse: enough for a round's fan-in.
+const SPARE_BUFFERS: usize = 8;
 
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
@@ -164,6 +161,8 @@ pub struct Network {
     /// One clock for every transfer's bytes, so a bandwidth cap holds for
     /// the node as a whole, not per payload.
     pacer: Arc<Pacer>,
+    /// Spare receive buffers.
+    buffers: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for Network {
@@ -227,6 +226,7 @@ impl Network {
         let (events_tx, events_rx) = mpsc::channel(256);
         let (commands, commands_rx) = mpsc::channel(64);
         let control = swarm.behaviour().stream.new_control();
+        let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
         tokio::spawn(accept_loop(
             inbound,
             cfg.expect.clone(),
@@ -234,6 +234,7 @@ impl Network {
             events_tx.clone(),
             cfg.max_inbound_reads,
             cfg.faults.clone(),
+            buffers.clone(),
         ));
         let driver = SwarmDriver {
             swarm,
@@ -259,6 +260,7 @@ impl Network {
             runtime: tokio::runtime::Handle::current(),
             faults: cfg.faults.clone(),
             pacer: Arc::new(Pacer::default()),
+            buffers,
         };
         Ok(((network, events_rx), driver, commands_rx))
     }
@@ -278,8 +280,11 @@ impl Network {
         &self,
         peer: PeerId,
         header: &PayloadHeader,
-        body: &[u8],
+        body: &Bytes,
     ) -> Result<(), SendError> {
+        // A header that does not describe the body is refused before anything.
+        let head = wire::frame_head(header, body.len())
+            .map_err(|source| SendError::Io { peer, source })?;
         self.faults.wait_unpaused().await;
         if self.faults.blocks(&peer, Instant::now()) {
             return Err(SendError::Open {
@@ -289,30 +294,14 @@ impl Network {
         }
         let timeout = self.transfer_timeout;
         let delay = self.faults.send_delay(Instant::now());
-        let rate = self.faults.bandwidth(Instant::now());
+        let pacing = self.faults.bandwidth(Instant::now()).map(|r| (self.pacer.clone(), r));
         if self.faults.drop_outgoing(Instant::now()) {
             return Ok(());
         }
-        let (tx, chunks) = futures::channel::mpsc::channel(SEND_QUEUE);
-        let frame = wire::frame_len(header);
-        let pacing = rate.map(|r| (self.pacer.clone(), r));
-        let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame, chunks, pacing));
+        let frame = Frame { head, body: body.clone(), delay, pacing };
+        let net = self.runtime.spawn(transfer(self.control.clone(), peer, frame));
         let mut net = AbortOnDrop(net);
         let transfer = async move {
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
-            }
-            let mut sink = ChunkSink { tx, buf: Vec::new() };
-            let written = wire::write_payload(&mut sink, header, body).await;
-            drop(sink);
-            // A header that does not describe the body is refused before the
-            // first byte; any other failure (a broken pipe) is the network
-            // thread's, and its verdict says why.
-            if let Err(source) = written
-                && source.kind() == std::io::ErrorKind::InvalidInput
-            {
-                return Err(SendError::Io { peer, source });
-            }
             (&mut net.0).await.unwrap_or_else(|e| {
                 Err(SendError::Open { peer, reason: format!("the network thread stopped: {e}") })
             })
@@ -330,6 +319,12 @@ impl Network {
             );
         }
         result
+    }
+
+    /// Gives back a payload's values once the node is done with them: the
+    /// next payload of at most that size is read into them.
+    pub fn recycle(&self, values: Vec<f32>) {
+        self.buffers.put_values(values);
     }
 
     /// A bare `/murmur/params/1` stream, for tests that write hostile bytes.
@@ -389,44 +384,42 @@ fn network_thread(key: Keypair, cfg: NetConfig, ready: oneshot::Sender<Result<St
     });
 }
 
-/// One payload's stream, on the network thread: opens it once the first
-/// bytes arrive, writes the frame as `chunks` bring it, then waits for the
-/// receiver's verdict. Fewer bytes than `frame` bytes means the sender gave
-/// up; the stream is then dropped, which resets it.
+/// What one transfer writes, and how.
+struct Frame {
+    /// Length prefix and header.
+    head: Vec<u8>,
+    body: Bytes,
+    /// Hold the frame back this long first (an injected delay).
+    delay: Option<Duration>,
+    /// Pace the bytes through this link at this rate (an injected cap).
+    pacing: Option<(Arc<Pacer>, u64)>,
+}
+
+/// One payload's stream, on the network thread: opens it, writes the frame,
+/// then waits for the receiver's verdict. A sender that stops waiting aborts
+/// this task; the stream is then dropped, which resets it.
 async fn transfer(
     mut control: libp2p_stream::Control,
     peer: PeerId,
-    frame: usize,
-    mut chunks: futures::channel::mpsc::Receiver<Vec<u8>>,
-    pacing: Option<(Arc<Pacer>, u64)>,
+    frame: Frame,
 ) -> Result<(), SendError> {
-    let Some(first) = chunks.next().await else {
-        return Err(SendError::Open { peer, reason: "nothing to send".into() });
-    };
+    if let Some(d) = frame.delay {
+        tokio::time::sleep(d).await;
+    }
     let mut stream = control
         .open_stream(peer, StreamProtocol::new(wire::PROTOCOL))
         .await
         .map_err(|e| SendError::Open { peer, reason: e.to_string() })?;
     let io = |source| SendError::Io { peer, source };
-    let mut written = 0;
-    let mut next = Some(first);
-    while let Some(chunk) = next {
-        written += chunk.len();
-        match &pacing {
-            None => stream.write_all(&chunk).await.map_err(io)?,
-            Some((pacer, rate)) => {
-                for piece in chunk.chunks(PACED_PIECE) {
-                    pacer.wait(piece.len(), *rate).await;
-                    stream.write_all(piece).await.map_err(io)?;
-                }
+    stream.write_all(&frame.head).await.map_err(io)?;
+    match &frame.pacing {
+        None => stream.write_all(&frame.body).await.map_err(io)?,
+        Some((pacer, rate)) => {
+            for piece in frame.body.chunks(PACED_PIECE) {
+                pacer.wait(piece.len(), *rate).await;
+                stream.write_all(piece).await.map_err(io)?;
             }
         }
-        next = chunks.next().await;
-    }
-    if written != frame {
-        let e =
-            std::io::Error::other(format!("the sender stopped after {written} of {frame} bytes"));
-        return Err(io(e));
     }
     stream.flush().await.map_err(io)?;
     let mut ack = [0u8; 1];
@@ -469,54 +462,6 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// The caller's end of a transfer: collects written bytes into
-/// `SEND_CHUNK`-sized pieces and queues them for the network thread.
-struct ChunkSink {
-    tx: futures::channel::mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
-}
-
-impl ChunkSink {
-    fn poll_push(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let gone = |_| std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-        ready!(self.tx.poll_ready(cx)).map_err(gone)?;
-        let chunk = std::mem::take(&mut self.buf);
-        self.tx.start_send(chunk).map_err(gone)?;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl futures::AsyncWrite for ChunkSink {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.buf.len() >= SEND_CHUNK {
-            ready!(this.poll_push(cx))?;
-        }
-        if this.buf.capacity() == 0 {
-            this.buf.reserve_exact(SEND_CHUNK);
-        }
-        let n = data.len().min(SEND_CHUNK - this.buf.len());
-        this.buf.extend_from_slice(&data[..n]);
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.buf.is_empty() {
-            ready!(this.poll_push(cx))?;
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_flush(cx)
-    }
-}
-
 /// Label for the accounting of a payload kind.
 pub fn kind_label(kind: i32) -> &'static str {
     use murmur_proto::wire::v1::PayloadKind;
@@ -555,6 +500,7 @@ async fn accept_loop(
     events: mpsc::Sender<NetEvent>,
     max_reads: usize,
     faults: Arc<Faults>,
+    buffers: Arc<BufferPool>,
 ) {
     let expect = Arc::new(expect);
     let reads = Arc::new(tokio::sync::Semaphore::new(max_reads.max(1)));
@@ -565,14 +511,18 @@ async fn accept_loop(
         }
         let Ok(permit) = reads.clone().acquire_owned().await else { return };
         let (expect, accounting, events) = (expect.clone(), accounting.clone(), events.clone());
-        let faults = faults.clone();
+        let (faults, buffers) = (faults.clone(), buffers.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let mut seen = None;
+            let sender = peer.to_bytes();
             let result =
-                wire::read_payload_noting(&mut stream, &expect, &peer.to_bytes(), &mut seen).await;
+                wire::read_payload_noting(&mut stream, &expect, &sender, &mut seen, &buffers).await;
             let ack = match result {
-                Ok(_) if faults.drop_incoming(Instant::now()) => ACK_OK,
+                Ok(lost) if faults.drop_incoming(Instant::now()) => {
+                    buffers.put_values(lost.values);
+                    ACK_OK
+                }
                 Ok(payload) => {
                     let kind = kind_label(payload.header.kind);
                     accounting.record(

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::AsyncWriteExt;
 use libp2p::identity::Keypair;
 use libp2p::pnet::PreSharedKey;
@@ -43,12 +44,13 @@ async fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bo
     }
 }
 
-fn header(from: &Network, values: &[f32], enc: Encoding) -> (PayloadHeader, Vec<u8>) {
-    wire::encode_payload(
+fn header(from: &Network, values: &[f32], enc: Encoding) -> (PayloadHeader, Bytes) {
+    let (h, body) = wire::encode_payload(
         wire::build_header(RUN, FP, from.sender_bytes(), PayloadKind::Params, 1),
         values,
         enc,
-    )
+    );
+    (h, Bytes::from(body))
 }
 
 async fn next_payload(rx: &mut mpsc::Receiver<NetEvent>) -> (PeerId, wire::Payload) {
@@ -169,7 +171,7 @@ async fn bad_payloads_are_refused_with_their_reason_and_good_ones_still_arrive()
     .await;
     let good = [0.5f32; 8];
     let (h, body) = header(&b, &good, Encoding::F32);
-    let mut cases: Vec<(&str, PayloadHeader, Vec<u8>)> = Vec::new();
+    let mut cases: Vec<(&str, PayloadHeader, Bytes)> = Vec::new();
     let mut x = h.clone();
     x.run_id = "other-run".into();
     cases.push(("wrong_run", x, body.clone()));
@@ -180,9 +182,9 @@ async fn bad_payloads_are_refused_with_their_reason_and_good_ones_still_arrive()
     cases.push(("wrong_length", x, xb));
     let (x, xb) = header(&b, &[f32::NAN; 8], Encoding::F32);
     cases.push(("non_finite", x, xb));
-    let mut xb = body.clone();
+    let mut xb = body.to_vec();
     xb[3] ^= 0x40;
-    cases.push(("bad_checksum", h.clone(), xb));
+    cases.push(("bad_checksum", h.clone(), Bytes::from(xb)));
     let mut x = h.clone();
     x.encoding = 99;
     cases.push(("unknown_encoding", x, body.clone()));

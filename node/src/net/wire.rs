@@ -14,14 +14,17 @@
 //! header) per payload, whatever it sends.
 
 use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
 use murmur_proto::wire::v1::{PayloadHeader, PayloadKind};
 use prost::Message;
 
+use super::buffers::BufferPool;
 use super::encoding::{self, DecodeError, Encoding};
-use super::hugepages;
 
 /// The stream protocol that carries payloads.
 pub const PROTOCOL: &str = "/murmur/params/1";
@@ -255,17 +258,19 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
     exp: &Expectation,
     sender: &[u8],
 ) -> Result<Payload, Refusal> {
-    read_payload_noting(r, exp, sender, &mut None).await
+    read_payload_noting(r, exp, sender, &mut None, &BufferPool::new(0)).await
 }
 
-/// `read_payload`, also leaving in `seen` the header of a refused payload
-/// when it decoded and named this run and this sender: the receiver then
-/// knows which message will not come, and need not wait for it.
+/// `read_payload` into buffers from `pool`, also leaving in `seen` the
+/// header of a refused payload when it decoded and named this run and this
+/// sender: the receiver then knows which message will not come, and need
+/// not wait for it.
 pub async fn read_payload_noting<R: AsyncRead + Unpin>(
     r: &mut R,
     exp: &Expectation,
     sender: &[u8],
     seen: &mut Option<PayloadHeader>,
+    pool: &BufferPool,
 ) -> Result<Payload, Refusal> {
     let mut prefix = [0u8; PREFIX_LEN];
     read_full(r, &mut prefix, "length prefix").await?;
@@ -283,25 +288,45 @@ pub async fn read_payload_noting<R: AsyncRead + Unpin>(
     let shape = shape(&header, exp, sender)?;
     let values = if shape.encoding == Encoding::F32 {
         // Read straight into the values: no second copy of the body.
-        let mut values = hugepages::zeroed_f32(shape.element_count);
+        let mut values = pool.values(shape.element_count);
         let bytes = bytemuck::cast_slice_mut::<f32, u8>(&mut values);
-        read_full(r, bytes, "body").await?;
-        verify_checksum(bytes, header.checksum)?;
+        let crc = read_body(r, bytes).await?;
+        verify_checksum(crc, header.checksum)?;
         values
     } else {
-        let mut body = hugepages::zeroed_bytes(shape.body_len);
-        read_full(r, &mut body, "body").await?;
-        verify_checksum(&body, header.checksum)?;
-        encoding::decode(&body, shape.encoding, shape.element_count)?
+        let mut body = pool.bytes(shape.body_len);
+        let crc = read_body(r, &mut body).await?;
+        verify_checksum(crc, header.checksum)?;
+        let mut values = pool.values(shape.element_count);
+        let decoded = encoding::decode_into(&body, shape.encoding, &mut values);
+        pool.put_bytes(body);
+        decoded?;
+        values
     };
-    if let Some(index) = values.iter().position(|x| !x.is_finite()) {
+    if let Some(index) = first_non_finite(&values) {
+        pool.put_values(values);
         return Err(Refusal::NonFinite { index });
     }
     Ok(Payload { header, values })
 }
 
-fn verify_checksum(body: &[u8], want: u32) -> Result<(), Refusal> {
-    let got = crc32c::crc32c(body);
+/// The index of the first NaN or infinity. Each block is checked without
+/// branching (so it vectorizes); only a block with one is searched.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    const EXPONENT: u32 = 0x7f80_0000;
+    values.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
+        let bad =
+            chunk.iter().fold(0u32, |acc, x| acc | u32::from(x.to_bits() & EXPONENT == EXPONENT));
+        if bad == 0 {
+            None
+        } else {
+            chunk.iter().position(|x| !x.is_finite()).map(|i| b * BLOCK + i)
+        }
+    })
+}
+
+fn verify_checksum(got: u32, want: u32) -> Result<(), Refusal> {
     if got == want { Ok(()) } else { Err(Refusal::BadChecksum { got, want }) }
 }
 
@@ -311,11 +336,32 @@ async fn read_full<R: AsyncRead + Unpin>(
     buf: &mut [u8],
     part: &'static str,
 ) -> Result<(), Refusal> {
+    read_summing(r, buf, part, |_| {}).await
+}
+
+/// Fills `buf` with the body and returns its CRC32C, summed piece by piece
+/// as the pieces arrive, while they are still in cache.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<u32, Refusal> {
+    let mut crc = 0;
+    read_summing(r, buf, "body", |piece| crc = crc32c::crc32c_append(crc, piece)).await?;
+    Ok(crc)
+}
+
+/// Fills `buf`, handing every piece read to `seen`.
+async fn read_summing<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    part: &'static str,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<(), Refusal> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]).await {
             Ok(0) => return Err(Refusal::Truncated { part, expected: buf.len(), got }),
-            Ok(n) => got += n,
+            Ok(n) => {
+                seen(&buf[got..got + n]);
+                got += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Refusal::Io(e.to_string())),
         }
@@ -330,12 +376,20 @@ pub async fn write_payload<W: AsyncWrite + Unpin>(
     header: &PayloadHeader,
     body: &[u8],
 ) -> io::Result<()> {
+    let head = frame_head(header, body.len())?;
+    w.write_all(&head).await?;
+    w.write_all(body).await?;
+    w.flush().await
+}
+
+/// The bytes before a `body_len`-byte body: length prefix and header. A
+/// header that does not describe that body is refused as `InvalidInput`.
+pub fn frame_head(header: &PayloadHeader, body_len: usize) -> io::Result<Vec<u8>> {
     let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
-    if header.body_len != body.len() as u64 {
+    if header.body_len != body_len as u64 {
         return Err(invalid(format!(
-            "header says body_len {} but the body has {} bytes",
-            header.body_len,
-            body.len()
+            "header says body_len {} but the body has {body_len} bytes",
+            header.body_len
         )));
     }
     let len = header.encoded_len();
@@ -345,9 +399,33 @@ pub async fn write_payload<W: AsyncWrite + Unpin>(
     let mut head = Vec::with_capacity(PREFIX_LEN + len);
     head.extend_from_slice(&(len as u32).to_le_bytes());
     header.encode(&mut head).map_err(io::Error::other)?;
-    w.write_all(&head).await?;
-    w.write_all(body).await?;
-    w.flush().await
+    Ok(head)
+}
+
+/// `encode_payload` for values shared with their sender: an f32 body is the
+/// values' own bytes, shared, not copied; other encodings are encoded anew.
+pub fn encode_shared(
+    header: PayloadHeader,
+    values: Arc<Vec<f32>>,
+    enc: Encoding,
+) -> (PayloadHeader, Bytes) {
+    if enc == Encoding::F32 {
+        let header = seal(header, enc, values.len(), bytemuck::cast_slice(&values));
+        (header, Bytes::from_owner(F32Body(values)))
+    } else {
+        let (header, body) = encode_payload(header, &values, enc);
+        (header, Bytes::from(body))
+    }
+}
+
+/// f32 values seen as their little-endian bytes (x86_64 and aarch64 are
+/// little-endian; `encoding` writes the same bytes).
+struct F32Body(Arc<Vec<f32>>);
+
+impl AsRef<[u8]> for F32Body {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +477,48 @@ mod tests {
         let (mut header, body) = encode_payload(template(), &values(TOTAL), Encoding::F32);
         edit(&mut header);
         frame(&header, &body)
+    }
+
+    #[test]
+    fn payloads_read_into_reused_buffers_hold_only_their_own_values() {
+        let pool = BufferPool::new(4);
+        for enc in [Encoding::F32, Encoding::Bf16, Encoding::Int8Block { block: 16 }] {
+            // Spares full of garbage, larger than the payload.
+            pool.put_values(vec![f32::MAX; 3 * TOTAL]);
+            pool.put_bytes(vec![0xAB; 5 * TOTAL]);
+            let (header, body) = encode_payload(template(), &values(TOTAL), enc);
+            let bytes = frame(&header, &body);
+            let mut seen = None;
+            let fresh = read(&bytes).unwrap();
+            let (mut r, want) = (Cursor::new(&bytes[..]), exp());
+            let reused = block_on(read_payload_noting(&mut r, &want, SENDER, &mut seen, &pool));
+            assert_eq!(reused.unwrap().values, fresh.values, "{enc}");
+        }
+        // A NaN payload's buffer goes back to the pool, and its header is noted.
+        let (header, body) = encode_payload(template(), &[f32::NAN; 3], Encoding::F32);
+        let mut seen = None;
+        let bytes = frame(&header, &body);
+        let r = block_on(read_payload_noting(
+            &mut Cursor::new(&bytes[..]),
+            &exp(),
+            SENDER,
+            &mut seen,
+            &pool,
+        ));
+        assert_eq!(r.unwrap_err().reason(), "non_finite");
+        assert_eq!(seen.map(|h| h.round), Some(7));
+    }
+
+    #[test]
+    fn a_vectorized_finite_check_finds_the_first_bad_value() {
+        let mut v = vec![1.0f32; 5000];
+        assert_eq!(first_non_finite(&v), None);
+        v[4097] = f32::INFINITY;
+        v[4500] = f32::NAN;
+        assert_eq!(first_non_finite(&v), Some(4097));
+        v[3] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&v), Some(3));
+        assert_eq!(first_non_finite(&[f32::MAX, f32::MIN_POSITIVE, -0.0]), None);
     }
 
     #[test]
