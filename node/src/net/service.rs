@@ -227,15 +227,15 @@ impl Network {
         let (commands, commands_rx) = mpsc::channel(64);
         let control = swarm.behaviour().stream.new_control();
         let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
-        tokio::spawn(accept_loop(
-            inbound,
-            cfg.expect.clone(),
-            accounting.clone(),
-            events_tx.clone(),
-            cfg.max_inbound_reads,
-            cfg.faults.clone(),
-            buffers.clone(),
-        ));
+        let reader = Reader {
+            expect: cfg.expect.clone(),
+            accounting: accounting.clone(),
+            events: events_tx.clone(),
+            faults: cfg.faults.clone(),
+            buffers: buffers.clone(),
+            timeout: cfg.transfer_timeout,
+        };
+        tokio::spawn(accept_loop(inbound, Arc::new(reader), cfg.max_inbound_reads));
         let driver = SwarmDriver {
             swarm,
             membership: Membership::new(cfg.swarm.run_id.clone(), cfg.member_expiry),
@@ -485,65 +485,79 @@ fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), 
         .map_err(|e| NetError::Dial { addr: addr.clone(), reason: e.to_string() })
 }
 
+/// What reading one inbound payload needs; shared by the accept loop's tasks.
+struct Reader {
+    expect: Expectation,
+    accounting: Accounting,
+    events: mpsc::Sender<NetEvent>,
+    faults: Arc<Faults>,
+    buffers: Arc<BufferPool>,
+    /// A read that takes longer is refused as `timed_out`.
+    timeout: Duration,
+}
+
 /// Reads inbound `/murmur/params/1` streams, one task each, at most
 /// `max_reads` at a time: each read may hold a model-sized buffer, so this
 /// bounds what peers can make the node allocate. Streams beyond it wait in
 /// the queue (their senders wait for the acknowledgement).
 ///
-/// Injected faults act here too: a pause holds reading until it ends, a
-/// partition drops the stream unread, and a drop loses a good payload after
-/// acknowledging it (as if it had vanished on the way).
+/// Injected faults act here too: a pause holds reading until it ends, and a
+/// partition drops the stream unread.
 async fn accept_loop(
     mut incoming: mpsc::Receiver<InboundStream>,
-    expect: Expectation,
-    accounting: Accounting,
-    events: mpsc::Sender<NetEvent>,
+    reader: Arc<Reader>,
     max_reads: usize,
-    faults: Arc<Faults>,
-    buffers: Arc<BufferPool>,
 ) {
-    let expect = Arc::new(expect);
     let reads = Arc::new(tokio::sync::Semaphore::new(max_reads.max(1)));
-    while let Some((peer, mut stream)) = incoming.recv().await {
-        faults.wait_unpaused().await;
-        if faults.blocks(&peer, Instant::now()) {
+    while let Some((peer, stream)) = incoming.recv().await {
+        reader.faults.wait_unpaused().await;
+        if reader.faults.blocks(&peer, Instant::now()) {
             continue;
         }
         let Ok(permit) = reads.clone().acquire_owned().await else { return };
-        let (expect, accounting, events) = (expect.clone(), accounting.clone(), events.clone());
-        let (faults, buffers) = (faults.clone(), buffers.clone());
+        let reader = reader.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut seen = None;
-            let sender = peer.to_bytes();
-            let result =
-                wire::read_payload_noting(&mut stream, &expect, &sender, &mut seen, &buffers).await;
-            let ack = match result {
-                Ok(lost) if faults.drop_incoming(Instant::now()) => {
-                    buffers.put_values(lost.values);
-                    ACK_OK
-                }
-                Ok(payload) => {
-                    let kind = kind_label(payload.header.kind);
-                    accounting.record(
-                        &peer,
-                        kind,
-                        Direction::Received,
-                        wire::frame_len(&payload.header) as u64,
-                    );
-                    let _ = events.send(NetEvent::Payload { from: peer, payload }).await;
-                    ACK_OK
-                }
-                Err(refusal) => {
-                    warn!(%peer, reason = refusal.reason(), "refused payload: {refusal}");
-                    accounting.refuse(refusal.reason());
-                    let _ = events.send(NetEvent::Refused { from: peer, header: seen }).await;
-                    ACK_REFUSED
-                }
-            };
-            let _ = stream.write_all(&[ack]).await;
-            let _ = stream.close().await;
+            reader.read(peer, stream).await;
         });
+    }
+}
+
+impl Reader {
+    /// Reads, validates and acknowledges one payload, and hands it on. A
+    /// drop fault loses a good payload after acknowledging it (as if it had
+    /// vanished on the way).
+    async fn read(&self, peer: PeerId, mut stream: libp2p::Stream) {
+        let mut seen = None;
+        let sender = peer.to_bytes();
+        // A peer that opens streams and never finishes them must not hold
+        // the read permits for good.
+        let read =
+            wire::read_payload_noting(&mut stream, &self.expect, &sender, &mut seen, &self.buffers);
+        let result = tokio::time::timeout(self.timeout, read)
+            .await
+            .unwrap_or(Err(wire::Refusal::TimedOut(self.timeout)));
+        let ack = match result {
+            Ok(lost) if self.faults.drop_incoming(Instant::now()) => {
+                self.buffers.put_values(lost.values);
+                ACK_OK
+            }
+            Ok(payload) => {
+                let kind = kind_label(payload.header.kind);
+                let len = wire::frame_len(&payload.header) as u64;
+                self.accounting.record(&peer, kind, Direction::Received, len);
+                let _ = self.events.send(NetEvent::Payload { from: peer, payload }).await;
+                ACK_OK
+            }
+            Err(refusal) => {
+                warn!(%peer, reason = refusal.reason(), "refused payload: {refusal}");
+                self.accounting.refuse(refusal.reason());
+                let _ = self.events.send(NetEvent::Refused { from: peer, header: seen }).await;
+                ACK_REFUSED
+            }
+        };
+        let _ = stream.write_all(&[ack]).await;
+        let _ = stream.close().await;
     }
 }
 

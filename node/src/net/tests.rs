@@ -299,3 +299,32 @@ async fn concurrent_streams_from_many_peers_all_arrive_at_once() {
     assert!(got.values().all(|&n| n == 8), "{got:?}");
     assert_eq!(a.accounting().refusals(super::inbound::QUEUE_FULL), 0);
 }
+
+/// A hostile peer that opens a stream and goes silent must not hold one of
+/// the node's few read permits for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_is_timed_out_and_frees_its_read() {
+    let mut cfg = config(8);
+    cfg.transfer_timeout = Duration::from_millis(500);
+    cfg.max_inbound_reads = 1;
+    let (a, mut arx) = start(cfg).await;
+    let mut bcfg = config(8);
+    bcfg.bootstrap = vec![dial_addr(&a)];
+    let (b, _brx) = start(bcfg).await;
+    wait_until("b to connect", Duration::from_secs(20), || {
+        a.view().connected.contains(&b.local_peer)
+    })
+    .await;
+    let mut stalled = b.open_raw(a.local_peer).await.unwrap();
+    stalled.write_all(&[1, 0]).await.unwrap();
+    stalled.flush().await.unwrap();
+    wait_until("the stall to time out", Duration::from_secs(10), || {
+        a.accounting().refusals("timed_out") == 1
+    })
+    .await;
+    // With one read permit, this payload passes only because the stall let go of it.
+    let (h, body) = header(&b, &[0.5f32; 8], Encoding::F32);
+    b.send(a.local_peer, &h, &body).await.unwrap();
+    assert_eq!(next_payload(&mut arx).await.1.values, [0.5f32; 8]);
+    drop(stalled);
+}

@@ -77,6 +77,8 @@ pub enum Refusal {
     Truncated { part: &'static str, expected: usize, got: usize },
     #[error("i/o error: {0}")]
     Io(String),
+    #[error("the payload did not arrive within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 /// Every `Refusal::reason()`, for registering counters up front.
@@ -94,6 +96,7 @@ pub const ALL_REASONS: &[&str] = &[
     "malformed",
     "truncated",
     "io",
+    "timed_out",
 ];
 
 impl Refusal {
@@ -113,6 +116,7 @@ impl Refusal {
             Refusal::Malformed(_) => "malformed",
             Refusal::Truncated { .. } => "truncated",
             Refusal::Io(_) => "io",
+            Refusal::TimedOut(_) => "timed_out",
         }
     }
 }
@@ -678,6 +682,7 @@ mod tests {
             Refusal::Malformed(String::new()),
             Refusal::Truncated { part: "", expected: 0, got: 0 },
             Refusal::Io(String::new()),
+            Refusal::TimedOut(std::time::Duration::ZERO),
         ];
         let reasons: Vec<&str> = all.iter().map(Refusal::reason).collect();
         assert_eq!(reasons, ALL_REASONS);
