@@ -7,7 +7,6 @@
 //! fault; a node that crashes by an injected crash does not fail the cluster.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -21,7 +20,6 @@ use crate::api::client::NodeClient;
 use crate::daemon::config::RunOptions;
 use crate::fault::{CRASH_EXIT_CODE, FaultKind, FaultSpec};
 use crate::mix::consensus;
-use crate::net::identity;
 use crate::train::config::TrainOptions;
 use crate::train::eval::EvalMetrics;
 use crate::train::load;
@@ -144,49 +142,37 @@ fn write_config(path: &Path, train: &TrainOptions, run: &RunOptions) -> Result<(
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))
 }
 
-fn free_port() -> Result<u16, CliError> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| CliError::failed(format!("no free port on 127.0.0.1: {e}")))?;
-    l.local_addr().map(|a| a.port()).map_err(CliError::failed)
-}
-
 type Lines = mpsc::Receiver<(usize, Value)>;
 
+/// Starts the nodes: node 0 first, on a port of its own choosing, and the
+/// others once it says where it listens (no port is picked in advance, so
+/// none can be taken by someone else in between).
 fn spawn_nodes(
     out: &Path,
     config: &Path,
     faults: &[Vec<FaultSpec>],
 ) -> Result<(Vec<Child>, Lines), CliError> {
-    let n = faults.len();
     let exe = std::env::current_exe()
         .map_err(|e| CliError::failed(format!("cannot find the murmur binary: {e}")))?;
-    let boot_dir = out.join("node-0");
-    let boot_peer =
-        identity::load_or_create(&boot_dir).map_err(CliError::failed)?.public().to_peer_id();
-    let port = free_port()?;
-    let boot_addr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{boot_peer}");
     let (tx, rx) = mpsc::channel();
-    let mut children = Vec::with_capacity(n);
+    let mut children = Vec::with_capacity(faults.len());
+    let mut boot_addr: Option<String> = None;
     for (i, node_faults) in faults.iter().enumerate() {
-        let listen = if i == 0 {
-            format!("/ip4/127.0.0.1/tcp/{port}")
-        } else {
-            "/ip4/127.0.0.1/tcp/0".to_string()
-        };
         let mut cmd = Command::new(&exe);
         cmd.arg("run")
             .arg("--config")
             .arg(config)
             .arg("--data-dir")
             .arg(out.join(format!("node-{i}")))
-            .args(["--node", &i.to_string(), "--listen", &listen, "--progress", "json"])
+            .args(["--node", &i.to_string(), "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--progress", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::File::create(out.join(format!("node-{i}.log")))
                     .map_err(|e| CliError::failed(format!("cannot create node log: {e}")))?,
             ));
-        if i > 0 {
-            cmd.args(["--bootstrap", &boot_addr]);
+        if let Some(addr) = &boot_addr {
+            cmd.arg("--bootstrap").arg(addr);
         }
         for f in node_faults {
             cmd.arg("--fault").arg(f.to_string());
@@ -196,16 +182,30 @@ fn spawn_nodes(
         }
         let mut child =
             cmd.spawn().map_err(|e| CliError::failed(format!("cannot start node {i}: {e}")))?;
-        if let Some(stdout) = child.stdout.take() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        let _ = tx.send((i, v));
-                    }
-                }
-            });
+        let Some(stdout) = child.stdout.take() else { continue };
+        let mut lines = BufReader::new(stdout).lines();
+        if boot_addr.is_none() {
+            // The bootstrap node's first line says where it listens.
+            let first = lines.next().and_then(Result::ok).unwrap_or_default();
+            let v: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
+            let Some(addr) = v["addrs"][0].as_str() else {
+                let _ = child.wait();
+                return Err(CliError::failed(format!(
+                    "node 0 did not start; see {}",
+                    out.join("node-0.log").display()
+                )));
+            };
+            boot_addr = Some(addr.to_string());
+            let _ = tx.send((i, v));
         }
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send((i, v));
+                }
+            }
+        });
         children.push(child);
     }
     Ok((children, rx))

@@ -201,13 +201,7 @@ impl Faults {
 
     /// Every fault the node holds, active or waiting.
     pub fn list(&self, now: Instant) -> Vec<ActiveFault> {
-        let mut s = self.lock();
-        if s.prune(now) {
-            drop(s);
-            self.changed();
-            s = self.lock();
-        }
-        s.entries.iter().map(|e| view_of(e, now)).collect()
+        self.with(now, |s| s.entries.iter().map(|e| view_of(e, now)).collect())
     }
 
     /// What the faults did so far, by effect.
