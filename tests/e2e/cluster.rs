@@ -1,12 +1,12 @@
 //! `murmur cluster` and `murmur run`: real processes gossiping over libp2p on
 //! 127.0.0.1, on MNIST, and a node that is killed and comes back.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{data_dir, murmur, murmur_bin, ok, read_json, s};
+use crate::harness::{data_dir, murmur, ok, read_json, s};
+use crate::swarm::LiveNode;
 
 /// Runs an 8-node cluster on MNIST with Dirichlet(0.1) shards and returns cluster.json.
 fn mnist_cluster(out: &Path, strategy: &[&str]) -> serde_json::Value {
@@ -73,22 +73,9 @@ fn gossip_and_merge_on_mnist_with_label_skew() {
     assert!(alone["nodes"].as_array().unwrap().iter().all(|n| n["exit_status"] == 0));
 }
 
-/// A `murmur run` process and the address it listens on.
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-fn start_node(dir: &Path, i: usize, bootstrap: Option<&str>, resume: bool) -> Node {
-    let mut cmd = Command::new(murmur_bin());
-    cmd.args([
-        "run",
-        "--data-dir",
-        s(dir),
-        "--nodes",
-        "4",
-        "--node",
-        &i.to_string(),
+/// One of the four nodes of the kill-and-resume test.
+fn start_node(dir: &Path, i: usize, bootstrap: Option<&str>, resume: bool) -> LiveNode {
+    let mut args = vec![
         "--data",
         "synthetic",
         "--hidden",
@@ -101,44 +88,11 @@ fn start_node(dir: &Path, i: usize, bootstrap: Option<&str>, resume: bool) -> No
         "200",
         "--round-timeout-ms",
         "1000",
-        "--join-timeout-ms",
-        "20000",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--progress",
-        "json",
-    ])
-    .env("MURMUR_THREADS", "1")
-    .stdout(Stdio::piped())
-    .stderr(
-        std::fs::File::create(dir.with_extension(if resume { "resumed.log" } else { "log" }))
-            .unwrap(),
-    );
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
+    ];
     if resume {
-        cmd.arg("--resume");
+        args.push("--resume");
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let addr = first["addrs"][0].as_str().unwrap().to_string();
-    // Keep draining stdout so the node never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Node { child, addr }
-}
-
-fn wait_exit(node: &mut Node, limit: Duration) -> i32 {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = node.child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        assert!(start.elapsed() < limit, "node did not finish within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    LiveNode::start(dir, i, 4, bootstrap, &args)
 }
 
 fn checkpointed_step(dir: &Path) -> u64 {
@@ -154,7 +108,7 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<_> = (0..4).map(|i| tmp.path().join(format!("node-{i}"))).collect();
     let boot = start_node(&dirs[0], 0, None, false);
-    let boot_addr = boot.addr.clone();
+    let boot_addr = boot.p2p.clone();
     let mut nodes = vec![boot];
     for (i, dir) in dirs.iter().enumerate().skip(1) {
         nodes.push(start_node(dir, i, Some(&boot_addr), false));
@@ -170,9 +124,9 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
     std::thread::sleep(Duration::from_secs(2));
     let mut back = start_node(&dirs[2], 2, Some(&boot_addr), true);
     for i in [0, 1, 3] {
-        assert_eq!(wait_exit(&mut nodes[i], Duration::from_secs(240)), 0, "node {i}");
+        assert_eq!(nodes[i].wait_exit(Duration::from_secs(240)), 0, "node {i}");
     }
-    assert_eq!(wait_exit(&mut back, Duration::from_secs(240)), 0, "the resumed node");
+    assert_eq!(back.wait_exit(Duration::from_secs(240)), 0, "the resumed node");
     let resumed = read_json(&dirs[2].join("summary.json"));
     assert!(resumed["resumed_from_round"].as_u64().is_some());
     let others: Vec<serde_json::Value> = [0, 1, 3]
@@ -196,41 +150,13 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
 fn sigterm_stops_a_node_gracefully_with_checkpoint_and_summary() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("solo");
-    let mut cmd = Command::new(murmur_bin());
-    cmd.args([
-        "run",
-        "--data-dir",
-        s(&dir),
-        "--nodes",
-        "1",
-        "--data",
-        "synthetic",
-        "--rounds",
-        "100000",
-        "--local-steps",
-        "10",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--progress",
-        "json",
-    ])
-    .env("MURMUR_THREADS", "1")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let args = ["--data", "synthetic", "--rounds", "100000", "--local-steps", "10"];
+    let mut node = LiveNode::start(&dir, 0, 1, None, &args);
     // Wait until it trains, then ask it to stop.
-    for line in lines.by_ref() {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["event"] == "round" && v["round"].as_u64().unwrap() >= 3 {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    let pid = child.id().to_string();
+    node.wait_for("three rounds", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(3));
+    let pid = node.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let mut node = Node { child, addr: String::new() };
-    assert_eq!(wait_exit(&mut node, Duration::from_secs(60)), 0);
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 0);
     let summary = read_json(&dir.join("summary.json"));
     assert_eq!(summary["interrupted"], true);
     let rounds = summary["rounds"].as_u64().unwrap();

@@ -30,7 +30,8 @@ impl Drop for LiveNode {
 
 impl LiveNode {
     /// `murmur run --data-dir DIR --node I --nodes N ARGS...`; returns once
-    /// it listens (its first progress line names its addresses).
+    /// it listens (its first progress line names its addresses). Its stderr
+    /// goes to DIR.log, after what earlier runs of that node wrote there.
     pub fn start(
         dir: &Path,
         i: usize,
@@ -60,7 +61,7 @@ impl LiveNode {
         .env("MURMUR_THREADS", "1")
         .env_remove("MURMUR_LOG")
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap());
+        .stderr(log_file(dir));
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
@@ -121,6 +122,11 @@ impl LiveNode {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+fn log_file(dir: &Path) -> std::fs::File {
+    let path = dir.with_extension("log");
+    std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap()
 }
 
 fn read_log(dir: &Path) -> String {

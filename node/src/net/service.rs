@@ -286,16 +286,17 @@ impl Network {
         let head = wire::frame_head(header, body.len())
             .map_err(|source| SendError::Io { peer, source })?;
         self.faults.wait_unpaused().await;
-        if self.faults.blocks(&peer, Instant::now()) {
+        let now = Instant::now();
+        if self.faults.blocks(&peer, now) {
             return Err(SendError::Open {
                 peer,
                 reason: "partitioned by an injected fault".into(),
             });
         }
         let timeout = self.transfer_timeout;
-        let delay = self.faults.send_delay(Instant::now());
-        let pacing = self.faults.bandwidth(Instant::now()).map(|r| (self.pacer.clone(), r));
-        if self.faults.drop_outgoing(Instant::now()) {
+        let delay = self.faults.send_delay(now);
+        let pacing = self.faults.bandwidth(now).map(|r| (self.pacer.clone(), r));
+        if self.faults.drop_outgoing(now) {
             return Ok(());
         }
         let frame = Frame { head, body: body.clone(), delay, pacing };

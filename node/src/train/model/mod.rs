@@ -67,6 +67,10 @@ impl Model {
         device: Device,
         seed: u64,
     ) -> Result<Model, ModelError> {
+        // libtorch's generator is global: two models built at once on two
+        // threads (tests, the simulator) would draw from each other's seed.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = INIT.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(seed as i64);
         let vs = VarStore::new(device);
         let root = vs.root();
