@@ -5,13 +5,16 @@ Every mode moves the same payload, --mib MiB of float32 parameters (16M
 values at 64 MiB), from one process to another on 127.0.0.1:
 
 - murmur-f32 and murmur-bf16: `murmur bench-transfer` on both ends, the real
-  `Network` (TCP + Noise + Yamux), values encoded as f32 or bf16;
+  `Network` (TCP + TLS 1.3 + Yamux, murmur's default), values encoded as f32
+  or bf16;
+- murmur-f32-noise and murmur-bf16-noise: the same with Noise instead of TLS
+  (`--security noise`; ChaCha20-Poly1305, Noise's only cipher);
 - raw-tcp: `murmur bench-transfer --raw-tcp`, the f32 bytes over a plain
   tokio TcpStream (no framing, no encryption, no checks) into a reused buffer;
 - gloo: two Python processes, `torch.distributed` with the gloo backend,
   `dist.send`/`dist.recv` of one float32 tensor into a reused tensor;
 - raw-tcp-fresh and gloo-fresh: the same into a new buffer for every
-  payload, which is what murmur's receiver gets (and pays page faults for).
+  payload (and the page faults that costs).
 
 The targets compare against raw-tcp and gloo, the faster baselines.
 
@@ -38,14 +41,17 @@ from pathlib import Path
 F32_VS_RAW_TARGET = 0.3
 BF16_VS_GLOO_TARGET = 1.0
 WIRE_TARGET = 1.02
-MODES = ("murmur-f32", "murmur-bf16", "raw-tcp", "gloo", "raw-tcp-fresh", "gloo-fresh")
+MODES = (
+    "murmur-f32", "murmur-bf16", "raw-tcp", "gloo", "raw-tcp-fresh", "gloo-fresh", "murmur-f32-noise", "murmur-bf16-noise",
+)  # fmt: skip
 TIMEOUT_S = 180
 
 
-def murmur_pair(args, encoding, raw, fresh=False):
+def murmur_pair(args, encoding, raw, fresh=False, security=None):
     """Runs both ends of `murmur bench-transfer`; returns receiver and sender records."""
     common = ["bench-transfer", "--mib", str(args.mib), "--repeat", str(args.repeat), "--threads", str(args.threads)]
     common += ["--raw-tcp"] if raw else []
+    common += ["--security", security] if security else []
     fresh_args = ["--fresh-buffer"] if fresh else []
     recv = subprocess.Popen(
         [args.murmur, *common, *fresh_args, "--role", "recv"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -148,7 +154,8 @@ def run_mode(args, mode):
         received, sender = gloo_pair(args, fresh)
     else:
         encoding = mode.split("-")[1] if mode.startswith("murmur") else "f32"
-        received, sender = murmur_pair(args, encoding, raw=mode.startswith("raw-tcp"), fresh=fresh)
+        security = "noise" if mode.endswith("-noise") else None
+        received, sender = murmur_pair(args, encoding, raw=mode.startswith("raw-tcp"), fresh=fresh, security=security)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     timed = [r for r in received if isinstance(r, dict) and r.get("index", 0) >= 1]
     if len(timed) != args.repeat - 1:
@@ -241,10 +248,11 @@ def report(result):
         f"Loopback transfer of one {result['mib']} MiB float32 payload ({result['mib'] * 2**18 / 1e6:.1f}M parameters) "
         f"between two processes on a {machine['nproc']}-core {machine['cpu']}, medians of {result['runs']} alternating "
         f"rounds x {result['repeat'] - 1} timed payloads per mode (MB = 10^6 bytes of payload body; bf16 moves half "
-        f"the bytes of the same parameters). murmur runs TCP + Noise + Yamux with a {result['threads']}-thread tokio "
-        f"runtime per process, and its time includes checksum, validation and decoding into a new vector on the "
-        f"receiver; raw TCP is a bare socket copy; the ratios are against raw TCP and gloo receiving into a reused "
-        f"buffer, the -fresh rows receive into a new buffer each time as murmur does. {verdicts}.{fresh}"
+        f"the bytes of the same parameters). murmur runs TCP + TLS 1.3 + Yamux (the -noise rows: Noise) with a {result['threads']}-thread tokio "
+        f"runtime per process, and its time includes checksum, validation and decoding on the receiver, into the "
+        f"buffer the last payload was handed back in (as a node recycles a payload once mixed); raw TCP is a bare "
+        f"socket copy; the ratios are against raw TCP and gloo receiving into a reused buffer, the -fresh rows "
+        f"receive into a new buffer each time. {verdicts}.{fresh}"
     )
     if machine["load_average_at_start"] > 0.5:
         paragraph += f" Other work was running (load average {machine['load_average_at_start']:.1f} at start), so these numbers are noisy."

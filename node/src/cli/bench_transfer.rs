@@ -1,7 +1,7 @@
 //! `murmur bench-transfer` (hidden): the two ends of the transfer benchmark
 //! that `scripts/bench_transfer.py` runs. One process receives, the other
 //! sends `--repeat` payloads of `--mib` MiB worth of f32 parameters, either as
-//! `/murmur/params/1` payloads over the real `Network` (TCP + Noise + Yamux)
+//! `/murmur/params/1` payloads over the real `Network` (TCP + TLS or Noise + Yamux)
 //! or, with `--raw-tcp`, as the same body bytes over a plain TCP socket (the
 //! baseline). Both print one JSON line per payload on stdout.
 //!
@@ -14,7 +14,7 @@
 //! its time separately.
 //!
 //! Wire bytes are what TCP carried: `ss`'s `bytes_sent` on the sender's
-//! socket after the last acknowledgement, so Noise, Yamux,
+//! socket after the last acknowledgement, so TLS or Noise, Yamux,
 //! multistream-select, identify, ping and heartbeats are all in them. The
 //! receiver therefore stays until the sender has hung up.
 
@@ -35,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::CliError;
 use crate::net::encoding::{self, Encoding};
+use crate::net::security::Security;
 use crate::net::service::{NetConfig, NetEvent, Network};
 use crate::net::wire::{self, Payload};
 
@@ -85,13 +86,16 @@ pub struct BenchTransferArgs {
     /// A plain TCP socket instead of libp2p: the baseline
     #[arg(long)]
     raw_tcp: bool,
-    /// Raw TCP receiver: read every payload into a new buffer, as murmur's
-    /// receiver does, instead of reusing one
+    /// Raw TCP receiver: read every payload into a new buffer instead of
+    /// reusing one (the page faults a receiver without a pool pays)
     #[arg(long)]
     fresh_buffer: bool,
     /// Tokio worker threads; 0 runs a current-thread runtime
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Security handshakes offered, preferred first: tls, noise, or tls,noise
+    #[arg(long, default_value = "tls,noise", value_delimiter = ',')]
+    security: Vec<Security>,
 }
 
 pub fn run(args: BenchTransferArgs) -> Result<(), CliError> {
@@ -125,7 +129,7 @@ fn check(args: &BenchTransferArgs) -> Result<usize, CliError> {
     }
     if args.fresh_buffer && !args.raw_tcp {
         return Err(CliError::usage(
-            "--fresh-buffer applies to --raw-tcp (murmur's receiver always allocates)",
+            "--fresh-buffer applies to --raw-tcp (murmur's receiver reads into recycled buffers)",
         ));
     }
     if args.shards > 1 && args.raw_tcp {
@@ -173,15 +177,16 @@ fn receipt(transport: &str, index: usize, elements: usize, body: usize, secs: f6
     })
 }
 
-fn net_config(elements: usize) -> NetConfig {
+fn net_config(args: &BenchTransferArgs, elements: usize) -> NetConfig {
     let mut cfg = NetConfig::new(RUN, FINGERPRINT, elements);
     cfg.swarm.quic = false;
+    cfg.swarm.security = args.security.clone();
     cfg.listen = Vec::new();
     cfg
 }
 
 async fn recv_murmur(args: &BenchTransferArgs, elements: usize) -> Result<(), CliError> {
-    let mut cfg = net_config(elements);
+    let mut cfg = net_config(args, elements);
     cfg.listen = vec![args.listen.clone()];
     let (net, mut events) =
         Network::start(Keypair::generate_ed25519(), cfg).await.map_err(CliError::failed)?;
@@ -284,7 +289,7 @@ async fn send_murmur(args: &BenchTransferArgs, elements: usize) -> Result<(), Cl
     let Some(Protocol::P2p(peer)) = target.iter().last() else {
         return Err(CliError::usage(format!("--peer {target} needs a /p2p/<peer id> suffix")));
     };
-    let mut cfg = net_config(elements);
+    let mut cfg = net_config(args, elements);
     cfg.bootstrap = vec![target.clone()];
     let (net, mut events) =
         Network::start(Keypair::generate_ed25519(), cfg).await.map_err(CliError::failed)?;

@@ -17,6 +17,7 @@ use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
+use crate::net::security::Security;
 use crate::train::config::{ConfigError, TrainConfig, bad, positive};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -101,6 +102,10 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_MDNS", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mdns: Option<bool>,
+    /// Security handshakes for TCP connections, preferred first: tls, noise, or both [default: tls,noise]
+    #[arg(long, env = "MURMUR_SECURITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security: Option<String>,
     /// Also listen on QUIC (disabled with a swarm key) [default: false]
     #[arg(long, env = "MURMUR_QUIC", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -156,6 +161,7 @@ pub struct RunConfig {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
+    pub security: Vec<Security>,
     pub quic: bool,
     pub swarm_key: Option<PreSharedKey>,
     pub allowlist: Option<Vec<PeerId>>,
@@ -271,6 +277,10 @@ impl RunOptions {
             listen,
             bootstrap: addrs("--bootstrap", &self.bootstrap)?,
             mdns: self.mdns.unwrap_or(false),
+            security: match &self.security {
+                None => Security::DEFAULT.to_vec(),
+                Some(s) => Security::parse_list(s).map_err(|e| bad(format!("--security: {e}")))?,
+            },
             quic: self.quic.unwrap_or(false),
             swarm_key,
             allowlist,

@@ -80,6 +80,7 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.listen = run.listen.clone();
     net_cfg.bootstrap = run.bootstrap.clone();
     net_cfg.swarm.quic = run.quic;
+    net_cfg.swarm.security = run.security.clone();
     net_cfg.swarm.mdns = run.mdns;
     net_cfg.swarm.swarm_key = run.swarm_key;
     net_cfg.swarm.allowlist = run.allowlist.clone();

@@ -28,7 +28,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use bytemuck::Pod;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use murmur_proto::wire::v1::Encoding as ProtoEncoding;
@@ -230,8 +229,9 @@ pub fn decode_into(body: &[u8], enc: Encoding, out: &mut [f32]) -> Result<(), De
     check_len(body, enc, out.len())?;
     match enc {
         Encoding::F32 => bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(body),
-        Encoding::Bf16 => decode_half::<bf16>(body, out),
-        Encoding::F16 => decode_half::<f16>(body, out),
+        Encoding::Bf16 | Encoding::F16 => {
+            decode_half_words(body, enc, out);
+        }
         Encoding::Int8Block { block } => decode_int8(body, block as usize, out)?,
         Encoding::TopK { k } => decode_topk(body, k as usize, out)?,
     }
@@ -249,7 +249,7 @@ fn check_len(body: &[u8], encoding: Encoding, element_count: usize) -> Result<()
 
 fn encode_half<H>(values: &[f32], max: f32) -> Vec<u8>
 where
-    H: Pod,
+    H: bytemuck::Pod,
     [H]: HalfFloatSliceExt,
 {
     let mut out = Vec::with_capacity(values.len() * 2);
@@ -265,17 +265,39 @@ where
     out
 }
 
-fn decode_half<H>(body: &[u8], out: &mut [f32])
-where
-    H: Pod,
-    [H]: HalfFloatSliceExt,
-{
-    let mut narrow = [H::zeroed(); CHUNK];
-    for (bytes, dst) in body.chunks(CHUNK * 2).zip(out.chunks_mut(CHUNK)) {
-        let narrow = &mut narrow[..dst.len()];
-        bytemuck::cast_slice_mut::<H, u8>(narrow).copy_from_slice(bytes);
-        narrow.convert_to_f32_slice(dst);
+/// Decodes the whole little-endian words of a `bf16` or `f16` body into
+/// `out`, one value per word, and returns the index of the first value that
+/// is not finite. Both conversions are exact, so that is the word's own
+/// exponent being all ones, checked as the words go by: a receiver reading
+/// a body piece by piece decodes and checks each piece while it is in cache.
+pub fn decode_half_words(words: &[u8], half: Encoding, out: &mut [f32]) -> Option<usize> {
+    debug_assert_eq!(words.len(), out.len() * 2);
+    let mut first_bad = None;
+    let mut narrow = [f16::ZERO; CHUNK];
+    for (c, (bytes, dst)) in words.chunks(CHUNK * 2).zip(out.chunks_mut(CHUNK)).enumerate() {
+        let word = |w: &[u8]| u16::from_le_bytes([w[0], w[1]]);
+        let exponent: u16 = if half == Encoding::Bf16 { 0x7f80 } else { 0x7c00 };
+        let mut bad = 0u16;
+        if half == Encoding::Bf16 {
+            for (o, w) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                let w = word(w);
+                bad |= u16::from(w & exponent == exponent);
+                *o = f32::from_bits(u32::from(w) << 16);
+            }
+        } else {
+            let narrow = &mut narrow[..dst.len()];
+            for (n, w) in narrow.iter_mut().zip(bytes.chunks_exact(2)) {
+                let w = word(w);
+                bad |= u16::from(w & exponent == exponent);
+                *n = f16::from_bits(w);
+            }
+            narrow.convert_to_f32_slice(dst);
+        }
+        if bad != 0 && first_bad.is_none() {
+            first_bad = dst.iter().position(|x| !x.is_finite()).map(|i| c * CHUNK + i);
+        }
     }
+    first_bad
 }
 
 /// `max|x| / 127`, or NaN when the block holds a NaN.
@@ -466,6 +488,30 @@ mod tests {
         let h = 2f32.powi(-8);
         let back = round_trip(&[1.0 + h, 1.0 + 3.0 * h, 1.0 + h * 1.5], Encoding::Bf16);
         assert_eq!(back, vec![1.0, 1.0 + 4.0 * h, 1.0 + 2.0 * h]);
+    }
+
+    #[test]
+    fn half_words_decode_and_point_at_the_first_non_finite_value() {
+        for enc in [Encoding::Bf16, Encoding::F16] {
+            let mut values = random(3000, 9, 1.0);
+            let clean = encode(&values, enc);
+            let mut out = vec![0f32; values.len()];
+            assert_eq!(decode_half_words(&clean, enc, &mut out), None);
+            let reference: Vec<f32> = clean
+                .chunks_exact(2)
+                .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                .map(|w| match enc {
+                    Encoding::Bf16 => bf16::from_bits(w).to_f32(),
+                    _ => f16::from_bits(w).to_f32(),
+                })
+                .collect();
+            assert_eq!(out, reference, "{enc}");
+            values[2500] = f32::NEG_INFINITY;
+            values[2900] = f32::NAN;
+            let dirty = encode(&values, enc);
+            assert_eq!(decode_half_words(&dirty, enc, &mut out), Some(2500), "{enc}");
+            assert_eq!(decode_half_words(&dirty[..2400 * 2], enc, &mut out[..2400]), None);
+        }
     }
 
     #[test]

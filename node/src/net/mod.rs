@@ -8,8 +8,10 @@ mod hugepages;
 pub mod identity;
 pub mod inbound;
 pub mod membership;
+pub mod security;
 pub mod service;
 pub mod swarm;
+pub mod tls;
 pub mod wire;
 
 #[cfg(test)]

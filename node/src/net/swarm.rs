@@ -1,5 +1,5 @@
-//! The libp2p swarm: transports (TCP + Noise + Yamux, optionally behind a
-//! pre-shared key; QUIC) and the composed behaviour (admission, limits,
+//! The libp2p swarm: transports (TCP + TLS or Noise + Yamux, optionally
+//! behind a pre-shared key; QUIC) and the composed behaviour (admission, limits,
 //! identify, ping, Kademlia, mDNS, gossipsub, and the stream protocol that
 //! carries `/murmur/params/1`: opened through libp2p-stream, accepted into
 //! the queue of `inbound`).
@@ -19,27 +19,24 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
     PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list, connection_limits,
-    gossipsub, identify, kad, mdns, noise, ping, quic, tcp, yamux,
+    gossipsub, identify, kad, mdns, ping, quic, tcp, yamux,
 };
 use tokio::sync::mpsc;
 
 use super::accounting::Accounting;
 use super::inbound::{self, InboundStream};
+use super::security::{Security, SecurityError, SecurityUpgrade};
 use super::wire;
 
 /// Largest gossip message: heartbeats and announcements only.
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
-/// Read buffer under Noise on each TCP connection. Noise's framing reads the
-/// socket 8 KiB at a time; through this buffer one `recv` takes whatever has
-/// arrived, up to 64 KiB, which cut the receiver's system calls 27x and its
-/// CPU time about 6% for a 64 MiB payload (scripts/bench_transfer.py).
-const TCP_READ_BUFFER: usize = 64 * 1024;
-
 /// How the swarm is put together.
 #[derive(Debug, Clone)]
 pub struct SwarmSettings {
     pub run_id: String,
+    /// Security handshakes TCP connections may use, preferred first.
+    pub security: Vec<Security>,
     pub quic: bool,
     pub mdns: bool,
     pub swarm_key: Option<PreSharedKey>,
@@ -60,6 +57,7 @@ impl SwarmSettings {
     pub fn for_run(run_id: &str) -> SwarmSettings {
         SwarmSettings {
             run_id: run_id.to_string(),
+            security: Security::DEFAULT.to_vec(),
             quic: true,
             mdns: false,
             swarm_key: None,
@@ -79,8 +77,8 @@ impl SwarmSettings {
 pub enum SwarmError {
     #[error("run id {0:?} must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")]
     BadRunId(String),
-    #[error("noise handshake set-up failed: {0}")]
-    Noise(#[from] noise::Error),
+    #[error("security handshake set-up failed: {0}")]
+    Security(#[from] SecurityError),
     #[error("gossipsub set-up failed: {0}")]
     Gossip(String),
     #[error("mDNS set-up failed: {0}")]
@@ -146,22 +144,21 @@ fn transport(
     key: &Keypair,
     s: &SwarmSettings,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, SwarmError> {
-    let tcp_base = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-        .map(|socket, _| futures::io::BufReader::with_capacity(TCP_READ_BUFFER, socket));
-    let noise = noise::Config::new(key)?;
+    let tcp_base = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let secure = SecurityUpgrade::new(key, &s.security)?;
     let mut yamux = yamux::Config::default();
     yamux.set_max_num_streams(256);
     let tcp = match s.swarm_key {
         Some(psk) => tcp_base
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
-            .authenticate(noise)
+            .authenticate(secure)
             .multiplex(yamux)
             .timeout(s.handshake_timeout)
             .boxed(),
         None => tcp_base
             .upgrade(Version::V1Lazy)
-            .authenticate(noise)
+            .authenticate(secure)
             .multiplex(yamux)
             .timeout(s.handshake_timeout)
             .boxed(),

@@ -12,6 +12,7 @@ use murmur_proto::wire::v1::{PayloadHeader, PayloadKind};
 use tokio::sync::mpsc;
 
 use super::encoding::Encoding;
+use super::security::Security;
 use super::service::{NetConfig, NetEvent, Network};
 use super::wire;
 
@@ -112,6 +113,57 @@ async fn a_100_mb_payload_arrives_bit_exact() {
     let (_, payload) = next_payload(&mut arx).await;
     assert_eq!(payload.values.len(), n);
     assert!(payload.values.iter().zip(&values).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+/// A node that speaks only `offered`, bootstrapped from `boot`.
+async fn start_speaking(
+    offered: &[Security],
+    boot: &Network,
+) -> (Network, mpsc::Receiver<NetEvent>) {
+    let mut cfg = config(4);
+    cfg.swarm.security = offered.to_vec();
+    cfg.bootstrap = vec![dial_addr(boot)];
+    start(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_noise_peers_connect_through_what_they_share() {
+    use Security::{Noise, Tls};
+    // The default node offers TLS then Noise; each single-handshake peer
+    // connects through the one it speaks and a payload crosses.
+    let (both, mut both_rx) = start(config(4)).await;
+    let (tls_only, _t) = start_speaking(&[Tls], &both).await;
+    let (noise_only, _n) = start_speaking(&[Noise], &both).await;
+    for peer in [&tls_only, &noise_only] {
+        let values = [0.5f32, -1.0, 2.0, 8.0];
+        let (h, body) = header(peer, &values, Encoding::F32);
+        peer.send(both.local_peer, &h, &body).await.unwrap();
+        let (from, payload) = next_payload(&mut both_rx).await;
+        assert_eq!((from, payload.values.as_slice()), (peer.local_peer, &values[..]));
+    }
+    // With nothing in common the handshake fails and is counted.
+    let (stranger, _s) = start_speaking(&[Tls], &noise_only).await;
+    wait_until("the TLS-only dial of a Noise-only node to fail", Duration::from_secs(20), || {
+        noise_only.accounting().refusals("handshake_failed") >= 1
+    })
+    .await;
+    assert!(!noise_only.view().connected.contains(&stranger.local_peer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_to_the_wrong_peer_id_is_dropped_after_the_tls_handshake() {
+    // The address is right, the peer id is someone else's: the certificate
+    // names the real peer, and the swarm refuses the connection.
+    let (a, _arx) = start(config(4)).await;
+    let impostor = PeerId::from(Keypair::generate_ed25519().public());
+    let addr = a.view().listen_addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(impostor));
+    let mut cfg = config(4);
+    cfg.swarm.security = vec![Security::Tls];
+    cfg.bootstrap = vec![addr];
+    let (b, _brx) = start(cfg).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(b.view().connected.is_empty(), "connected to {:?}", b.view().connected);
+    assert!(a.view().members.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

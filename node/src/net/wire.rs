@@ -290,26 +290,26 @@ pub async fn read_payload_noting<R: AsyncRead + Unpin>(
         *seen = Some(header.clone());
     }
     let shape = shape(&header, exp, sender)?;
-    let values = if shape.encoding == Encoding::F32 {
-        // Read straight into the values: no second copy of the body.
-        let mut values = pool.values(shape.element_count);
-        let bytes = bytemuck::cast_slice_mut::<f32, u8>(&mut values);
-        let crc = read_body(r, bytes).await?;
-        verify_checksum(crc, header.checksum)?;
-        values
-    } else {
-        let mut body = pool.bytes(shape.body_len);
-        let crc = read_body(r, &mut body).await?;
-        verify_checksum(crc, header.checksum)?;
-        let mut values = pool.values(shape.element_count);
-        let decoded = encoding::decode_into(&body, shape.encoding, &mut values);
-        pool.put_bytes(body);
-        decoded?;
-        values
+    let mut values = pool.values(shape.element_count);
+    // The body is checked as it streams in: checksum and finiteness piece
+    // by piece while each piece is in cache, f32 straight into the values
+    // and bf16/f16 decoded piece by piece (no body-sized second buffer).
+    // The values are only handed on once the checksum matched.
+    let read = match shape.encoding {
+        Encoding::F32 => read_f32_body(r, &mut values).await,
+        Encoding::Bf16 | Encoding::F16 => read_half_body(r, shape.encoding, &mut values).await,
+        _ => read_whole_body(r, &shape, header.checksum, &mut values, pool).await,
     };
-    if let Some(index) = first_non_finite(&values) {
+    let checked = read.and_then(|body| {
+        verify_checksum(body.crc, header.checksum)?;
+        match body.first_non_finite {
+            Some(index) => Err(Refusal::NonFinite { index }),
+            None => Ok(()),
+        }
+    });
+    if let Err(refusal) = checked {
         pool.put_values(values);
-        return Err(Refusal::NonFinite { index });
+        return Err(refusal);
     }
     Ok(Payload { header, values })
 }
@@ -343,12 +343,111 @@ async fn read_full<R: AsyncRead + Unpin>(
     read_summing(r, buf, part, |_| {}).await
 }
 
-/// Fills `buf` with the body and returns its CRC32C, summed piece by piece
-/// as the pieces arrive, while they are still in cache.
-async fn read_body<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<u32, Refusal> {
+/// What reading a body found: the CRC32C of its bytes and the index of its
+/// first value that is not finite.
+struct BodyRead {
+    crc: u32,
+    first_non_finite: Option<usize>,
+}
+
+/// Bytes of a half-precision body staged at a time.
+const HALF_STAGE: usize = 64 * 1024;
+
+/// Reads an f32 body straight into `values`.
+async fn read_f32_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    values: &mut [f32],
+) -> Result<BodyRead, Refusal> {
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(values);
+    let (len, mut got) = (bytes.len(), 0);
+    let mut found = BodyRead { crc: 0, first_non_finite: None };
+    while got < len {
+        let n = read_some(r, &mut bytes[got..], "body", len, got).await?;
+        found.crc = crc32c::crc32c_append(found.crc, &bytes[got..got + n]);
+        // The values this piece completed (one may have begun in the last).
+        let (from, to) = (got / 4, (got + n) / 4);
+        if found.first_non_finite.is_none() && to > from {
+            let done: &[f32] = bytemuck::cast_slice(&bytes[from * 4..to * 4]);
+            found.first_non_finite = first_non_finite(done).map(|i| from + i);
+        }
+        got += n;
+    }
+    Ok(found)
+}
+
+/// Reads a bf16 or f16 body through a small staging buffer, decoding each
+/// piece into `values` as it arrives.
+async fn read_half_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    half: Encoding,
+    values: &mut [f32],
+) -> Result<BodyRead, Refusal> {
+    let len = values.len() * 2;
+    let mut stage = vec![0u8; HALF_STAGE.min(len.max(2))];
+    let mut found = BodyRead { crc: 0, first_non_finite: None };
+    // `carry`: the odd byte of a word split between two reads, kept at stage[0].
+    let (mut got, mut carry, mut decoded) = (0, 0, 0);
+    while got < len {
+        let room = (stage.len() - carry).min(len - got);
+        let n = read_some(r, &mut stage[carry..carry + room], "body", len, got).await?;
+        found.crc = crc32c::crc32c_append(found.crc, &stage[carry..carry + n]);
+        got += n;
+        let staged = carry + n;
+        let words = staged / 2;
+        let bad = encoding::decode_half_words(
+            &stage[..words * 2],
+            half,
+            &mut values[decoded..decoded + words],
+        );
+        if found.first_non_finite.is_none() {
+            found.first_non_finite = bad.map(|i| decoded + i);
+        }
+        decoded += words;
+        carry = staged - words * 2;
+        if carry == 1 {
+            stage[0] = stage[staged - 1];
+        }
+    }
+    Ok(found)
+}
+
+/// Reads an int8 or top-k body whole (their layouts put scales or indices
+/// first), checks it against `checksum`, then decodes it into `values`.
+async fn read_whole_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    shape: &Shape,
+    checksum: u32,
+    values: &mut [f32],
+    pool: &BufferPool,
+) -> Result<BodyRead, Refusal> {
+    let mut body = pool.bytes(shape.body_len);
     let mut crc = 0;
-    read_summing(r, buf, "body", |piece| crc = crc32c::crc32c_append(crc, piece)).await?;
-    Ok(crc)
+    let read = read_summing(r, &mut body, "body", |piece| crc = crc32c::crc32c_append(crc, piece))
+        .await
+        .and_then(|()| verify_checksum(crc, checksum))
+        .and_then(|()| Ok(encoding::decode_into(&body, shape.encoding, values)?));
+    pool.put_bytes(body);
+    read?;
+    Ok(BodyRead { crc, first_non_finite: first_non_finite(values) })
+}
+
+/// One read into `buf`, retried when interrupted; `got` of `expected` body
+/// bytes had arrived before it (for the refusal when the stream ends).
+async fn read_some<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    part: &'static str,
+    expected: usize,
+    got: usize,
+) -> Result<usize, Refusal> {
+    loop {
+        match r.read(buf).await {
+            Ok(0) => return Err(Refusal::Truncated { part, expected, got }),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Refusal::Io(e.to_string())),
+        }
+    }
 }
 
 /// Fills `buf`, handing every piece read to `seen`.
@@ -358,17 +457,11 @@ async fn read_summing<R: AsyncRead + Unpin>(
     part: &'static str,
     mut seen: impl FnMut(&[u8]),
 ) -> Result<(), Refusal> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]).await {
-            Ok(0) => return Err(Refusal::Truncated { part, expected: buf.len(), got }),
-            Ok(n) => {
-                seen(&buf[got..got + n]);
-                got += n;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Refusal::Io(e.to_string())),
-        }
+    let (len, mut got) = (buf.len(), 0);
+    while got < len {
+        let n = read_some(r, &mut buf[got..], part, len, got).await?;
+        seen(&buf[got..got + n]);
+        got += n;
     }
     Ok(())
 }
@@ -511,6 +604,56 @@ mod tests {
         ));
         assert_eq!(r.unwrap_err().reason(), "non_finite");
         assert_eq!(seen.map(|h| h.round), Some(7));
+    }
+
+    /// A stream that hands out 1, 2, 3, ... 7 bytes per read, so pieces
+    /// split values and half-precision words at every offset.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl futures::AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.step = self.step % 7 + 1;
+            let n = self.step.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn bodies_read_in_odd_pieces_decode_and_find_the_first_bad_value() {
+        let trickled = |bytes: &[u8]| {
+            let mut r = Trickle { bytes, step: 0 };
+            block_on(read_payload(&mut r, &exp(), SENDER))
+        };
+        for enc in [Encoding::F32, Encoding::Bf16, Encoding::F16, Encoding::Int8Block { block: 16 }]
+        {
+            let (header, body) = encode_payload(template(), &values(TOTAL), enc);
+            let bytes = frame(&header, &body);
+            assert_eq!(trickled(&bytes).unwrap().values, read(&bytes).unwrap().values, "{enc}");
+            let mut bad = values(TOTAL);
+            bad[TOTAL - 1] = f32::NAN;
+            bad[37] = f32::INFINITY;
+            let (header, body) = encode_payload(template(), &bad, enc);
+            let refusal = trickled(&frame(&header, &body)).unwrap_err();
+            if matches!(enc, Encoding::Int8Block { .. }) {
+                // int8 carries the infinity in its block's scale.
+                assert_eq!(refusal.reason(), "non_finite", "{refusal}");
+            } else {
+                assert!(matches!(refusal, Refusal::NonFinite { index: 37 }), "{enc}: {refusal}");
+            }
+            // A checksum mismatch wins over a bad value, as the reasons are documented.
+            let (mut header, body) = encode_payload(template(), &bad, enc);
+            header.checksum ^= 1;
+            assert_eq!(trickled(&frame(&header, &body)).unwrap_err().reason(), "bad_checksum");
+        }
     }
 
     #[test]
