@@ -337,6 +337,7 @@ mod tests {
             RunOptions { local_steps: Some(20), ..Default::default() }.resolve(&train()).unwrap();
         assert_eq!((r.rounds, r.local_steps), (5, 20));
         assert_eq!(r.topology, TopologySpec::Ring);
+        assert_eq!(r.security, Security::DEFAULT);
         assert_eq!((r.aggregator, r.norm_bound), (Aggregator::Mean, 0.0));
     }
 
@@ -379,6 +380,7 @@ mod tests {
                 "nowhere",
             ),
             (RunOptions { allow_peer: Some(vec!["bob".into()]), ..Default::default() }, "bob"),
+            (RunOptions { security: Some("tls,ssl".into()), ..Default::default() }, "\"ssl\""),
             (RunOptions { exchange_prob: Some(1.5), ..Default::default() }, "1.5"),
             (
                 RunOptions { local_steps: Some(0), ..Default::default() },

@@ -7,7 +7,7 @@
 //! them to tasks that read and validate them (`wire`) and pass good payloads
 //! to the node as `NetEvent`s.
 //!
-//! Threads. The swarm, its connection tasks (Noise, Yamux) and every
+//! Threads. The swarm, its connection tasks (TLS or Noise, Yamux) and every
 //! stream's reads and writes run on one network thread with a current-thread
 //! tokio runtime, whatever runtime the caller uses. Yamux hands a stream's
 //! bytes to its connection task in 16 KiB frames; with the two on different

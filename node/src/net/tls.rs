@@ -357,3 +357,95 @@ impl ClientCertVerifier for Libp2pVerifier {
         schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+    use super::*;
+
+    fn pipe() -> (Compat<tokio::io::DuplexStream>, Compat<tokio::io::DuplexStream>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        (a.compat(), b.compat())
+    }
+
+    #[tokio::test]
+    async fn both_sides_learn_the_others_peer_id_and_use_the_fastest_suite() {
+        let (server_key, client_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (server, client) =
+            (Config::new(&server_key).unwrap(), Config::new(&client_key).unwrap());
+        let (a, b) = pipe();
+        let (accepted, dialled) = futures::join!(
+            server.upgrade_inbound(a, PROTOCOL),
+            client.upgrade_outbound(b, PROTOCOL)
+        );
+        let ((client_seen, mut s), (server_seen, mut c)) = (accepted.unwrap(), dialled.unwrap());
+        assert_eq!(client_seen, client_key.public().to_peer_id());
+        assert_eq!(server_seen, server_key.public().to_peer_id());
+        let suite = c.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(format!("{suite:?}"), suite_names()[0]);
+        if has_aes_instructions() {
+            assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        }
+        c.write_all(b"params").await.unwrap();
+        c.flush().await.unwrap();
+        let mut got = [0u8; 6];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"params");
+    }
+
+    #[tokio::test]
+    async fn stock_libp2p_tls_peers_connect_and_get_this_servers_suite() {
+        let (server_key, client_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let server = Config::new(&server_key).unwrap();
+        let stock = libp2p_tls::Config::new(&client_key).unwrap();
+        let (a, b) = pipe();
+        let (accepted, dialled) = futures::join!(
+            server.upgrade_inbound(a, PROTOCOL),
+            stock.upgrade_outbound(b, PROTOCOL)
+        );
+        let ((client_seen, _), (server_seen, c)) = (accepted.unwrap(), dialled.unwrap());
+        assert_eq!(client_seen, client_key.public().to_peer_id());
+        assert_eq!(server_seen, server_key.public().to_peer_id());
+        // libp2p-tls asks for ChaCha20-Poly1305 first; this server picks by its own order.
+        let suite = c.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(format!("{suite:?}"), suite_names()[0]);
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_certificate_is_refused() {
+        let server = Config::new(&Keypair::generate_ed25519()).unwrap();
+        // A TLS 1.3 client that trusts anything but presents no certificate.
+        let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Libp2pVerifier))
+            .with_no_client_auth();
+        let (a, b) = pipe();
+        let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into());
+        let dial = async {
+            let mut s =
+                futures_rustls::TlsConnector::from(Arc::new(anonymous)).connect(name, b).await?;
+            // TLS 1.3 clients finish first; the refusal arrives on the next read.
+            s.write_all(b"x").await?;
+            s.flush().await?;
+            s.read(&mut [0u8; 1]).await
+        };
+        let (accepted, dialled) = futures::join!(server.upgrade_inbound(a, PROTOCOL), dial);
+        let Err(err) = accepted else { panic!("the server accepted an anonymous client") };
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+        assert!(!matches!(dialled, Ok(n) if n > 0));
+    }
+
+    #[test]
+    fn certificates_must_be_one_libp2p_certificate() {
+        let (cert, _) = certificate::generate(&Keypair::generate_ed25519()).unwrap();
+        assert!(check_chain(&cert, &[]).is_ok());
+        let two = check_chain(&cert, std::slice::from_ref(&cert)).unwrap_err();
+        assert!(two.to_string().contains("exactly one certificate, got 2"), "{two}");
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x01, 0x01, 0xff]);
+        assert!(check_chain(&garbage, &[]).is_err());
+    }
+}
