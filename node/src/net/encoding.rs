@@ -272,27 +272,23 @@ where
 /// a body piece by piece decodes and checks each piece while it is in cache.
 pub fn decode_half_words(words: &[u8], half: Encoding, out: &mut [f32]) -> Option<usize> {
     debug_assert_eq!(words.len(), out.len() * 2);
+    if half == Encoding::Bf16 {
+        return match super::widen::bf16_to_f32(words, out) {
+            true => super::widen::first_non_finite(words),
+            false => None,
+        };
+    }
     let mut first_bad = None;
     let mut narrow = [f16::ZERO; CHUNK];
     for (c, (bytes, dst)) in words.chunks(CHUNK * 2).zip(out.chunks_mut(CHUNK)).enumerate() {
-        let word = |w: &[u8]| u16::from_le_bytes([w[0], w[1]]);
-        let exponent: u16 = if half == Encoding::Bf16 { 0x7f80 } else { 0x7c00 };
+        let narrow = &mut narrow[..dst.len()];
         let mut bad = 0u16;
-        if half == Encoding::Bf16 {
-            for (o, w) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                let w = word(w);
-                bad |= u16::from(w & exponent == exponent);
-                *o = f32::from_bits(u32::from(w) << 16);
-            }
-        } else {
-            let narrow = &mut narrow[..dst.len()];
-            for (n, w) in narrow.iter_mut().zip(bytes.chunks_exact(2)) {
-                let w = word(w);
-                bad |= u16::from(w & exponent == exponent);
-                *n = f16::from_bits(w);
-            }
-            narrow.convert_to_f32_slice(dst);
+        for (n, w) in narrow.iter_mut().zip(bytes.chunks_exact(2)) {
+            let w = u16::from_le_bytes([w[0], w[1]]);
+            bad |= u16::from(w & 0x7c00 == 0x7c00);
+            *n = f16::from_bits(w);
         }
+        narrow.convert_to_f32_slice(dst);
         if bad != 0 && first_bad.is_none() {
             first_bad = dst.iter().position(|x| !x.is_finite()).map(|i| c * CHUNK + i);
         }

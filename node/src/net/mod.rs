@@ -12,6 +12,7 @@ pub mod security;
 pub mod service;
 pub mod swarm;
 pub mod tls;
+pub mod widen;
 pub mod wire;
 
 #[cfg(test)]
