@@ -259,6 +259,11 @@ fn check_signature(
     Ok(HandshakeSignatureValid::assertion())
 }
 
+/// Never reached: both configs allow TLS 1.3 only.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::General("libp2p TLS is TLS 1.3 only".into()))
+}
+
 fn bad_certificate(e: certificate::ParseError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
@@ -299,7 +304,7 @@ impl ServerCertVerifier for Libp2pVerifier {
         _cert: &CertificateDer,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("libp2p TLS is TLS 1.3 only".into()))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -341,7 +346,7 @@ impl ClientCertVerifier for Libp2pVerifier {
         _cert: &CertificateDer,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("libp2p TLS is TLS 1.3 only".into()))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
