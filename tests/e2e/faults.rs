@@ -229,7 +229,10 @@ fn a_pause_stops_a_node_and_its_peers_see_it_fall_silent() {
     ];
     let mut nodes = start_swarm(tmp.path(), 3, &args);
     nodes[1].wait_for("training", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(3));
-    ok(&murmur(&["fault", "inject", &nodes[1].api, "pause,for=6s"]));
+    // Long enough to outlast the status polls below on a loaded machine:
+    // each is a `murmur status` process, and under `make test`'s parallel
+    // load four of them once took longer than a 6 s pause.
+    ok(&murmur(&["fault", "inject", &nodes[1].api, "pause,for=15s"]));
     nodes[1].wait_for("the pause", Duration::from_secs(2), |st| st["phase"] == "paused");
     // Sends already under way when the pause began may still finish; then nothing moves.
     std::thread::sleep(Duration::from_millis(300));
@@ -250,7 +253,7 @@ fn a_pause_stops_a_node_and_its_peers_see_it_fall_silent() {
         "node 0 misses node 1's messages: {missing_before} -> {missing_during}"
     );
     let step = paused["step"].as_u64().unwrap();
-    nodes[1].wait_for("the node to resume", Duration::from_secs(20), |st| {
+    nodes[1].wait_for("the node to resume", Duration::from_secs(40), |st| {
         st["step"].as_u64() > Some(step + 10)
     });
     assert!(t.elapsed() >= Duration::from_millis(1500));

@@ -7,6 +7,7 @@ pub mod encoding;
 mod hugepages;
 pub mod identity;
 pub mod inbound;
+pub mod log_limit;
 pub mod membership;
 pub mod security;
 pub mod service;

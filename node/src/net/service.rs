@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::accounting::{Accounting, Direction, Snapshot};
 use super::buffers::BufferPool;
 use super::inbound::InboundStream;
+use super::log_limit::LogLimiter;
 use super::membership::{Member, MemberEvent, Membership};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
@@ -41,6 +42,10 @@ use crate::fault::Faults;
 
 /// Receive buffers kept for reuse: enough for a round's fan-in.
 const SPARE_BUFFERS: usize = 8;
+
+/// Refusal warnings logged per window, over the whole node (`LogLimiter`).
+const REFUSAL_LOG_BURST: u32 = 20;
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
@@ -227,7 +232,9 @@ impl Network {
         let (commands, commands_rx) = mpsc::channel(64);
         let control = swarm.behaviour().stream.new_control();
         let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
+        let refusal_logs = Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW));
         let reader = Reader {
+            refusal_logs: refusal_logs.clone(),
             expect: cfg.expect.clone(),
             accounting: accounting.clone(),
             events: events_tx.clone(),
@@ -248,6 +255,7 @@ impl Network {
             seq: 0,
             faults: cfg.faults.clone(),
             blocked: BTreeSet::new(),
+            refusal_logs,
         };
         let network = Network {
             local_peer,
@@ -495,6 +503,7 @@ struct Reader {
     buffers: Arc<BufferPool>,
     /// A read that takes longer is refused as `timed_out`.
     timeout: Duration,
+    refusal_logs: Arc<LogLimiter>,
 }
 
 /// Reads inbound `/murmur/params/1` streams, one task each, at most
@@ -551,7 +560,10 @@ impl Reader {
                 ACK_OK
             }
             Err(refusal) => {
-                warn!(%peer, reason = refusal.reason(), "refused payload: {refusal}");
+                if let Some(held_back) = self.refusal_logs.admit(Instant::now()) {
+                    let reason = refusal.reason();
+                    warn!(%peer, reason, held_back, "refused payload: {refusal}");
+                }
                 self.accounting.refuse(refusal.reason());
                 let _ = self.events.send(NetEvent::Refused { from: peer, header: seen }).await;
                 ACK_REFUSED
@@ -576,6 +588,7 @@ struct SwarmDriver {
     faults: Arc<Faults>,
     /// Peers blocked for an injected partition.
     blocked: BTreeSet<PeerId>,
+    refusal_logs: Arc<LogLimiter>,
 }
 
 impl SwarmDriver {
@@ -780,7 +793,9 @@ impl SwarmDriver {
         let hb = match Heartbeat::decode(message.data.as_slice()) {
             Ok(hb) => hb,
             Err(e) => {
-                warn!(peer = %source, "undecodable heartbeat: {e}");
+                if let Some(held_back) = self.refusal_logs.admit(Instant::now()) {
+                    warn!(peer = %source, held_back, "undecodable heartbeat: {e}");
+                }
                 self.accounting.refuse("heartbeat_malformed");
                 return;
             }
@@ -806,7 +821,9 @@ impl SwarmDriver {
                 }
             }
             Err(refusal) => {
-                warn!(peer = %source, "refused heartbeat: {refusal}");
+                if let Some(held_back) = self.refusal_logs.admit(Instant::now()) {
+                    warn!(peer = %source, held_back, "refused heartbeat: {refusal}");
+                }
                 self.accounting.refuse(refusal.reason());
             }
         }
