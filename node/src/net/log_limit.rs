@@ -5,8 +5,12 @@
 //! go out per `window`, and the next one that does says how many were
 //! held back.
 
+use std::fmt::Display;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tracing::warn;
 
 #[derive(Debug)]
 pub struct LogLimiter {
@@ -42,6 +46,13 @@ impl LogLimiter {
         } else {
             s.held_back += 1;
             None
+        }
+    }
+
+    /// Warns `what: detail` about `peer`, unless held back.
+    pub fn warn(&self, peer: &PeerId, what: &str, detail: &dyn Display) {
+        if let Some(held_back) = self.admit(Instant::now()) {
+            warn!(%peer, held_back, "{what}: {detail}");
         }
     }
 }

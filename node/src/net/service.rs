@@ -29,7 +29,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad,
 use murmur_proto::wire::v1::{Heartbeat, PayloadHeader};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::accounting::{Accounting, Direction, Snapshot};
 use super::buffers::BufferPool;
@@ -560,10 +560,7 @@ impl Reader {
                 ACK_OK
             }
             Err(refusal) => {
-                if let Some(held_back) = self.refusal_logs.admit(Instant::now()) {
-                    let reason = refusal.reason();
-                    warn!(%peer, reason, held_back, "refused payload: {refusal}");
-                }
+                self.refusal_logs.warn(&peer, "refused payload", &refusal);
                 self.accounting.refuse(refusal.reason());
                 let _ = self.events.send(NetEvent::Refused { from: peer, header: seen }).await;
                 ACK_REFUSED
@@ -793,9 +790,7 @@ impl SwarmDriver {
         let hb = match Heartbeat::decode(message.data.as_slice()) {
             Ok(hb) => hb,
             Err(e) => {
-                if let Some(held_back) = self.refusal_logs.admit(Instant::now()) {
-                    warn!(peer = %source, held_back, "undecodable heartbeat: {e}");
-                }
+                self.refusal_logs.warn(&source, "undecodable heartbeat", &e);
                 self.accounting.refuse("heartbeat_malformed");
                 return;
             }
@@ -821,9 +816,7 @@ impl SwarmDriver {
                 }
             }
             Err(refusal) => {
-                if let Some(held_back) = self.refusal_logs.admit(Instant::now()) {
-                    warn!(peer = %source, held_back, "refused heartbeat: {refusal}");
-                }
+                self.refusal_logs.warn(&source, "refused heartbeat", &refusal);
                 self.accounting.refuse(refusal.reason());
             }
         }

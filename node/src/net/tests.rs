@@ -37,6 +37,17 @@ fn dial_addr(n: &Network) -> Multiaddr {
     addr.with(libp2p::multiaddr::Protocol::P2p(n.local_peer))
 }
 
+/// A node started with `cfg`, bootstrapped from `a`, once `a` sees it connected.
+async fn connected_to(a: &Network, mut cfg: NetConfig) -> (Network, mpsc::Receiver<NetEvent>) {
+    cfg.bootstrap = vec![dial_addr(a)];
+    let (b, brx) = start(cfg).await;
+    wait_until("b to connect", Duration::from_secs(20), || {
+        a.view().connected.contains(&b.local_peer)
+    })
+    .await;
+    (b, brx)
+}
+
 async fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -214,13 +225,7 @@ async fn a_peer_outside_the_allowlist_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_payloads_are_refused_with_their_reason_and_good_ones_still_arrive() {
     let (a, mut arx) = start(config(8)).await;
-    let mut cfg = config(8);
-    cfg.bootstrap = vec![dial_addr(&a)];
-    let (b, _brx) = start(cfg).await;
-    wait_until("b to connect", Duration::from_secs(20), || {
-        a.view().connected.contains(&b.local_peer)
-    })
-    .await;
+    let (b, _brx) = connected_to(&a, config(8)).await;
     let good = [0.5f32; 8];
     let (h, body) = header(&b, &good, Encoding::F32);
     let mut cases: Vec<(&str, PayloadHeader, Bytes)> = Vec::new();
@@ -293,19 +298,18 @@ async fn payloads_also_travel_over_quic() {
 async fn a_send_abandoned_midway_is_refused_and_the_next_one_arrives() {
     let n = 16 * 1024 * 1024;
     let (a, mut arx) = start(config(n)).await;
-    let mut cfg = config(n);
-    cfg.bootstrap = vec![dial_addr(&a)];
-    let (b, _brx) = start(cfg).await;
-    wait_until("b to connect", Duration::from_secs(20), || {
-        a.view().connected.contains(&b.local_peer)
-    })
-    .await;
+    // Paced to 500 MB/s, 64 MiB takes about 130 ms whatever the machine;
+    // the first bytes arrive well within 30 ms.
+    let cfg = config(n);
+    let cap = cfg.faults.inject("bandwidth:500MB/s".parse().unwrap(), Instant::now()).unwrap();
+    let faults = cfg.faults.clone();
+    let (b, _brx) = connected_to(&a, cfg).await;
     let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
     let (h, body) = header(&b, &values, Encoding::F32);
-    // 64 MiB through Noise takes far longer than 30 ms; the first bytes do not.
     let abandoned =
         tokio::time::timeout(Duration::from_millis(30), b.send(a.local_peer, &h, &body));
     assert!(abandoned.await.is_err(), "64 MiB arrived within 30 ms");
+    faults.clear(&[cap.id]);
     wait_until("the stub to be refused", Duration::from_secs(20), || {
         let acc = a.accounting();
         acc.refusals("truncated") + acc.refusals("io") == 1
@@ -360,13 +364,7 @@ async fn a_stream_that_stalls_is_timed_out_and_frees_its_read() {
     cfg.transfer_timeout = Duration::from_millis(500);
     cfg.max_inbound_reads = 1;
     let (a, mut arx) = start(cfg).await;
-    let mut bcfg = config(8);
-    bcfg.bootstrap = vec![dial_addr(&a)];
-    let (b, _brx) = start(bcfg).await;
-    wait_until("b to connect", Duration::from_secs(20), || {
-        a.view().connected.contains(&b.local_peer)
-    })
-    .await;
+    let (b, _brx) = connected_to(&a, config(8)).await;
     let mut stalled = b.open_raw(a.local_peer).await.unwrap();
     stalled.write_all(&[1, 0]).await.unwrap();
     stalled.flush().await.unwrap();
