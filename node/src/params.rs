@@ -59,6 +59,24 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
+    /// The model's layers as ranges of the flat vector, in layout order:
+    /// consecutive variables of the same module (the name up to its last
+    /// `.`, as `fc1` of `fc1.weight` and `fc1.bias`) form one layer.
+    pub fn layers(&self) -> Vec<std::ops::Range<usize>> {
+        let module = |name: &str| name.rsplit_once('.').map_or(name, |(m, _)| m).to_string();
+        let mut out: Vec<(String, std::ops::Range<usize>)> = Vec::new();
+        for e in &self.entries {
+            let m = module(&e.name);
+            match out.last_mut() {
+                Some((last, range)) if *last == m && range.end == e.offset => {
+                    range.end = e.offset + e.len
+                }
+                _ => out.push((m, e.offset..e.offset + e.len)),
+            }
+        }
+        out.into_iter().map(|(_, r)| r).collect()
+    }
+
     /// The layout of every variable in `vs`, sorted by name.
     pub fn of(arch: &str, vs: &VarStore) -> ParamLayout {
         let mut named: Vec<(String, Vec<i64>)> =
@@ -169,6 +187,8 @@ mod tests {
         assert_eq!(names, ["a.bias", "a.weight", "b.bias", "b.weight"]);
         assert_eq!(l.total, 4 + 8 + 2 + 6);
         assert_eq!(l.entries[2].offset, 12);
+        // a.bias + a.weight, then b.bias + b.weight.
+        assert_eq!(l.layers(), [0..12, 12..20]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct NodeState {
     pub last_error: String,
     pub node_index: u32,
     pub nodes: u32,
+    /// The outer optimizer's figures (DiLoCo).
+    pub outer: Option<crate::mix::mixer::OuterStatus>,
 }
 
 /// The hash `NodeStatus.model_hash` shows: CRC32C of the values'
@@ -90,6 +92,11 @@ impl StatusBoard {
     }
 
     /// Wakes on every change of the driver's part.
+    /// The round the driver last published.
+    pub fn round(&self) -> u64 {
+        self.inner.state.borrow().round
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<NodeState> {
         self.inner.state.subscribe()
     }
@@ -109,7 +116,9 @@ impl StatusBoard {
         let view = net.view();
         let acc = net.accounting();
         let now = Instant::now();
-        let members = view.members.iter().filter(|m| m.role == "node").count() + 1;
+        let members =
+            view.members.iter().filter(|m| m.role == crate::net::membership::ROLE_NODE).count() + 1;
+        let sent = acc.total().bytes_sent;
         pb::NodeStatus {
             peer_id: net.local_peer.to_string(),
             run_id: s.run_id,
@@ -140,6 +149,12 @@ impl StatusBoard {
             fault_effects: self.inner.faults.effects(),
             send_failures: s.send_failures,
             eval_round: s.eval_round,
+            outer_steps: s.outer.map(|o| o.steps),
+            outer_lr: s.outer.map(|o| o.lr),
+            bytes_per_outer_step: s
+                .outer
+                .filter(|o| o.steps > 0)
+                .map(|o| sent as f64 / o.steps as f64),
         }
     }
 

@@ -8,6 +8,7 @@
 
 mod api;
 mod cluster;
+mod diloco;
 mod faults;
 mod harness;
 mod identity;

@@ -157,6 +157,15 @@ impl Collector for StatusCollector {
                 v,
             )?;
         }
+        if let Some(v) = s.outer_steps {
+            counter(&mut e, "murmur_outer_steps", "DiLoCo outer steps applied", v)?;
+        }
+        if let Some(v) = s.outer_lr {
+            gauge(&mut e, "murmur_outer_lr", "DiLoCo outer learning rate", v)?;
+        }
+        if let Some(v) = s.bytes_per_outer_step {
+            gauge(&mut e, "murmur_bytes_per_outer_step", "Bytes sent per DiLoCo outer step", v)?;
+        }
         counter(&mut e, "murmur_samples_seen", "Training examples processed", s.samples_seen)?;
         counter(&mut e, "murmur_bytes_sent", "Payload and gossip bytes sent", t.bytes_sent)?;
         counter(

@@ -382,6 +382,9 @@ fn report(
                 "rounds": s["rounds"],
                 "wall_seconds": s["wall_seconds"],
                 "timing": s["timing"],
+                "outer": s["outer"],
+                "bytes_per_outer_step": s["bytes_per_outer_step"],
+                "pulled_from": s["pulled_from"],
             })
         })
         .collect();
@@ -397,6 +400,9 @@ fn report(
     });
     if strategy == "merge" {
         doc["merged"] = merged_entry(&summaries);
+    }
+    if strategy == "diloco" {
+        doc["diloco"] = diloco_entry(&summaries);
     }
     let path = out.join("cluster.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&doc).map_err(CliError::failed)?)
@@ -496,11 +502,24 @@ fn print_table(doc: &Value) {
     }
     if let Some(a) = doc["average"]["eval_accuracy"].as_f64() {
         println!("average of the final models: accuracy {:.2}%", a * 100.0);
+    } else if let Some(l) = doc["average"]["eval_loss"].as_f64() {
+        println!("average of the final models: held-out loss {l:.4}");
     }
     println!(
         "consensus distance: {}",
         doc["consensus_distance"].as_f64().map(|d| format!("{d:.6}")).unwrap_or_else(|| "-".into())
     );
+    if let Some(d) = doc.get("diloco") {
+        println!(
+            "diloco: {} outer steps, outer lr {}, {} sent per outer step by each node",
+            d["outer_steps"],
+            d["outer_lr"],
+            d["bytes_per_outer_step"]
+                .as_f64()
+                .map(|b| crate::daemon::human_bytes(b as u64))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
     if let Some(m) = doc.get("merged") {
         println!(
             "merged model accuracy {}, mean local model accuracy {}",
@@ -514,6 +533,23 @@ fn print_table(doc: &Value) {
                 .unwrap_or_else(|| "-".into()),
         );
     }
+}
+
+/// For `diloco`: outer steps, the outer learning rate and the bytes sent
+/// per outer step, over the nodes that finished.
+fn diloco_entry(summaries: &[Option<Value>]) -> Value {
+    let done: Vec<&Value> = summaries.iter().flatten().collect();
+    let mean = |f: &dyn Fn(&Value) -> Option<f64>| {
+        let v: Vec<f64> = done.iter().filter_map(|s| f(s)).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    json!({
+        "outer_steps": done.iter().filter_map(|s| s["outer"]["steps"].as_u64()).max(),
+        "outer_lr": done.iter().find_map(|s| s["outer"]["lr"].as_f64()),
+        "outer_momentum": done.iter().find_map(|s| s["outer"]["momentum"].as_f64()),
+        "bytes_per_outer_step": mean(&|s: &Value| s["bytes_per_outer_step"].as_f64()),
+        "bytes_sent": done.iter().filter_map(|s| s["bytes"]["bytes_sent"].as_u64()).sum::<u64>(),
+    })
 }
 
 /// A checkpoint's parameters in canonical (name-sorted) order.

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (flags,
 //! config, data files) detected before anything was written.
 
+mod bench_allreduce;
 mod bench_transfer;
 mod cluster;
 mod id;
@@ -59,6 +60,9 @@ enum Command {
     /// Transfer throughput benchmark (scripts/bench_transfer.py runs both ends).
     #[command(hide = true)]
     BenchTransfer(bench_transfer::BenchTransferArgs),
+    /// All-reduce benchmark (scripts/bench_allreduce.py runs every rank).
+    #[command(hide = true)]
+    BenchAllreduce(bench_allreduce::BenchAllReduceArgs),
 }
 
 /// Why a command stopped.
@@ -107,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Id(args) => id::id(args),
         Command::SwarmKey(args) => id::swarm_key(args),
         Command::BenchTransfer(args) => bench_transfer::run(args),
+        Command::BenchAllreduce(args) => bench_allreduce::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::CliError;
 use crate::api::ApiToken;
 use crate::daemon::config::{RunConfig, RunOptions};
-use crate::daemon::{NodeSetup, run_node};
+use crate::daemon::{NodeSetup, Resume, run_node};
 use crate::fault::Faults;
 use crate::net::identity;
 use crate::train::batch::mix_seed;
@@ -62,10 +62,16 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
     }
     let split = load::load(&train.data_spec(), train.holdout).map_err(CliError::usage)?;
     let mut trainer = Trainer::new(train.clone(), &split).map_err(CliError::usage)?;
-    if args.resume {
+    let layout = trainer.model.layout();
+    run.strategy.check(train.nodes, &layout.layers(), layout.total).map_err(CliError::usage)?;
+    let resume = if args.resume {
         let ck = checkpoint::load(&checkpoint::dir_in(&args.data_dir)).map_err(CliError::usage)?;
         trainer.restore(&ck).map_err(CliError::usage)?;
-    }
+        let state = ck.strategy_state().map_err(CliError::usage)?;
+        Some(Resume { round: saved.round.unwrap_or(0), state })
+    } else {
+        None
+    };
     let faults = start_faults(&train, &run, &trainer)?;
     let key = identity::load_or_create(&args.data_dir).map_err(CliError::usage)?;
     // Faults are not saved: a node resumed after an injected crash must not
@@ -74,16 +80,8 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
     let options =
         serde_json::to_value(SavedOptions { train: train_opts, run: saved_run, round: None })
             .map_err(CliError::failed)?;
-    let setup = NodeSetup {
-        train,
-        run,
-        trainer,
-        key,
-        data_dir: args.data_dir,
-        options,
-        resume_round: args.resume.then_some(saved.round.unwrap_or(0)),
-        faults,
-    };
+    let setup =
+        NodeSetup { train, run, trainer, key, data_dir: args.data_dir, options, resume, faults };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -10,22 +10,21 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use libp2p::PeerId;
 use serde::Serialize;
 
 use super::CliError;
-use crate::mix::aggregate::Aggregator;
 use crate::mix::comm::CommSchedule;
-use crate::mix::gossip::{Gossip, GossipConfig};
-use crate::mix::merge::{Exchange, Merge, MergeConfig};
 use crate::mix::mixer::Mixer;
 use crate::mix::sim::{
     self, Crash, DelayRange, LocalUpdate, NoTraining, RoundStat, SimConfig, SimNode, SimReport,
-    Simulator, TorchTraining,
+    Simulator,
 };
-use crate::mix::topology::{Topology, TopologySpec};
+use crate::mix::strategy::{self, OuterSettings, StrategyKind, StrategySpec};
+use crate::mix::topology::TopologySpec;
+use crate::net::encoding::Encoding;
 use crate::train::config::{TrainConfig, TrainOptions};
 use crate::train::load;
+use crate::train::sim_training::TorchTraining;
 
 /// Nodes when `--nodes` is not given.
 const DEFAULT_NODES: i64 = 16;
@@ -38,13 +37,6 @@ const TRAIN_ONLY: [&str; 4] = ["node", "eval-every", "log-every", "checkpoint-ev
 /// any other training option needs `--model` or `--data`.
 const AVERAGING: [&str; 5] = ["nodes", "seed", "dim", "threads", "device"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SimStrategy {
-    Gossip,
-    Merge,
-}
-
 #[derive(Debug, clap::Args)]
 #[command(
     mut_arg("nodes", |a| a.help("Nodes to simulate (each its own shard when training) [default: 16]")),
@@ -52,9 +44,9 @@ pub enum SimStrategy {
     mut_arg("seed", |a| a.help("Seed of the network, the topology, peer ids and initial values (and of training) [default: 0]")),
 )]
 pub struct SimArgs {
-    /// Mixing strategy: gossip or merge
+    /// Mixing strategy: gossip, merge or diloco
     #[arg(long, env = "MURMUR_STRATEGY", default_value = "gossip")]
-    strategy: SimStrategy,
+    strategy: StrategyKind,
     /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D
     #[arg(long, env = "MURMUR_TOPOLOGY", default_value = "ring")]
     topology: String,
@@ -73,6 +65,24 @@ pub struct SimArgs {
     /// merge: expected pairwise exchanges per node per round, in [0, 1] [default: 0]
     #[arg(long, env = "MURMUR_EXCHANGE_PROB", allow_negative_numbers = true)]
     exchange_prob: Option<f64>,
+    /// How vectors travel: f32, bf16, f16, int8[:BLOCK], or topk:K (diloco's deltas, with error feedback); the simulator rounds values as the wire would and counts the bytes
+    #[arg(long, env = "MURMUR_ENCODING", default_value = "f32")]
+    encoding: String,
+    /// diloco: the outer learning rate [default: 0.7]
+    #[arg(long, env = "MURMUR_OUTER_LR", allow_negative_numbers = true)]
+    outer_lr: Option<f64>,
+    /// diloco: the outer Nesterov momentum, in [0, 1) [default: 0.9]
+    #[arg(long, env = "MURMUR_OUTER_MOMENTUM", allow_negative_numbers = true)]
+    outer_momentum: Option<f64>,
+    /// diloco: when a round's average is applied: blocking, eager or delayed [default: blocking]
+    #[arg(long, env = "MURMUR_OUTER_SYNC")]
+    outer_sync: Option<String>,
+    /// diloco: fragments synchronised in turn (streaming DiLoCo); averaging splits the vector into this many equal layers [default: 1]
+    #[arg(long, env = "MURMUR_FRAGMENTS", allow_negative_numbers = true)]
+    fragments: Option<i64>,
+    /// diloco: local steps that overlap a fragment's exchange [default: 0]
+    #[arg(long, env = "MURMUR_FRAGMENT_DELAY", allow_negative_numbers = true)]
+    fragment_delay: Option<i64>,
     /// Probability that a message is lost, in [0, 1]
     #[arg(long, env = "MURMUR_SIM_LOSS", default_value_t = 0.0, allow_negative_numbers = true)]
     loss: f64,
@@ -126,7 +136,7 @@ pub struct SimArgs {
 /// The validated settings of one simulation.
 #[derive(Debug, Clone, Serialize)]
 struct Settings {
-    strategy: SimStrategy,
+    strategy: StrategyKind,
     topology: TopologySpec,
     nodes: usize,
     rounds: u64,
@@ -134,6 +144,9 @@ struct Settings {
     gossip_steps: u64,
     comm: Option<CommSchedule>,
     exchange_prob: Option<f64>,
+    encoding: Encoding,
+    /// DiLoCo's outer optimizer, when the strategy is diloco.
+    outer: Option<OuterSettings>,
     loss: f64,
     delay_ms: String,
     step_ms: f64,
@@ -161,8 +174,8 @@ struct Summary<'a> {
 
 pub fn run(args: SimArgs) -> Result<(), CliError> {
     let settings = settings(&args)?;
-    let Local { update: mut local, init } = local_update(&settings)?;
-    let nodes = strategies(&settings, init)?;
+    let Local { update: mut local, init, layers } = local_update(&settings)?;
+    let nodes = strategies(&settings, init, &layers)?;
     let simulator = Simulator::new(settings.sim.clone(), nodes).map_err(CliError::usage)?;
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)
@@ -204,6 +217,8 @@ fn settings(args: &SimArgs) -> Result<Settings, CliError> {
         gossip_steps: at_least_one("--gossip-steps", args.gossip_steps)?,
         comm: args.comm.as_deref().map(str::parse).transpose().map_err(CliError::usage)?,
         exchange_prob: args.exchange_prob,
+        encoding: args.encoding.parse().map_err(|e| CliError::usage(format!("--encoding: {e}")))?,
+        outer: outer(args)?,
         loss: args.loss,
         delay_ms: args.delay_ms.clone(),
         step_ms: args.step_ms,
@@ -287,19 +302,48 @@ fn at_least_one(flag: &str, v: u64) -> Result<u64, CliError> {
     Ok(v)
 }
 
-/// Options that only one strategy understands, and a topology that can be
-/// built for `--nodes`.
+/// DiLoCo's outer settings when the strategy is diloco; any of its flags
+/// with another strategy is refused.
+fn outer(args: &SimArgs) -> Result<Option<OuterSettings>, CliError> {
+    let given = [
+        ("--outer-lr", args.outer_lr.is_some()),
+        ("--outer-momentum", args.outer_momentum.is_some()),
+        ("--outer-sync", args.outer_sync.is_some()),
+        ("--fragments", args.fragments.is_some()),
+        ("--fragment-delay", args.fragment_delay.is_some()),
+    ];
+    if args.strategy != StrategyKind::Diloco {
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(CliError::usage(format!(
+                "{flag} is a diloco option; pass --strategy diloco or drop it"
+            )));
+        }
+        return Ok(None);
+    }
+    OuterSettings::resolve(
+        args.outer_lr,
+        args.outer_momentum,
+        args.outer_sync.as_deref(),
+        args.fragments,
+        args.fragment_delay,
+    )
+    .map(Some)
+    .map_err(CliError::usage)
+}
+
+/// Options that only one strategy understands, and what the strategy
+/// itself refuses (a topology that cannot be built for `--nodes`, fragments
+/// that do not divide the local steps...).
 fn check_strategy(s: &Settings) -> Result<(), CliError> {
     match s.strategy {
-        SimStrategy::Gossip => {
+        StrategyKind::Gossip | StrategyKind::Diloco => {
             if let Some(p) = s.exchange_prob {
                 return Err(CliError::usage(format!(
                     "--exchange-prob {p} is a merge option; pass --strategy merge or drop it"
                 )));
             }
-            Topology::new(&s.topology, s.nodes, s.seed).map_err(CliError::usage)?;
         }
-        SimStrategy::Merge => {
+        StrategyKind::Merge => {
             if let (Some(p), Some(c)) = (s.exchange_prob, s.comm) {
                 return Err(CliError::usage(format!(
                     "--exchange-prob {p} and --comm {c} both choose merge's exchanges; give one"
@@ -311,6 +355,10 @@ fn check_strategy(s: &Settings) -> Result<(), CliError> {
                 )));
             }
         }
+    }
+    if s.training.is_none() {
+        let dim = s.dim.unwrap_or(DEFAULT_DIM as usize);
+        spec(s).check(s.nodes, &averaging_layers(s, dim), dim).map_err(CliError::usage)?;
     }
     Ok(())
 }
@@ -371,7 +419,12 @@ fn default_time_limit(
 ) -> f64 {
     let compute = step_time.as_secs_f64() * (1.0 + s.step_jitter) * s.local_steps as f64;
     let wait = (timeout + delay.max).as_secs_f64();
-    let per_round = compute + wait * s.gossip_steps as f64;
+    // A DiLoCo exchange has two deadlines (reduce, gather) per fragment.
+    let waits = match (s.strategy, s.outer) {
+        (StrategyKind::Diloco, Some(o)) => 2 * o.fragments as u64,
+        _ => s.gossip_steps,
+    };
+    let per_round = compute + wait * waits as f64;
     2.0 * (s.rounds as f64 * per_round + 2.0 * wait) + 60.0
 }
 
@@ -379,6 +432,8 @@ fn default_time_limit(
 struct Local {
     update: Box<dyn LocalUpdate>,
     init: Vec<Vec<f32>>,
+    /// The model's layers (streaming DiLoCo deals them to fragments).
+    layers: Vec<std::ops::Range<usize>>,
 }
 
 fn local_update(s: &Settings) -> Result<Local, CliError> {
@@ -387,6 +442,7 @@ fn local_update(s: &Settings) -> Result<Local, CliError> {
         return Ok(Local {
             update: Box::new(NoTraining),
             init: sim::random_params(s.nodes, dim, s.seed),
+            layers: averaging_layers(s, dim),
         });
     };
     tracing::warn!(
@@ -399,55 +455,52 @@ fn local_update(s: &Settings) -> Result<Local, CliError> {
     let split = load::load(&config.data_spec(), config.holdout).map_err(CliError::usage)?;
     let torch = TorchTraining::new(config, &split).map_err(CliError::usage)?;
     let init = torch.initial_params().map_err(CliError::failed)?;
-    Ok(Local { update: Box::new(torch), init: vec![init; s.nodes] })
+    let layers = torch.layers();
+    Ok(Local { update: Box::new(torch), init: vec![init; s.nodes], layers })
 }
 
-fn strategies(s: &Settings, init: Vec<Vec<f32>>) -> Result<Vec<SimNode>, CliError> {
+/// The strategy settings every simulated node shares.
+fn spec(s: &Settings) -> StrategySpec {
+    StrategySpec {
+        seed: s.seed,
+        rounds: s.rounds,
+        local_steps: s.local_steps,
+        timeout: Duration::from_millis(s.round_timeout_ms),
+        encoding: s.encoding,
+        topology: s.topology.clone(),
+        gossip_steps: s.gossip_steps,
+        comm: s.comm,
+        exchange_prob: s.exchange_prob.unwrap_or(0.0),
+        outer: s.outer.unwrap_or_default(),
+        samples_per_step: s.training.as_ref().map_or(1, |t| t.batch_size as u64),
+        ..StrategySpec::new(s.strategy)
+    }
+}
+
+/// Pure averaging has no layers: streaming deals out `--fragments` equal
+/// pieces of the vector.
+fn averaging_layers(s: &Settings, dim: usize) -> Vec<std::ops::Range<usize>> {
+    let p = s.outer.map_or(1, |o| o.fragments).max(1);
+    (0..p).map(|j| crate::mix::allreduce::shard(dim, p, j)).collect()
+}
+
+fn strategies(
+    s: &Settings,
+    init: Vec<Vec<f32>>,
+    layers: &[std::ops::Range<usize>],
+) -> Result<Vec<SimNode>, CliError> {
     let ids = sim::peer_ids(s.nodes, s.seed);
+    let spec = spec(s);
+    let len = init.first().map_or(0, Vec::len);
+    spec.check(s.nodes, layers, len).map_err(CliError::usage)?;
     ids.iter()
         .zip(init)
-        .map(|(&id, params)| Ok(SimNode { id, mixer: strategy(s, id, &ids)?, params }))
+        .map(|(&id, params)| {
+            let mixer: Box<dyn Mixer> =
+                strategy::build(&spec, id, ids.clone(), 0, layers, len).map_err(CliError::usage)?;
+            Ok(SimNode { id, mixer, params })
+        })
         .collect()
-}
-
-fn strategy(s: &Settings, id: PeerId, ids: &[PeerId]) -> Result<Box<dyn Mixer>, CliError> {
-    let timeout = Duration::from_millis(s.round_timeout_ms);
-    Ok(match s.strategy {
-        SimStrategy::Gossip => {
-            let cfg = GossipConfig {
-                topology: s.topology.clone(),
-                seed: s.seed,
-                rounds: s.rounds,
-                local_steps: s.local_steps,
-                gossip_steps: s.gossip_steps,
-                comm: s.comm.unwrap_or(CommSchedule::Every(1)),
-                timeout,
-                start_round: 0,
-                aggregator: Aggregator::Mean,
-                norm_bound: 0.0,
-            };
-            Box::new(Gossip::new(cfg, id, ids.to_vec()).map_err(CliError::usage)?)
-        }
-        SimStrategy::Merge => {
-            let exchange = match (s.exchange_prob, s.comm) {
-                (Some(p), _) if p > 0.0 => Exchange::Random(p),
-                (_, Some(c)) => Exchange::Schedule(c),
-                _ => Exchange::None,
-            };
-            let cfg = MergeConfig {
-                seed: s.seed,
-                rounds: s.rounds,
-                local_steps: s.local_steps,
-                exchange,
-                exchange_timeout: timeout,
-                final_timeout: timeout,
-                start_round: 0,
-                aggregator: Aggregator::Mean,
-                norm_bound: crate::mix::aggregate::NormBound::default(),
-            };
-            Box::new(Merge::new(cfg, id, ids.to_vec()).map_err(CliError::usage)?)
-        }
-    })
 }
 
 fn header(s: &Settings) -> String {
@@ -455,9 +508,13 @@ fn header(s: &Settings) -> String {
         (Some(c), _) => format!("training {} on {} ({} shards)", c.model.name(), c.data, c.nodes),
         (None, dim) => format!("averaging random vectors of length {}", dim.unwrap_or(0)),
     };
-    let strategy = match s.strategy {
-        SimStrategy::Gossip => format!("gossip on {}", s.topology),
-        SimStrategy::Merge => "merge".to_string(),
+    let strategy = match (s.strategy, s.outer) {
+        (StrategyKind::Gossip, _) => format!("gossip on {}", s.topology),
+        (StrategyKind::Diloco, Some(o)) => format!(
+            "diloco ({}, outer lr {} momentum {}, {} fragment(s)), {}",
+            o.sync, o.lr, o.momentum, o.fragments, s.encoding
+        ),
+        (kind, _) => kind.to_string(),
     };
     format!(
         "murmur sim: {} nodes, {strategy}, {} rounds x {} local steps, {what}; loss {}, delay {} ms, seed {}",
@@ -483,7 +540,7 @@ fn summary_line(r: &SimReport) -> String {
     let m = &r.messages;
     let lost = if m.sent > 0 { 100.0 * m.dropped as f64 / m.sent as f64 } else { 0.0 };
     let mut line = format!(
-        "done ({}) after {:.3}s virtual: consensus distance {:.4e} -> {:.4e}; messages sent {}, lost {} ({lost:.1}%), delivered {}, to crashed nodes {}",
+        "done ({}) after {:.3}s virtual: consensus distance {:.4e} -> {:.4e}; messages sent {}, lost {} ({lost:.1}%), delivered {}, to crashed nodes {}; {} payload bytes",
         r.end,
         r.virtual_seconds,
         r.initial_consensus_distance,
@@ -491,7 +548,8 @@ fn summary_line(r: &SimReport) -> String {
         m.sent,
         m.dropped,
         m.delivered,
-        m.to_crashed
+        m.to_crashed,
+        m.payload_bytes
     );
     if let Some(f) = &r.final_metrics {
         line.push_str(&format!(

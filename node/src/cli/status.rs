@@ -208,6 +208,9 @@ pub fn table(rows: &[Row]) -> String {
             Err(e) => out += &format!("{addr:<22} {e}\n"),
             Ok((s, peers)) => {
                 out += &status_line(addr, s);
+                if let Some(line) = outer_line(s) {
+                    out += &line;
+                }
                 for p in peers {
                     out += &peer_line(p);
                 }
@@ -215,6 +218,17 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     out
+}
+
+/// DiLoCo's outer optimizer under its node's line.
+fn outer_line(s: &pb::NodeStatus) -> Option<String> {
+    let steps = s.outer_steps?;
+    let per_step = s.bytes_per_outer_step.map_or("-".into(), |b| human_bytes(b as u64));
+    Some(format!(
+        "{:<22} outer steps {steps}, outer lr {}, {per_step} sent per outer step\n",
+        "",
+        s.outer_lr.map_or("-".into(), |l| l.to_string()),
+    ))
 }
 
 fn status_line(addr: &str, s: &pb::NodeStatus) -> String {
@@ -300,6 +314,8 @@ pub fn status_json(s: &pb::NodeStatus) -> Value {
         "fault_effects": s.fault_effects, "uptime_seconds": s.uptime_seconds,
         "last_error": s.last_error, "node_index": s.node_index, "nodes": s.nodes,
         "listen_addrs": s.listen_addrs, "version": s.version, "send_failures": s.send_failures,
+        "outer_steps": s.outer_steps, "outer_lr": s.outer_lr,
+        "bytes_per_outer_step": s.bytes_per_outer_step,
     })
 }
 

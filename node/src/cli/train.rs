@@ -157,14 +157,16 @@ fn train_loop(
             evals.push(EvalPoint { step: report.step, metrics: m });
         }
         if cfg.checkpoint_every > 0 && report.step % cfg.checkpoint_every == 0 {
-            trainer.save_checkpoint(ck_dir, saved_options.clone()).map_err(CliError::failed)?;
+            trainer
+                .save_checkpoint(ck_dir, saved_options.clone(), None)
+                .map_err(CliError::failed)?;
         }
     }
     let wall = started.elapsed().as_secs_f64();
     let m = trainer.evaluate();
     evals.push(EvalPoint { step: trainer.steps_done(), metrics: m });
     progress.finish();
-    trainer.save_checkpoint(ck_dir, saved_options.clone()).map_err(CliError::failed)?;
+    trainer.save_checkpoint(ck_dir, saved_options.clone(), None).map_err(CliError::failed)?;
     let summary = Summary {
         murmur_version: env!("CARGO_PKG_VERSION"),
         steps: trainer.steps_done(),

@@ -15,17 +15,12 @@ use crate::api::ApiToken;
 use crate::fault::FaultSpec;
 use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
+pub use crate::mix::strategy::StrategyKind;
+use crate::mix::strategy::{OuterSettings, StrategySpec};
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
 use crate::net::security::Security;
 use crate::train::config::{ConfigError, TrainConfig, bad, positive};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum StrategyKind {
-    Gossip,
-    Merge,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -38,7 +33,7 @@ pub enum ProgressFormat {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RunOptions {
-    /// Mixing strategy: gossip or merge [default: gossip]
+    /// Mixing strategy: gossip, merge or diloco [default: gossip]
     #[arg(long, env = "MURMUR_STRATEGY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strategy: Option<StrategyKind>,
@@ -86,10 +81,30 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_JOIN_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_timeout_ms: Option<i64>,
-    /// How parameters travel: f32, bf16, f16, int8[:BLOCK] [default: f32]
+    /// How parameters travel: f32, bf16, f16, int8[:BLOCK]; diloco's deltas also topk:K (the K largest, with error feedback) [default: f32]
     #[arg(long, env = "MURMUR_ENCODING")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoding: Option<String>,
+    /// diloco: the outer learning rate [default: 0.7]
+    #[arg(long, env = "MURMUR_OUTER_LR", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_lr: Option<f64>,
+    /// diloco: the outer Nesterov momentum, in [0, 1) [default: 0.9]
+    #[arg(long, env = "MURMUR_OUTER_MOMENTUM", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_momentum: Option<f64>,
+    /// diloco: when a round's average is applied: blocking (wait for it), eager (overlap it, own fresh delta as proxy) or delayed (apply it a round late) [default: blocking]
+    #[arg(long, env = "MURMUR_OUTER_SYNC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_sync: Option<String>,
+    /// diloco: streaming fragments P, synchronised in turn every local-steps / P steps [default: 1]
+    #[arg(long, env = "MURMUR_FRAGMENTS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fragments: Option<i64>,
+    /// diloco: local steps that overlap a fragment's exchange (streaming) [default: 0]
+    #[arg(long, env = "MURMUR_FRAGMENT_DELAY", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fragment_delay: Option<i64>,
     /// Multiaddr to listen on, repeatable [default: /ip4/0.0.0.0/tcp/0]
     #[arg(long, env = "MURMUR_LISTEN", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,21 +158,10 @@ pub struct RunOptions {
 /// Validated strategy and network settings.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub strategy: StrategyKind,
+    /// The strategy and its options (one spec for `murmur run` and `murmur sim`).
+    pub strategy: StrategySpec,
     pub run_id: String,
-    pub local_steps: u64,
-    pub rounds: u64,
-    pub topology: TopologySpec,
-    pub gossip_steps: u64,
-    pub aggregator: Aggregator,
-    /// The norm bound's factor; 0 = off.
-    pub norm_bound: f64,
-    /// None: gossip communicates every round, merge only by `exchange_prob`.
-    pub comm: Option<CommSchedule>,
-    pub exchange_prob: f64,
-    pub round_timeout: Duration,
     pub join_timeout: Duration,
-    pub encoding: Encoding,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
@@ -230,11 +234,8 @@ impl RunOptions {
             .unwrap_or("f32")
             .parse()
             .map_err(|e| bad(format!("--encoding: {e}")))?;
-        if matches!(encoding, Encoding::TopK { .. }) {
-            return Err(bad(
-                "--encoding topk needs error feedback on a delta, which gossip and merge do not send; use f32, bf16, f16 or int8",
-            ));
-        }
+        let kind = self.strategy.unwrap_or_default();
+        let outer = self.outer(kind)?;
         let swarm_key = match &self.swarm_key {
             None => None,
             Some(path) => {
@@ -260,20 +261,30 @@ impl RunOptions {
         if listen.is_empty() {
             listen.push("/ip4/0.0.0.0/tcp/0".parse().map_err(|_| bad("default listen address"))?);
         }
-        Ok(RunConfig {
-            strategy: self.strategy.unwrap_or(StrategyKind::Gossip),
-            run_id,
-            local_steps,
+        let strategy = StrategySpec {
+            kind,
+            seed: train.seed,
             rounds,
-            topology,
-            gossip_steps: positive("--gossip-steps", self.gossip_steps.unwrap_or(1))?,
+            local_steps,
+            timeout: millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?,
             aggregator,
             norm_bound,
+            encoding,
+            topology,
+            gossip_steps: positive("--gossip-steps", self.gossip_steps.unwrap_or(1))?,
             comm,
             exchange_prob,
-            round_timeout: millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?,
+            outer,
+            samples_per_step: train.batch_size as u64,
+        };
+        // What needs the model's layers is checked once it is built.
+        if matches!(encoding, Encoding::TopK { .. }) {
+            strategy.check(1, &[], 0).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(RunConfig {
+            strategy,
+            run_id,
             join_timeout: millis("--join-timeout-ms", self.join_timeout_ms.unwrap_or(60_000))?,
-            encoding,
             listen,
             bootstrap: addrs("--bootstrap", &self.bootstrap)?,
             mdns: self.mdns.unwrap_or(false),
@@ -306,8 +317,34 @@ impl RunOptions {
         })
     }
 
+    /// DiLoCo's outer settings; refused with another strategy.
+    fn outer(&self, kind: StrategyKind) -> Result<OuterSettings, ConfigError> {
+        let given = [
+            ("--outer-lr", self.outer_lr.is_some()),
+            ("--outer-momentum", self.outer_momentum.is_some()),
+            ("--outer-sync", self.outer_sync.is_some()),
+            ("--fragments", self.fragments.is_some()),
+            ("--fragment-delay", self.fragment_delay.is_some()),
+        ];
+        if kind != StrategyKind::Diloco
+            && let Some((flag, _)) = given.iter().find(|(_, set)| *set)
+        {
+            return Err(bad(format!(
+                "{flag} is a diloco option; pass --strategy diloco or drop it (strategy is {kind})"
+            )));
+        }
+        OuterSettings::resolve(
+            self.outer_lr,
+            self.outer_momentum,
+            self.outer_sync.as_deref(),
+            self.fragments,
+            self.fragment_delay,
+        )
+        .map_err(|e| bad(e.to_string()))
+    }
+
     /// `--aggregator` and `--norm-bound` (gossip's mix, merge's exchanges
-    /// and final all-reduce).
+    /// and final all-reduce, DiLoCo's all-reduce owners).
     fn aggregation(&self) -> Result<(Aggregator, f64), ConfigError> {
         let aggregator: Aggregator = self
             .aggregator
@@ -325,6 +362,7 @@ impl RunOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mix::diloco::OuterSync;
     use crate::train::config::TrainOptions;
 
     fn train() -> TrainConfig {
@@ -335,10 +373,11 @@ mod tests {
     fn rounds_follow_steps_and_local_steps() {
         let r =
             RunOptions { local_steps: Some(20), ..Default::default() }.resolve(&train()).unwrap();
-        assert_eq!((r.rounds, r.local_steps), (5, 20));
-        assert_eq!(r.topology, TopologySpec::Ring);
+        assert_eq!((r.strategy.rounds, r.strategy.local_steps), (5, 20));
+        assert_eq!(r.strategy.topology, TopologySpec::Ring);
         assert_eq!(r.security, Security::DEFAULT);
-        assert_eq!((r.aggregator, r.norm_bound), (Aggregator::Mean, 0.0));
+        assert_eq!((r.strategy.aggregator, r.strategy.norm_bound), (Aggregator::Mean, 0.0));
+        assert_eq!(r.strategy.outer, OuterSettings::default());
     }
 
     #[test]
@@ -367,7 +406,27 @@ mod tests {
             ..Default::default()
         };
         let r = o.resolve(&train()).unwrap();
-        assert_eq!((r.aggregator, r.norm_bound), (Aggregator::TrimmedMean { beta: 0.2 }, 3.0));
+        assert_eq!(
+            (r.strategy.aggregator, r.strategy.norm_bound),
+            (Aggregator::TrimmedMean { beta: 0.2 }, 3.0)
+        );
+    }
+
+    #[test]
+    fn diloco_options_resolve_and_belong_to_diloco() {
+        let o = RunOptions {
+            strategy: Some(StrategyKind::Diloco),
+            outer_lr: Some(1.0),
+            outer_momentum: Some(0.0),
+            outer_sync: Some("eager".into()),
+            encoding: Some("topk:100".into()),
+            ..Default::default()
+        };
+        let r = o.resolve(&train()).unwrap();
+        let outer = r.strategy.outer;
+        assert_eq!((outer.lr, outer.momentum, outer.sync), (1.0, 0.0, OuterSync::Eager));
+        assert_eq!(r.strategy.encoding, Encoding::TopK { k: 100 });
+        assert_eq!(r.strategy.samples_per_step, 64, "the batch size bounds a peer's weight");
     }
 
     #[test]
@@ -382,6 +441,38 @@ mod tests {
             (RunOptions { allow_peer: Some(vec!["bob".into()]), ..Default::default() }, "bob"),
             (RunOptions { security: Some("tls,ssl".into()), ..Default::default() }, "\"ssl\""),
             (RunOptions { exchange_prob: Some(1.5), ..Default::default() }, "1.5"),
+            (
+                RunOptions { encoding: Some("topk:10".into()), ..Default::default() },
+                "--encoding topk:10 needs error feedback on a delta, which gossip does not send",
+            ),
+            (
+                RunOptions { outer_lr: Some(0.5), ..Default::default() },
+                "--outer-lr is a diloco option; pass --strategy diloco",
+            ),
+            (
+                RunOptions {
+                    strategy: Some(StrategyKind::Diloco),
+                    outer_momentum: Some(1.0),
+                    ..Default::default()
+                },
+                "--outer-momentum must be in [0, 1) (got 1)",
+            ),
+            (
+                RunOptions {
+                    strategy: Some(StrategyKind::Diloco),
+                    outer_sync: Some("lazy".into()),
+                    ..Default::default()
+                },
+                "--outer-sync \"lazy\" is not one of blocking, eager, delayed",
+            ),
+            (
+                RunOptions {
+                    strategy: Some(StrategyKind::Diloco),
+                    fragments: Some(0),
+                    ..Default::default()
+                },
+                "--fragments must be >= 1 (got 0)",
+            ),
             (
                 RunOptions { local_steps: Some(0), ..Default::default() },
                 "--local-steps must be >= 1 (got 0)",

@@ -1,15 +1,25 @@
 //! One node: the trainer thread, the network and the mixing strategy wired
 //! together, plus what the node reports (progress lines, `summary.json`).
 //!
-//! The driver is a single async loop. It owns the strategy (a sans-IO
-//! `Mixer`) and turns its actions into trainer commands and network sends;
-//! it turns trainer results, peer messages, membership changes and deadlines
-//! into strategy inputs. It never touches a tensor.
+//! `launch` starts the node's services; `driver` is its event loop, which
+//! reads every source through `events` (one `select`), queues trainer jobs
+//! on `worker` without waiting, sends through `outbox`, and leaves
+//! decisions to pure functions (`round_end`, `rejoin`). `shutdown` is why
+//! a node stops early; `timing`, `report` and `summary` are what it tells.
 
 pub mod config;
 mod driver;
+mod events;
+mod launch;
+pub mod outbox;
+mod rejoin;
 mod report;
+mod round_end;
+mod shutdown;
+mod summary;
+mod timing;
 pub mod worker;
 
-pub use driver::{NodeSetup, run_node};
-pub use report::{NodeSummary, human_bytes};
+pub use launch::{NodeError, NodeSetup, Resume, run_node};
+pub use report::human_bytes;
+pub use summary::NodeSummary;

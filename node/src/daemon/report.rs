@@ -1,10 +1,9 @@
 //! What a node tells a person (progress lines) and a script (JSON progress
-//! lines, `summary.json`).
+//! lines); the metrics that `summary.json` also carries.
 
 use serde::Serialize;
 
 use super::config::ProgressFormat;
-use crate::net::accounting::Counts;
 use crate::train::eval::EvalMetrics;
 
 /// One evaluation of the node's model during the run.
@@ -35,42 +34,6 @@ impl FinalMetrics {
             eval_perplexity: m.perplexity,
         }
     }
-}
-
-/// `summary.json` of a `murmur run` node.
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeSummary {
-    pub murmur_version: &'static str,
-    pub peer_id: String,
-    pub run_id: String,
-    pub strategy: String,
-    pub node: i64,
-    pub nodes: usize,
-    pub rounds: u64,
-    pub steps: u64,
-    pub resumed_from_round: Option<u64>,
-    /// After `--resume`: the live peer whose current model this node took.
-    pub pulled_from: Option<String>,
-    pub interrupted: bool,
-    pub wall_seconds: f64,
-    pub parameters: usize,
-    pub fingerprint: String,
-    pub bytes: Counts,
-    /// Traffic with each peer (base58 peer id), all kinds together.
-    pub traffic_by_peer: std::collections::BTreeMap<String, Counts>,
-    pub refusals: std::collections::BTreeMap<String, u64>,
-    pub strategy_drops: std::collections::BTreeMap<String, u64>,
-    pub send_failures: u64,
-    /// What injected faults did, by effect (dropped_out, corrupted...).
-    pub fault_effects: std::collections::BTreeMap<String, u64>,
-    /// Seconds in local phases and in exchanges.
-    pub timing: super::driver::PhaseTiming,
-    pub evals: Vec<EvalPoint>,
-    /// The local model before the final merge (merge strategy only).
-    pub local: Option<FinalMetrics>,
-    #[serde(rename = "final")]
-    pub final_metrics: FinalMetrics,
-    pub config: serde_json::Value,
 }
 
 /// Prints progress lines in the chosen format.

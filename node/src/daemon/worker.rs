@@ -1,6 +1,10 @@
 //! The trainer thread. libtorch is blocking and its tensors must not be
 //! touched from the async side, so one OS thread owns the `Trainer` and
-//! serves commands in order; every command carries its own reply channel.
+//! carries out `Job`s in the order they were submitted; each job answers
+//! with exactly one `Done` (or a `WorkerError`) on the reply channel, which
+//! the driver reads as one more event. Submitting never waits: "continue
+//! from these parameters" is `SetParams` then `Train`, queued together,
+//! and the driver goes on serving peers while the trainer works.
 //!
 //! Injected faults that act on training are carried out here, between
 //! steps: a pause holds the next step until it ends, and label-flip turns
@@ -11,11 +15,42 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::mpsc as async_mpsc;
 
 use crate::fault::Faults;
+use crate::mix::mixer::StrategyState;
+use crate::params::ParamsError;
 use crate::train::eval::EvalMetrics;
-use crate::train::trainer::Trainer;
+use crate::train::trainer::{TrainError, Trainer};
+
+/// Jobs that may wait in the queue; the driver never has more than a few
+/// (a round's end queues at most four), so a full queue is a bug, not load.
+const QUEUE: usize = 64;
+
+/// What the trainer is asked to do.
+#[derive(Debug)]
+pub enum Job {
+    /// Run `steps` local steps.
+    Train { steps: u64 },
+    /// Replace the model's parameters.
+    SetParams(Vec<f32>),
+    /// Held-out metrics of the current parameters.
+    Evaluate,
+    /// Write a checkpoint (with the strategy's state, when it keeps one).
+    Checkpoint { dir: PathBuf, options: serde_json::Value, strategy: Option<StrategyState> },
+}
+
+/// What a job did, in the order the jobs were submitted.
+#[derive(Debug)]
+pub enum Done {
+    Trained(PhaseDone),
+    ParamsSet,
+    Evaluated(EvalMetrics),
+    /// The checkpoint holds this many steps.
+    Checkpointed {
+        steps: u64,
+    },
+}
 
 /// The end of a local phase.
 #[derive(Debug, Clone)]
@@ -29,118 +64,99 @@ pub struct PhaseDone {
     pub steps_done: u64,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
-
-enum Command {
-    Train { steps: u64, reply: Reply<PhaseDone> },
-    SetParams { values: Vec<f32>, reply: Reply<()> },
-    Params { reply: Reply<Vec<f32>> },
-    Evaluate { reply: Reply<EvalMetrics> },
-    Checkpoint { dir: PathBuf, options: serde_json::Value, reply: Reply<u64> },
+/// Why a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the trainer thread stopped")]
+    Stopped,
+    #[error("the trainer's job queue is full ({QUEUE} jobs)")]
+    Full,
+    #[error("training failed: {0}")]
+    Train(#[source] TrainError),
+    #[error("cannot set the parameters: {0}")]
+    Params(#[source] ParamsError),
+    #[error("cannot write the checkpoint in {dir}: {source}")]
+    Checkpoint {
+        dir: PathBuf,
+        #[source]
+        source: TrainError,
+    },
 }
 
-/// Handle to the trainer thread; dropping it stops the thread.
+pub type Reply = Result<Done, WorkerError>;
+
+/// Handle to the trainer thread; dropping it stops the thread once its
+/// queued jobs are done.
 #[derive(Debug)]
 pub struct Worker {
-    commands: Option<mpsc::Sender<Command>>,
+    jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    pub fn spawn(trainer: Trainer, faults: Arc<Faults>) -> Worker {
-        let (tx, rx) = mpsc::channel();
+    /// Starts the thread; its replies come on the returned receiver.
+    pub fn spawn(trainer: Trainer, faults: Arc<Faults>) -> (Worker, async_mpsc::Receiver<Reply>) {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let (reply_tx, reply_rx) = async_mpsc::channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("murmur-trainer".into())
-            .spawn(move || serve(trainer, rx, &faults))
+            .spawn(move || serve(trainer, rx, &reply_tx, &faults))
             .ok();
-        Worker { commands: Some(tx), thread }
+        (Worker { jobs: Some(tx), thread }, reply_rx)
     }
 
-    fn ask<T>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Command,
-    ) -> oneshot::Receiver<Result<T, String>> {
-        let (tx, rx) = oneshot::channel();
-        if let Some(c) = &self.commands {
-            // If the thread is gone the receiver reports it as a closed channel.
-            let _ = c.send(make(tx));
-        }
-        rx
-    }
-
-    /// Starts `steps` local steps; the receiver resolves when they are done.
-    pub fn train(&self, steps: u64) -> oneshot::Receiver<Result<PhaseDone, String>> {
-        self.ask(|reply| Command::Train { steps, reply })
-    }
-
-    pub async fn set_params(&self, values: Vec<f32>) -> Result<(), String> {
-        flatten(self.ask(|reply| Command::SetParams { values, reply }).await)
-    }
-
-    pub async fn params(&self) -> Result<Vec<f32>, String> {
-        flatten(self.ask(|reply| Command::Params { reply }).await)
-    }
-
-    pub async fn evaluate(&self) -> Result<EvalMetrics, String> {
-        flatten(self.ask(|reply| Command::Evaluate { reply }).await)
-    }
-
-    /// Writes a checkpoint; returns the number of steps it holds.
-    pub async fn checkpoint(
-        &self,
-        dir: PathBuf,
-        options: serde_json::Value,
-    ) -> Result<u64, String> {
-        flatten(self.ask(|reply| Command::Checkpoint { dir, options, reply }).await)
+    /// Queues `job`; never waits.
+    pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
+        let jobs = self.jobs.as_ref().ok_or(WorkerError::Stopped)?;
+        jobs.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => WorkerError::Full,
+            mpsc::TrySendError::Disconnected(_) => WorkerError::Stopped,
+        })
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.commands.take();
+        self.jobs.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-/// Flattens a reply from a thread that may have died.
-pub fn flatten<T>(r: Result<Result<T, String>, oneshot::error::RecvError>) -> Result<T, String> {
-    r.unwrap_or_else(|_| Err("the trainer thread stopped".into()))
-}
-
-fn serve(mut trainer: Trainer, commands: mpsc::Receiver<Command>, faults: &Faults) {
-    while let Ok(cmd) = commands.recv() {
-        match cmd {
-            Command::Train { steps, reply } => {
-                let _ = reply.send(train(&mut trainer, steps, faults));
+fn serve(
+    mut trainer: Trainer,
+    jobs: mpsc::Receiver<Job>,
+    replies: &async_mpsc::Sender<Reply>,
+    faults: &Faults,
+) {
+    while let Ok(job) = jobs.recv() {
+        let reply = match job {
+            Job::Train { steps } => train(&mut trainer, steps, faults).map(Done::Trained),
+            Job::SetParams(values) => {
+                trainer.set_flat(&values).map(|()| Done::ParamsSet).map_err(WorkerError::Params)
             }
-            Command::SetParams { values, reply } => {
-                let _ = reply.send(trainer.set_flat(&values).map_err(|e| e.to_string()));
-            }
-            Command::Params { reply } => {
-                let _ =
-                    reply.send(trainer.model.params().map(|p| p.values).map_err(|e| e.to_string()));
-            }
-            Command::Evaluate { reply } => {
-                let _ = reply.send(Ok(trainer.evaluate()));
-            }
-            Command::Checkpoint { dir, options, reply } => {
-                let saved = trainer.save_checkpoint(&dir, options).map(|()| trainer.steps_done());
-                let _ = reply.send(saved.map_err(|e| e.to_string()));
-            }
+            Job::Evaluate => Ok(Done::Evaluated(trainer.evaluate())),
+            Job::Checkpoint { dir, options, strategy } => trainer
+                .save_checkpoint(&dir, options, strategy.as_ref())
+                .map(|()| Done::Checkpointed { steps: trainer.steps_done() })
+                .map_err(|source| WorkerError::Checkpoint { dir, source }),
+        };
+        // The driver has stopped listening: nothing is left to tell.
+        if replies.blocking_send(reply).is_err() {
+            break;
         }
     }
 }
 
-fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone, String> {
+fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone, WorkerError> {
     let mut loss = 0.0;
     for _ in 0..steps {
         sit_out_pause(faults);
         trainer.set_label_flip(faults.label_flip(Instant::now()));
-        loss += trainer.step().map_err(|e| e.to_string())?.loss;
+        loss += trainer.step().map_err(WorkerError::Train)?.loss;
     }
-    let params = trainer.model.params().map_err(|e| e.to_string())?.values;
+    let params = trainer.model.params().map_err(WorkerError::Params)?.values;
     Ok(PhaseDone {
         params,
         loss: loss / steps.max(1) as f64,

@@ -25,6 +25,16 @@
 //! set). Robust aggregation protects each owner's range from bad
 //! contributors; it cannot protect a range from a bad owner.
 //!
+//! Compression: with a lossy [`Encoding`] (`with_encoding`) shards travel
+//! in it as they are given (a caller that compresses, such as DiLoCo with
+//! its error feedback, hands over values the encoding carries exactly, and
+//! top-k travels as the shard's nonzero entries), and an owner rounds its
+//! mean through the encoding before it keeps or sends it, so every member
+//! still holds bit-identical values for each range. Sums stay in f64.
+//!
+//! A declared weight above `with_max_weight`'s bound is refused: a peer's
+//! claim of how much data stands behind its shard is not taken whole.
+//!
 //! This component owns the shard arithmetic and the validation of shard
 //! messages; it never touches sockets or clocks (time is passed in), and it
 //! does not route: the strategy asks [`AllReduce::accepts`] and hands over
@@ -38,6 +48,8 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 
 use super::aggregate::{Aggregator, NormBound, l2_distance};
+use crate::net::encoding::{self, Encoding};
+
 use super::mixer::{Drops, Message, MsgKind, Roster};
 
 /// Messages held before `start` (a faster peer may send its shards before
@@ -110,6 +122,8 @@ pub struct AllReduce {
     norm_bound: NormBound,
     /// Where this member's values stood at its last mix, for the norm bound.
     reference: Option<Vec<f32>>,
+    encoding: Encoding,
+    max_weight: Option<f64>,
 }
 
 impl AllReduce {
@@ -126,7 +140,21 @@ impl AllReduce {
             aggregator: Aggregator::Mean,
             norm_bound: NormBound::default(),
             reference: None,
+            encoding: Encoding::F32,
+            max_weight: None,
         }
+    }
+
+    /// Shards and results travel in `encoding` (see the module doc).
+    pub fn with_encoding(mut self, encoding: Encoding) -> AllReduce {
+        self.encoding = encoding;
+        self
+    }
+
+    /// Shards that declare a weight above `max` are refused.
+    pub fn with_max_weight(mut self, max: f64) -> AllReduce {
+        self.max_weight = Some(max);
+        self
     }
 
     /// Owners combine with `aggregator` and refuse shards over `norm_bound`.
@@ -170,7 +198,10 @@ impl AllReduce {
         for (j, &peer) in roster.members.iter().enumerate() {
             let range = shard(len, n, j);
             if j != me && !range.is_empty() {
-                out.push(self.message(peer, MsgKind::Shard, weight, range.start, &values[range]));
+                let values = &values[range.clone()];
+                let mut m = self.message(peer, MsgKind::Shard, weight, range.start, values);
+                m.encoding = wire_encoding(self.encoding, values);
+                out.push(m);
             }
         }
         let mine = shard(len, n, me);
@@ -212,6 +243,9 @@ impl AllReduce {
             return Vec::new();
         };
         let reason = match m.kind {
+            MsgKind::Shard if self.max_weight.is_some_and(|max| m.weight > max) => {
+                Err("weight_above_bound")
+            }
             MsgKind::Shard => {
                 let bound = (self.norm_bound, self.reference.as_deref());
                 run.add_shard(&m, bound, !self.aggregator.is_mean())
@@ -219,6 +253,15 @@ impl AllReduce {
             _ => run.add_result(&m),
         };
         match reason {
+            // A member's shard refused for what it holds will not come
+            // again in a better form: it is not waited for.
+            Err(
+                r @ ("bad_weight" | "weight_above_bound" | "non_finite" | "wrong_length"
+                | "wrong_offset" | "norm_bound"),
+            ) if m.kind == MsgKind::Shard => {
+                self.drops.add(r);
+                self.refused(m.peer, MsgKind::Shard)
+            }
             Err(r) => {
                 self.drops.add(r);
                 Vec::new()
@@ -254,6 +297,25 @@ impl AllReduce {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// The last connection to `peer` closed: its shard and its result will
+    /// not come, so neither is waited for (its range keeps the local
+    /// values). Returns what to send in reply.
+    pub fn unreachable(&mut self, peer: PeerId) -> Vec<Message> {
+        let mut out = self.refused(peer, MsgKind::Shard);
+        out.extend(self.refused(peer, MsgKind::ShardResult));
+        out
+    }
+
+    /// The ranges that kept the local values (their owner never answered),
+    /// once the all-reduce is done.
+    pub fn fallback_ranges(&self) -> Vec<Range<usize>> {
+        let Some(run) = &self.run else { return Vec::new() };
+        (0..run.roster.len())
+            .filter(|&j| run.fills[j] == Fill::Fallback)
+            .map(|j| run.range(j))
+            .collect()
     }
 
     /// Acts on the deadlines that `now` has passed.
@@ -320,7 +382,16 @@ impl AllReduce {
         offset: usize,
         values: &[f32],
     ) -> Message {
-        Message { peer, kind, slot: self.slot, weight, offset, values: Arc::new(values.to_vec()) }
+        Message {
+            peer,
+            kind,
+            slot: self.slot,
+            weight,
+            offset,
+            values: Arc::new(values.to_vec()),
+            encoding: Encoding::F32,
+            part: 0,
+        }
     }
 
     /// Reduces this member's shard if every other member contributed, or
@@ -344,6 +415,15 @@ impl AllReduce {
             // Zero total weight has no mean: the range keeps the local values.
             mean.iter_mut().zip(&own.sum).for_each(|(m, s)| *m = (s / own.weight) as f32);
         }
+        let result_encoding = match self.encoding {
+            // Sums of sparse shards: sent exactly, as their nonzero entries.
+            Encoding::TopK { .. } => wire_encoding(self.encoding, mean),
+            lossy => {
+                let rounded = encoding::round_trip(mean, lossy);
+                mean.copy_from_slice(&rounded);
+                lossy
+            }
+        };
         run.fills[me] = Fill::Owner;
         let values = Arc::new(mean.to_vec());
         run.roster
@@ -358,8 +438,27 @@ impl AllReduce {
                 weight: own.weight,
                 offset: range.start,
                 values: values.clone(),
+                encoding: result_encoding,
+                part: 0,
             })
             .collect()
+    }
+}
+
+/// How `values` travel in `encoding`: top-k as exactly their nonzero
+/// entries (or f32 when that is smaller), anything else as it is.
+fn wire_encoding(encoding: Encoding, values: &[f32]) -> Encoding {
+    match encoding {
+        Encoding::TopK { .. } => {
+            let nonzero = values.iter().filter(|v| **v != 0.0).count();
+            // 8 bytes per kept entry against 4 per value.
+            if nonzero * 2 >= values.len() {
+                Encoding::F32
+            } else {
+                Encoding::TopK { k: u32::try_from(nonzero.max(1)).unwrap_or(u32::MAX) }
+            }
+        }
+        other => other,
     }
 }
 
@@ -588,9 +687,13 @@ mod tests {
             weight: 1.0,
             offset: range.start,
             values: Arc::new(vec![6.0; range.len()]),
+            encoding: Encoding::F32,
+            part: 0,
         };
-        assert!(ar.receive(far).is_empty());
+        // Refused, and not waited for: the owner's range is its own value.
+        let out = ar.receive(far);
         assert_eq!(ar.drops().get("norm_bound"), 1);
+        assert!(out.iter().all(|m| *m.values == vec![1.0f32; range.len()]), "{out:?}");
     }
 
     #[test]
@@ -610,6 +713,8 @@ mod tests {
             weight: 1.0,
             offset: mine.start,
             values: Arc::new(vec![5.0; mine.len()]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert!(ar.receive(shard_from(others[0])).is_empty(), "waits for the third");
         let results = ar.refused(others[1], MsgKind::Shard);
@@ -728,6 +833,8 @@ mod tests {
             weight: 5.0,
             offset: dead.start,
             values: Arc::new(vec![9.0; dead.len()]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert!(c.ars[0].receive(late).is_empty());
         assert_eq!(c.ars[0].drops().get("late_result"), 1);
@@ -737,10 +844,14 @@ mod tests {
     #[test]
     fn duplicate_misaddressed_and_foreign_shards_are_dropped_and_counted() {
         let ids = peers(3);
-        let mut ar = AllReduce::new(7, T);
         let t0 = Instant::now();
         // len 6: member 0 owns 0..2, member 1 owns 2..4, member 2 owns 4..6.
-        let out = ar.start(Roster::new(ids[0], ids.clone()), vec![0.0; 6], 1.0, t0);
+        let fresh = || {
+            let mut ar = AllReduce::new(7, T);
+            let out = ar.start(Roster::new(ids[0], ids.clone()), vec![0.0; 6], 1.0, t0);
+            (ar, out)
+        };
+        let (_, out) = fresh();
         assert_eq!(
             out.iter().map(|m| (m.offset, m.values.len())).collect::<Vec<_>>(),
             [(2, 2), (4, 2)]
@@ -752,16 +863,33 @@ mod tests {
             weight: 1.0,
             offset,
             values: Arc::new(vec![3.0; len]),
+            encoding: Encoding::F32,
+            part: 0,
         };
+        // Refused for what it holds: counted, and the member is not waited for.
+        for (bad, reason) in [
+            (shard(ids[2], 2, 2), "wrong_offset"),
+            (shard(ids[2], 0, 3), "wrong_length"),
+            (Message { weight: f64::NAN, ..shard(ids[2], 0, 2) }, "bad_weight"),
+            (
+                Message { values: Arc::new(vec![f32::NAN, 1.0]), ..shard(ids[2], 0, 2) },
+                "non_finite",
+            ),
+        ] {
+            let (mut ar, _) = fresh();
+            assert!(ar.receive(shard(ids[1], 0, 2)).is_empty(), "{reason}: waits for member 2");
+            let out = ar.receive(bad);
+            assert_eq!(ar.drops().get(reason), 1, "{reason}");
+            assert_eq!(out.len(), 2, "{reason}: reduced at once without member 2");
+            assert!(out.iter().all(|m| *m.values == vec![1.5f32; 2]), "{reason}: (0 + 3) / 2");
+        }
+        // Not a member, from itself, another all-reduce, a duplicate, a
+        // misplaced result: counted, and nothing else changes.
+        let (mut ar, _) = fresh();
         assert!(ar.receive(shard(ids[1], 0, 2)).is_empty());
         assert!(ar.receive(shard(ids[1], 0, 2)).is_empty());
-        assert!(ar.receive(shard(ids[2], 2, 2)).is_empty());
-        assert!(ar.receive(shard(ids[2], 0, 3)).is_empty());
         assert!(ar.receive(shard(PeerId::random(), 0, 2)).is_empty());
         assert!(ar.receive(shard(ids[0], 0, 2)).is_empty());
-        assert!(ar.receive(Message { weight: f64::NAN, ..shard(ids[2], 0, 2) }).is_empty());
-        let nan = Message { values: Arc::new(vec![f32::NAN, 1.0]), ..shard(ids[2], 0, 2) };
-        assert!(ar.receive(nan).is_empty());
         let other = Message { slot: 8, ..shard(ids[2], 0, 2) };
         assert!(!ar.accepts(&other));
         assert!(ar.receive(other).is_empty());
@@ -769,13 +897,10 @@ mod tests {
         assert!(ar.receive(bad_result).is_empty());
         for (reason, count) in [
             ("duplicate", 1),
-            ("wrong_offset", 2),
-            ("wrong_length", 1),
             ("not_a_member", 1),
             ("from_self", 1),
-            ("bad_weight", 1),
-            ("non_finite", 1),
             ("other_all_reduce", 1),
+            ("wrong_offset", 1),
         ] {
             assert_eq!(ar.drops().get(reason), count, "{reason}: {:?}", ar.drops());
         }
@@ -799,6 +924,8 @@ mod tests {
             weight: 1.0,
             offset: 0,
             values: Arc::new(vec![4.0]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert!(ar.receive(early.clone()).is_empty());
         assert!(ar.receive(early).is_empty());

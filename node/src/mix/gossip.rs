@@ -18,7 +18,11 @@ use libp2p::PeerId;
 
 use super::aggregate::{Aggregator, NormBound, l2_distance};
 use super::comm::CommSchedule;
-use super::mixer::{Action, Drops, Input, Message, Mixer, MsgKind, Roster};
+use crate::net::encoding::Encoding;
+
+use super::mixer::{
+    Action, Drops, Input, Message, Mixer, MsgKind, Roster, StateError, StrategyState,
+};
 use super::topology::{Topology, TopologyError, TopologySpec};
 
 /// How far ahead of the current exchange a message may be and still be kept.
@@ -46,6 +50,8 @@ pub struct GossipConfig {
     /// (`set_start_params`); without them the first mix is not bounded.
     /// A negative or non-finite value also disables it (config refuses one).
     pub norm_bound: f64,
+    /// How parameters travel.
+    pub encoding: Encoding,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,6 +158,8 @@ impl Gossip {
                     weight: 1.0,
                     offset: 0,
                     values: values.clone(),
+                    encoding: self.cfg.encoding,
+                    part: 0,
                 })
             })
             .collect();
@@ -270,11 +278,31 @@ impl Gossip {
     }
 }
 
+/// The one part of a gossip or merge state: the parameters.
+pub const PARAMS_PART: &str = "params";
+
 impl Mixer for Gossip {
     fn set_start_params(&mut self, params: &[f32]) {
+        self.x = params.to_vec();
         if self.norm_bound.is_enabled() {
             self.last_mixed = Some(params.to_vec());
         }
+    }
+
+    fn snapshot(&self) -> Option<StrategyState> {
+        (!self.x.is_empty())
+            .then(|| StrategyState::new(self.round, vec![(PARAMS_PART, self.x.clone())]))
+    }
+
+    fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError> {
+        let (round, mut parts) = state.take(&[PARAMS_PART], self.x.len())?;
+        let x = parts.remove(0);
+        self.round = round;
+        self.x = x.clone();
+        if self.norm_bound.is_enabled() {
+            self.last_mixed = Some(x.clone());
+        }
+        Ok(x)
     }
 
     fn start(&mut self, _now: Instant) -> Vec<Action> {
@@ -315,6 +343,16 @@ impl Mixer for Gossip {
                 self.try_mix(now, false)
             }
             Input::Refused { .. } => Vec::new(),
+            Input::Unreachable(peer) => {
+                // Not waited for in the exchange under way (a later one
+                // waits again: the connection may come back).
+                let current = self.current_slot();
+                if matches!(&self.phase, Phase::Exchanging { expect, .. } if expect.contains(&peer))
+                {
+                    self.refused.entry(current).or_default().insert(peer);
+                }
+                self.try_mix(now, false)
+            }
             Input::Members(members) => {
                 self.roster = Roster::new(self.roster.me(), members);
                 Vec::new()
@@ -368,6 +406,7 @@ mod tests {
             start_round: 0,
             aggregator: Aggregator::Mean,
             norm_bound: 0.0,
+            encoding: Encoding::F32,
         }
     }
 
@@ -441,6 +480,8 @@ mod tests {
             weight: 1.0,
             offset: 0,
             values: Arc::new(vec![3.0]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert!(g.handle(Input::Received(msg.clone()), t0).is_empty(), "waits for the third node");
         assert!(g.handle(Input::Tick, t0 + Duration::from_millis(999)).is_empty());
@@ -480,6 +521,8 @@ mod tests {
             weight: 1.0,
             offset: 0,
             values: Arc::new(vec![v]),
+            encoding: Encoding::F32,
+            part: 0,
         })
     }
 
@@ -567,6 +610,8 @@ mod tests {
             weight: 1.0,
             offset: 0,
             values: Arc::new(vec![3.0]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert_eq!(
             g.handle(Input::Received(m), t0),

@@ -31,7 +31,12 @@ use rand_chacha::ChaCha8Rng;
 use super::aggregate::{Aggregator, NormBound, l2_distance};
 use super::allreduce::{AllReduce, AllReduceTimeouts};
 use super::comm::CommSchedule;
-use super::mixer::{Action, Drops, Input, Message, Mixer, MsgKind, Roster};
+use crate::net::encoding::Encoding;
+
+use super::gossip::PARAMS_PART;
+use super::mixer::{
+    Action, Drops, Input, Message, Mixer, MsgKind, Roster, StateError, StrategyState,
+};
 
 /// The slot of the final all-reduce. Rounds use their number as slot, and a
 /// run never reaches u64::MAX - 1 rounds, so the two never collide.
@@ -71,6 +76,8 @@ pub struct MergeConfig {
     /// How the final all-reduce's owners combine the shards.
     pub aggregator: Aggregator,
     pub norm_bound: NormBound,
+    /// How parameters travel (pairwise exchanges and the final all-reduce).
+    pub encoding: Encoding,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -114,8 +121,10 @@ impl Merge {
             return Err(MergeError::Probability(p));
         }
         let timeouts = AllReduceTimeouts { reduce: cfg.final_timeout, gather: cfg.final_timeout };
-        let all_reduce =
-            AllReduce::new(FINAL_SLOT, timeouts).with_aggregation(cfg.aggregator, cfg.norm_bound);
+        let all_reduce = AllReduce::new(FINAL_SLOT, timeouts)
+            .with_aggregation(cfg.aggregator, cfg.norm_bound)
+            .with_encoding(cfg.encoding)
+            .with_max_weight(1.0);
         Ok(Merge {
             round: cfg.start_round,
             cfg,
@@ -151,6 +160,8 @@ impl Merge {
             weight: 1.0,
             offset: 0,
             values: Arc::new(self.x.clone()),
+            encoding: self.cfg.encoding,
+            part: 0,
         })];
         let deadline = now + self.cfg.exchange_timeout;
         self.phase = Phase::Exchanging { partner, deadline };
@@ -321,7 +332,25 @@ fn average_into(x: &mut [f32], y: &[f32]) {
 }
 
 impl Mixer for Merge {
+    fn snapshot(&self) -> Option<StrategyState> {
+        (!self.x.is_empty())
+            .then(|| StrategyState::new(self.round, vec![(PARAMS_PART, self.x.clone())]))
+    }
+
+    fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError> {
+        let (round, mut parts) = state.take(&[PARAMS_PART], self.x.len())?;
+        let x = parts.remove(0);
+        self.round = round;
+        self.x = x.clone();
+        if self.cfg.norm_bound.is_enabled() {
+            self.last_mixed = Some(x.clone());
+            self.all_reduce.set_reference(x.clone());
+        }
+        Ok(x)
+    }
+
     fn set_start_params(&mut self, params: &[f32]) {
+        self.x = params.to_vec();
         if self.cfg.norm_bound.is_enabled() {
             self.last_mixed = Some(params.to_vec());
             self.all_reduce.set_reference(params.to_vec());
@@ -364,6 +393,18 @@ impl Mixer for Merge {
                     _ => Vec::new(),
                 }
             }
+            Input::Unreachable(peer) => match self.phase {
+                Phase::Merging => {
+                    let sends = self.all_reduce.unreachable(peer);
+                    let mut actions: Vec<Action> = sends.into_iter().map(Action::Send).collect();
+                    actions.extend(self.finish_if_merged());
+                    actions
+                }
+                Phase::Exchanging { partner, .. } if partner == peer => {
+                    self.close_exchange(partner, false, now)
+                }
+                _ => Vec::new(),
+            },
             Input::Members(members) => {
                 self.roster = Roster::new(self.roster.me(), members);
                 Vec::new()
@@ -431,6 +472,7 @@ mod tests {
             start_round: 0,
             aggregator: Aggregator::Mean,
             norm_bound: NormBound::default(),
+            encoding: Encoding::F32,
         }
     }
 
@@ -642,6 +684,8 @@ mod tests {
             weight: 1.0,
             offset: 0,
             values: Arc::new(vec![v]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert!(m.handle(Input::Received(msg(0, 9.0)), t0).is_empty());
         assert_eq!(m.drops.get("stale_slot"), 1);
@@ -665,6 +709,8 @@ mod tests {
             weight: 1.0,
             offset: 0,
             values: Arc::new(vec![1.0, 2.0]),
+            encoding: Encoding::F32,
+            part: 0,
         };
         assert!(m.handle(Input::Received(early), t0).is_empty(), "length unknown yet: held");
         let acts = m.handle(Input::LocalDone { params: vec![4.0], samples: 1 }, t0);

@@ -9,8 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use libp2p::PeerId;
+use murmur_proto::wire::v1::PayloadKind;
 
-/// What a message is for; mirrors the wire's `PayloadKind`.
+use crate::net::encoding::Encoding;
+
+/// What a message is for; the one mapping to and from the wire's
+/// `PayloadKind` (and the label traffic is counted under) lives here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MsgKind {
     /// A full parameter vector (gossip, sparse pairwise exchange).
@@ -21,6 +25,51 @@ pub enum MsgKind {
     Shard,
     /// An owner's reduced shard, sent back.
     ShardResult,
+    /// A rejoining member asks for the strategy's state (the daemon's
+    /// business: strategies never see one).
+    PullRequest,
+    /// One part of a pulled state (`Message::part`).
+    PullReply,
+}
+
+impl MsgKind {
+    pub const ALL: [MsgKind; 6] = [
+        MsgKind::Params,
+        MsgKind::Delta,
+        MsgKind::Shard,
+        MsgKind::ShardResult,
+        MsgKind::PullRequest,
+        MsgKind::PullReply,
+    ];
+
+    pub fn to_wire(self) -> PayloadKind {
+        match self {
+            MsgKind::Params => PayloadKind::Params,
+            MsgKind::Delta => PayloadKind::Delta,
+            MsgKind::Shard => PayloadKind::Shard,
+            MsgKind::ShardResult => PayloadKind::ShardResult,
+            MsgKind::PullRequest => PayloadKind::PullRequest,
+            MsgKind::PullReply => PayloadKind::PullReply,
+        }
+    }
+
+    /// The kind of a wire `PayloadKind` value; `None` for unknown values.
+    pub fn from_wire(kind: i32) -> Option<MsgKind> {
+        let kind = PayloadKind::try_from(kind).ok()?;
+        MsgKind::ALL.into_iter().find(|k| k.to_wire() == kind)
+    }
+
+    /// The label its traffic is counted under.
+    pub fn label(self) -> &'static str {
+        match self {
+            MsgKind::Params => "params",
+            MsgKind::Delta => "delta",
+            MsgKind::Shard => "shard",
+            MsgKind::ShardResult => "shard_result",
+            MsgKind::PullRequest => "pull_request",
+            MsgKind::PullReply => "pull_reply",
+        }
+    }
 }
 
 /// A message between strategies. `slot` names the exchange it belongs to
@@ -36,6 +85,29 @@ pub struct Message {
     /// Index of `values[0]` in the full parameter vector (shards).
     pub offset: usize,
     pub values: Arc<Vec<f32>>,
+    /// How the values travel. The sender's strategy chooses it (a lossy
+    /// encoding for a compressed delta, f32 otherwise); what arrives says
+    /// how it travelled.
+    pub encoding: Encoding,
+    /// Which part of a multi-part message (pull replies); 0 otherwise.
+    pub part: u32,
+}
+
+impl Message {
+    /// A message of `kind` for `slot` with weight 1, offset 0, f32 on the
+    /// wire and part 0; set the other fields with struct update syntax.
+    pub fn new(peer: PeerId, kind: MsgKind, slot: u64, values: Arc<Vec<f32>>) -> Message {
+        Message {
+            peer,
+            kind,
+            slot,
+            weight: 1.0,
+            offset: 0,
+            values,
+            encoding: Encoding::F32,
+            part: 0,
+        }
+    }
 }
 
 /// What happened, as far as the strategy is concerned.
@@ -51,6 +123,11 @@ pub enum Input {
     Refused { peer: PeerId, kind: MsgKind, slot: u64 },
     /// The live members of the run changed (sorted, including this node).
     Members(Vec<PeerId>),
+    /// The last connection to this peer closed (a killed process, a cut
+    /// link): what it has not sent to the exchanges under way will not
+    /// come, so they need not wait for it. It stays a member until its
+    /// heartbeats stop.
+    Unreachable(PeerId),
     /// A deadline returned by `deadline()` has passed.
     Tick,
 }
@@ -99,6 +176,98 @@ pub trait Mixer: Send {
     fn neighbour_distance(&self) -> Option<f64> {
         None
     }
+
+    /// What a member that (re)joins takes from this one, and what a
+    /// checkpoint keeps: part 0 is the parameters to continue from (the
+    /// last mixed ones), then whatever the strategy itself carries across
+    /// rounds (DiLoCo's outer momentum). `None` before the first round's
+    /// parameters are known.
+    fn snapshot(&self) -> Option<StrategyState>;
+
+    /// Takes a state from a snapshot (a live member's, or a checkpoint's)
+    /// before `start`, and returns the parameters the trainer continues
+    /// from. A state of the wrong shape changes nothing.
+    fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError>;
+
+    /// The outer optimizer's figures, for strategies that have one.
+    fn outer(&self) -> Option<OuterStatus> {
+        None
+    }
+}
+
+/// A strategy's state at the start of `round`: named vectors, parameters
+/// first (see `Mixer::snapshot`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrategyState {
+    pub round: u64,
+    pub parts: Vec<StatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatePart {
+    pub name: String,
+    pub values: Arc<Vec<f32>>,
+}
+
+impl StrategyState {
+    /// A state of the given parts, in order.
+    pub fn new(round: u64, parts: Vec<(&str, Vec<f32>)>) -> StrategyState {
+        let parts = parts
+            .into_iter()
+            .map(|(name, values)| StatePart { name: name.to_string(), values: Arc::new(values) })
+            .collect();
+        StrategyState { round, parts }
+    }
+
+    /// The parts' names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.parts.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Checks that the parts are `names`, each `len` finite values (any
+    /// length when `len` is 0), and returns their values in that order.
+    pub fn take(
+        self,
+        names: &[&'static str],
+        len: usize,
+    ) -> Result<(u64, Vec<Vec<f32>>), StateError> {
+        let got: Vec<&str> = self.parts.iter().map(|p| p.name.as_str()).collect();
+        if got != names {
+            return Err(StateError::Parts { expected: names.join(","), got: got.join(",") });
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for (part, &name) in self.parts.into_iter().zip(names) {
+            if len > 0 && part.values.len() != len {
+                let got = part.values.len();
+                return Err(StateError::Length { part: name, expected: len, got });
+            }
+            if let Some(index) = part.values.iter().position(|v| !v.is_finite()) {
+                return Err(StateError::NonFinite { part: name, index });
+            }
+            out.push(Arc::try_unwrap(part.values).unwrap_or_else(|shared| shared.to_vec()));
+        }
+        Ok((self.round, out))
+    }
+}
+
+/// Why a state could not be restored.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StateError {
+    #[error("the state has parts [{got}], this strategy keeps [{expected}]")]
+    Parts { expected: String, got: String },
+    #[error("state part {part} has {got} values, this model has {expected}")]
+    Length { part: &'static str, expected: usize, got: usize },
+    #[error("state part {part} holds a non-finite value at index {index}")]
+    NonFinite { part: &'static str, index: usize },
+}
+
+/// What the status and summary show of an outer optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct OuterStatus {
+    /// Outer steps applied (over all fragments).
+    pub steps: u64,
+    pub lr: f64,
+    pub momentum: f64,
 }
 
 /// Sorted members and this node's index among them.
@@ -154,6 +323,13 @@ impl Drops {
 
     pub fn list(&self) -> Vec<(&'static str, u64)> {
         self.0.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Adds every count of `other`.
+    pub fn absorb(&mut self, other: &Drops) {
+        for (reason, n) in other.list() {
+            self.add_many(reason, n);
+        }
     }
 
     pub fn get(&self, reason: &str) -> u64 {

@@ -1,13 +1,17 @@
 //! Mixing: how nodes combine their models with their peers'. Strategies here
 //! are sans-IO state machines (`Mixer`); this module also owns the
-//! communication topology, mixing weights and communication schedules.
+//! communication topology, mixing weights, communication schedules, the
+//! compression of updates, and the one builder of strategies.
 
 pub mod aggregate;
 pub mod allreduce;
 pub mod comm;
+pub mod compress;
 pub mod consensus;
+pub mod diloco;
 pub mod gossip;
 pub mod merge;
 pub mod mixer;
 pub mod sim;
+pub mod strategy;
 pub mod topology;

@@ -16,7 +16,9 @@
 //!   from the node's parameters at that moment;
 //! - every `Action::Send` is dropped with probability `loss`, else delivered
 //!   after a delay drawn uniformly from `[delay.min, delay.max]`, with
-//!   `Message::peer` rewritten from the destination to the sender;
+//!   `Message::peer` rewritten from the destination to the sender and its
+//!   values rounded as its encoding would round them on the wire (whose
+//!   body bytes are counted);
 //! - a strategy's `deadline()` becomes an `Input::Tick` at that time.
 //!
 //! A crash (`Crash { node, round }`) removes a node the moment its strategy
@@ -48,11 +50,7 @@ use serde::Serialize;
 pub use super::consensus::{consensus_distance, mean};
 
 use super::mixer::{Action, Input, Message, Mixer};
-use crate::params::FlatParams;
-use crate::train::config::TrainConfig;
-use crate::train::dataset::Split;
-use crate::train::model::ModelSpec;
-use crate::train::trainer::{TrainError, Trainer};
+use crate::net::encoding;
 
 /// Why a simulation could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -218,67 +216,6 @@ impl LocalUpdate for NoTraining {
     }
 }
 
-/// Real models: one `Trainer` per node on its own shard, all in this process.
-#[derive(Debug)]
-pub struct TorchTraining {
-    trainers: Vec<Trainer>,
-}
-
-impl TorchTraining {
-    /// One trainer per shard `0..base.nodes` of `split` (`base.node` is
-    /// ignored). All start from the same initial parameters (`base.seed`).
-    pub fn new(base: &TrainConfig, split: &Split) -> Result<TorchTraining, TrainError> {
-        let trainers = (0..base.nodes)
-            .map(|i| Trainer::new(TrainConfig { node: i as i64, ..base.clone() }, split))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(TorchTraining { trainers })
-    }
-
-    /// The common initial parameters (node 0's; every node's are the same).
-    pub fn initial_params(&self) -> Result<Vec<f32>, SimError> {
-        let t = self.trainers.first().ok_or(SimError::NoNodes)?;
-        Ok(t.model.params().map_err(|e| local(0, e))?.values)
-    }
-
-    fn load(&mut self, node: usize, params: &[f32]) -> Result<&mut Trainer, SimError> {
-        let nodes = self.trainers.len();
-        let t = self.trainers.get_mut(node).ok_or_else(|| {
-            local(node, format!("no trainer for node {node} (there are {nodes})"))
-        })?;
-        let flat = FlatParams { layout: t.model.layout().clone(), values: params.to_vec() };
-        t.model.set_params(&flat).map_err(|e| local(node, e))?;
-        Ok(t)
-    }
-}
-
-fn local(node: usize, e: impl fmt::Display) -> SimError {
-    SimError::Local { node, reason: e.to_string() }
-}
-
-impl LocalUpdate for TorchTraining {
-    fn train(&mut self, node: usize, params: &mut [f32], steps: u64) -> Result<u64, SimError> {
-        let t = self.load(node, params)?;
-        for _ in 0..steps {
-            t.step().map_err(|e| local(node, e))?;
-        }
-        let trained = t.model.params().map_err(|e| local(node, e))?;
-        params.copy_from_slice(&trained.values);
-        Ok(steps * t.config.batch_size as u64)
-    }
-
-    fn evaluate(&mut self, node: usize, params: &[f32]) -> Result<Option<f64>, SimError> {
-        let m = self.load(node, params)?.evaluate();
-        Ok(m.accuracy.or(m.perplexity))
-    }
-
-    fn metric_name(&self) -> &'static str {
-        match self.trainers.first().map(|t| &t.config.model) {
-            Some(ModelSpec::Chargpt(_)) => "perplexity",
-            _ => "accuracy",
-        }
-    }
-}
-
 /// One node to simulate: its identity, strategy and initial parameters.
 pub struct SimNode {
     pub id: PeerId,
@@ -367,6 +304,9 @@ pub struct MessageCounts {
     pub unknown_peer: u64,
     /// Still travelling when the run ended.
     pub in_flight: u64,
+    /// Bytes of every sent message's body in its encoding (what the wire
+    /// would carry, less the small header), lost ones included.
+    pub payload_bytes: u64,
 }
 
 /// An `Action::Evaluate` that produced a metric.
@@ -605,7 +545,9 @@ impl Simulator {
                 continue;
             }
             let now = self.instant();
-            let actions = self.nodes[i].mixer.start(now);
+            let n = &mut self.nodes[i];
+            n.mixer.set_start_params(&n.params);
+            let actions = n.mixer.start(now);
             self.after(i, actions, local)?;
         }
         Ok(())
@@ -739,6 +681,13 @@ impl Simulator {
     /// delay, from `from`.
     fn send(&mut self, from: usize, mut m: Message) {
         self.messages.sent += 1;
+        let n = m.values.len();
+        let on_wire = m.encoding.fit(n);
+        self.messages.payload_bytes += on_wire.body_len(n).unwrap_or(0) as u64;
+        // What the receiver decodes: the encoding's rounding is simulated too.
+        if on_wire != encoding::Encoding::F32 {
+            m.values = std::sync::Arc::new(encoding::round_trip(&m.values, on_wire));
+        }
         let Some(&to) = self.index.get(&m.peer) else {
             self.messages.unknown_peer += 1;
             return;
@@ -902,6 +851,7 @@ mod tests {
             start_round: 0,
             aggregator: Aggregator::Mean,
             norm_bound: 0.0,
+            encoding: crate::net::encoding::Encoding::F32,
         }
     }
 
@@ -1182,6 +1132,7 @@ mod tests {
             start_round: 0,
             aggregator: Aggregator::Mean,
             norm_bound: crate::mix::aggregate::NormBound::default(),
+            encoding: crate::net::encoding::Encoding::F32,
         };
         let nodes = ids
             .iter()
@@ -1198,48 +1149,5 @@ mod tests {
         assert_eq!(r.rounds[1].consensus_distance, r.initial_consensus_distance);
         assert!(r.final_consensus_distance < 1e-6, "{}", r.final_consensus_distance);
         assert!(r.mean_shift < 1e-6, "{}", r.mean_shift);
-    }
-
-    #[test]
-    fn torch_training_learns_and_reports_accuracy_per_round() {
-        use crate::train::config::TrainOptions;
-        use crate::train::load;
-        let n = 4;
-        let (rounds, local_steps) = (6, 50);
-        let options = TrainOptions {
-            hidden: Some("64".into()),
-            nodes: Some(n as i64),
-            steps: Some(rounds * local_steps),
-            batch_size: Some(32),
-            lr: Some(1e-2),
-            threads: Some(1),
-            device: Some("cpu".into()),
-            ..TrainOptions::default()
-        };
-        let config = options.resolve().unwrap();
-        let split = load::load(&config.data_spec(), config.holdout).unwrap();
-        let mut torch = TorchTraining::new(&config, &split).unwrap();
-        let init = torch.initial_params().unwrap();
-        let mut g = gossip_cfg("ring", rounds as u64);
-        g.local_steps = local_steps as u64;
-        let ids = peer_ids(n, 3);
-        let nodes = ids
-            .iter()
-            .map(|&id| SimNode {
-                id,
-                mixer: Box::new(Gossip::new(g.clone(), id, ids.clone()).unwrap()),
-                params: init.clone(),
-            })
-            .collect();
-        let cfg = SimConfig { eval_every: 1, ..SimConfig::default() };
-        let r = Simulator::new(cfg, nodes).unwrap().run(&mut torch).unwrap();
-        assert_eq!(r.initial_consensus_distance, 0.0, "every node starts from the same model");
-        assert!(r.rounds.iter().all(|s| s.consensus_distance > 0.0), "shards differ");
-        let acc: Vec<f64> = r.rounds.iter().map(|s| s.mean_metric.unwrap()).collect();
-        // Ten classes: chance is 0.1. Measured 0.39, 0.68, 0.84, 0.91, 0.94, 0.95.
-        assert!(acc[5] > 0.8 && acc[5] > acc[0], "{acc:?}");
-        let fin = r.final_metrics.unwrap();
-        assert_eq!(fin.name, "accuracy");
-        assert!((fin.mean_node - acc[5]).abs() < 1e-12);
     }
 }

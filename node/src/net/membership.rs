@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId};
 use murmur_proto::wire::v1::Heartbeat;
 
+/// The role of a member that trains.
+pub const ROLE_NODE: &str = "node";
+/// The role of a node that is pulling the run's state to rejoin: a member
+/// others see, but not one that takes part in exchanges yet.
+pub const ROLE_JOINING: &str = "joining";
+
 /// What the view knows of one member.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -92,7 +98,10 @@ impl Membership {
             fingerprint: hb.fingerprint.clone(),
             last_seen: now,
         };
-        let joined = self.members.insert(source, member).is_none();
+        // A member that changes role (a rejoining node that has its state
+        // and now trains) joins anew in the role it announces.
+        let previous = self.members.insert(source, member);
+        let joined = previous.is_none_or(|p| p.role != hb.role);
         Ok(joined.then_some(MemberEvent::Joined(source)))
     }
 

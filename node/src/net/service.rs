@@ -109,6 +109,9 @@ pub enum NetEvent {
     },
     MemberJoined(PeerId),
     MemberLeft(PeerId),
+    /// The last connection to a peer closed (it may still be a member
+    /// until its heartbeats stop).
+    Disconnected(PeerId),
 }
 
 /// Why a payload could not be delivered.
@@ -148,6 +151,7 @@ pub struct NetView {
 
 enum Command {
     SetRound(u64),
+    SetRole(String),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -347,8 +351,14 @@ impl Network {
     }
 
     /// Announces the round this node is in (carried by its heartbeats).
-    pub async fn set_round(&self, round: u64) {
-        let _ = self.commands.send(Command::SetRound(round)).await;
+    /// Never waits: a full command queue drops it (the next round's wins).
+    pub fn set_round(&self, round: u64) {
+        let _ = self.commands.try_send(Command::SetRound(round));
+    }
+
+    /// Announces the role this node's heartbeats carry (`membership::ROLE_*`).
+    pub async fn set_role(&self, role: &str) {
+        let _ = self.commands.send(Command::SetRole(role.to_string())).await;
     }
 
     pub fn view(&self) -> NetView {
@@ -471,16 +481,9 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Label for the accounting of a payload kind.
+/// Label for the accounting of a payload kind (`MsgKind` owns the mapping).
 pub fn kind_label(kind: i32) -> &'static str {
-    use murmur_proto::wire::v1::PayloadKind;
-    match PayloadKind::try_from(kind) {
-        Ok(PayloadKind::Params) => "params",
-        Ok(PayloadKind::Delta) => "delta",
-        Ok(PayloadKind::Shard) => "shard",
-        Ok(PayloadKind::ShardResult) => "shard_result",
-        _ => "unknown",
-    }
+    crate::mix::mixer::MsgKind::from_wire(kind).map_or("unknown", |k| k.label())
 }
 
 fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), NetError> {
@@ -612,6 +615,11 @@ impl SwarmDriver {
                 }
                 cmd = commands.recv() => match cmd {
                     Some(Command::SetRound(r)) => self.round = r,
+                    Some(Command::SetRole(role)) => {
+                        self.cfg.role = role;
+                        // Others learn of the change now, not a beat later.
+                        self.publish_heartbeat();
+                    }
                     Some(Command::Shutdown(done)) => {
                         let _ = done.send(());
                         break;
@@ -741,6 +749,9 @@ impl SwarmDriver {
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
                 debug!(peer = %peer_id, remaining = num_established, "connection closed: {cause:?}");
                 self.refresh_view();
+                if num_established == 0 {
+                    let _ = self.events.send(NetEvent::Disconnected(peer_id)).await;
+                }
             }
             SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
                 let reason = listen_error_reason(&error);

@@ -14,7 +14,7 @@ const EVAL_CHUNK: i64 = 1000;
 const MAX_TEXT_WINDOWS: usize = 4096;
 
 /// Held-out metrics of one model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct EvalMetrics {
     pub loss: f64,
     /// Fraction correct, for classification.

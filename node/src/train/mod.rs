@@ -17,6 +17,7 @@ pub mod model;
 pub mod optim;
 pub mod partition;
 pub mod schedule;
+pub mod sim_training;
 pub mod synthetic;
 pub mod text;
 pub mod trainer;

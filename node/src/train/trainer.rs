@@ -225,12 +225,19 @@ impl Trainer {
         self.model.vs.device()
     }
 
-    /// Writes a checkpoint of the current state; `options` are saved for `--resume`.
+    /// Writes a checkpoint of the current state; `options` are saved for
+    /// `--resume`, and so is the mixing strategy's `state` when given.
     pub fn save_checkpoint(
         &self,
         dir: &std::path::Path,
         options: serde_json::Value,
+        strategy: Option<&crate::mix::mixer::StrategyState>,
     ) -> Result<(), TrainError> {
+        let tensors: Vec<(String, Tensor)> = strategy
+            .map(|s| {
+                s.parts.iter().map(|p| (p.name.clone(), Tensor::from_slice(&p.values))).collect()
+            })
+            .unwrap_or_default();
         let meta = CheckpointMeta {
             format: checkpoint::FORMAT,
             step: self.step,
@@ -238,8 +245,11 @@ impl Trainer {
             fingerprint: self.model.layout().fingerprint.clone(),
             options,
             recent_losses: self.recent.iter().copied().collect(),
+            strategy_round: strategy.map(|s| s.round),
+            strategy_parts: strategy.map(|s| s.names()).unwrap_or_default(),
         };
-        Ok(checkpoint::save(dir, &meta, &self.model.variables(), &self.optimizer.state())?)
+        let (vars, optim) = (self.model.variables(), self.optimizer.state());
+        Ok(checkpoint::save(dir, &meta, &vars, &optim, &tensors)?)
     }
 
     /// Continues from a checkpoint of the same model.

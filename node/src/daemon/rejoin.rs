@@ -1,0 +1,253 @@
+//! Rejoining a running swarm, from both ends, as pure decisions.
+//!
+//! A node that resumes (`--resume`) starts as `joining` (a member others
+//! see but leave out of their exchanges), picks the live member of its
+//! model that is furthest ahead ([`pick_source`]), sends it a pull request
+//! and announces itself as a trainer again. That member answers at the
+//! first round end after it lists the joiner among its members, with its
+//! strategy's state for the round that then starts (the parameters to
+//! continue from, then what the strategy carries across rounds, such as
+//! DiLoCo's theta and outer momentum), each part a `PullReply` message;
+//! [`Pull`] assembles and checks them. So the joiner trains that round
+//! with everyone, in everyone's exchanges. If no member answers by the
+//! deadline it continues from its checkpoint.
+//!
+//! [`PullServer`] is the serving end: it takes requests only from peers of
+//! this run and model, one pending per peer, a few in all, and no more often
+//! than once per interval per peer; they are answered from the strategy's
+//! snapshot at the next round end, never by asking the trainer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+use crate::mix::mixer::{Message, MsgKind, StrategyState};
+use crate::net::membership::{Member, ROLE_JOINING, ROLE_NODE};
+
+/// Pull requests waiting for a round end, over all peers.
+pub const MAX_PENDING_PULLS: usize = 8;
+/// The least time between two pulls served to one peer.
+pub const PULL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The member to pull from: the live trainer of this model (`fingerprint`)
+/// furthest ahead, and the round it announces.
+pub fn pick_source(members: &[Member], me: PeerId, fingerprint: &str) -> Option<(PeerId, u64)> {
+    members
+        .iter()
+        .filter(|m| m.peer != me && m.role == ROLE_NODE && m.fingerprint == fingerprint)
+        .max_by_key(|m| (m.round, m.peer))
+        .map(|m| (m.peer, m.round))
+}
+
+/// A state being pulled from one member.
+#[derive(Debug)]
+pub struct Pull {
+    pub from: PeerId,
+    pub deadline: Instant,
+    names: Vec<String>,
+    round: Option<u64>,
+    parts: BTreeMap<u32, Vec<f32>>,
+}
+
+impl Pull {
+    /// Expects the parts `names` (the local strategy's, in order) from `from`.
+    pub fn new(from: PeerId, names: Vec<String>, deadline: Instant) -> Pull {
+        Pull { from, deadline, names, round: None, parts: BTreeMap::new() }
+    }
+
+    /// Whether `m` is an answer to this pull (the driver keeps the rest).
+    pub fn answers(&self, m: &Message) -> bool {
+        m.kind == MsgKind::PullReply && m.peer == self.from
+    }
+
+    /// Takes one part; returns the whole state once every part of one
+    /// round has arrived. A part of another round than the first one seen
+    /// restarts the assembly (the member answered twice, rounds apart).
+    pub fn offer(&mut self, m: Message) -> Result<Option<StrategyState>, &'static str> {
+        if !self.answers(&m) {
+            return Err("not_the_pull");
+        }
+        if m.part as usize >= self.names.len() {
+            return Err("unknown_part");
+        }
+        if m.offset != 0 {
+            return Err("wrong_offset");
+        }
+        if self.round != Some(m.slot) {
+            self.round = Some(m.slot);
+            self.parts.clear();
+        }
+        self.parts.insert(m.part, m.values.to_vec());
+        if self.parts.len() < self.names.len() {
+            return Ok(None);
+        }
+        let parts = std::mem::take(&mut self.parts);
+        let named: Vec<(&str, Vec<f32>)> =
+            self.names.iter().map(String::as_str).zip(parts.into_values()).collect();
+        Ok(Some(StrategyState::new(m.slot, named)))
+    }
+}
+
+/// The messages that carry `state` to `peer`, one per part.
+pub fn reply(peer: PeerId, state: &StrategyState) -> Vec<Message> {
+    state
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Message {
+            part: i as u32,
+            ..Message::new(peer, MsgKind::PullReply, state.round, p.values.clone())
+        })
+        .collect()
+}
+
+/// The request a rejoining node sends: one zero value (the wire carries no
+/// empty payloads) for the round its checkpoint holds.
+pub fn request(peer: PeerId, saved_round: u64) -> Message {
+    Message::new(peer, MsgKind::PullRequest, saved_round, std::sync::Arc::new(vec![0.0]))
+}
+
+/// The pull requests a node has taken and not yet answered.
+#[derive(Debug, Default)]
+pub struct PullServer {
+    pending: BTreeSet<PeerId>,
+    served: BTreeMap<PeerId, Instant>,
+}
+
+impl PullServer {
+    /// Takes a request from `peer` (its announced membership in `members`)
+    /// or says why not.
+    pub fn request(
+        &mut self,
+        peer: PeerId,
+        members: &[Member],
+        fingerprint: &str,
+        now: Instant,
+    ) -> Result<(), &'static str> {
+        let known = members.iter().any(|m| {
+            m.peer == peer
+                && m.fingerprint == fingerprint
+                && (m.role == ROLE_NODE || m.role == ROLE_JOINING)
+        });
+        if !known {
+            return Err("pull_from_non_member");
+        }
+        if self.pending.contains(&peer) {
+            return Err("pull_already_pending");
+        }
+        if self.served.get(&peer).is_some_and(|t| now.saturating_duration_since(*t) < PULL_INTERVAL)
+        {
+            return Err("pull_too_soon");
+        }
+        if self.pending.len() >= MAX_PENDING_PULLS {
+            return Err("too_many_pulls");
+        }
+        self.pending.insert(peer);
+        Ok(())
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The pending peers that `ready` accepts (the others stay pending),
+    /// marked as served.
+    pub fn take(&mut self, now: Instant, ready: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
+        let (due, wait): (BTreeSet<PeerId>, BTreeSet<PeerId>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|p| ready(p));
+        self.pending = wait;
+        let due: Vec<PeerId> = due.into_iter().collect();
+        for p in &due {
+            self.served.insert(*p, now);
+        }
+        self.served.retain(|_, t| now.saturating_duration_since(*t) < PULL_INTERVAL);
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(peer: PeerId, round: u64, role: &str, fp: &str) -> Member {
+        Member {
+            peer,
+            addrs: Vec::new(),
+            round,
+            role: role.into(),
+            fingerprint: fp.into(),
+            last_seen: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_source_is_the_trainer_of_this_model_furthest_ahead() {
+        let (me, a, b, c, d) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        let members = [
+            member(me, 50, ROLE_NODE, "fp"),
+            member(a, 7, ROLE_NODE, "fp"),
+            member(b, 9, ROLE_NODE, "fp"),
+            member(c, 30, ROLE_NODE, "other"),
+            member(d, 40, ROLE_JOINING, "fp"),
+        ];
+        assert_eq!(pick_source(&members, me, "fp"), Some((b, 9)));
+        assert_eq!(pick_source(&members[..1], me, "fp"), None, "alone");
+    }
+
+    #[test]
+    fn a_pull_assembles_the_parts_of_one_round() {
+        let from = PeerId::random();
+        let names = vec!["params".to_string(), "outer_momentum".to_string()];
+        let mut pull = Pull::new(from, names, Instant::now());
+        let state = StrategyState::new(
+            5,
+            vec![("params", vec![1.0, 2.0]), ("outer_momentum", vec![0.5, 0.0])],
+        );
+        let mut parts = reply(from, &state);
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[1].kind, parts[1].slot, parts[1].part), (MsgKind::PullReply, 5, 1));
+        // A stranger's reply, and a part from an older answer, are not taken.
+        let stranger = Message { peer: PeerId::random(), ..parts[0].clone() };
+        assert_eq!(pull.offer(stranger), Err("not_the_pull"));
+        let old = Message { slot: 4, ..parts[1].clone() };
+        assert_eq!(pull.offer(old), Ok(None));
+        assert_eq!(pull.offer(Message { part: 2, ..parts[0].clone() }), Err("unknown_part"));
+        assert_eq!(pull.offer(parts.remove(1)), Ok(None), "round 5 restarts the assembly");
+        let got = pull.offer(parts.remove(0)).unwrap().unwrap();
+        assert_eq!(got, state);
+    }
+
+    #[test]
+    fn pulls_are_served_to_members_once_each_and_not_too_often() {
+        let fp = "fp";
+        let peers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
+        let members: Vec<Member> = peers.iter().map(|p| member(*p, 1, ROLE_JOINING, fp)).collect();
+        let mut s = PullServer::default();
+        let t0 = Instant::now();
+        assert_eq!(s.request(PeerId::random(), &members, fp, t0), Err("pull_from_non_member"));
+        let wrong_model = [member(peers[0], 1, ROLE_NODE, "other")];
+        assert_eq!(s.request(peers[0], &wrong_model, fp, t0), Err("pull_from_non_member"));
+        assert_eq!(s.request(peers[0], &members, fp, t0), Ok(()));
+        assert_eq!(s.request(peers[0], &members, fp, t0), Err("pull_already_pending"));
+        for p in &peers[1..MAX_PENDING_PULLS] {
+            assert_eq!(s.request(*p, &members, fp, t0), Ok(()));
+        }
+        assert_eq!(s.request(peers[11], &members, fp, t0), Err("too_many_pulls"));
+        // Only those the server already counts as members are answered.
+        assert_eq!(s.take(t0, |p| *p != peers[3]).len(), MAX_PENDING_PULLS - 1);
+        assert!(s.has_pending());
+        assert_eq!(s.take(t0, |_| true), vec![peers[3]]);
+        assert!(!s.has_pending());
+        assert_eq!(s.request(peers[0], &members, fp, t0 + PULL_INTERVAL / 2), Err("pull_too_soon"));
+        assert_eq!(s.request(peers[0], &members, fp, t0 + PULL_INTERVAL), Ok(()));
+        let req = request(peers[0], 3);
+        assert_eq!((req.kind, req.slot, req.values.len()), (MsgKind::PullRequest, 3, 1));
+    }
+}

@@ -1,0 +1,259 @@
+//! The one place that turns resolved strategy settings into a `Mixer`.
+//! `murmur run` (through the daemon's config) and `murmur sim` both fill a
+//! [`StrategySpec`] and call [`build`], so a strategy, its options and their
+//! checks exist once.
+
+use std::fmt;
+use std::ops::Range;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{Aggregator, NormBound};
+use super::comm::CommSchedule;
+use super::diloco::{Diloco, DilocoConfig, DilocoError, OuterSync};
+use super::gossip::{Gossip, GossipConfig};
+use super::merge::{Exchange, Merge, MergeConfig, MergeError};
+use super::mixer::Mixer;
+use super::topology::{TopologyError, TopologySpec};
+use crate::net::encoding::Encoding;
+
+/// Which mixing strategy a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    #[default]
+    Gossip,
+    Merge,
+    Diloco,
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StrategyKind::Gossip => "gossip",
+            StrategyKind::Merge => "merge",
+            StrategyKind::Diloco => "diloco",
+        })
+    }
+}
+
+/// DiLoCo's outer optimizer and schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OuterSettings {
+    pub lr: f64,
+    pub momentum: f64,
+    pub sync: OuterSync,
+    pub fragments: usize,
+    pub fragment_delay: u64,
+}
+
+impl Default for OuterSettings {
+    /// DiLoCo's published defaults: outer lr 0.7, Nesterov momentum 0.9.
+    fn default() -> Self {
+        OuterSettings {
+            lr: 0.7,
+            momentum: 0.9,
+            sync: OuterSync::Blocking,
+            fragments: 1,
+            fragment_delay: 0,
+        }
+    }
+}
+
+impl OuterSettings {
+    /// The settings from options as given (any may be absent), each
+    /// checked on its own; `DilocoConfig::check` checks them together.
+    pub fn resolve(
+        lr: Option<f64>,
+        momentum: Option<f64>,
+        sync: Option<&str>,
+        fragments: Option<i64>,
+        fragment_delay: Option<i64>,
+    ) -> Result<OuterSettings, StrategyError> {
+        let d = OuterSettings::default();
+        let lr = lr.unwrap_or(d.lr);
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(DilocoError::OuterLr(lr).into());
+        }
+        let momentum = momentum.unwrap_or(d.momentum);
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(DilocoError::OuterMomentum(momentum).into());
+        }
+        let sync = sync.map(str::parse).transpose()?.unwrap_or(d.sync);
+        let fragments = match fragments {
+            None => 1,
+            Some(p) if p >= 1 => p as usize,
+            Some(p) => {
+                return Err(StrategyError::Option(format!("--fragments must be >= 1 (got {p})")));
+            }
+        };
+        let fragment_delay = match fragment_delay {
+            None => 0,
+            Some(t) if t >= 0 => t as u64,
+            Some(t) => {
+                return Err(StrategyError::Option(format!(
+                    "--fragment-delay must be >= 0 (got {t})"
+                )));
+            }
+        };
+        Ok(OuterSettings { lr, momentum, sync, fragments, fragment_delay })
+    }
+}
+
+/// Why a strategy cannot be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum StrategyError {
+    #[error("--topology: {0}")]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    #[error(transparent)]
+    Diloco(#[from] DilocoError),
+    #[error("{0}")]
+    Option(String),
+}
+
+/// Everything a strategy needs, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrategySpec {
+    pub kind: StrategyKind,
+    pub seed: u64,
+    pub rounds: u64,
+    pub local_steps: u64,
+    /// Deadline of one exchange (each all-reduce phase).
+    pub timeout: Duration,
+    pub aggregator: Aggregator,
+    /// The norm bound's factor; 0 = off.
+    pub norm_bound: f64,
+    /// How vectors travel.
+    pub encoding: Encoding,
+    pub topology: TopologySpec,
+    pub gossip_steps: u64,
+    /// None: gossip communicates every round, merge only by `exchange_prob`.
+    pub comm: Option<CommSchedule>,
+    pub exchange_prob: f64,
+    pub outer: OuterSettings,
+    /// Samples one local step processes (the batch size; 1 for pure
+    /// averaging): with `local_steps` it bounds a peer's declared weight.
+    pub samples_per_step: u64,
+}
+
+impl StrategySpec {
+    /// Defaults for `kind` (the daemon's and the simulator's defaults
+    /// override what they name).
+    pub fn new(kind: StrategyKind) -> StrategySpec {
+        StrategySpec {
+            kind,
+            seed: 0,
+            rounds: 1,
+            local_steps: 10,
+            timeout: Duration::from_secs(10),
+            aggregator: Aggregator::Mean,
+            norm_bound: 0.0,
+            encoding: Encoding::F32,
+            topology: TopologySpec::Ring,
+            gossip_steps: 1,
+            comm: None,
+            exchange_prob: 0.0,
+            outer: OuterSettings::default(),
+            samples_per_step: 1,
+        }
+    }
+
+    /// Checks what `build` would refuse, for a model of `len` values cut
+    /// into `layers`, before anything starts.
+    pub fn check(
+        &self,
+        nodes: usize,
+        layers: &[Range<usize>],
+        len: usize,
+    ) -> Result<(), StrategyError> {
+        match self.kind {
+            StrategyKind::Gossip => {
+                super::topology::Topology::new(&self.topology, nodes.max(1), self.seed)?;
+            }
+            StrategyKind::Merge => {}
+            StrategyKind::Diloco => self.diloco(0, layers).check(len)?,
+        }
+        if matches!(self.encoding, Encoding::TopK { .. }) && self.kind != StrategyKind::Diloco {
+            return Err(StrategyError::Option(format!(
+                "--encoding {} needs error feedback on a delta, which {} does not send; use f32, bf16, f16 or int8 (or --strategy diloco)",
+                self.encoding, self.kind
+            )));
+        }
+        Ok(())
+    }
+
+    fn diloco(&self, start_round: u64, layers: &[Range<usize>]) -> DilocoConfig {
+        DilocoConfig {
+            rounds: self.rounds,
+            local_steps: self.local_steps,
+            outer_lr: self.outer.lr,
+            outer_momentum: self.outer.momentum,
+            sync: self.outer.sync,
+            fragments: self.outer.fragments,
+            fragment_delay: self.outer.fragment_delay,
+            layers: layers.to_vec(),
+            timeout: self.timeout,
+            start_round,
+            encoding: self.encoding,
+            max_weight: (self.local_steps * self.samples_per_step.max(1)) as f64,
+            aggregator: self.aggregator,
+        }
+    }
+}
+
+/// The strategy of member `me` among `members`, starting at `start_round`,
+/// for a model of `len` values whose layers are `layers`.
+pub fn build(
+    spec: &StrategySpec,
+    me: PeerId,
+    members: Vec<PeerId>,
+    start_round: u64,
+    layers: &[Range<usize>],
+    len: usize,
+) -> Result<Box<dyn Mixer>, StrategyError> {
+    Ok(match spec.kind {
+        StrategyKind::Gossip => {
+            let cfg = GossipConfig {
+                topology: spec.topology.clone(),
+                seed: spec.seed,
+                rounds: spec.rounds,
+                local_steps: spec.local_steps,
+                gossip_steps: spec.gossip_steps,
+                comm: spec.comm.unwrap_or(CommSchedule::Every(1)),
+                timeout: spec.timeout,
+                start_round,
+                aggregator: spec.aggregator,
+                norm_bound: spec.norm_bound,
+                encoding: spec.encoding,
+            };
+            Box::new(Gossip::new(cfg, me, members)?)
+        }
+        StrategyKind::Merge => {
+            let exchange = match (spec.exchange_prob, spec.comm) {
+                (p, _) if p > 0.0 => Exchange::Random(p),
+                (_, Some(schedule)) => Exchange::Schedule(schedule),
+                _ => Exchange::None,
+            };
+            let cfg = MergeConfig {
+                seed: spec.seed,
+                rounds: spec.rounds,
+                local_steps: spec.local_steps,
+                exchange,
+                exchange_timeout: spec.timeout,
+                final_timeout: spec.timeout,
+                start_round,
+                aggregator: spec.aggregator,
+                norm_bound: NormBound::new(spec.norm_bound).unwrap_or_default(),
+                encoding: spec.encoding,
+            };
+            Box::new(Merge::new(cfg, me, members)?)
+        }
+        StrategyKind::Diloco => {
+            Box::new(Diloco::new(spec.diloco(start_round, layers), me, members, len)?)
+        }
+    })
+}
