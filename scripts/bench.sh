@@ -129,3 +129,20 @@ fi
 if [ "${MURMUR_BENCH_ROUNDS:-1}" != 0 ]; then
   python3 scripts/bench_rounds.py --murmur target/release/murmur --out target/bench
 fi
+
+# All-reduce of a 25 MB vector over 4 and 8 processes: murmur's shard-owner
+# all-reduce (f32 and bf16 on the wire) against gloo's all_reduce of the same
+# size and process count, run from this venv (scripts/bench_allreduce.py);
+# writes target/bench/allreduce.{json,md}. Set MURMUR_BENCH_ALLREDUCE=0 to skip it.
+if [ "${MURMUR_BENCH_ALLREDUCE:-1}" != 0 ]; then
+  "$venv/bin/python" scripts/bench_allreduce.py --murmur target/release/murmur --out target/bench
+fi
+
+# DiLoCo (scripts/bench_diloco.py, stdlib only): held-out loss against bytes
+# for H = 1, 10, 50, 100, blocking, eager and delayed, f32, bf16, int8 and
+# top-k (murmur sim, chargpt on Tiny Shakespeare), and eager's round time
+# against blocking's under a 200 ms injected delay (murmur cluster); writes
+# target/bench/diloco.{json,md,svg}. Set MURMUR_BENCH_DILOCO=0 to skip it.
+if [ "${MURMUR_BENCH_DILOCO:-1}" != 0 ]; then
+  python3 scripts/bench_diloco.py --murmur target/release/murmur --out target/bench
+fi

@@ -145,8 +145,13 @@ impl Rank {
                     Some(NetEvent::Payload { from, payload }) => {
                         let Some(m) = to_message(from, payload) else { continue };
                         if matches!(m.kind, MsgKind::Shard | MsgKind::ShardResult) && m.slot >= slot {
+                            let values = m.values.clone();
                             let out = self.reduce(m.slot).receive(m);
                             self.send(out);
+                            // Done with the values, as a node is after mixing them.
+                            if let Ok(v) = Arc::try_unwrap(values) {
+                                self.net.recycle(v);
+                            }
                         }
                     }
                     Some(_) => {}

@@ -29,13 +29,13 @@ use super::config::RunConfig;
 use super::events::{Event, Inputs, JOIN_POLL, Wait};
 use super::launch::{NodeError, Resume};
 use super::outbox::{Outbox, to_message};
+use super::record::{EvalFor, Record};
 use super::rejoin::{self, Pull, PullServer};
-use super::report::{EvalPoint, FinalMetrics, Reporter, human_bytes};
+use super::report::{FinalMetrics, Reporter};
 use super::round_end;
 use super::shutdown::StopReason;
 use super::summary::NodeSummary;
-use super::timing::PhaseTiming;
-use super::worker::{Done, Job, PhaseDone, Worker};
+use super::worker::{Done, Job, PhaseDone, Reply, Worker};
 use crate::api::SavedCheckpoint;
 use crate::fault::{CRASH_EXIT_CODE, Faults};
 use crate::mix::mixer::{Action, Input, Message, Mixer, MsgKind, StrategyState};
@@ -78,15 +78,6 @@ enum Pending {
     Checkpoint(CheckpointFor),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EvalFor {
-    /// The mixed model at the end of `round`.
-    Round(u64),
-    /// What the strategy asked for under its label (e.g. "local").
-    Label(&'static str, u64),
-    Final,
-}
-
 #[derive(Debug)]
 enum CheckpointFor {
     Round,
@@ -99,23 +90,6 @@ enum CheckpointFor {
 enum Ending {
     Finished,
     Interrupted,
-}
-
-/// What the node records for its summary.
-#[derive(Debug, Default)]
-struct Record {
-    evals: Vec<EvalPoint>,
-    local_metrics: Option<FinalMetrics>,
-    final_eval: Option<EvalMetrics>,
-    final_steps: Option<u64>,
-    last_loss: Option<f64>,
-    steps_done: u64,
-    /// Steps done when the last round ended (round-end policy).
-    steps_at_round_end: u64,
-    timing: PhaseTiming,
-    pulled_from: Option<PeerId>,
-    /// The parts of the pulled state, and the round it was for.
-    pulled: Option<(Vec<String>, u64)>,
 }
 
 pub struct Driver {
@@ -244,8 +218,11 @@ impl Driver {
         Ok(())
     }
 
-    fn strategy_snapshot(mixer: Option<&dyn Mixer>) -> Option<StrategyState> {
-        mixer.and_then(|m| m.snapshot())
+    /// What a checkpoint keeps of the strategy: its state when it carries
+    /// more than the parameters (DiLoCo's theta and momentum); otherwise
+    /// the trainer's model is the whole story.
+    fn checkpoint_state(mixer: Option<&dyn Mixer>) -> Option<StrategyState> {
+        mixer.and_then(|m| m.snapshot()).filter(|s| s.parts.len() > 1)
     }
 
     fn checkpoint(
@@ -374,7 +351,7 @@ impl Driver {
     fn common(&mut self, event: Event, mixer: Option<&mut dyn Mixer>) -> Result<(), NodeError> {
         match event {
             Event::Trainer(reply) => {
-                let done = self.on_trainer(reply?)?;
+                let done = self.on_trainer(reply)?;
                 if let (Some(done), Some(mixer)) = (done, mixer) {
                     let before = mixer.round();
                     let input = Input::LocalDone { params: done.params, samples: done.samples };
@@ -393,7 +370,7 @@ impl Driver {
             }
             Event::SaveCheckpoint(reply) => {
                 let round = self.board.round();
-                let state = Self::strategy_snapshot(mixer.as_deref());
+                let state = Self::checkpoint_state(mixer.as_deref());
                 self.checkpoint(round, state, CheckpointFor::Api { reply, round })?;
             }
             Event::Stop(reason) => {
@@ -407,15 +384,27 @@ impl Driver {
         Ok(())
     }
 
-    /// Takes one trainer reply; returns a finished local phase.
-    fn on_trainer(&mut self, done: Done) -> Result<Option<PhaseDone>, NodeError> {
+    /// Takes one trainer reply; returns a finished local phase. A failed
+    /// checkpoint that the API asked for is that call's error; any other
+    /// failure ends the node.
+    fn on_trainer(&mut self, reply: Reply) -> Result<Option<PhaseDone>, NodeError> {
         let Some(pending) = self.jobs.pop_front() else {
             warn!("a trainer reply nobody asked for");
             return Ok(None);
         };
-        match (pending, done) {
+        let done = match (pending, reply) {
+            (Pending::Checkpoint(CheckpointFor::Api { reply, .. }), Err(e)) => {
+                warn!("{e}");
+                self.board.update(|s| s.last_error = e.to_string());
+                let _ = reply.send(Err(e.to_string()));
+                return Ok(None);
+            }
+            (_, Err(e)) => return Err(e.into()),
+            (pending, Ok(done)) => (pending, done),
+        };
+        match done {
             (Pending::Train, Done::Trained(phase)) => {
-                self.record.timing.train_ended(Instant::now());
+                self.record.timing.phase(phase.started, phase.seconds);
                 self.on_phase_done(&phase);
                 if self.finished || self.stop.is_some() {
                     return Ok(None);
@@ -423,11 +412,13 @@ impl Driver {
                 Ok(Some(phase))
             }
             (Pending::SetParams, Done::ParamsSet) => Ok(None),
-            (Pending::Evaluate(why), Done::Evaluated(m)) => {
-                self.on_evaluated(why, m);
+            (Pending::Evaluate(why), Done::Evaluated { metrics, seconds }) => {
+                self.record.timing.side_work(seconds);
+                self.on_evaluated(why, metrics);
                 Ok(None)
             }
-            (Pending::Checkpoint(why), Done::Checkpointed { steps }) => {
+            (Pending::Checkpoint(why), Done::Checkpointed { steps, seconds }) => {
+                self.record.timing.side_work(seconds);
                 match why {
                     CheckpointFor::Api { reply, round } => {
                         let path = checkpoint::dir_in(&self.data_dir).display().to_string();
@@ -446,88 +437,18 @@ impl Driver {
     }
 
     fn on_evaluated(&mut self, why: EvalFor, m: EvalMetrics) {
-        let bytes = self.network.accounting().total();
-        match why {
-            EvalFor::Round(round) => {
-                self.reporter.emit(
-                    serde_json::json!({"event": "eval", "label": "model", "round": round, "step": self.record.steps_done,
-                        "metrics": m, "bytes_sent": bytes.bytes_sent, "bytes_received": bytes.bytes_received}),
-                    || format!("eval  round {round}: {m}"),
-                );
-                self.board.update(|s| {
-                    s.eval_loss = Some(m.loss);
-                    s.eval_accuracy = m.accuracy;
-                    s.eval_round = Some(round);
-                });
-                self.record.evals.push(EvalPoint {
-                    round,
-                    step: self.record.steps_done,
-                    bytes_sent: bytes.bytes_sent,
-                    bytes_received: bytes.bytes_received,
-                    metrics: m,
-                });
-            }
-            EvalFor::Label(label, round) => {
-                self.reporter.emit(
-                    serde_json::json!({"event": "eval", "label": label, "round": round, "metrics": m}),
-                    || format!("eval ({label}) round {round}: {m}"),
-                );
-                if label == "local" {
-                    self.record.local_metrics = Some(FinalMetrics::new(self.record.last_loss, &m));
-                }
-            }
-            EvalFor::Final => {
-                let round = self.board.round();
-                self.reporter.emit(
-                    serde_json::json!({"event": "eval", "label": "model", "round": round, "step": self.record.steps_done,
-                        "metrics": m, "bytes_sent": bytes.bytes_sent, "bytes_received": bytes.bytes_received}),
-                    || format!("eval  round {round}: {m}"),
-                );
-                self.board.update(|s| {
-                    s.eval_loss = Some(m.loss);
-                    s.eval_accuracy = m.accuracy;
-                    s.eval_round = Some(round);
-                });
-                self.record.evals.push(EvalPoint {
-                    round,
-                    step: self.record.steps_done,
-                    bytes_sent: bytes.bytes_sent,
-                    bytes_received: bytes.bytes_received,
-                    metrics: m,
-                });
-                self.record.final_eval = Some(m);
-            }
-        }
+        let (bytes, round) = (self.network.accounting().total(), self.board.round());
+        self.record.evaluated(why, m, round, bytes, (&self.reporter, &self.board));
     }
 
     fn on_phase_done(&mut self, done: &PhaseDone) {
-        self.record.last_loss = Some(done.loss);
-        self.record.steps_done = done.steps_done;
-        let hash = model_hash(&done.params);
-        let round = self.board.round();
-        self.board.update(|s| {
-            s.phase = Phase::Mixing;
-            s.step = done.steps_done;
-            s.train_loss = Some(done.loss);
-            s.samples_seen += done.samples;
-            s.model_hash = hash;
-        });
-        let bytes = self.network.accounting().total();
+        let (bytes, round) = (self.network.accounting().total(), self.board.round());
         let (rounds, members) = (self.run.strategy.rounds, self.members.len());
-        self.reporter.emit(
-            serde_json::json!({"event": "round", "round": round, "rounds": rounds, "step": done.steps_done,
-                "loss": done.loss, "members": members, "bytes_sent": bytes.bytes_sent,
-                "bytes_received": bytes.bytes_received}),
-            || {
-                format!(
-                    "round {}/{rounds}  step {}  loss {:.4}  members {members}  sent {}  received {}",
-                    round + 1,
-                    done.steps_done,
-                    done.loss,
-                    human_bytes(bytes.bytes_sent),
-                    human_bytes(bytes.bytes_received)
-                )
-            },
+        self.record.phase_done(
+            done,
+            (round, rounds, members),
+            bytes,
+            (&self.reporter, &self.board),
         );
     }
 
@@ -666,7 +587,6 @@ impl Driver {
                     if std::mem::take(&mut round_end_due) {
                         self.round_end(mixer)?;
                     }
-                    self.record.timing.train_started(Instant::now());
                     self.submit(Job::Train { steps }, Pending::Train)?;
                     self.board.update(|s| s.phase = Phase::Training);
                 }
@@ -678,7 +598,7 @@ impl Driver {
                     if std::mem::take(&mut round_end_due) {
                         self.round_end(mixer)?;
                     }
-                    self.record.timing.train_started(Instant::now());
+                    self.record.timing.finished(Instant::now());
                     self.finished = true;
                 }
             }
@@ -705,7 +625,7 @@ impl Driver {
             self.submit(Job::Evaluate, Pending::Evaluate(EvalFor::Round(round)))?;
         }
         if due.checkpoint {
-            self.checkpoint(round, mixer.snapshot(), CheckpointFor::Round)?;
+            self.checkpoint(round, Self::checkpoint_state(Some(&*mixer)), CheckpointFor::Round)?;
         }
         self.serve_pulls(Some(mixer));
         Ok(())
@@ -789,7 +709,7 @@ impl Driver {
         self.serve_pulls(Some(mixer));
         // An interrupt can leave a local phase running; the trainer ends it
         // first, so the checkpoint says how many steps were really done.
-        self.checkpoint(round, mixer.snapshot(), CheckpointFor::Final)?;
+        self.checkpoint(round, Self::checkpoint_state(Some(&*mixer)), CheckpointFor::Final)?;
         self.submit(Job::Evaluate, Pending::Evaluate(EvalFor::Final))?;
         let grace = Instant::now() + self.run.strategy.timeout;
         loop {

@@ -5,13 +5,15 @@
 //! reads every source through `events` (one `select`), queues trainer jobs
 //! on `worker` without waiting, sends through `outbox`, and leaves
 //! decisions to pure functions (`round_end`, `rejoin`). `shutdown` is why
-//! a node stops early; `timing`, `report` and `summary` are what it tells.
+//! a node stops early; `record`, `timing`, `report` and `summary` are what
+//! it keeps and tells.
 
 pub mod config;
 mod driver;
 mod events;
 mod launch;
 pub mod outbox;
+mod record;
 mod rejoin;
 mod report;
 mod round_end;

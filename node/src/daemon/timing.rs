@@ -1,7 +1,8 @@
-//! Where a node's wall time goes: local phases (compute), and everything
-//! between the end of one local phase and the start of the next (the
-//! exchange and the mix: communication). Round-end work the node chooses to
-//! do (evaluation, checkpoint) is left out of both.
+//! Where a node's wall time goes: local phases (compute, as the trainer
+//! measured them), and the time between the end of one local phase and the
+//! start of the next (the exchange and the mix: communication). Trainer
+//! work between phases that the node chose to do (evaluation, checkpoint)
+//! is in neither bucket.
 
 use std::time::{Duration, Instant};
 
@@ -9,34 +10,38 @@ use std::time::{Duration, Instant};
 pub struct PhaseTiming {
     pub compute_seconds: f64,
     pub communication_seconds: f64,
-    #[serde(skip)]
-    training_since: Option<Instant>,
+    /// When the last local phase ended, until the next one starts.
     #[serde(skip)]
     mixing_since: Option<Instant>,
+    /// Trainer work since then that was not a local phase.
+    #[serde(skip)]
+    side_work: f64,
 }
 
 impl PhaseTiming {
-    /// A local phase starts: the time since the last one ended was spent
-    /// communicating.
-    pub fn train_started(&mut self, now: Instant) {
+    /// A local phase ran on the trainer from `started` for `seconds`.
+    pub fn phase(&mut self, started: Instant, seconds: f64) {
+        self.close(started);
+        self.compute_seconds += seconds;
+        self.mixing_since = Some(started + Duration::from_secs_f64(seconds.max(0.0)));
+    }
+
+    /// The trainer spent `seconds` between phases on something else.
+    pub fn side_work(&mut self, seconds: f64) {
+        self.side_work += seconds;
+    }
+
+    /// The strategy finished at `now`: no phase follows the last one.
+    pub fn finished(&mut self, now: Instant) {
+        self.close(now);
+    }
+
+    fn close(&mut self, until: Instant) {
         if let Some(t) = self.mixing_since.take() {
-            self.communication_seconds += now.saturating_duration_since(t).as_secs_f64();
+            let between = until.saturating_duration_since(t).as_secs_f64();
+            self.communication_seconds += (between - self.side_work).max(0.0);
         }
-        self.training_since = Some(now);
-    }
-
-    /// Leaves `d` (round-end evaluation and checkpoint) out of both buckets.
-    pub fn skip(&mut self, d: Duration) {
-        if let Some(t) = self.mixing_since.as_mut() {
-            *t += d;
-        }
-    }
-
-    pub fn train_ended(&mut self, now: Instant) {
-        if let Some(t) = self.training_since.take() {
-            self.compute_seconds += now.saturating_duration_since(t).as_secs_f64();
-        }
-        self.mixing_since = Some(now);
+        self.side_work = 0.0;
     }
 }
 
@@ -49,12 +54,12 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut t = PhaseTiming::default();
-        t.train_started(at(0));
-        t.train_ended(at(300));
-        t.skip(Duration::from_millis(50));
-        t.train_started(at(400));
-        t.train_ended(at(600));
+        t.phase(at(0), 0.3);
+        // 100 ms between phases, 50 of them an evaluation.
+        t.side_work(0.05);
+        t.phase(at(400), 0.2);
+        t.finished(at(650));
         assert!((t.compute_seconds - 0.5).abs() < 1e-9);
-        assert!((t.communication_seconds - 0.05).abs() < 1e-9, "{}", t.communication_seconds);
+        assert!((t.communication_seconds - 0.1).abs() < 1e-9, "{}", t.communication_seconds);
     }
 }

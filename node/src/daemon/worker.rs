@@ -45,10 +45,15 @@ pub enum Job {
 pub enum Done {
     Trained(PhaseDone),
     ParamsSet,
-    Evaluated(EvalMetrics),
-    /// The checkpoint holds this many steps.
+    /// Held-out metrics, and the seconds the evaluation took.
+    Evaluated {
+        metrics: EvalMetrics,
+        seconds: f64,
+    },
+    /// The checkpoint holds this many steps; writing it took `seconds`.
     Checkpointed {
         steps: u64,
+        seconds: f64,
     },
 }
 
@@ -62,6 +67,9 @@ pub struct PhaseDone {
     pub samples: u64,
     /// Steps completed in total.
     pub steps_done: u64,
+    /// When the phase started on the trainer thread, and how long it took.
+    pub started: Instant,
+    pub seconds: f64,
 }
 
 /// Why a job failed.
@@ -131,15 +139,20 @@ fn serve(
     faults: &Faults,
 ) {
     while let Ok(job) = jobs.recv() {
+        let started = Instant::now();
+        let seconds = || started.elapsed().as_secs_f64();
         let reply = match job {
             Job::Train { steps } => train(&mut trainer, steps, faults).map(Done::Trained),
             Job::SetParams(values) => {
                 trainer.set_flat(&values).map(|()| Done::ParamsSet).map_err(WorkerError::Params)
             }
-            Job::Evaluate => Ok(Done::Evaluated(trainer.evaluate())),
+            Job::Evaluate => {
+                let metrics = trainer.evaluate();
+                Ok(Done::Evaluated { metrics, seconds: seconds() })
+            }
             Job::Checkpoint { dir, options, strategy } => trainer
                 .save_checkpoint(&dir, options, strategy.as_ref())
-                .map(|()| Done::Checkpointed { steps: trainer.steps_done() })
+                .map(|()| Done::Checkpointed { steps: trainer.steps_done(), seconds: seconds() })
                 .map_err(|source| WorkerError::Checkpoint { dir, source }),
         };
         // The driver has stopped listening: nothing is left to tell.
@@ -150,6 +163,7 @@ fn serve(
 }
 
 fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone, WorkerError> {
+    let started = Instant::now();
     let mut loss = 0.0;
     for _ in 0..steps {
         sit_out_pause(faults);
@@ -162,6 +176,8 @@ fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone
         loss: loss / steps.max(1) as f64,
         samples: steps * trainer.config.batch_size as u64,
         steps_done: trainer.steps_done(),
+        started,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 

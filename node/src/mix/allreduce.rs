@@ -416,6 +416,7 @@ impl AllReduce {
             mean.iter_mut().zip(&own.sum).for_each(|(m, s)| *m = (s / own.weight) as f32);
         }
         let result_encoding = match self.encoding {
+            Encoding::F32 => Encoding::F32,
             // Sums of sparse shards: sent exactly, as their nonzero entries.
             Encoding::TopK { .. } => wire_encoding(self.encoding, mean),
             lossy => {
@@ -479,7 +480,7 @@ impl Running {
             Err("wrong_offset")
         } else if m.values.len() != range.len() {
             Err("wrong_length")
-        } else if m.values.iter().any(|v| !v.is_finite()) {
+        } else if crate::net::wire::first_non_finite(&m.values).is_some() {
             Err("non_finite")
         } else {
             Ok(j)
@@ -637,6 +638,26 @@ mod tests {
                     assert_eq!(ar.fallbacks(), 0, "{what}");
                     let own = shard(len, n, i);
                     assert_eq!(ar.contributions(), if own.is_empty() { 0 } else { n - 1 });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unequal_weights_give_the_f32_weighted_mean_for_2_3_5_8_members_and_uneven_lengths() {
+        for n in [2, 3, 5, 8] {
+            for len in [n - 1, n + 3, 7 * n + 5, 1000 + n] {
+                let x = values(n, len);
+                let w: Vec<f64> = (0..n).map(|i| 1.0 + 3.0 * i as f64).collect();
+                let mut c = Cluster::new(n);
+                for (i, xi) in x.iter().enumerate() {
+                    c.start(i, xi, w[i]);
+                }
+                let want = weighted_mean(&x, &w);
+                for ar in &c.ars {
+                    let what = format!("n={n} len={len}");
+                    assert_close(ar.result().unwrap(), &want, &what);
+                    assert_eq!(ar.result(), c.ars[0].result(), "{what}: members disagree");
                 }
             }
         }

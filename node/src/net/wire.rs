@@ -316,7 +316,7 @@ pub async fn read_payload_noting<R: AsyncRead + Unpin>(
 
 /// The index of the first NaN or infinity. Each block is checked without
 /// branching (so it vectorizes); only a block with one is searched.
-fn first_non_finite(values: &[f32]) -> Option<usize> {
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
     const BLOCK: usize = 1024;
     const EXPONENT: u32 = 0x7f80_0000;
     values.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
