@@ -19,7 +19,7 @@ use crate::mix::sim::{
     self, Crash, DelayRange, LocalUpdate, NoTraining, RoundStat, SimConfig, SimNode, SimReport,
     Simulator,
 };
-use crate::mix::strategy::{self, OuterSettings, StrategyKind, StrategySpec};
+use crate::mix::strategy::{self, OuterOptions, OuterSettings, StrategyKind, StrategySpec};
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
 use crate::train::config::{TrainConfig, TrainOptions};
@@ -305,30 +305,15 @@ fn at_least_one(flag: &str, v: u64) -> Result<u64, CliError> {
 /// DiLoCo's outer settings when the strategy is diloco; any of its flags
 /// with another strategy is refused.
 fn outer(args: &SimArgs) -> Result<Option<OuterSettings>, CliError> {
-    let given = [
-        ("--outer-lr", args.outer_lr.is_some()),
-        ("--outer-momentum", args.outer_momentum.is_some()),
-        ("--outer-sync", args.outer_sync.is_some()),
-        ("--fragments", args.fragments.is_some()),
-        ("--fragment-delay", args.fragment_delay.is_some()),
-    ];
-    if args.strategy != StrategyKind::Diloco {
-        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-            return Err(CliError::usage(format!(
-                "{flag} is a diloco option; pass --strategy diloco or drop it"
-            )));
-        }
-        return Ok(None);
-    }
-    OuterSettings::resolve(
-        args.outer_lr,
-        args.outer_momentum,
-        args.outer_sync.as_deref(),
-        args.fragments,
-        args.fragment_delay,
-    )
-    .map(Some)
-    .map_err(CliError::usage)
+    let given = OuterOptions {
+        lr: args.outer_lr,
+        momentum: args.outer_momentum,
+        sync: args.outer_sync.as_deref(),
+        fragments: args.fragments,
+        fragment_delay: args.fragment_delay,
+    };
+    let outer = OuterSettings::for_strategy(args.strategy, given).map_err(CliError::usage)?;
+    Ok((args.strategy == StrategyKind::Diloco).then_some(outer))
 }
 
 /// Options that only one strategy understands, and what the strategy

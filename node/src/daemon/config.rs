@@ -16,7 +16,7 @@ use crate::fault::FaultSpec;
 use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
 pub use crate::mix::strategy::StrategyKind;
-use crate::mix::strategy::{OuterSettings, StrategySpec};
+use crate::mix::strategy::{OuterOptions, OuterSettings, StrategySpec};
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
 use crate::net::security::Security;
@@ -319,28 +319,14 @@ impl RunOptions {
 
     /// DiLoCo's outer settings; refused with another strategy.
     fn outer(&self, kind: StrategyKind) -> Result<OuterSettings, ConfigError> {
-        let given = [
-            ("--outer-lr", self.outer_lr.is_some()),
-            ("--outer-momentum", self.outer_momentum.is_some()),
-            ("--outer-sync", self.outer_sync.is_some()),
-            ("--fragments", self.fragments.is_some()),
-            ("--fragment-delay", self.fragment_delay.is_some()),
-        ];
-        if kind != StrategyKind::Diloco
-            && let Some((flag, _)) = given.iter().find(|(_, set)| *set)
-        {
-            return Err(bad(format!(
-                "{flag} is a diloco option; pass --strategy diloco or drop it (strategy is {kind})"
-            )));
-        }
-        OuterSettings::resolve(
-            self.outer_lr,
-            self.outer_momentum,
-            self.outer_sync.as_deref(),
-            self.fragments,
-            self.fragment_delay,
-        )
-        .map_err(|e| bad(e.to_string()))
+        let given = OuterOptions {
+            lr: self.outer_lr,
+            momentum: self.outer_momentum,
+            sync: self.outer_sync.as_deref(),
+            fragments: self.fragments,
+            fragment_delay: self.fragment_delay,
+        };
+        OuterSettings::for_strategy(kind, given).map_err(|e| bad(e.to_string()))
     }
 
     /// `--aggregator` and `--norm-bound` (gossip's mix, merge's exchanges

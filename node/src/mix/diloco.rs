@@ -84,8 +84,8 @@ use crate::net::encoding::Encoding;
 /// How far past the current slot an exchange's messages are held.
 const SLOTS_AHEAD: u64 = 2;
 
-/// The state parts of a DiLoCo member, in order.
-pub const STATE_PARTS: [&str; 2] = ["params", "outer_momentum"];
+/// The state parts of a DiLoCo member, in order: theta, then the momentum.
+pub const STATE_PARTS: [&str; 2] = [super::mixer::PARAMS_PART, "outer_momentum"];
 
 /// When the average of round t is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

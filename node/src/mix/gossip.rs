@@ -278,9 +278,6 @@ impl Gossip {
     }
 }
 
-/// The one part of a gossip or merge state: the parameters.
-pub const PARAMS_PART: &str = "params";
-
 impl Mixer for Gossip {
     fn set_start_params(&mut self, params: &[f32]) {
         self.x = params.to_vec();
@@ -290,13 +287,11 @@ impl Mixer for Gossip {
     }
 
     fn snapshot(&self) -> Option<StrategyState> {
-        (!self.x.is_empty())
-            .then(|| StrategyState::new(self.round, vec![(PARAMS_PART, self.x.clone())]))
+        StrategyState::params(self.round, &self.x)
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError> {
-        let (round, mut parts) = state.take(&[PARAMS_PART], self.x.len())?;
-        let x = parts.remove(0);
+        let (round, x) = state.take_params(self.x.len())?;
         self.round = round;
         self.x = x.clone();
         if self.norm_bound.is_enabled() {

@@ -33,7 +33,6 @@ use super::allreduce::{AllReduce, AllReduceTimeouts};
 use super::comm::CommSchedule;
 use crate::net::encoding::Encoding;
 
-use super::gossip::PARAMS_PART;
 use super::mixer::{
     Action, Drops, Input, Message, Mixer, MsgKind, Roster, StateError, StrategyState,
 };
@@ -333,13 +332,11 @@ fn average_into(x: &mut [f32], y: &[f32]) {
 
 impl Mixer for Merge {
     fn snapshot(&self) -> Option<StrategyState> {
-        (!self.x.is_empty())
-            .then(|| StrategyState::new(self.round, vec![(PARAMS_PART, self.x.clone())]))
+        StrategyState::params(self.round, &self.x)
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError> {
-        let (round, mut parts) = state.take(&[PARAMS_PART], self.x.len())?;
-        let x = parts.remove(0);
+        let (round, x) = state.take_params(self.x.len())?;
         self.round = round;
         self.x = x.clone();
         if self.cfg.norm_bound.is_enabled() {

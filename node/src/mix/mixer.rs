@@ -195,6 +195,9 @@ pub trait Mixer: Send {
     }
 }
 
+/// The name of the parameters part (always part 0).
+pub const PARAMS_PART: &str = "params";
+
 /// A strategy's state at the start of `round`: named vectors, parameters
 /// first (see `Mixer::snapshot`).
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +220,19 @@ impl StrategyState {
             .map(|(name, values)| StatePart { name: name.to_string(), values: Arc::new(values) })
             .collect();
         StrategyState { round, parts }
+    }
+
+    /// The state of a strategy that keeps nothing but the parameters
+    /// (gossip, merge): `x` under the name `params`.
+    pub fn params(round: u64, x: &[f32]) -> Option<StrategyState> {
+        (!x.is_empty()).then(|| StrategyState::new(round, vec![(PARAMS_PART, x.to_vec())]))
+    }
+
+    /// The round and parameters of a state made by `params`, checked
+    /// against `len` values.
+    pub fn take_params(self, len: usize) -> Result<(u64, Vec<f32>), StateError> {
+        let (round, mut parts) = self.take(&[PARAMS_PART], len)?;
+        Ok((round, parts.pop().unwrap_or_default()))
     }
 
     /// The parts' names, in order.

@@ -62,34 +62,65 @@ impl Default for OuterSettings {
     }
 }
 
+/// DiLoCo's outer options as given (flags, a config file), any absent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OuterOptions<'a> {
+    pub lr: Option<f64>,
+    pub momentum: Option<f64>,
+    pub sync: Option<&'a str>,
+    pub fragments: Option<i64>,
+    pub fragment_delay: Option<i64>,
+}
+
+impl OuterOptions<'_> {
+    /// The flag of the first option given, if any.
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--outer-lr", self.lr.is_some()),
+            ("--outer-momentum", self.momentum.is_some()),
+            ("--outer-sync", self.sync.is_some()),
+            ("--fragments", self.fragments.is_some()),
+            ("--fragment-delay", self.fragment_delay.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+}
+
 impl OuterSettings {
-    /// The settings from options as given (any may be absent), each
-    /// checked on its own; `DilocoConfig::check` checks them together.
-    pub fn resolve(
-        lr: Option<f64>,
-        momentum: Option<f64>,
-        sync: Option<&str>,
-        fragments: Option<i64>,
-        fragment_delay: Option<i64>,
+    /// The settings of a `kind` run: DiLoCo's from `given`, each checked on
+    /// its own (`DilocoConfig::check` checks them together); with another
+    /// strategy, a DiLoCo option given is refused.
+    pub fn for_strategy(
+        kind: StrategyKind,
+        given: OuterOptions,
     ) -> Result<OuterSettings, StrategyError> {
+        if kind != StrategyKind::Diloco {
+            return match given.first_given() {
+                Some(flag) => Err(StrategyError::Option(format!(
+                    "{flag} is a diloco option; pass --strategy diloco or drop it (strategy is {kind})"
+                ))),
+                None => Ok(OuterSettings::default()),
+            };
+        }
         let d = OuterSettings::default();
-        let lr = lr.unwrap_or(d.lr);
+        let lr = given.lr.unwrap_or(d.lr);
         if !(lr.is_finite() && lr > 0.0) {
             return Err(DilocoError::OuterLr(lr).into());
         }
-        let momentum = momentum.unwrap_or(d.momentum);
+        let momentum = given.momentum.unwrap_or(d.momentum);
         if !(0.0..1.0).contains(&momentum) {
             return Err(DilocoError::OuterMomentum(momentum).into());
         }
-        let sync = sync.map(str::parse).transpose()?.unwrap_or(d.sync);
-        let fragments = match fragments {
+        let sync = given.sync.map(str::parse).transpose()?.unwrap_or(d.sync);
+        let fragments = match given.fragments {
             None => 1,
             Some(p) if p >= 1 => p as usize,
             Some(p) => {
                 return Err(StrategyError::Option(format!("--fragments must be >= 1 (got {p})")));
             }
         };
-        let fragment_delay = match fragment_delay {
+        let fragment_delay = match given.fragment_delay {
             None => 0,
             Some(t) if t >= 0 => t as u64,
             Some(t) => {
