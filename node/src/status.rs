@@ -97,6 +97,11 @@ impl StatusBoard {
         self.inner.state.borrow().round
     }
 
+    /// The phase the driver last published.
+    pub fn phase(&self) -> pb::Phase {
+        self.inner.state.borrow().phase
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<NodeState> {
         self.inner.state.subscribe()
     }

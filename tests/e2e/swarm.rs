@@ -114,11 +114,15 @@ impl LiveNode {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code().unwrap_or(-1);
             }
-            assert!(
-                start.elapsed() < limit,
-                "{} did not exit within {limit:?}",
-                self.dir.display()
-            );
+            if start.elapsed() >= limit {
+                let log = read_log(&self.dir);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                panic!(
+                    "{} did not exit within {limit:?}; its log ends:\n{tail}",
+                    self.dir.display()
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

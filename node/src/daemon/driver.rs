@@ -49,8 +49,10 @@ use crate::train::config::TrainConfig;
 use crate::train::eval::EvalMetrics;
 
 /// Messages kept while the strategy does not exist yet (joining,
-/// rejoining); beyond this they are dropped.
+/// rejoining), and the values they may hold in all, in models' worth;
+/// beyond either they are dropped (and counted as `backlog_full`).
 const MAX_BACKLOG: usize = 1024;
+const MAX_BACKLOG_MODELS: usize = 8;
 
 /// What the driver is built from.
 pub struct Parts {
@@ -112,8 +114,10 @@ pub struct Driver {
     faults: Arc<Faults>,
     record: Record,
     pulls: PullServer,
-    /// Messages that arrived before the strategy existed.
+    /// Messages that arrived before the strategy existed, and how many
+    /// did not fit.
     backlog: Vec<Message>,
+    backlog_dropped: u64,
     /// Received values still held by the strategy; given back to the
     /// network's buffers once only this list holds them.
     in_use: Vec<Arc<Vec<f32>>>,
@@ -149,6 +153,7 @@ impl Driver {
             record: Record::default(),
             pulls: PullServer::default(),
             backlog: Vec::new(),
+            backlog_dropped: 0,
             in_use: Vec::new(),
             members: Vec::new(),
             stop: None,
@@ -166,7 +171,7 @@ impl Driver {
             Some(r) => (r.round, r.state.clone()),
             None => (0, None),
         };
-        let members = self.members();
+        let members = self.members_in(start_round);
         self.members = members.clone();
         let mut mixer = strategy::build(
             &self.run.strategy,
@@ -189,14 +194,16 @@ impl Driver {
         self.finish(mixer.as_mut(), resume.map(|r| r.round), ending).await
     }
 
-    /// The live run members that train the same model, this node included.
-    fn members(&self) -> Vec<PeerId> {
+    /// The live run members that train the same model in `round` (a
+    /// rejoining one from the round it announced), this node included.
+    fn members_in(&self, round: u64) -> Vec<PeerId> {
         let mut m: Vec<PeerId> = self
             .network
             .view()
             .members
             .iter()
             .filter(|m| m.role == ROLE_NODE && m.fingerprint == self.fingerprint)
+            .filter(|m| m.entry_round <= round)
             .map(|m| m.peer)
             .collect();
         m.push(self.me);
@@ -240,10 +247,10 @@ impl Driver {
     /// Waits (up to `--join-timeout-ms`) for `--nodes` members.
     async fn join(&mut self) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.run.join_timeout;
-        while self.members().len() < self.train.nodes && self.stop.is_none() {
+        while self.members_in(self.board.round()).len() < self.train.nodes && self.stop.is_none() {
             let now = Instant::now();
             if now >= deadline {
-                let found = self.members().len();
+                let found = self.members_in(self.board.round()).len();
                 let msg =
                     format!("join timeout: starting with {found} of {} members", self.train.nodes);
                 warn!("{msg}");
@@ -266,8 +273,16 @@ impl Driver {
 
     /// Keeps a message for the strategy that does not exist yet.
     fn keep(&mut self, m: Message) {
-        if self.backlog.len() < MAX_BACKLOG {
+        let held: usize = self.backlog.iter().map(|b| b.values.len()).sum();
+        let room = MAX_BACKLOG_MODELS * self.parameters;
+        if self.backlog.len() < MAX_BACKLOG && held + m.values.len() <= room {
             self.backlog.push(m);
+        } else {
+            self.backlog_dropped += 1;
+            let dropped = self.backlog_dropped;
+            self.board.update(|s| {
+                s.strategy_drops.insert("backlog_full".into(), dropped);
+            });
         }
     }
 
@@ -275,9 +290,9 @@ impl Driver {
     /// ahead; returns the round to start at and the state to take.
     async fn rejoin(&mut self, saved: &Resume) -> Result<(u64, Option<StrategyState>), NodeError> {
         let view = self.network.view();
-        let Some((source, ahead)) = rejoin::pick_source(&view.members, self.me, &self.fingerprint)
+        let Some((source, r0)) = rejoin::pick_source(&view.members, self.me, &self.fingerprint)
         else {
-            self.network.set_role(ROLE_NODE).await;
+            self.network.set_role(ROLE_NODE, saved.round).await;
             return Ok((saved.round, saved.state.clone()));
         };
         // The parts this node's strategy keeps, from a strategy built only to ask.
@@ -293,19 +308,26 @@ impl Driver {
             probe.set_start_params(&self.initial);
             probe.snapshot().map(|s| s.names()).unwrap_or_default()
         };
-        // The member answers at its next round end; wait for a few rounds.
+        // Watch the run's rounds go by, then pick the round to enter at.
+        let watched = Instant::now();
+        self.idle_until(watched + rejoin::RATE_WINDOW).await?;
+        let ahead = self.network.view().members.iter().find(|m| m.peer == source).map(|m| m.round);
+        let ahead = ahead.unwrap_or(r0);
+        let entry = rejoin::entry_round(r0, ahead, watched.elapsed());
+        // The member answers when the entry round starts; wait for that and
+        // a few exchanges more.
         let patience = self.run.join_timeout.max(3 * self.run.strategy.timeout);
         let mut pull = Pull::new(source, names, Instant::now() + patience);
-        self.outbox.send(rejoin::request(source, saved.round), patience);
-        // Listed as a trainer again, so that the round the state is for
-        // counts this node in (the source answers once it lists it).
-        self.network.set_role(ROLE_NODE).await;
-        info!(%source, round = ahead, "pulling the run's state to rejoin");
+        self.outbox.send(rejoin::request(source, entry), patience);
+        let mut ask_again = Instant::now() + rejoin::PULL_RETRY;
+        self.network.set_role(ROLE_NODE, entry).await;
+        info!(%source, round = ahead, entry, "pulling the run's state to rejoin");
         let pulled = loop {
             if self.stop.is_some() {
                 break None;
             }
-            let wait = Wait { deadline: Some(pull.deadline), network: true, paused: false };
+            let deadline = Some(ask_again.min(pull.deadline));
+            let wait = Wait { deadline, network: true, paused: false };
             match self.inputs.next(&mut self.outbox, wait).await {
                 Event::Net(NetEvent::Payload { from, payload }) => {
                     let Some(m) = to_message(from, payload) else { continue };
@@ -318,6 +340,13 @@ impl Driver {
                         Ok(None) => {}
                         Err(reason) => warn!(%source, reason, "a pulled part was not taken"),
                     }
+                }
+                Event::Deadline if Instant::now() < pull.deadline => {
+                    // The source refuses a request from a peer it does not
+                    // list yet (its heartbeat may not have arrived): ask
+                    // again; a request it holds already is not counted twice.
+                    self.outbox.send(rejoin::request(source, entry), rejoin::PULL_RETRY);
+                    ask_again = Instant::now() + rejoin::PULL_RETRY;
                 }
                 Event::Deadline => {
                     warn!(%source, "no answer to the state pull; continuing from the checkpoint");
@@ -339,11 +368,28 @@ impl Driver {
                 Ok((round, Some(state)))
             }
             None => {
-                let round = ahead.max(saved.round);
+                let round = entry.max(saved.round);
                 let state = saved.state.clone().map(|s| StrategyState { round, ..s });
                 Ok((round, state))
             }
         }
+    }
+
+    /// Takes events until `until` (or a stop), keeping early messages.
+    async fn idle_until(&mut self, until: Instant) -> Result<(), NodeError> {
+        while Instant::now() < until && self.stop.is_none() {
+            let wait = Wait { deadline: Some(until), network: true, paused: false };
+            match self.inputs.next(&mut self.outbox, wait).await {
+                Event::Net(NetEvent::Payload { from, payload }) => {
+                    if let Some(m) = to_message(from, payload) {
+                        self.keep(m);
+                    }
+                }
+                Event::NetClosed => return Err(NodeError::NetworkGone),
+                other => self.common(other, None)?,
+            }
+        }
+        Ok(())
     }
 
     /// Events every stage treats alike: trainer replies, finished sends,
@@ -502,6 +548,11 @@ impl Driver {
     fn note_pause(&mut self, mixer: &dyn Mixer) {
         let paused = self.faults.paused(Instant::now());
         if paused == self.paused {
+            // A trainer reply that came in the pause says "mixing": the
+            // node is still paused.
+            if paused && self.board.phase() != Phase::Paused {
+                self.board.update(|s| s.phase = Phase::Paused);
+            }
             return;
         }
         self.paused = paused;
@@ -525,16 +576,14 @@ impl Driver {
                 let m = to_message(from, payload)?;
                 match m.kind {
                     MsgKind::PullRequest => {
-                        let view = self.network.view();
-                        match self.pulls.request(
-                            from,
-                            &view.members,
-                            &self.fingerprint,
-                            Instant::now(),
-                        ) {
+                        let (view, now, entry) = (self.network.view(), Instant::now(), m.slot);
+                        match self.pulls.request(from, entry, &view.members, &self.fingerprint, now)
+                        {
                             Ok(()) => {
-                                info!(peer = %from, "a member asks for the run's state; answering at the round end")
+                                info!(peer = %from, entry, "a member asks for the run's state")
                             }
+                            // A retry of a request held already is expected.
+                            Err("pull_already_pending") => {}
                             Err(reason) => warn!(peer = %from, reason, "pull request not taken"),
                         }
                         // Served right away when the strategy has finished.
@@ -555,17 +604,21 @@ impl Driver {
                 Some(Input::Refused { peer: from, kind, slot: h.round })
             }
             NetEvent::Refused { .. } => None,
-            NetEvent::MemberJoined(_) | NetEvent::MemberLeft(_) => {
-                let now = self.members();
-                (now != self.members).then(|| {
-                    self.members = now.clone();
-                    Input::Members(now)
-                })
-            }
+            NetEvent::MemberJoined(_) | NetEvent::MemberLeft(_) => self.members_changed(mixer),
             NetEvent::Disconnected(peer) => {
                 self.members.contains(&peer).then_some(Input::Unreachable(peer))
             }
         }
+    }
+
+    /// The members the strategy's next round runs with, if they changed
+    /// (a strategy that fixes its members at a round start takes them then).
+    fn members_changed(&mut self, mixer: &dyn Mixer) -> Option<Input> {
+        let now = self.members_in(mixer.round() + 1);
+        (now != self.members).then(|| {
+            self.members = now.clone();
+            Input::Members(now)
+        })
     }
 
     /// Carries out the strategy's actions; `round_before` is its round
@@ -627,8 +680,23 @@ impl Driver {
         if due.checkpoint {
             self.checkpoint(round, Self::checkpoint_state(Some(&*mixer)), CheckpointFor::Round)?;
         }
+        // A joiner whose entry round is next counts from now on.
+        if let Some(input) = self.members_changed(mixer) {
+            let actions = mixer.handle(input, Instant::now());
+            self.execute_sends(actions);
+        }
         self.serve_pulls(Some(mixer));
         Ok(())
+    }
+
+    /// Carries out the sends among `actions` (a membership change asks for
+    /// nothing else).
+    fn execute_sends(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            if let Action::Send(m) = a {
+                self.outbox.send(m, self.run.strategy.timeout);
+            }
+        }
     }
 
     /// Sends the strategy's state to every peer whose pull waited.
@@ -638,11 +706,11 @@ impl Driver {
         }
         let Some(state) = mixer.and_then(|m| m.snapshot()) else { return };
         let patience = self.run.join_timeout.max(self.run.strategy.timeout);
-        // A joiner is answered once it counts among the members the next
-        // round runs with (at the end, whoever waits).
+        // A joiner is answered at the start of the round it announced (it
+        // counts among that round's members), or at the end, whoever waits.
         let members = self.members.clone();
-        let finished = self.finished;
-        let ready = |p: &PeerId| finished || members.contains(p);
+        let (finished, round) = (self.finished, state.round);
+        let ready = |p: &PeerId, entry: u64| finished || (members.contains(p) && round >= entry);
         for peer in self.pulls.take(Instant::now(), ready) {
             info!(%peer, round = state.round, "sending the run's state to a rejoining member");
             for m in rejoin::reply(peer, &state) {
@@ -673,10 +741,20 @@ impl Driver {
         }
     }
 
+    /// What was not mixed, by reason: the strategy's drops and the
+    /// messages the backlog had no room for.
+    fn drops(&self, mixer: &dyn Mixer) -> BTreeMap<String, u64> {
+        let mut drops: BTreeMap<String, u64> =
+            mixer.dropped().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        if self.backlog_dropped > 0 {
+            drops.insert("backlog_full".into(), self.backlog_dropped);
+        }
+        drops
+    }
+
     /// Copies what the strategy knows into the status.
     fn publish(&self, mixer: &dyn Mixer) {
-        let drops: BTreeMap<String, u64> =
-            mixer.dropped().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let drops = self.drops(mixer);
         let (round, distance, outer) = (mixer.round(), mixer.neighbour_distance(), mixer.outer());
         let failures = self.outbox.failures();
         self.board.update(|s| {
@@ -725,12 +803,8 @@ impl Driver {
                 // result), but nothing changes this node's model any more.
                 Event::Net(ev) => {
                     if let Some(input) = self.on_net(ev, mixer) {
-                        let sends = mixer.handle(input, Instant::now());
-                        for a in sends {
-                            if let Action::Send(m) = a {
-                                self.outbox.send(m, self.run.strategy.timeout);
-                            }
-                        }
+                        let actions = mixer.handle(input, Instant::now());
+                        self.execute_sends(actions);
                     }
                     self.recycle_unused();
                 }
@@ -772,11 +846,7 @@ impl Driver {
             bytes: acc.total(),
             traffic_by_peer: acc.by_peer(),
             refusals: acc.refusals.clone(),
-            strategy_drops: mixer
-                .dropped()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect::<BTreeMap<_, _>>(),
+            strategy_drops: self.drops(mixer),
             send_failures: self.outbox.failures(),
             fault_effects: self.faults.effects(),
             timing: self.record.timing.clone(),

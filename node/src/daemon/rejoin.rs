@@ -1,23 +1,29 @@
 //! Rejoining a running swarm, from both ends, as pure decisions.
 //!
 //! A node that resumes (`--resume`) starts as `joining` (a member others
-//! see but leave out of their exchanges), picks the live member of its
-//! model that is furthest ahead ([`pick_source`]), sends it a pull request
-//! and announces itself as a trainer again. That member answers at the
-//! first round end after it lists the joiner among its members, with its
-//! strategy's state for the round that then starts (the parameters to
-//! continue from, then what the strategy carries across rounds, such as
-//! DiLoCo's theta and outer momentum), each part a `PullReply` message;
-//! [`Pull`] assembles and checks them. So the joiner trains that round
-//! with everyone, in everyone's exchanges. If no member answers by the
-//! deadline it continues from its checkpoint.
+//! see but leave out of their exchanges) and picks the live member of its
+//! model that is furthest ahead ([`pick_source`]). It watches the run's
+//! rounds go by for a moment and picks the round it will enter at, a
+//! second of rounds ahead ([`entry_round`]), then announces itself as a
+//! trainer from that round (its heartbeat carries it) and sends the member
+//! a pull request for it. Every member counts the joiner in from that same
+//! round, having heard the announcement well before; members that fix
+//! their exchanges' members at a round start (DiLoCo) then agree. The
+//! member answers when that round starts, with its strategy's state for it
+//! (the parameters to continue from, then what the strategy carries across
+//! rounds, such as DiLoCo's theta and outer momentum), each part a
+//! `PullReply` message; [`Pull`] assembles and checks them. So the joiner
+//! trains that round with everyone, in everyone's exchanges. It asks again every
+//! [`PULL_RETRY`] until the state comes (a request that arrives before the
+//! joiner's first heartbeat is refused); if none comes by the deadline it
+//! continues from its checkpoint.
 //!
 //! [`PullServer`] is the serving end: it takes requests only from peers of
 //! this run and model, one pending per peer, a few in all, and no more often
 //! than once per interval per peer; they are answered from the strategy's
 //! snapshot at the next round end, never by asking the trainer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -29,6 +35,9 @@ use crate::net::membership::{Member, ROLE_JOINING, ROLE_NODE};
 pub const MAX_PENDING_PULLS: usize = 8;
 /// The least time between two pulls served to one peer.
 pub const PULL_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a joiner asks again while no answer comes: the source takes a
+/// request only from a peer whose heartbeat it has seen.
+pub const PULL_RETRY: Duration = Duration::from_secs(2);
 
 /// The member to pull from: the live trainer of this model (`fingerprint`)
 /// furthest ahead, and the round it announces.
@@ -108,19 +117,35 @@ pub fn request(peer: PeerId, saved_round: u64) -> Message {
     Message::new(peer, MsgKind::PullRequest, saved_round, std::sync::Arc::new(vec![0.0]))
 }
 
-/// The pull requests a node has taken and not yet answered.
+/// How long a joiner watches the run's rounds go by before it picks the
+/// round to enter at, and how far ahead (in time) it picks it.
+pub const RATE_WINDOW: Duration = Duration::from_secs(2);
+pub const ENTRY_LEAD: Duration = Duration::from_secs(1);
+
+/// The round a joiner enters at: far enough ahead that every member hears
+/// its announcement first (`ENTRY_LEAD` at the rate the run's rounds went,
+/// from round `r0` to `r1` in `elapsed`, plus two rounds).
+pub fn entry_round(r0: u64, r1: u64, elapsed: Duration) -> u64 {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let rate = r1.saturating_sub(r0) as f64 / secs;
+    r1 + (rate * ENTRY_LEAD.as_secs_f64()).ceil() as u64 + 2
+}
+
+/// The pull requests a node has taken and not yet answered, with the
+/// round each joiner enters at.
 #[derive(Debug, Default)]
 pub struct PullServer {
-    pending: BTreeSet<PeerId>,
+    pending: BTreeMap<PeerId, u64>,
     served: BTreeMap<PeerId, Instant>,
 }
 
 impl PullServer {
-    /// Takes a request from `peer` (its announced membership in `members`)
-    /// or says why not.
+    /// Takes a request from `peer` to enter at round `entry` (its announced
+    /// membership in `members`), or says why not.
     pub fn request(
         &mut self,
         peer: PeerId,
+        entry: u64,
         members: &[Member],
         fingerprint: &str,
         now: Instant,
@@ -133,7 +158,7 @@ impl PullServer {
         if !known {
             return Err("pull_from_non_member");
         }
-        if self.pending.contains(&peer) {
+        if self.pending.contains_key(&peer) {
             return Err("pull_already_pending");
         }
         if self.served.get(&peer).is_some_and(|t| now.saturating_duration_since(*t) < PULL_INTERVAL)
@@ -143,7 +168,7 @@ impl PullServer {
         if self.pending.len() >= MAX_PENDING_PULLS {
             return Err("too_many_pulls");
         }
-        self.pending.insert(peer);
+        self.pending.insert(peer, entry);
         Ok(())
     }
 
@@ -151,13 +176,13 @@ impl PullServer {
         !self.pending.is_empty()
     }
 
-    /// The pending peers that `ready` accepts (the others stay pending),
-    /// marked as served.
-    pub fn take(&mut self, now: Instant, ready: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
-        let (due, wait): (BTreeSet<PeerId>, BTreeSet<PeerId>) =
-            std::mem::take(&mut self.pending).into_iter().partition(|p| ready(p));
+    /// The pending peers that `ready` accepts, given their entry rounds
+    /// (the others stay pending), marked as served.
+    pub fn take(&mut self, now: Instant, ready: impl Fn(&PeerId, u64) -> bool) -> Vec<PeerId> {
+        let (due, wait): (BTreeMap<PeerId, u64>, BTreeMap<PeerId, u64>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|(p, e)| ready(p, *e));
         self.pending = wait;
-        let due: Vec<PeerId> = due.into_iter().collect();
+        let due: Vec<PeerId> = due.into_keys().collect();
         for p in &due {
             self.served.insert(*p, now);
         }
@@ -177,6 +202,7 @@ mod tests {
             round,
             role: role.into(),
             fingerprint: fp.into(),
+            entry_round: 0,
             last_seen: Instant::now(),
         }
     }
@@ -199,6 +225,15 @@ mod tests {
         ];
         assert_eq!(pick_source(&members, me, "fp"), Some((b, 9)));
         assert_eq!(pick_source(&members[..1], me, "fp"), None, "alone");
+    }
+
+    #[test]
+    fn a_joiner_enters_a_second_of_rounds_ahead_plus_two() {
+        // 100 rounds in 2 s: 50 a second, so 50 + 2 ahead of round 130.
+        assert_eq!(entry_round(30, 130, Duration::from_secs(2)), 182);
+        // A run whose rounds take longer than the window: two ahead.
+        assert_eq!(entry_round(7, 7, Duration::from_secs(2)), 9);
+        assert_eq!(entry_round(7, 8, Duration::from_secs(2)), 11, "0.5 a second rounds up");
     }
 
     #[test]
@@ -231,22 +266,23 @@ mod tests {
         let members: Vec<Member> = peers.iter().map(|p| member(*p, 1, ROLE_JOINING, fp)).collect();
         let mut s = PullServer::default();
         let t0 = Instant::now();
-        assert_eq!(s.request(PeerId::random(), &members, fp, t0), Err("pull_from_non_member"));
+        assert_eq!(s.request(PeerId::random(), 5, &members, fp, t0), Err("pull_from_non_member"));
         let wrong_model = [member(peers[0], 1, ROLE_NODE, "other")];
-        assert_eq!(s.request(peers[0], &wrong_model, fp, t0), Err("pull_from_non_member"));
-        assert_eq!(s.request(peers[0], &members, fp, t0), Ok(()));
-        assert_eq!(s.request(peers[0], &members, fp, t0), Err("pull_already_pending"));
+        assert_eq!(s.request(peers[0], 5, &wrong_model, fp, t0), Err("pull_from_non_member"));
+        assert_eq!(s.request(peers[0], 5, &members, fp, t0), Ok(()));
+        assert_eq!(s.request(peers[0], 5, &members, fp, t0), Err("pull_already_pending"));
         for p in &peers[1..MAX_PENDING_PULLS] {
-            assert_eq!(s.request(*p, &members, fp, t0), Ok(()));
+            assert_eq!(s.request(*p, 9, &members, fp, t0), Ok(()));
         }
-        assert_eq!(s.request(peers[11], &members, fp, t0), Err("too_many_pulls"));
-        // Only those the server already counts as members are answered.
-        assert_eq!(s.take(t0, |p| *p != peers[3]).len(), MAX_PENDING_PULLS - 1);
+        assert_eq!(s.request(peers[11], 5, &members, fp, t0), Err("too_many_pulls"));
+        // Answered at the round each one enters at: peers[0] at 5, the rest at 9.
+        assert_eq!(s.take(t0, |_, entry| entry <= 5), vec![peers[0]]);
         assert!(s.has_pending());
-        assert_eq!(s.take(t0, |_| true), vec![peers[3]]);
+        assert_eq!(s.take(t0, |_, entry| entry <= 9).len(), MAX_PENDING_PULLS - 1);
         assert!(!s.has_pending());
-        assert_eq!(s.request(peers[0], &members, fp, t0 + PULL_INTERVAL / 2), Err("pull_too_soon"));
-        assert_eq!(s.request(peers[0], &members, fp, t0 + PULL_INTERVAL), Ok(()));
+        let later = t0 + PULL_INTERVAL / 2;
+        assert_eq!(s.request(peers[0], 20, &members, fp, later), Err("pull_too_soon"));
+        assert_eq!(s.request(peers[0], 20, &members, fp, t0 + PULL_INTERVAL), Ok(()));
         let req = request(peers[0], 3);
         assert_eq!((req.kind, req.slot, req.values.len()), (MsgKind::PullRequest, 3, 1));
     }

@@ -262,6 +262,15 @@ impl AllReduce {
                 self.drops.add(r);
                 self.refused(m.peer, MsgKind::Shard)
             }
+            // An owner's result that does not fit the range it owns here
+            // (its roster differs from this member's) will not come right:
+            // the range keeps the local values now, not at the deadline.
+            Err(r @ ("wrong_offset" | "wrong_length" | "non_finite"))
+                if m.kind == MsgKind::ShardResult =>
+            {
+                self.drops.add(r);
+                self.refused(m.peer, MsgKind::ShardResult)
+            }
             Err(r) => {
                 self.drops.add(r);
                 Vec::new()
@@ -932,6 +941,10 @@ mod tests {
         assert_eq!(out[0].values.as_ref(), &vec![2.0f32; 2], "(0 + 3 + 3) / 3");
         assert!(ar.receive(shard(ids[2], 0, 2)).is_empty());
         assert_eq!(ar.drops().get("late_shard"), 1);
+        // Member 1's result did not fit its range here (its roster
+        // differs): that range kept the local values at once.
+        assert_eq!(ar.fallbacks(), 1);
+        assert_eq!(ar.deadline(), Some(t0 + T.reduce + T.gather), "member 2's result still due");
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Member {
     pub round: u64,
     pub role: String,
     pub fingerprint: String,
+    /// The first round it takes part in (`Heartbeat::entry_round`).
+    pub entry_round: u64,
     pub last_seen: Instant,
 }
 
@@ -96,12 +98,13 @@ impl Membership {
             round: hb.round,
             role: hb.role.clone(),
             fingerprint: hb.fingerprint.clone(),
+            entry_round: hb.entry_round,
             last_seen: now,
         };
         // A member that changes role (a rejoining node that has its state
         // and now trains) joins anew in the role it announces.
         let previous = self.members.insert(source, member);
-        let joined = previous.is_none_or(|p| p.role != hb.role);
+        let joined = previous.is_none_or(|p| p.role != hb.role || p.entry_round != hb.entry_round);
         Ok(joined.then_some(MemberEvent::Joined(source)))
     }
 
@@ -154,6 +157,7 @@ mod tests {
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into(), "not an addr".into()],
             round,
             role: "node".into(),
+            entry_round: 0,
             fingerprint: "f".into(),
             seq: 1,
         }

@@ -151,7 +151,7 @@ pub struct NetView {
 
 enum Command {
     SetRound(u64),
-    SetRole(String),
+    SetRole(String, u64),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -256,6 +256,7 @@ impl Network {
             view: view.clone(),
             events: events_tx,
             round: 0,
+            entry_round: 0,
             seq: 0,
             faults: cfg.faults.clone(),
             blocked: BTreeSet::new(),
@@ -356,9 +357,10 @@ impl Network {
         let _ = self.commands.try_send(Command::SetRound(round));
     }
 
-    /// Announces the role this node's heartbeats carry (`membership::ROLE_*`).
-    pub async fn set_role(&self, role: &str) {
-        let _ = self.commands.send(Command::SetRole(role.to_string())).await;
+    /// Announces the role this node's heartbeats carry (`membership::ROLE_*`)
+    /// and the first round it takes part in.
+    pub async fn set_role(&self, role: &str, entry_round: u64) {
+        let _ = self.commands.send(Command::SetRole(role.to_string(), entry_round)).await;
     }
 
     pub fn view(&self) -> NetView {
@@ -584,6 +586,8 @@ struct SwarmDriver {
     view: Arc<Mutex<NetView>>,
     events: mpsc::Sender<NetEvent>,
     round: u64,
+    /// The first round this node takes part in (its heartbeats say).
+    entry_round: u64,
     seq: u64,
     faults: Arc<Faults>,
     /// Peers blocked for an injected partition.
@@ -615,8 +619,9 @@ impl SwarmDriver {
                 }
                 cmd = commands.recv() => match cmd {
                     Some(Command::SetRound(r)) => self.round = r,
-                    Some(Command::SetRole(role)) => {
+                    Some(Command::SetRole(role, entry_round)) => {
                         self.cfg.role = role;
+                        self.entry_round = entry_round;
                         // Others learn of the change now, not a beat later.
                         self.publish_heartbeat();
                     }
@@ -677,6 +682,7 @@ impl SwarmDriver {
             role: self.cfg.role.clone(),
             fingerprint: self.cfg.expect.fingerprint.clone(),
             seq: self.seq,
+            entry_round: self.entry_round,
         };
         let bytes = hb.encode_to_vec();
         let len = bytes.len() as u64;
