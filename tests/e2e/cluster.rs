@@ -141,6 +141,7 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
     assert_eq!(resumed["rounds"], 1500);
     for d in &dirs {
         let summary = read_json(&d.join("summary.json"));
+        assert_eq!(summary["members_at_start"], 4, "{}", d.display());
         let acc = summary["final"]["eval_accuracy"].as_f64().unwrap();
         assert!(acc > 0.8, "{}: accuracy {acc}", d.display());
     }

@@ -12,6 +12,7 @@ mod diloco;
 mod faults;
 mod harness;
 mod identity;
+mod security;
 mod sim;
 mod swarm;
 mod train;

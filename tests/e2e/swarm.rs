@@ -133,7 +133,7 @@ fn log_file(dir: &Path) -> std::fs::File {
     std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap()
 }
 
-fn read_log(dir: &Path) -> String {
+pub fn read_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
 }
 

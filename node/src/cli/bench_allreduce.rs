@@ -180,6 +180,7 @@ async fn bench(args: BenchAllReduceArgs) -> Result<(), CliError> {
     let mut cfg = NetConfig::new(RUN, FINGERPRINT, args.elements);
     cfg.swarm.quic = false;
     cfg.transfer_timeout = PHASE_TIMEOUT;
+    cfg.expect.encoding = args.encoding;
     if args.rank == 0 {
         cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().map_err(CliError::failed)?];
     } else {

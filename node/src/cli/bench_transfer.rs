@@ -182,6 +182,7 @@ fn net_config(args: &BenchTransferArgs, elements: usize) -> NetConfig {
     cfg.swarm.quic = false;
     cfg.swarm.security = args.security.clone();
     cfg.listen = Vec::new();
+    cfg.expect.encoding = args.encoding;
     cfg
 }
 

@@ -34,13 +34,35 @@ pub fn swarm_key(args: SwarmKeyArgs) -> Result<(), CliError> {
     rand::rng().fill_bytes(&mut bytes);
     let key = PreSharedKey::new(bytes);
     let fingerprint = key.fingerprint();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    // Whoever reads the key joins the swarm: owner only, as identity.key.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut file = opts
         .open(&args.out)
         .map_err(|e| CliError::usage(format!("cannot create {}: {e}", args.out.display())))?;
     file.write_all(key.to_key_file().as_bytes())
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", args.out.display())))?;
     println!("wrote swarm key {} (fingerprint {fingerprint})", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn swarm_key_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("swarm.key");
+        swarm_key(SwarmKeyArgs { out: out.clone() }).unwrap();
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.parse::<PreSharedKey>().is_ok(), "{text}");
+        assert!(swarm_key(SwarmKeyArgs { out }).is_err(), "an existing key is never overwritten");
+    }
 }

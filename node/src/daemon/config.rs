@@ -81,6 +81,10 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_JOIN_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_timeout_ms: Option<i64>,
+    /// Exit non-zero when fewer members (this node included) have joined by the join timeout [default: 1]
+    #[arg(long, env = "MURMUR_MIN_MEMBERS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_members: Option<i64>,
     /// How parameters travel: f32, bf16, f16, int8[:BLOCK]; diloco's deltas also topk:K (the K largest, with error feedback) [default: f32]
     #[arg(long, env = "MURMUR_ENCODING")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -162,6 +166,9 @@ pub struct RunConfig {
     pub strategy: StrategySpec,
     pub run_id: String,
     pub join_timeout: Duration,
+    /// Members (this node included) below which the node gives up after
+    /// the join timeout instead of training with too few.
+    pub min_members: usize,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
@@ -277,6 +284,13 @@ impl RunOptions {
             outer,
             samples_per_step: train.batch_size as u64,
         };
+        let min_members = positive("--min-members", self.min_members.unwrap_or(1))? as usize;
+        if min_members > train.nodes {
+            return Err(bad(format!(
+                "--min-members {min_members} is more than --nodes {}: the run could never start",
+                train.nodes
+            )));
+        }
         // What needs the model's layers is checked once it is built.
         if matches!(encoding, Encoding::TopK { .. }) {
             strategy.check(1, &[], 0).map_err(|e| bad(e.to_string()))?;
@@ -285,6 +299,7 @@ impl RunOptions {
             strategy,
             run_id,
             join_timeout: millis("--join-timeout-ms", self.join_timeout_ms.unwrap_or(60_000))?,
+            min_members,
             listen,
             bootstrap: addrs("--bootstrap", &self.bootstrap)?,
             mdns: self.mdns.unwrap_or(false),

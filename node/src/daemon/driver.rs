@@ -118,6 +118,8 @@ pub struct Driver {
     /// did not fit.
     backlog: Vec<Message>,
     backlog_dropped: u64,
+    /// Mixed vectors not set because a value was not finite.
+    non_finite_refused: u64,
     /// Received values still held by the strategy; given back to the
     /// network's buffers once only this list holds them.
     in_use: Vec<Arc<Vec<f32>>>,
@@ -154,6 +156,7 @@ impl Driver {
             pulls: PullServer::default(),
             backlog: Vec::new(),
             backlog_dropped: 0,
+            non_finite_refused: 0,
             in_use: Vec::new(),
             members: Vec::new(),
             stop: None,
@@ -172,6 +175,7 @@ impl Driver {
             None => (0, None),
         };
         let members = self.members_in(start_round);
+        self.record.members_at_start = members.len();
         self.members = members.clone();
         let mut mixer = strategy::build(
             &self.run.strategy,
@@ -219,6 +223,13 @@ impl Driver {
     }
 
     fn set_params(&mut self, values: Vec<f32>) -> Result<(), NodeError> {
+        // The last guard on what peers shaped: a non-finite mix is never
+        // set; the trainer goes on from its own parameters.
+        if let Some(at) = crate::net::wire::first_non_finite(&values) {
+            self.non_finite_refused += 1;
+            warn!(index = at, value = values[at], "mixed parameters not finite: not set");
+            return Ok(());
+        }
         let hash = model_hash(&values);
         self.submit(Job::SetParams(values), Pending::SetParams)?;
         self.board.update(|s| s.model_hash = hash);
@@ -251,6 +262,9 @@ impl Driver {
             let now = Instant::now();
             if now >= deadline {
                 let found = self.members_in(self.board.round()).len();
+                if found < self.run.min_members {
+                    return Err(self.too_few_members(found));
+                }
                 let msg =
                     format!("join timeout: starting with {found} of {} members", self.train.nodes);
                 warn!("{msg}");
@@ -269,6 +283,31 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Why the run did not form, with what the network refused (a wrong
+    /// swarm key shows as failed handshakes, a missing allowlist entry as
+    /// `peer_not_allowed`).
+    fn too_few_members(&self, members: usize) -> NodeError {
+        let acc = self.network.accounting();
+        let refused: Vec<String> = acc
+            .refusals
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| format!("{n} {reason}"))
+            .collect();
+        let refused = if refused.is_empty() {
+            "nothing was refused: no peer reached this node".to_string()
+        } else {
+            format!("refused: {}", refused.join(", "))
+        };
+        NodeError::TooFewMembers {
+            members,
+            min: self.run.min_members,
+            peers: members.saturating_sub(1),
+            expected: self.train.nodes.saturating_sub(1),
+            refused,
+        }
     }
 
     /// Keeps a message for the strategy that does not exist yet.
@@ -749,6 +788,9 @@ impl Driver {
         if self.backlog_dropped > 0 {
             drops.insert("backlog_full".into(), self.backlog_dropped);
         }
+        if self.non_finite_refused > 0 {
+            drops.insert("non_finite_mix".into(), self.non_finite_refused);
+        }
         drops
     }
 
@@ -839,6 +881,7 @@ impl Driver {
             pulled_from: self.record.pulled_from.map(|p| p.to_string()),
             pulled_parts: self.record.pulled.as_ref().map(|(p, _)| p.clone()).unwrap_or_default(),
             pulled_round: self.record.pulled.as_ref().map(|(_, r)| *r),
+            members_at_start: self.record.members_at_start,
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             parameters: self.parameters,

@@ -65,6 +65,10 @@ pub enum NodeError {
     Api(#[from] crate::api::server::ApiError),
     #[error("the network stopped")]
     NetworkGone,
+    #[error(
+        "no run formed: {members} of --min-members {min} members after the join timeout ({peers} of {expected} peers joined; {refused})"
+    )]
+    TooFewMembers { members: usize, min: usize, peers: usize, expected: usize, refused: String },
 }
 
 /// Runs one node to the end of its run (or a signal, or a Shutdown call)
@@ -84,6 +88,7 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.swarm.allowlist = run.allowlist.clone();
     net_cfg.transfer_timeout = run.strategy.timeout.max(Duration::from_secs(5));
     net_cfg.faults = faults.clone();
+    net_cfg.expect.encoding = run.strategy.encoding;
     // A resuming node takes no part in exchanges until it has the run's state.
     net_cfg.role = if setup.resume.is_some() { ROLE_JOINING } else { ROLE_NODE }.into();
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;

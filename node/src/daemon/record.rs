@@ -37,6 +37,8 @@ pub struct Record {
     pub pulled_from: Option<PeerId>,
     /// The parts of the pulled state, and the round it was for.
     pub pulled: Option<(Vec<String>, u64)>,
+    /// Members (this node included) when training started.
+    pub members_at_start: usize,
 }
 
 impl Record {

@@ -28,6 +28,8 @@ pub struct NodeSummary {
     pub pulled_parts: Vec<String>,
     /// The round the pulled state was for (the one the node trained next).
     pub pulled_round: Option<u64>,
+    /// Members (this node included) when training started.
+    pub members_at_start: usize,
     pub interrupted: bool,
     pub wall_seconds: f64,
     pub parameters: usize,

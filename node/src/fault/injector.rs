@@ -60,7 +60,8 @@ struct Entry {
 
 impl Entry {
     fn ends(&self) -> Option<Instant> {
-        Some(self.since? + self.spec.duration?)
+        // Checked: a duration too far out to represent never ends.
+        self.since?.checked_add(self.spec.duration?)
     }
 
     fn is(&self, now: Instant, pick: impl Fn(&FaultKind) -> bool) -> bool {

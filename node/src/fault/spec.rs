@@ -88,6 +88,13 @@ impl FaultKind {
     }
 }
 
+/// The longest `for=` a fault may have: a bound, so that the time it ends
+/// is always a representable instant (no overflow, no panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The longest a delay (plus its jitter) may hold one transfer.
+pub const MAX_DELAY: Duration = Duration::from_secs(3600);
+
 /// One fault: what, for how long once active, and from which round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultSpec {
@@ -240,9 +247,22 @@ impl FaultSpec {
             FaultKind::Crash { .. } if self.duration.is_some() => {
                 Err("a crash has no duration (drop for=)".into())
             }
+            FaultKind::Delay { delay, jitter } if delay.saturating_add(*jitter) > MAX_DELAY => {
+                Err(format!(
+                    "a delay of {} plus jitter {} is longer than the most a transfer can be held ({})",
+                    show_duration(*delay),
+                    show_duration(*jitter),
+                    show_duration(MAX_DELAY)
+                ))
+            }
             _ if self.duration == Some(Duration::ZERO) => {
                 Err("for= must be longer than 0 (leave it out to last until cleared)".into())
             }
+            _ if self.duration.is_some_and(|d| d > MAX_DURATION) => Err(format!(
+                "for={} is longer than the most a fault may last ({}; leave for= out to last until cleared)",
+                show_duration(self.duration.unwrap_or_default()),
+                show_duration(MAX_DURATION)
+            )),
             _ => Ok(()),
         }
     }
@@ -499,6 +519,9 @@ mod tests {
             ("drop:0.3,until=5", "unknown modifier \"until=5\""),
             ("drop:0.3,from=later", "from=\"later\""),
             ("pause:2s,for=3s", "given twice"),
+            ("drop:0.5,for=10000000000000000000s", "longer than the most a fault may last"),
+            ("pause:1000000h", "longer than the most a fault may last"),
+            ("delay:2h", "longer than the most a transfer can be held"),
         ];
         for (text, needle) in cases {
             let e = text.parse::<FaultSpec>().unwrap_err().to_string();
@@ -516,5 +539,15 @@ mod tests {
         assert!(FaultSpec::from_proto(&f).unwrap_err().to_string().contains("(got 2)"));
         let empty = pb::Fault::default();
         assert!(FaultSpec::from_proto(&empty).unwrap_err().to_string().contains("no fault kind"));
+        // Numbers at the edge of u64 are refused, never overflowed.
+        let mut long = "pause".parse::<FaultSpec>().unwrap().to_proto();
+        long.duration_ms = u64::MAX;
+        assert!(FaultSpec::from_proto(&long).unwrap_err().to_string().contains("most a fault"));
+        let mut slow = "delay:1ms".parse::<FaultSpec>().unwrap().to_proto();
+        if let Some(pb::fault::Kind::Delay(d)) = &mut slow.kind {
+            d.delay_ms = u64::MAX;
+            d.jitter_ms = u64::MAX;
+        }
+        assert!(FaultSpec::from_proto(&slow).unwrap_err().to_string().contains("can be held"));
     }
 }

@@ -415,11 +415,21 @@ impl AllReduce {
         let Some(own) = run.own.take() else { return Vec::new() };
         let (me, range) = (run.roster.me, run.range(run.roster.me));
         let mean = &mut run.result[range.clone()];
+        let finite_mean =
+            |sum: &[f64], weight: f64| sum.iter().all(|s| ((s / weight) as f32).is_finite());
         if !self.aggregator.is_mean() {
             let others: Vec<(&[f32], f64)> =
                 own.shards.iter().map(|(v, w)| (v.as_slice(), *w)).collect();
             let combined = self.aggregator.aggregate(mean, 1.0, &others);
-            mean.copy_from_slice(&combined);
+            if combined.iter().all(|v| v.is_finite()) {
+                mean.copy_from_slice(&combined);
+            } else {
+                self.drops.add("non_finite_aggregate");
+            }
+        } else if own.weight > 0.0 && !finite_mean(&own.sum, own.weight) {
+            // Only reachable past the weight and value checks by overflow:
+            // the range keeps the local values rather than spread infinity.
+            self.drops.add("non_finite_aggregate");
         } else if own.weight > 0.0 {
             // Zero total weight has no mean: the range keeps the local values.
             mean.iter_mut().zip(&own.sum).for_each(|(m, s)| *m = (s / own.weight) as f32);
@@ -754,6 +764,30 @@ mod tests {
         ar.refused(others[0], MsgKind::ShardResult);
         ar.refused(others[1], MsgKind::ShardResult);
         assert!(ar.is_done() && ar.fallbacks() == 2);
+    }
+
+    #[test]
+    fn huge_weights_are_refused_and_an_overflowing_sum_is_never_applied() {
+        // Bounded: a declared weight above the bound is refused outright.
+        let mut c = Cluster::new(3);
+        c.ars.iter_mut().for_each(|a| *a = AllReduce::new(7, T).with_max_weight(1.0));
+        let x = values(3, 9);
+        c.start(0, &x[0], 1.0);
+        c.start(1, &x[1], 1e300);
+        c.start(2, &x[2], 1.0);
+        assert_eq!(c.ars[0].drops().get("weight_above_bound"), 1);
+        assert_eq!(c.ars[2].drops().get("weight_above_bound"), 1);
+        // Unbounded (no configured bound): 1e308 twice overflows the f64
+        // sum; the owner keeps its local values instead of infinity.
+        let mut c = Cluster::new(3);
+        let x = values(3, 9);
+        for (i, w) in [1e308, 1e308, 1.0].into_iter().enumerate() {
+            c.start(i, &x[i], w);
+        }
+        for ar in &c.ars {
+            assert!(ar.result().unwrap().iter().all(|v| v.is_finite()), "{:?}", ar.result());
+        }
+        assert!(c.ars.iter().map(|a| a.drops().get("non_finite_aggregate")).sum::<u64>() >= 1);
     }
 
     #[test]

@@ -176,9 +176,15 @@ impl Gossip {
         let slot = self.slot(step);
         let inbox = self.inbox.get(&slot);
         let refused = self.refused.get(&slot);
-        let arrived = expect.iter().filter(|p| inbox.is_some_and(|m| m.contains_key(p))).count();
-        let answered =
-            arrived + expect.iter().filter(|p| refused.is_some_and(|r| r.contains(p))).count();
+        // Each expected peer counts once, whether its message arrived, was
+        // refused, or both: a refused-plus-valid pair must not stand in for
+        // an honest neighbour still on its way.
+        let answered = expect
+            .iter()
+            .filter(|p| {
+                inbox.is_some_and(|m| m.contains_key(p)) || refused.is_some_and(|r| r.contains(p))
+            })
+            .count();
         if answered < expect.len() && !force {
             return Vec::new();
         }
@@ -506,6 +512,20 @@ mod tests {
         g.handle(Input::Tick, t0 + Duration::from_secs(1));
         assert_eq!(g.drops.get("missing_at_deadline"), 2);
         assert_eq!(g.neighbour_distance(), Some(3.0), "the last exchange that mixed anyone");
+    }
+
+    #[test]
+    fn a_peer_that_sends_a_refused_and_a_valid_message_is_counted_once() {
+        let ids = peers(3);
+        let mut g = Gossip::new(cfg("complete", 3), ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        let refused = Input::Refused { peer: ids[1], kind: MsgKind::Params, slot: 0 };
+        assert!(g.handle(refused, t0).is_empty());
+        assert!(g.handle(params(ids[1], 0, 3.0), t0).is_empty(), "still waits for the third");
+        let acts = g.handle(params(ids[2], 0, 6.0), t0);
+        assert_eq!(acts, vec![Action::SetParams(vec![3.0]), Action::Train { steps: 5 }]);
     }
 
     fn params(peer: PeerId, slot: u64, v: f32) -> Input {

@@ -86,6 +86,7 @@ impl NetConfig {
                 run_id: run_id.to_string(),
                 fingerprint: fingerprint.to_string(),
                 total_elements: elements,
+                encoding: super::encoding::Encoding::F32,
             },
             max_inbound_reads: 32,
             faults: Arc::new(Faults::new(0)),
@@ -765,8 +766,10 @@ impl SwarmDriver {
                 self.accounting.refuse(reason);
             }
             SwarmEvent::OutgoingConnectionError { error, peer_id, .. } => {
-                if let DialError::Denied { cause } = &error {
-                    self.accounting.refuse(denial_reason(cause));
+                match &error {
+                    DialError::Denied { cause } => self.accounting.refuse(denial_reason(cause)),
+                    DialError::Transport(errors) => self.accounting.refuse(dial_reason(errors)),
+                    _ => {}
                 }
                 debug!(peer = ?peer_id, "dial failed: {error}");
             }
@@ -846,6 +849,20 @@ fn listen_error_reason(e: &ListenError) -> &'static str {
         ListenError::Transport(_) => "handshake_failed",
         _ => "connection_failed",
     }
+}
+
+/// Why a dial failed: nobody listening (or nothing answering) there, or a
+/// connection that broke during its handshake (another swarm key, another
+/// security protocol, or a peer that refused this node).
+fn dial_reason(errors: &[(Multiaddr, libp2p::TransportError<std::io::Error>)]) -> &'static str {
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut};
+    let unreachable = errors.iter().all(|(_, e)| match e {
+        libp2p::TransportError::Other(io) => {
+            matches!(io.kind(), ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable)
+        }
+        libp2p::TransportError::MultiaddrNotSupported(_) => true,
+    });
+    if unreachable { "dial_unreachable" } else { "dial_handshake_failed" }
 }
 
 /// Which behaviour turned a connection down.

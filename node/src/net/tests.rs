@@ -275,6 +275,7 @@ async fn payloads_also_travel_over_quic() {
         cfg.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
     };
     let mut acfg = config(1024);
+    acfg.expect.encoding = Encoding::Bf16;
     quic(&mut acfg);
     let (a, mut arx) = start(acfg).await;
     assert!(a.view().listen_addrs[0].to_string().contains("quic-v1"));

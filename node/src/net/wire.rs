@@ -39,6 +39,17 @@ pub struct Expectation {
     pub run_id: String,
     pub fingerprint: String,
     pub total_elements: usize,
+    /// The run's `--encoding`: payloads come in it or in f32 (results,
+    /// pulls, final averages), never in another one.
+    pub encoding: Encoding,
+}
+
+impl Expectation {
+    /// Whether a payload in `got` can be one of this run's.
+    pub fn accepts(&self, got: Encoding) -> bool {
+        got == Encoding::F32
+            || std::mem::discriminant(&got) == std::mem::discriminant(&self.encoding)
+    }
 }
 
 /// A validated payload: finite values, `values.len() == header.element_count`.
@@ -63,6 +74,8 @@ pub enum Refusal {
     SenderMismatch { claimed: String, actual: String },
     #[error("unknown encoding {0}")]
     UnknownEncoding(i32),
+    #[error("encoding {got} is not this run's (it sends {run} and f32)")]
+    EncodingNotUsed { got: Encoding, run: Encoding },
     #[error("sample weight {weight} must be finite and >= 0")]
     BadWeight { weight: f64 },
     #[error("wrong length: {0}")]
@@ -89,6 +102,7 @@ pub const ALL_REASONS: &[&str] = &[
     "wrong_fingerprint",
     "sender_mismatch",
     "unknown_encoding",
+    "encoding_not_used",
     "bad_weight",
     "wrong_length",
     "bad_checksum",
@@ -109,6 +123,7 @@ impl Refusal {
             Refusal::WrongFingerprint { .. } => "wrong_fingerprint",
             Refusal::SenderMismatch { .. } => "sender_mismatch",
             Refusal::UnknownEncoding(_) => "unknown_encoding",
+            Refusal::EncodingNotUsed { .. } => "encoding_not_used",
             Refusal::BadWeight { .. } => "bad_weight",
             Refusal::WrongLength(_) => "wrong_length",
             Refusal::BadChecksum { .. } => "bad_checksum",
@@ -223,6 +238,9 @@ fn shape(h: &PayloadHeader, exp: &Expectation, sender: &[u8]) -> Result<Shape, R
         return Err(Refusal::BadWeight { weight: h.sample_weight });
     }
     let encoding = encoding::from_proto(h.encoding, h.block_size, h.top_k)?;
+    if !exp.accepts(encoding) {
+        return Err(Refusal::EncodingNotUsed { got: encoding, run: exp.encoding });
+    }
     let (offset, count) = (h.element_offset, h.element_count);
     if count == 0 {
         return Err(Refusal::WrongLength("element_count is 0".into()));
@@ -536,7 +554,25 @@ mod tests {
     const SENDER: &[u8] = b"peer-a";
 
     fn exp() -> Expectation {
-        Expectation { run_id: "run-1".into(), fingerprint: "fp-1".into(), total_elements: TOTAL }
+        Expectation {
+            run_id: "run-1".into(),
+            fingerprint: "fp-1".into(),
+            total_elements: TOTAL,
+            encoding: Encoding::F32,
+        }
+    }
+
+    /// The expectation of a run whose encoding is the frame's own (f32 when
+    /// its header does not decode), for tests of everything else.
+    fn exp_for(bytes: &[u8]) -> Expectation {
+        let header = bytes.get(..4).and_then(|prefix| {
+            let len = u32::from_le_bytes(prefix.try_into().ok()?) as usize;
+            PayloadHeader::decode(bytes.get(4..4 + len)?).ok()
+        });
+        let encoding = header
+            .and_then(|h| encoding::from_proto(h.encoding, h.block_size, h.top_k).ok())
+            .unwrap_or(Encoding::F32);
+        Expectation { encoding, ..exp() }
     }
 
     fn template() -> PayloadHeader {
@@ -562,7 +598,7 @@ mod tests {
     }
 
     fn read(bytes: &[u8]) -> Result<Payload, Refusal> {
-        block_on(read_payload(&mut Cursor::new(bytes), &exp(), SENDER))
+        block_on(read_payload(&mut Cursor::new(bytes), &exp_for(bytes), SENDER))
     }
 
     fn reason(bytes: &[u8]) -> &'static str {
@@ -587,7 +623,7 @@ mod tests {
             let bytes = frame(&header, &body);
             let mut seen = None;
             let fresh = read(&bytes).unwrap();
-            let (mut r, want) = (Cursor::new(&bytes[..]), exp());
+            let (mut r, want) = (Cursor::new(&bytes[..]), exp_for(&bytes));
             let reused = block_on(read_payload_noting(&mut r, &want, SENDER, &mut seen, &pool));
             assert_eq!(reused.unwrap().values, fresh.values, "{enc}");
         }
@@ -631,7 +667,7 @@ mod tests {
     fn bodies_read_in_odd_pieces_decode_and_find_the_first_bad_value() {
         let trickled = |bytes: &[u8]| {
             let mut r = Trickle { bytes, step: 0 };
-            block_on(read_payload(&mut r, &exp(), SENDER))
+            block_on(read_payload(&mut r, &exp_for(bytes), SENDER))
         };
         for enc in [Encoding::F32, Encoding::Bf16, Encoding::F16, Encoding::Int8Block { block: 16 }]
         {
@@ -691,6 +727,27 @@ mod tests {
         assert_eq!(header.top_k, 10);
         let payload = read(&frame(&header, &body)).unwrap();
         assert_eq!(payload.values.iter().filter(|&&y| y != 0.0).count(), 10);
+    }
+
+    #[test]
+    fn only_the_runs_encoding_and_f32_are_accepted() {
+        let v = values(TOTAL);
+        let f32_run = exp();
+        let bf16_run = Expectation { encoding: Encoding::Bf16, ..exp() };
+        let read_as = |enc: Encoding, want: &Expectation| {
+            let (header, body) = encode_payload(template(), &v, enc);
+            block_on(read_payload(&mut Cursor::new(frame(&header, &body)), want, SENDER))
+        };
+        for enc in [Encoding::Bf16, Encoding::TopK { k: 5 }, Encoding::Int8Block { block: 16 }] {
+            let refusal = read_as(enc, &f32_run).unwrap_err();
+            assert_eq!(refusal.reason(), "encoding_not_used", "{enc}");
+            assert!(refusal.to_string().contains(&enc.to_string()), "names it: {refusal}");
+        }
+        assert!(read_as(Encoding::F32, &bf16_run).is_ok());
+        assert!(read_as(Encoding::Bf16, &bf16_run).is_ok());
+        assert_eq!(read_as(Encoding::F16, &bf16_run).unwrap_err().reason(), "encoding_not_used");
+        let topk_run = Expectation { encoding: Encoding::TopK { k: 1 }, ..exp() };
+        assert!(read_as(Encoding::TopK { k: 7 }, &topk_run).is_ok(), "any k of the run's top-k");
     }
 
     #[test]
@@ -818,6 +875,7 @@ mod tests {
             Refusal::WrongFingerprint { got: String::new(), want: String::new() },
             Refusal::SenderMismatch { claimed: String::new(), actual: String::new() },
             Refusal::UnknownEncoding(0),
+            Refusal::EncodingNotUsed { got: Encoding::F16, run: Encoding::F32 },
             Refusal::BadWeight { weight: 0.0 },
             Refusal::WrongLength(String::new()),
             Refusal::BadChecksum { got: 0, want: 0 },
