@@ -20,6 +20,7 @@ use crate::api::metrics::{MetricsServer, serve_metrics};
 use crate::fault::Faults;
 use crate::mix::mixer::StrategyState;
 use crate::mix::strategy::StrategyError;
+use crate::net::membership::MemberLimits;
 use crate::net::membership::{ROLE_JOINING, ROLE_NODE};
 use crate::net::service::{NetConfig, Network};
 use crate::status::{NodeState, StatusBoard, model_hash};
@@ -89,6 +90,11 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.transfer_timeout = run.strategy.timeout.max(Duration::from_secs(5));
     net_cfg.faults = faults.clone();
     net_cfg.expect.encoding = run.strategy.encoding;
+    net_cfg.member_limits = MemberLimits {
+        // Room for every planned node and as many again (restarts, late joiners).
+        max_members: (2 * setup.train.nodes).max(MemberLimits::default().max_members),
+        max_round: run.strategy.rounds,
+    };
     // A resuming node takes no part in exchanges until it has the run's state.
     net_cfg.role = if setup.resume.is_some() { ROLE_JOINING } else { ROLE_NODE }.into();
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;

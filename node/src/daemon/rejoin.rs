@@ -204,6 +204,7 @@ mod tests {
             fingerprint: fp.into(),
             entry_round: 0,
             last_seen: Instant::now(),
+            seq: 1,
         }
     }
 

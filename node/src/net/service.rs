@@ -35,7 +35,7 @@ use super::accounting::{Accounting, Direction, Snapshot};
 use super::buffers::BufferPool;
 use super::inbound::InboundStream;
 use super::log_limit::LogLimiter;
-use super::membership::{Member, MemberEvent, Membership};
+use super::membership::{Member, MemberEvent, MemberLimits, Membership, Observed, Verdict};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
 use crate::fault::Faults;
@@ -43,9 +43,17 @@ use crate::fault::Faults;
 /// Receive buffers kept for reuse: enough for a round's fan-in.
 const SPARE_BUFFERS: usize = 8;
 
-/// Refusal warnings logged per window, over the whole node (`LogLimiter`).
+/// Refusal warnings logged per window, over the whole node and per peer
+/// (`LogLimiter`).
 const REFUSAL_LOG_BURST: u32 = 20;
+const REFUSAL_LOG_PER_PEER: u32 = 3;
 const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Member joined/left lines per window, over the node and per peer.
+const MEMBER_LOG_BURST: u32 = 20;
+const MEMBER_LOG_PER_PEER: u32 = 2;
+/// A peer whose valid heartbeats arrive without a connection is dialled at
+/// most this often (a heartbeat's addresses are claims: no dial storms).
+const REDIAL_EVERY: Duration = Duration::from_secs(10);
 
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
@@ -59,6 +67,8 @@ pub struct NetConfig {
     pub bootstrap: Vec<Multiaddr>,
     pub heartbeat_every: Duration,
     pub member_expiry: Duration,
+    /// How many members, and what rounds, heartbeats may claim.
+    pub member_limits: MemberLimits,
     /// Deadline for one payload transfer, open to acknowledgement.
     pub transfer_timeout: Duration,
     pub role: String,
@@ -80,6 +90,7 @@ impl NetConfig {
             bootstrap: Vec::new(),
             heartbeat_every: Duration::from_secs(1),
             member_expiry: Duration::from_secs(10),
+            member_limits: MemberLimits::default(),
             transfer_timeout: Duration::from_secs(60),
             role: "node".into(),
             expect: Expectation {
@@ -237,7 +248,8 @@ impl Network {
         let (commands, commands_rx) = mpsc::channel(64);
         let control = swarm.behaviour().stream.new_control();
         let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
-        let refusal_logs = Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW));
+        let refusal_logs =
+            Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_PEER, REFUSAL_LOG_WINDOW));
         let reader = Reader {
             refusal_logs: refusal_logs.clone(),
             expect: cfg.expect.clone(),
@@ -250,7 +262,11 @@ impl Network {
         tokio::spawn(accept_loop(inbound, Arc::new(reader), cfg.max_inbound_reads));
         let driver = SwarmDriver {
             swarm,
-            membership: Membership::new(cfg.swarm.run_id.clone(), cfg.member_expiry),
+            membership: Membership::new(
+                cfg.swarm.run_id.clone(),
+                cfg.member_expiry,
+                cfg.member_limits,
+            ),
             topic,
             cfg: cfg.clone(),
             accounting: accounting.clone(),
@@ -258,10 +274,12 @@ impl Network {
             events: events_tx,
             round: 0,
             entry_round: 0,
-            seq: 0,
+            seq: first_seq(),
             faults: cfg.faults.clone(),
             blocked: BTreeSet::new(),
             refusal_logs,
+            member_logs: LogLimiter::new(MEMBER_LOG_BURST, MEMBER_LOG_PER_PEER, REFUSAL_LOG_WINDOW),
+            dialled: std::collections::HashMap::new(),
         };
         let network = Network {
             local_peer,
@@ -594,6 +612,18 @@ struct SwarmDriver {
     /// Peers blocked for an injected partition.
     blocked: BTreeSet<PeerId>,
     refusal_logs: Arc<LogLimiter>,
+    member_logs: LogLimiter,
+    /// When each not-yet-connected heartbeat signer was last dialled.
+    dialled: std::collections::HashMap<PeerId, Instant>,
+}
+
+/// The first heartbeat sequence number: microseconds since the epoch, so a
+/// restarted node's heartbeats are newer than its last life's (members
+/// refuse a sequence number that does not rise).
+fn first_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
 impl SwarmDriver {
@@ -611,6 +641,8 @@ impl SwarmDriver {
                         self.publish_heartbeat();
                     }
                     self.expire_members().await;
+                    let now = Instant::now();
+                    self.dialled.retain(|_, t| now.saturating_duration_since(*t) < 6 * REDIAL_EVERY);
                     self.redial_bootstrap();
                 }
                 _ = faults.changed() => self.apply_partitions(),
@@ -708,11 +740,11 @@ impl SwarmDriver {
     async fn emit_member(&mut self, ev: MemberEvent) {
         let ev = match ev {
             MemberEvent::Joined(p) => {
-                info!(peer = %p, "member joined");
+                self.member_logs.info(&p, "member joined");
                 NetEvent::MemberJoined(p)
             }
             MemberEvent::Left(p) => {
-                info!(peer = %p, "member left");
+                self.member_logs.info(&p, "member left");
                 NetEvent::MemberLeft(p)
             }
         };
@@ -800,44 +832,82 @@ impl SwarmDriver {
     }
 
     async fn on_gossip(&mut self, ev: gossipsub::Event) {
-        let gossipsub::Event::Message { message, propagation_source, .. } = ev else { return };
+        let gossipsub::Event::Message { message, propagation_source, message_id } = ev else {
+            return;
+        };
         let len = message.data.len() as u64;
         self.accounting.record(&propagation_source, "heartbeat", Direction::Received, len);
+        let verdict = self.check_heartbeat(&message, propagation_source).await;
+        // Gossip relays only what this node took; an invalid heartbeat
+        // counts against the peer that relayed it (peer scoring).
+        let acceptance = match verdict {
+            None => gossipsub::MessageAcceptance::Accept,
+            Some(Verdict::Ignore) => gossipsub::MessageAcceptance::Ignore,
+            Some(Verdict::Reject) => gossipsub::MessageAcceptance::Reject,
+        };
+        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+            &message_id,
+            &propagation_source,
+            acceptance,
+        );
+    }
+
+    /// Takes a heartbeat into the membership view; `None` when it was
+    /// valid, else what gossip should do with it.
+    async fn check_heartbeat(
+        &mut self,
+        message: &gossipsub::Message,
+        relayed_by: PeerId,
+    ) -> Option<Verdict> {
         let Some(source) = message.source else {
             self.accounting.refuse("heartbeat_anonymous");
-            return;
+            return Some(Verdict::Reject);
         };
         let hb = match Heartbeat::decode(message.data.as_slice()) {
             Ok(hb) => hb,
             Err(e) => {
-                self.refusal_logs.warn(&source, "undecodable heartbeat", &e);
+                self.refusal_logs.warn(&relayed_by, "undecodable heartbeat", &e);
                 self.accounting.refuse("heartbeat_malformed");
-                return;
+                return Some(Verdict::Reject);
             }
         };
-        match self.membership.observe(&hb, source, Instant::now()) {
-            Ok(joined) => {
+        let connected = self.swarm.is_connected(&source);
+        match self.membership.observe(&hb, source, connected, Instant::now()) {
+            Ok(Observed::NotConnected) => {
+                // Valid, but a member only once it connects: dial it, now
+                // and then, at the addresses it lists.
+                let now = Instant::now();
+                let due = self.dialled.get(&source).is_none_or(|t| now >= *t + REDIAL_EVERY);
+                if due && self.dialled.len() < self.cfg.member_limits.max_members {
+                    self.dialled.insert(source, now);
+                    for addr in hb.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                        self.swarm.add_peer_address(source, addr);
+                    }
+                    self.dial_if_new(source);
+                }
+                None
+            }
+            Ok(observed) => {
+                self.dialled.remove(&source);
                 // Kademlia keeps the addresses, so that opening a stream to
-                // a member can dial it; a new member is dialled at once so
-                // the first exchange does not wait for a connection.
+                // a member can dial it.
                 if let Some(m) = self.membership.get(&source) {
                     for addr in m.addrs.clone() {
                         self.swarm.behaviour_mut().kad.add_address(&source, addr.clone());
                         self.swarm.add_peer_address(source, addr);
                     }
                 }
-                if joined.is_some() {
-                    self.dial_if_new(source);
-                }
-                if let Some(ev) = joined {
+                if let Observed::Joined(p) = observed {
                     // The view first: whoever reacts to the event reads it.
                     self.refresh_view();
-                    self.emit_member(ev).await;
+                    self.emit_member(MemberEvent::Joined(p)).await;
                 }
+                None
             }
             Err(refusal) => {
                 self.refusal_logs.warn(&source, "refused heartbeat", &refusal);
                 self.accounting.refuse(refusal.reason());
+                Some(refusal.verdict())
             }
         }
     }

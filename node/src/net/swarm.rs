@@ -112,6 +112,32 @@ pub fn check_run_id(run_id: &str) -> Result<(), SwarmError> {
 }
 
 /// The gossip topic for membership heartbeats of a run.
+/// Gossipsub peer scoring for the members topic: a peer that relays
+/// invalid heartbeats (P4, squared) falls below the graylist within a
+/// handful and is ignored until its score decays. Delivery-rate and
+/// IP-colocation penalties are off: heartbeats are one a second, and local
+/// clusters share one address.
+fn peer_scoring(run_id: &str) -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.5,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.5,
+        ..Default::default()
+    };
+    let mut params =
+        gossipsub::PeerScoreParams { ip_colocation_factor_weight: 0.0, ..Default::default() };
+    params.topics.insert(members_topic(run_id).hash(), topic);
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
 pub fn members_topic(run_id: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("murmur/{run_id}/members/1"))
 }
@@ -213,15 +239,20 @@ fn behaviour(
         ),
         false => None,
     };
+    // Every heartbeat waits for the node's verdict (membership checks)
+    // before gossip relays it.
     let gossip_cfg = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(s.gossip_heartbeat)
         .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
         .max_transmit_size(MAX_GOSSIP_BYTES)
         .build()
         .map_err(|e| SwarmError::Gossip(e.to_string()))?;
-    let gossipsub =
+    let mut gossipsub =
         gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)
             .map_err(|e| SwarmError::Gossip(e.to_string()))?;
+    let (params, thresholds) = peer_scoring(&s.run_id);
+    gossipsub.with_peer_score(params, thresholds).map_err(SwarmError::Gossip)?;
     Ok(Behaviour {
         allow: allow.into(),
         partition: allow_block_list::Behaviour::default(),

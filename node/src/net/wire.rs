@@ -66,9 +66,9 @@ pub enum Refusal {
     OversizeHeader { len: usize },
     #[error("header does not decode: {0}")]
     BadHeader(String),
-    #[error("payload is for run `{got}`, this node is in run `{want}`")]
+    #[error("payload is for run {got}, this node is in run `{want}`")]
     WrongRun { got: String, want: String },
-    #[error("payload is for model fingerprint `{got}`, this node's model is `{want}`")]
+    #[error("payload is for model fingerprint {got}, this node's model is `{want}`")]
     WrongFingerprint { got: String, want: String },
     #[error("header names sender {claimed}, but the stream comes from {actual}")]
     SenderMismatch { claimed: String, actual: String },
@@ -224,10 +224,11 @@ pub fn check_header(
 
 fn shape(h: &PayloadHeader, exp: &Expectation, sender: &[u8]) -> Result<Shape, Refusal> {
     if h.run_id != exp.run_id {
-        return Err(Refusal::WrongRun { got: h.run_id.clone(), want: exp.run_id.clone() });
+        let got = super::log_limit::peer_text(&h.run_id);
+        return Err(Refusal::WrongRun { got, want: exp.run_id.clone() });
     }
     if h.fingerprint != exp.fingerprint {
-        let (got, want) = (h.fingerprint.clone(), exp.fingerprint.clone());
+        let (got, want) = (super::log_limit::peer_text(&h.fingerprint), exp.fingerprint.clone());
         return Err(Refusal::WrongFingerprint { got, want });
     }
     if h.sender != sender {
@@ -766,7 +767,7 @@ mod tests {
     #[test]
     fn identity_mismatches_are_refused() {
         let frame = tampered(|h| h.run_id = "run-2".into());
-        let want = Refusal::WrongRun { got: "run-2".into(), want: "run-1".into() };
+        let want = Refusal::WrongRun { got: "\"run-2\"".into(), want: "run-1".into() };
         assert_eq!(read(&frame), Err(want));
         assert_eq!(reason(&tampered(|h| h.fingerprint = "fp-2".into())), "wrong_fingerprint");
         assert_eq!(reason(&tampered(|h| h.sender = b"peer-b".to_vec())), "sender_mismatch");
