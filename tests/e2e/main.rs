@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod attack;
 mod cluster;
 mod diloco;
 mod faults;

@@ -181,6 +181,8 @@ async fn bench(args: BenchAllReduceArgs) -> Result<(), CliError> {
     cfg.swarm.quic = false;
     cfg.transfer_timeout = PHASE_TIMEOUT;
     cfg.expect.encoding = args.encoding;
+    // A bench exchanges payloads without a run's membership.
+    cfg.swarm.inbound.members_only = false;
     if args.rank == 0 {
         cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().map_err(CliError::failed)?];
     } else {

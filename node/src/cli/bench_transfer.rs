@@ -183,6 +183,8 @@ fn net_config(args: &BenchTransferArgs, elements: usize) -> NetConfig {
     cfg.swarm.security = args.security.clone();
     cfg.listen = Vec::new();
     cfg.expect.encoding = args.encoding;
+    // A bench exchanges payloads without a run's membership.
+    cfg.swarm.inbound.members_only = false;
     cfg
 }
 

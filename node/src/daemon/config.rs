@@ -81,6 +81,10 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_JOIN_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_timeout_ms: Option<i64>,
+    /// The most members this node counts; heartbeats of more are refused [default: max(256, 2 x --nodes)]
+    #[arg(long, env = "MURMUR_MAX_MEMBERS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_members: Option<i64>,
     /// Exit non-zero when fewer members (this node included) have joined by the join timeout [default: 1]
     #[arg(long, env = "MURMUR_MIN_MEMBERS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -169,6 +173,8 @@ pub struct RunConfig {
     /// Members (this node included) below which the node gives up after
     /// the join timeout instead of training with too few.
     pub min_members: usize,
+    /// The most members the node counts (others' heartbeats are refused).
+    pub max_members: usize,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
@@ -291,6 +297,17 @@ impl RunOptions {
                 train.nodes
             )));
         }
+        let max_members = match self.max_members {
+            Some(m) => positive("--max-members", m)? as usize,
+            None => (2 * train.nodes).max(256),
+        };
+        if max_members + 1 < train.nodes {
+            return Err(bad(format!(
+                "--max-members {max_members} leaves no room for --nodes {} (this node and {} others)",
+                train.nodes,
+                train.nodes - 1
+            )));
+        }
         // What needs the model's layers is checked once it is built.
         if matches!(encoding, Encoding::TopK { .. }) {
             strategy.check(1, &[], 0).map_err(|e| bad(e.to_string()))?;
@@ -300,6 +317,7 @@ impl RunOptions {
             run_id,
             join_timeout: millis("--join-timeout-ms", self.join_timeout_ms.unwrap_or(60_000))?,
             min_members,
+            max_members,
             listen,
             bootstrap: addrs("--bootstrap", &self.bootstrap)?,
             mdns: self.mdns.unwrap_or(false),

@@ -120,6 +120,8 @@ pub struct Driver {
     backlog_dropped: u64,
     /// Mixed vectors not set because a value was not finite.
     non_finite_refused: u64,
+    /// Pull requests not taken, by reason (`PullServer::request`).
+    pull_refusals: BTreeMap<&'static str, u64>,
     /// Received values still held by the strategy; given back to the
     /// network's buffers once only this list holds them.
     in_use: Vec<Arc<Vec<f32>>>,
@@ -157,6 +159,7 @@ impl Driver {
             backlog: Vec::new(),
             backlog_dropped: 0,
             non_finite_refused: 0,
+            pull_refusals: BTreeMap::new(),
             in_use: Vec::new(),
             members: Vec::new(),
             stop: None,
@@ -621,9 +624,10 @@ impl Driver {
                             Ok(()) => {
                                 info!(peer = %from, entry, "a member asks for the run's state")
                             }
-                            // A retry of a request held already is expected.
-                            Err("pull_already_pending") => {}
-                            Err(reason) => warn!(peer = %from, reason, "pull request not taken"),
+                            // Counted, not logged: a flood of requests must
+                            // not fill the log (a retry of a held one is
+                            // expected from an honest joiner).
+                            Err(reason) => *self.pull_refusals.entry(reason).or_default() += 1,
                         }
                         // Served right away when the strategy has finished.
                         if self.finished {
@@ -790,6 +794,9 @@ impl Driver {
         }
         if self.non_finite_refused > 0 {
             drops.insert("non_finite_mix".into(), self.non_finite_refused);
+        }
+        for (reason, n) in &self.pull_refusals {
+            drops.insert((*reason).to_string(), *n);
         }
         drops
     }

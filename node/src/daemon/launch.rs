@@ -90,11 +90,8 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.transfer_timeout = run.strategy.timeout.max(Duration::from_secs(5));
     net_cfg.faults = faults.clone();
     net_cfg.expect.encoding = run.strategy.encoding;
-    net_cfg.member_limits = MemberLimits {
-        // Room for every planned node and as many again (restarts, late joiners).
-        max_members: (2 * setup.train.nodes).max(MemberLimits::default().max_members),
-        max_round: run.strategy.rounds,
-    };
+    net_cfg.member_limits =
+        MemberLimits { max_members: run.max_members, max_round: run.strategy.rounds };
     // A resuming node takes no part in exchanges until it has the run's state.
     net_cfg.role = if setup.resume.is_some() { ROLE_JOINING } else { ROLE_NODE }.into();
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;

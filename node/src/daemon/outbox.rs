@@ -109,8 +109,9 @@ impl Outbox {
                 match network.send(peer, &header, &body).await {
                     Ok(()) => return Ok(()),
                     // A refusal is final; anything else (a connection being
-                    // set up, a peer restarting) is retried with backoff
-                    // until the exchange's deadline.
+                    // set up, a peer restarting, a receiver that has not
+                    // had this node's heartbeat yet) is retried with
+                    // backoff until the exchange's deadline.
                     Err(source @ SendError::Refused { .. }) => {
                         return Err(SendFailure::Send { kind, slot, peer, source });
                     }

@@ -39,14 +39,19 @@ pub const PULL_INTERVAL: Duration = Duration::from_secs(10);
 /// request only from a peer whose heartbeat it has seen.
 pub const PULL_RETRY: Duration = Duration::from_secs(2);
 
-/// The member to pull from: the live trainer of this model (`fingerprint`)
-/// furthest ahead, and the round it announces.
+/// The member to pull from, and the round it announces: of the live
+/// trainers of this model (`fingerprint`), the one at the lower median
+/// round. A round is a peer's claim; the median is the quorum's, so one
+/// member claiming to be far ahead (to finish a joiner at once, or hand it
+/// its own model) is never the one chosen while honest members are the
+/// majority. Rounds beyond the run are refused with the heartbeat.
 pub fn pick_source(members: &[Member], me: PeerId, fingerprint: &str) -> Option<(PeerId, u64)> {
-    members
+    let mut live: Vec<&Member> = members
         .iter()
         .filter(|m| m.peer != me && m.role == ROLE_NODE && m.fingerprint == fingerprint)
-        .max_by_key(|m| (m.round, m.peer))
-        .map(|m| (m.peer, m.round))
+        .collect();
+    live.sort_by_key(|m| (m.round, m.peer));
+    live.get(live.len().checked_sub(1)? / 2).map(|m| (m.peer, m.round))
 }
 
 /// A state being pulled from one member.
@@ -128,7 +133,7 @@ pub const ENTRY_LEAD: Duration = Duration::from_secs(1);
 pub fn entry_round(r0: u64, r1: u64, elapsed: Duration) -> u64 {
     let secs = elapsed.as_secs_f64().max(1e-3);
     let rate = r1.saturating_sub(r0) as f64 / secs;
-    r1 + (rate * ENTRY_LEAD.as_secs_f64()).ceil() as u64 + 2
+    r1.saturating_add((rate * ENTRY_LEAD.as_secs_f64()).ceil() as u64).saturating_add(2)
 }
 
 /// The pull requests a node has taken and not yet answered, with the
@@ -224,8 +229,25 @@ mod tests {
             member(c, 30, ROLE_NODE, "other"),
             member(d, 40, ROLE_JOINING, "fp"),
         ];
-        assert_eq!(pick_source(&members, me, "fp"), Some((b, 9)));
+        assert_eq!(pick_source(&members, me, "fp"), Some((a, 7)), "the lower of two");
         assert_eq!(pick_source(&members[..1], me, "fp"), None, "alone");
+    }
+
+    #[test]
+    fn one_member_claiming_to_be_far_ahead_is_not_the_source() {
+        let me = PeerId::random();
+        let honest: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        let liar = PeerId::random();
+        let mut members: Vec<Member> = honest
+            .iter()
+            .zip([100, 101, 99])
+            .map(|(p, r)| member(*p, r, ROLE_NODE, "fp"))
+            .collect();
+        members.push(member(liar, u64::MAX, ROLE_NODE, "fp"));
+        let (source, round) = pick_source(&members, me, "fp").unwrap();
+        assert!(honest.contains(&source) && round == 100, "{source} at {round}");
+        // Entry arithmetic on the largest rounds saturates, never wraps.
+        assert_eq!(entry_round(0, u64::MAX, Duration::from_secs(1)), u64::MAX);
     }
 
     #[test]

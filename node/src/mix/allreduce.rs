@@ -124,6 +124,8 @@ pub struct AllReduce {
     reference: Option<Vec<f32>>,
     encoding: Encoding,
     max_weight: Option<f64>,
+    /// Values early messages may hold together (`with_early_limit`).
+    early_limit: usize,
 }
 
 impl AllReduce {
@@ -142,6 +144,7 @@ impl AllReduce {
             reference: None,
             encoding: Encoding::F32,
             max_weight: None,
+            early_limit: usize::MAX,
         }
     }
 
@@ -152,6 +155,18 @@ impl AllReduce {
     }
 
     /// Shards that declare a weight above `max` are refused.
+    /// Early messages (before `start`) hold at most `values` values in all:
+    /// a peer's messages for a later exchange are kept, not an unbounded
+    /// pile of them.
+    pub fn with_early_limit(mut self, values: usize) -> AllReduce {
+        self.early_limit = values;
+        self
+    }
+
+    pub fn set_early_limit(&mut self, values: usize) {
+        self.early_limit = values;
+    }
+
     pub fn with_max_weight(mut self, max: f64) -> AllReduce {
         self.max_weight = Some(max);
         self
@@ -376,7 +391,10 @@ impl AllReduce {
     fn hold(&mut self, m: Message) {
         if self.early.iter().any(|e| e.peer == m.peer && e.kind == m.kind) {
             self.drops.add("duplicate");
-        } else if self.early.len() >= MAX_EARLY {
+        } else if self.early.len() >= MAX_EARLY
+            || self.early.iter().map(|e| e.values.len()).sum::<usize>() + m.values.len()
+                > self.early_limit
+        {
             self.drops.add("too_many_early");
         } else {
             self.early.push(m);
@@ -788,6 +806,26 @@ mod tests {
             assert!(ar.result().unwrap().iter().all(|v| v.is_finite()), "{:?}", ar.result());
         }
         assert!(c.ars.iter().map(|a| a.drops().get("non_finite_aggregate")).sum::<u64>() >= 1);
+    }
+
+    #[test]
+    fn early_messages_are_bounded_in_values() {
+        let ids = peers(4);
+        let mut ar = AllReduce::new(7, T).with_early_limit(10);
+        let early = |peer, kind, n| Message {
+            peer,
+            kind,
+            slot: 7,
+            weight: 1.0,
+            offset: 0,
+            values: Arc::new(vec![1.0; n]),
+            encoding: Encoding::F32,
+            part: 0,
+        };
+        assert!(ar.receive(early(ids[1], MsgKind::Shard, 6)).is_empty());
+        assert!(ar.receive(early(ids[2], MsgKind::Shard, 4)).is_empty());
+        assert!(ar.receive(early(ids[3], MsgKind::Shard, 1)).is_empty());
+        assert_eq!(ar.drops().get("too_many_early"), 1, "11 values would pass the bound of 10");
     }
 
     #[test]

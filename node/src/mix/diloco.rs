@@ -401,6 +401,7 @@ impl Diloco {
         let timeouts = AllReduceTimeouts { reduce: self.cfg.timeout, gather: self.cfg.timeout };
         let (aggregator, mut encoding, max) =
             (self.cfg.aggregator, self.cfg.encoding, self.cfg.max_weight);
+        let early_values = self.theta.len().max(1);
         if slot == self.final_slot() {
             // The final average is of theta itself: exact, equal weights.
             encoding = Encoding::F32;
@@ -409,7 +410,9 @@ impl Diloco {
             all_reduce: AllReduce::new(slot, timeouts)
                 .with_aggregation(aggregator, NormBound::default())
                 .with_encoding(encoding)
-                .with_max_weight(max),
+                .with_max_weight(max)
+                // Shards and results of one exchange: a model's worth each.
+                .with_early_limit(2 * early_values),
             sent: None,
             n: 0,
         })

@@ -28,6 +28,11 @@ use super::topology::{Topology, TopologyError, TopologySpec};
 /// How far ahead of the current exchange a message may be and still be kept.
 const MAX_SLOTS_AHEAD: u64 = 64;
 
+/// Messages for slots after the current one kept per peer: an honest
+/// neighbour runs at most an exchange or two ahead, and each message is a
+/// model's worth of values.
+const MAX_AHEAD_PER_PEER: usize = 2;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GossipConfig {
     pub topology: TopologySpec,
@@ -250,6 +255,11 @@ impl Gossip {
             actions.push(Action::SetParams(self.x.clone()));
         }
         self.round += 1;
+        // Slots of rounds that did not communicate (`--comm every:K`) are
+        // never mixed: forget what came for them.
+        let current = self.current_slot();
+        self.inbox = self.inbox.split_off(&current);
+        self.refused = self.refused.split_off(&current);
         if self.round >= self.cfg.rounds {
             self.phase = Phase::Done;
             actions.push(Action::Finish);
@@ -270,8 +280,12 @@ impl Gossip {
             Some("stale_slot")
         } else if m.slot > current + MAX_SLOTS_AHEAD {
             Some("far_future_slot")
+        } else if !self.is_in_neighbour(&m.peer, m.slot) {
+            Some("not_a_neighbour")
         } else if self.inbox.get(&m.slot).is_some_and(|b| b.contains_key(&m.peer)) {
             Some("duplicate")
+        } else if m.slot > current && self.held_ahead(&m.peer) >= MAX_AHEAD_PER_PEER {
+            Some("too_far_ahead")
         } else {
             None
         };
@@ -281,6 +295,20 @@ impl Gossip {
         }
         self.inbox.entry(m.slot).or_default().insert(m.peer, m);
         self.try_mix(now, false)
+    }
+
+    /// Whether `peer` sends to this node in `slot` (only those messages are
+    /// kept: anyone else's would only take memory).
+    fn is_in_neighbour(&mut self, peer: &PeerId, slot: u64) -> bool {
+        let Some(j) = self.roster.members.iter().position(|p| p == peer) else { return false };
+        let me = self.roster.me;
+        self.topology().is_some_and(|t| t.in_neighbours(me, slot).contains(&j))
+    }
+
+    /// Messages from `peer` held for slots after the current one.
+    fn held_ahead(&self, peer: &PeerId) -> usize {
+        let current = self.current_slot();
+        self.inbox.range(current + 1..).filter(|(_, b)| b.contains_key(peer)).count()
     }
 }
 
@@ -526,6 +554,36 @@ mod tests {
         assert!(g.handle(params(ids[1], 0, 3.0), t0).is_empty(), "still waits for the third");
         let acts = g.handle(params(ids[2], 0, 6.0), t0);
         assert_eq!(acts, vec![Action::SetParams(vec![3.0]), Action::Train { steps: 5 }]);
+    }
+
+    #[test]
+    fn only_neighbours_near_the_current_slot_are_kept_and_skipped_slots_are_freed() {
+        // Ring of 5: node 0 hears from 1 and 4, never from 2 or 3.
+        let ids = peers(5);
+        let mut c = cfg("ring", 100);
+        c.comm = CommSchedule::Every(3);
+        let mut g = Gossip::new(c, ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        assert!(g.handle(params(ids[2], 0, 1.0), t0).is_empty());
+        assert_eq!(g.drops.get("not_a_neighbour"), 1);
+        let stranger = PeerId::random();
+        g.handle(params(stranger, 0, 1.0), t0);
+        assert_eq!(g.drops.get("not_a_neighbour"), 2);
+        // Two slots ahead are kept per neighbour, the third is not.
+        for slot in [1, 2, 3] {
+            g.handle(params(ids[1], slot, 1.0), t0);
+        }
+        assert_eq!(g.drops.get("too_far_ahead"), 1);
+        assert_eq!(g.inbox.values().map(BTreeMap::len).sum::<usize>(), 2);
+        // Rounds 1 and 2 do not communicate: their slots are freed as the
+        // node passes them.
+        for x in [0.0, 0.0] {
+            g.handle(Input::LocalDone { params: vec![x], samples: 1 }, t0);
+            g.handle(Input::Tick, t0 + Duration::from_secs(2));
+        }
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        assert!(g.inbox.keys().all(|&slot| slot >= 3), "{:?}", g.inbox.keys());
     }
 
     fn params(peer: PeerId, slot: u64, v: f32) -> Input {

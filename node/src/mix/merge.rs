@@ -42,8 +42,9 @@ use super::mixer::{
 pub const FINAL_SLOT: u64 = u64::MAX - 1;
 
 /// How far ahead of the current round a pairwise message may be and still
-/// be kept.
-const MAX_ROUNDS_AHEAD: u64 = 64;
+/// be kept (each is a model's worth of values, one per round at most: only
+/// the round's partner's is kept).
+const MAX_ROUNDS_AHEAD: u64 = 8;
 
 /// Stream of the matching in a round's key; pair k uses stream k.
 const MATCHING_STREAM: u64 = u64::MAX;
@@ -141,13 +142,18 @@ impl Merge {
 
     /// This node's active partner in the current round, if any.
     fn partner_now(&self) -> Option<PeerId> {
+        self.partner_in(self.round)
+    }
+
+    /// This node's active partner in `round`, if any.
+    fn partner_in(&self, round: u64) -> Option<PeerId> {
         let p = match &self.cfg.exchange {
             Exchange::None => return None,
             Exchange::Random(p) => *p,
-            Exchange::Schedule(s) if s.communicates(self.round, self.cfg.rounds) => 1.0,
+            Exchange::Schedule(s) if s.communicates(round, self.cfg.rounds) => 1.0,
             Exchange::Schedule(_) => return None,
         };
-        let j = partner(self.cfg.seed, self.round, self.roster.len(), self.roster.me, p)?;
+        let j = partner(self.cfg.seed, round, self.roster.len(), self.roster.me, p)?;
         Some(self.roster.members[j])
     }
 
@@ -292,6 +298,8 @@ impl Merge {
             Some("stale_slot")
         } else if m.slot >= self.cfg.rounds || m.slot > self.round + MAX_ROUNDS_AHEAD {
             Some("far_future_slot")
+        } else if self.partner_in(m.slot) != Some(m.peer) {
+            Some("not_a_partner")
         } else if self.inbox.get(&m.slot).is_some_and(|b| b.contains_key(&m.peer)) {
             Some("duplicate")
         } else {
@@ -347,6 +355,8 @@ impl Mixer for Merge {
     }
 
     fn set_start_params(&mut self, params: &[f32]) {
+        // Shards and results of the final merge: a model's worth each.
+        self.all_reduce.set_early_limit(2 * params.len().max(1));
         self.x = params.to_vec();
         if self.cfg.norm_bound.is_enabled() {
             self.last_mixed = Some(params.to_vec());

@@ -5,14 +5,16 @@
 //! the first is still in it (rust-libp2p #5651). A ring's fan-in hits that
 //! every round. This behaviour only listens for the params protocol (outbound
 //! streams still open through libp2p-stream) and puts every inbound stream
-//! into a bounded queue of `capacity` streams, shared by all connections.
-//! A stream that finds the queue full is dropped, which resets it for the
-//! sender, and counted: that takes a flood of streams, not a busy round.
+//! into a queue, each with a ticket from `admission` (per-peer and node-wide
+//! caps, a reserve for members). A stream that gets no ticket is dropped,
+//! which resets it for the sender, and counted by reason: that takes a
+//! flood of streams, not a busy round.
 //!
 //! This module owns no reading: `service` takes streams off the queue and
 //! reads them.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
@@ -27,30 +29,30 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
 use super::accounting::Accounting;
+use super::admission::{Admission, Ticket};
 
-/// The refusal counted for a stream that found the queue full.
-pub const QUEUE_FULL: &str = "inbound_queue_full";
-
-/// A stream some peer opened, and who.
-pub type InboundStream = (PeerId, Stream);
+/// A stream some peer opened, who, and its share of the capacity.
+pub type InboundStream = (PeerId, Stream, Ticket);
 
 /// Listens for one protocol and queues every inbound stream of it.
 pub struct Behaviour {
     protocol: StreamProtocol,
     queue: mpsc::Sender<InboundStream>,
     accounting: Accounting,
+    admission: Arc<Admission>,
 }
 
 impl Behaviour {
-    /// The behaviour and the receiving end of its queue of `capacity`
-    /// streams; overflows are counted in `accounting` as `QUEUE_FULL`.
+    /// The behaviour and the receiving end of its queue; streams without a
+    /// ticket from `admission` are counted in `accounting` by reason.
     pub fn new(
         protocol: StreamProtocol,
-        capacity: usize,
+        admission: Arc<Admission>,
         accounting: Accounting,
     ) -> (Behaviour, mpsc::Receiver<InboundStream>) {
-        let (queue, rx) = mpsc::channel(capacity.max(1));
-        (Behaviour { protocol, queue, accounting }, rx)
+        // Every queued stream holds a ticket, so the queue never holds more.
+        let (queue, rx) = mpsc::channel(admission.limits().queue.max(1));
+        (Behaviour { protocol, queue, accounting, admission }, rx)
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
@@ -59,6 +61,7 @@ impl Behaviour {
             protocol: self.protocol.clone(),
             queue: self.queue.clone(),
             accounting: self.accounting.clone(),
+            admission: self.admission.clone(),
         }
     }
 }
@@ -110,6 +113,7 @@ pub struct Handler {
     protocol: StreamProtocol,
     queue: mpsc::Sender<InboundStream>,
     accounting: Accounting,
+    admission: Arc<Admission>,
 }
 
 impl ConnectionHandler for Handler {
@@ -139,14 +143,20 @@ impl ConnectionHandler for Handler {
         &mut self,
         event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol>,
     ) {
-        if let ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
+        let ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
             protocol: stream,
             ..
         }) = event
-            && self.queue.try_send((self.peer, stream)).is_err()
-        {
-            // Full (or the node is shutting down): dropping resets the stream.
-            self.accounting.refuse(QUEUE_FULL);
+        else {
+            return;
+        };
+        // Dropping a stream resets it for the sender.
+        match self.admission.admit(self.peer) {
+            Ok(ticket) => {
+                // Only fails while the node shuts down.
+                let _ = self.queue.try_send((self.peer, stream, ticket));
+            }
+            Err(reason) => self.accounting.refuse(reason),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! protocol, wire framing and encodings, membership and transfer accounting.
 
 pub mod accounting;
+pub mod admission;
 pub mod buffers;
 pub mod encoding;
 mod hugepages;

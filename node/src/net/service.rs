@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
 use super::accounting::{Accounting, Direction, Snapshot};
+use super::admission::{self, Admission};
 use super::buffers::BufferPool;
 use super::inbound::InboundStream;
 use super::log_limit::LogLimiter;
@@ -42,6 +43,9 @@ use crate::fault::Faults;
 
 /// Receive buffers kept for reuse: enough for a round's fan-in.
 const SPARE_BUFFERS: usize = 8;
+
+/// Validated payloads (and membership events) waiting for the node.
+pub const EVENT_QUEUE: usize = 64;
 
 /// Refusal warnings logged per window, over the whole node and per peer
 /// (`LogLimiter`).
@@ -58,6 +62,9 @@ const REDIAL_EVERY: Duration = Duration::from_secs(10);
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
 const ACK_REFUSED: u8 = 1;
+/// Refused unread: the sender is not (yet) a member here. Worth sending
+/// again: the receiver may not have had the sender's heartbeat yet.
+const ACK_NOT_A_MEMBER: u8 = 2;
 
 /// Everything a `Network` needs to start.
 #[derive(Debug, Clone)]
@@ -135,6 +142,8 @@ pub enum SendError {
     Io { peer: PeerId, source: std::io::Error },
     #[error("{peer} refused the payload (see its refusal counters)")]
     Refused { peer: PeerId },
+    #[error("{peer} does not count this node a member (yet)")]
+    NotAMember { peer: PeerId },
     #[error("sending to {peer} took longer than {timeout:?}")]
     Timeout { peer: PeerId, timeout: Duration },
 }
@@ -213,7 +222,9 @@ impl Network {
     ) -> Result<(Started, SwarmDriver, mpsc::Receiver<Command>), NetError> {
         let local_peer = key.public().to_peer_id();
         let accounting = Accounting::default();
-        let (mut swarm, inbound) = swarm::build(key, &cfg.swarm, accounting.clone())?;
+        let admission = Admission::new(cfg.swarm.inbound);
+        let (mut swarm, inbound) =
+            swarm::build(key, &cfg.swarm, accounting.clone(), admission.clone())?;
         let mut listening = Vec::new();
         for addr in &cfg.listen {
             swarm
@@ -244,13 +255,16 @@ impl Network {
             dial_bootstrap(&mut swarm, addr)?;
         }
         let view = Arc::new(Mutex::new(NetView { listen_addrs: listening, ..Default::default() }));
-        let (events_tx, events_rx) = mpsc::channel(256);
+        // Each event may hold a model's worth of values; a full channel holds
+        // readers (and their senders' acknowledgements) back, never memory.
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (commands, commands_rx) = mpsc::channel(64);
         let control = swarm.behaviour().stream.new_control();
         let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
         let refusal_logs =
             Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_PEER, REFUSAL_LOG_WINDOW));
         let reader = Reader {
+            admission: admission.clone(),
             refusal_logs: refusal_logs.clone(),
             expect: cfg.expect.clone(),
             accounting: accounting.clone(),
@@ -279,6 +293,7 @@ impl Network {
             blocked: BTreeSet::new(),
             refusal_logs,
             member_logs: LogLimiter::new(MEMBER_LOG_BURST, MEMBER_LOG_PER_PEER, REFUSAL_LOG_WINDOW),
+            admission,
             dialled: std::collections::HashMap::new(),
         };
         let network = Network {
@@ -465,7 +480,11 @@ async fn transfer(
     let mut ack = [0u8; 1];
     stream.read_exact(&mut ack).await.map_err(io)?;
     let _ = stream.close().await;
-    if ack[0] == ACK_OK { Ok(()) } else { Err(SendError::Refused { peer }) }
+    match ack[0] {
+        ACK_OK => Ok(()),
+        ACK_NOT_A_MEMBER => Err(SendError::NotAMember { peer }),
+        _ => Err(SendError::Refused { peer }),
+    }
 }
 
 /// Bytes written at a time under a bandwidth cap.
@@ -520,6 +539,7 @@ fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), 
 
 /// What reading one inbound payload needs; shared by the accept loop's tasks.
 struct Reader {
+    admission: Arc<Admission>,
     expect: Expectation,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
@@ -531,9 +551,11 @@ struct Reader {
 }
 
 /// Reads inbound `/murmur/params/1` streams, one task each, at most
-/// `max_reads` at a time: each read may hold a model-sized buffer, so this
-/// bounds what peers can make the node allocate. Streams beyond it wait in
-/// the queue (their senders wait for the acknowledgement).
+/// `max_reads` at a time over the node and `reads_per_peer` per peer: each
+/// read may hold a model-sized buffer, so this bounds what peers can make
+/// the node allocate, and one peer's silent streams cannot hold every read.
+/// Streams beyond the caps wait (their senders wait for the
+/// acknowledgement); how many may wait is the admission's business.
 ///
 /// Injected faults act here too: a pause holds reading until it ends, and a
 /// partition drops the stream unread.
@@ -543,16 +565,19 @@ async fn accept_loop(
     max_reads: usize,
 ) {
     let reads = Arc::new(tokio::sync::Semaphore::new(max_reads.max(1)));
-    while let Some((peer, stream)) = incoming.recv().await {
+    while let Some((peer, stream, ticket)) = incoming.recv().await {
         reader.faults.wait_unpaused().await;
         if reader.faults.blocks(&peer, Instant::now()) {
             continue;
         }
-        let Ok(permit) = reads.clone().acquire_owned().await else { return };
-        let reader = reader.clone();
+        let (reader, reads) = (reader.clone(), reads.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            // The peer's own permit first: a peer at its cap waits without
+            // holding one of the node's.
+            let Ok(_own) = ticket.reads.clone().acquire_owned().await else { return };
+            let Ok(_permit) = reads.acquire_owned().await else { return };
             reader.read(peer, stream).await;
+            drop(ticket);
         });
     }
 }
@@ -562,6 +587,14 @@ impl Reader {
     /// drop fault loses a good payload after acknowledging it (as if it had
     /// vanished on the way).
     async fn read(&self, peer: PeerId, mut stream: libp2p::Stream) {
+        // A stranger's payload is not read at all: no buffer, no body.
+        if !self.admission.may_send(&peer) {
+            self.refusal_logs.warn(&peer, "refused payload", &"the sender is not a member");
+            self.accounting.refuse(admission::NOT_A_MEMBER);
+            let _ = stream.write_all(&[ACK_NOT_A_MEMBER]).await;
+            let _ = stream.close().await;
+            return;
+        }
         let mut seen = None;
         let sender = peer.to_bytes();
         // A peer that opens streams and never finishes them must not hold
@@ -613,6 +646,8 @@ struct SwarmDriver {
     blocked: BTreeSet<PeerId>,
     refusal_logs: Arc<LogLimiter>,
     member_logs: LogLimiter,
+    /// Inbound capacity; its member set follows the membership view.
+    admission: Arc<Admission>,
     /// When each not-yet-connected heartbeat signer was last dialled.
     dialled: std::collections::HashMap<PeerId, Instant>,
 }
@@ -752,6 +787,7 @@ impl SwarmDriver {
     }
 
     fn refresh_view(&self) {
+        self.admission.set_members(self.membership.members().map(|m| m.peer));
         if let Ok(mut v) = self.view.lock() {
             v.listen_addrs = self.swarm.listeners().cloned().collect();
             v.connected = self.swarm.connected_peers().copied().collect();
@@ -875,15 +911,21 @@ impl SwarmDriver {
         match self.membership.observe(&hb, source, connected, Instant::now()) {
             Ok(Observed::NotConnected) => {
                 // Valid, but a member only once it connects: dial it, now
-                // and then, at the addresses it lists.
+                // and then, at the addresses it lists. Relayed, but counted:
+                // many of these from one connection are Sybil claims.
+                self.accounting.refuse("heartbeat_not_connected");
                 let now = Instant::now();
                 let due = self.dialled.get(&source).is_none_or(|t| now >= *t + REDIAL_EVERY);
                 if due && self.dialled.len() < self.cfg.member_limits.max_members {
                     self.dialled.insert(source, now);
-                    for addr in hb.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
-                        self.swarm.add_peer_address(source, addr);
-                    }
-                    self.dial_if_new(source);
+                    // Its listed addresses only (at most MAX_ADDRS, checked),
+                    // kept out of the DHT until it is a member.
+                    let addrs: Vec<Multiaddr> =
+                        hb.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(source)
+                        .addresses(addrs)
+                        .build();
+                    let _ = self.swarm.dial(opts);
                 }
                 None
             }

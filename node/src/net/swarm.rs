@@ -7,6 +7,7 @@
 //! Every limit and timeout is set here from `SwarmSettings`, not left to a
 //! library default by accident.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::core::muxing::StreamMuxerBox;
@@ -24,6 +25,7 @@ use libp2p::{
 use tokio::sync::mpsc;
 
 use super::accounting::Accounting;
+use super::admission::{Admission, AdmissionLimits};
 use super::inbound::{self, InboundStream};
 use super::security::{Security, SecurityError, SecurityUpgrade};
 use super::wire;
@@ -48,8 +50,8 @@ pub struct SwarmSettings {
     pub max_connections_per_peer: u32,
     pub max_pending: u32,
     pub gossip_heartbeat: Duration,
-    /// Inbound payload streams that may wait to be read, over all peers.
-    pub inbound_queue: usize,
+    /// Caps on inbound payload streams, over all peers and per peer.
+    pub inbound: AdmissionLimits,
 }
 
 impl SwarmSettings {
@@ -68,7 +70,7 @@ impl SwarmSettings {
             max_connections_per_peer: 2,
             max_pending: 64,
             gossip_heartbeat: Duration::from_millis(500),
-            inbound_queue: 256,
+            inbound: AdmissionLimits::default(),
         }
     }
 }
@@ -148,11 +150,12 @@ pub fn build(
     key: Keypair,
     s: &SwarmSettings,
     accounting: Accounting,
+    admission: Arc<Admission>,
 ) -> Result<(Swarm<Behaviour>, mpsc::Receiver<InboundStream>), SwarmError> {
     check_run_id(&s.run_id)?;
     let transport = transport(&key, s)?;
     let (params_inbound, queue) =
-        inbound::Behaviour::new(StreamProtocol::new(wire::PROTOCOL), s.inbound_queue, accounting);
+        inbound::Behaviour::new(StreamProtocol::new(wire::PROTOCOL), admission, accounting);
     let behaviour = behaviour(&key, s, params_inbound)?;
     let idle = s.idle_timeout;
     let swarm = SwarmBuilder::with_existing_identity(key)

@@ -24,6 +24,8 @@ fn config(elements: usize) -> NetConfig {
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.swarm.quic = false;
     cfg.heartbeat_every = Duration::from_millis(200);
+    // These tests are about the wire; the one below is about membership.
+    cfg.swarm.inbound.members_only = false;
     cfg
 }
 
@@ -354,7 +356,7 @@ async fn concurrent_streams_from_many_peers_all_arrive_at_once() {
         *got.entry(next_payload(&mut arx).await.0).or_default() += 1;
     }
     assert!(got.values().all(|&n| n == 8), "{got:?}");
-    assert_eq!(a.accounting().refusals(super::inbound::QUEUE_FULL), 0);
+    assert_eq!(a.accounting().refusals(super::admission::QUEUE_FULL), 0);
 }
 
 /// A hostile peer that opens a stream and goes silent must not hold one of
@@ -378,4 +380,37 @@ async fn a_stream_that_stalls_is_timed_out_and_frees_its_read() {
     b.send(a.local_peer, &h, &body).await.unwrap();
     assert_eq!(next_payload(&mut arx).await.1.values, [0.5f32; 8]);
     drop(stalled);
+}
+
+/// A node of a run reads payloads only from its members: a connected peer
+/// that has not announced itself is refused before its body is read, and
+/// the same peer is read once its heartbeats make it a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_from_a_peer_that_is_not_a_member_are_refused_unread() {
+    let mut acfg = config(64);
+    acfg.swarm.inbound.members_only = true;
+    // A's heartbeats are slow: B is not yet its member when B sends.
+    let (a, mut arx) = start(acfg).await;
+    let mut bcfg = config(64);
+    bcfg.heartbeat_every = Duration::from_secs(3600);
+    let (b, _brx) = connected_to(&a, bcfg).await;
+    let values = vec![1.0f32; 64];
+    let (h, body) = header(&b, &values, Encoding::F32);
+    let err = b.send(a.local_peer, &h, &body).await.unwrap_err();
+    assert!(matches!(err, super::service::SendError::NotAMember { .. }), "{err}");
+    assert_eq!(a.accounting().refusals(super::admission::NOT_A_MEMBER), 1);
+    assert!(a.view().members.is_empty());
+    while let Ok(ev) = arx.try_recv() {
+        assert!(!matches!(ev, NetEvent::Payload { .. }), "nothing from a stranger: {ev:?}");
+    }
+    // A peer whose heartbeats arrive is a member, and is read.
+    let (c, _crx) = connected_to(&a, config(64)).await;
+    wait_until("c to become a member", Duration::from_secs(20), || {
+        a.view().members.iter().any(|m| m.peer == c.local_peer)
+    })
+    .await;
+    let (h, body) = header(&c, &values, Encoding::F32);
+    c.send(a.local_peer, &h, &body).await.unwrap();
+    let (from, payload) = next_payload(&mut arx).await;
+    assert_eq!((from, payload.values), (c.local_peer, values));
 }
