@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{murmur, murmur_bin, ok, s};
+use crate::harness::{murmur, murmur_bin, ok, read_json, s};
 use crate::swarm::{LiveNode, read_log};
 
 /// A node whose swarm key differs from the run's cannot join it; with
@@ -52,4 +52,71 @@ fn a_node_with_the_wrong_swarm_key_and_min_members_exits_non_zero_and_says_why()
     assert!(err.lines().count() > 1, "info lines were logged: {err}");
     let log = read_log(&a.dir);
     assert!(!err.contains('\u{1b}') && !log.contains('\u{1b}'), "{err}\n{log}");
+}
+
+/// An API beyond 127.0.0.1 with no token would let anyone stop the node:
+/// refused before anything is written, unless the operator says so.
+#[test]
+fn an_api_beyond_loopback_needs_a_token_or_api_insecure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    let out = murmur(&["run", "--data-dir", s(&dir), "--data", "synthetic", "--api", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--api 0.0.0.0:0") && err.contains("--api-insecure"), "{err}");
+    assert!(!dir.exists(), "nothing written: {}", dir.display());
+}
+
+/// A checkpoint is a file: `--resume` takes training state and options from
+/// it, but never faults, endpoints or security options, and refuses a
+/// round beyond the run.
+#[test]
+fn a_crafted_checkpoint_cannot_add_faults_move_the_api_or_end_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--data-dir", s(&dir), "--listen", "/ip4/127.0.0.1/tcp/0"];
+        args.extend_from_slice(&["--data", "synthetic", "--progress", "json"]);
+        args.extend_from_slice(extra);
+        murmur(&args)
+    };
+    ok(&run(&["--rounds", "3", "--local-steps", "5"]));
+    let meta_path = dir.join("checkpoint/meta.json");
+    let honest = read_json(&meta_path);
+    let write = |meta: &serde_json::Value| {
+        std::fs::write(&meta_path, serde_json::to_vec_pretty(meta).unwrap()).unwrap();
+    };
+    // A round far beyond the run.
+    let mut far = honest.clone();
+    far["options"]["round"] = serde_json::json!(u64::MAX);
+    write(&far);
+    let out = run(&["--resume", "--rounds", "6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("beyond this run's 6 rounds"), "{err}");
+    // Faults, an open API and metrics added to the saved options.
+    let mut crafted = honest.clone();
+    crafted["options"]["run"]["fault"] = serde_json::json!(["crash:4"]);
+    crafted["options"]["run"]["api"] = serde_json::json!("0.0.0.0:0");
+    crafted["options"]["run"]["api-insecure"] = serde_json::json!(true);
+    crafted["options"]["run"]["metrics"] = serde_json::json!("0.0.0.0:0");
+    write(&crafted);
+    let out = run(&["--resume", "--rounds", "6"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no injected crash: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(first["api"].as_str().unwrap().starts_with("127.0.0.1:"), "{first}");
+    assert!(first["metrics"].is_null(), "{first}");
+    let summary = read_json(&dir.join("summary.json"));
+    assert_eq!(summary["rounds"], 6);
+    // What the node saved back carries none of it.
+    let saved = read_json(&meta_path);
+    for key in ["fault", "api", "api-insecure", "metrics"] {
+        assert!(saved["options"]["run"].get(key).is_none(), "{key}: {}", saved["options"]);
+    }
 }

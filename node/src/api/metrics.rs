@@ -56,6 +56,9 @@ pub async fn serve_metrics(
         }
     });
     info!(%bound, "metrics listening");
+    if !bound.ip().is_loopback() {
+        warn!(%bound, "/metrics is served beyond this machine: anyone who reaches it reads the node's state (no token guards it)");
+    }
     Ok(MetricsServer { addr: bound, stop: Some(stop) })
 }
 

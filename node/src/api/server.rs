@@ -8,12 +8,13 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
 use murmur_proto::v1 as pb;
 use murmur_proto::v1::node_service_server::{NodeService, NodeServiceServer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 use super::token::{AUTHORIZATION, ApiToken};
 use super::{Control, SavedCheckpoint};
 use crate::fault::FaultSpec;
+use crate::net::log_limit::LogLimiter;
 use crate::status::StatusBoard;
 
 /// Least time between two WatchStatus messages, and the default.
@@ -79,7 +81,13 @@ pub async fn serve(
         .map_err(|e| ApiError::Reflection(e.to_string()))?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
-    let api = NodeApi { board, token, control };
+    let api = NodeApi {
+        board,
+        token,
+        control,
+        watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
+        refusal_logs: LogLimiter::new(10, 2, Duration::from_secs(10)),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(NodeServiceServer::new(api))
@@ -114,7 +122,14 @@ struct NodeApi {
     board: StatusBoard,
     token: Option<ApiToken>,
     control: mpsc::Sender<Control>,
+    /// Open WatchStatus streams, at most `MAX_WATCHERS`.
+    watchers: Arc<Semaphore>,
+    /// Refused control calls are logged per client, under a global cap.
+    refusal_logs: LogLimiter<String>,
 }
+
+/// WatchStatus streams served at once; each holds a task and a timer.
+const MAX_WATCHERS: usize = 16;
 
 impl NodeApi {
     /// Refuses a control call without the right token.
@@ -124,7 +139,8 @@ impl NodeApi {
         if token.admits(header) {
             Ok(())
         } else {
-            warn!(call, "refused a control call: missing or wrong API token");
+            let client = request.remote_addr().map_or("unknown".into(), |a| a.ip().to_string());
+            self.refusal_logs.warn(&client, call, &"refused: missing or wrong API token");
             Err(Status::unauthenticated(format!(
                 "{call} needs the node's API token as `authorization: Bearer <token>`{}",
                 if header.is_some() { " (the one given is wrong)" } else { "" }
@@ -158,8 +174,17 @@ impl NodeService for NodeApi {
             0 => WATCH_DEFAULT,
             ms => Duration::from_millis(u64::from(ms)).max(WATCH_FLOOR),
         };
+        let Ok(permit) = self.watchers.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "this node serves at most {MAX_WATCHERS} WatchStatus streams at once; poll GetStatus or close one"
+            )));
+        };
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(watch(self.board.clone(), interval, tx));
+        let board = self.board.clone();
+        tokio::spawn(async move {
+            watch(board, interval, tx).await;
+            drop(permit);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -47,7 +47,12 @@ struct SavedOptions {
 }
 
 pub fn run(args: RunArgs) -> Result<(), CliError> {
-    let saved = saved_options(&args.data_dir, args.resume)?;
+    let mut saved = saved_options(&args.data_dir, args.resume)?;
+    // A checkpoint is a file anyone with the directory could have written:
+    // what it may set is how to train, never whom to trust, where to listen
+    // or what to break. Those come from this command line, file and
+    // environment only.
+    saved.run = saved.run.without_trust();
     let (file_train, file_run) = match &args.config {
         Some(path) => read_config(path)?,
         None => Default::default(),
@@ -60,6 +65,15 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         run.api_token =
             Some(ApiToken::new(text).map_err(|e| CliError::usage(format!("--api-token: {e}")))?);
     }
+    if let Some(addr) = run.api
+        && !addr.ip().is_loopback()
+        && run.api_token.is_none()
+        && !run.api_insecure
+    {
+        return Err(CliError::usage(format!(
+            "--api {addr} listens beyond this machine without a token: anyone who reaches it could inject faults and stop the node; give --api-token/--api-token-file, or --api-insecure to accept that"
+        )));
+    }
     let split = load::load(&train.data_spec(), train.holdout).map_err(CliError::usage)?;
     let mut trainer = Trainer::new(train.clone(), &split).map_err(CliError::usage)?;
     let layout = trainer.model.layout();
@@ -68,15 +82,22 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         let ck = checkpoint::load(&checkpoint::dir_in(&args.data_dir)).map_err(CliError::usage)?;
         trainer.restore(&ck).map_err(CliError::usage)?;
         let state = ck.strategy_state().map_err(CliError::usage)?;
-        Some(Resume { round: saved.round.unwrap_or(0), state })
+        let round = saved.round.unwrap_or(0);
+        if round > run.strategy.rounds {
+            return Err(CliError::usage(format!(
+                "the checkpoint says round {round}, beyond this run's {} rounds",
+                run.strategy.rounds
+            )));
+        }
+        Some(Resume { round, state })
     } else {
         None
     };
     let faults = start_faults(&train, &run, &trainer)?;
     let key = identity::load_or_create(&args.data_dir).map_err(CliError::usage)?;
-    // Faults are not saved: a node resumed after an injected crash must not
-    // crash again.
-    let saved_run = RunOptions { fault: None, ..run_opts };
+    // Faults, security and endpoints are not saved (and would not be taken
+    // back): a node resumed after an injected crash must not crash again.
+    let saved_run = run_opts.without_trust();
     let options =
         serde_json::to_value(SavedOptions { train: train_opts, run: saved_run, round: None })
             .map_err(CliError::failed)?;

@@ -157,6 +157,10 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_METRICS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// Allow the API beyond 127.0.0.1 without a token (anyone who reaches it can inject faults and stop the node) [default: false]
+    #[arg(long, env = "MURMUR_API_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_insecure: Option<bool>,
     /// Inject a fault, repeatable: crash[:R], pause[:D], drop:P[:in|out], delay:D[~J], bandwidth:RATE, partition:PEER[+PEER...], noise:S, sign-flip, scale:C, nan, label-flip; then ,for=D and/or ,from=ROUND (e.g. drop:0.3,for=30s)
     #[arg(long = "fault", env = "MURMUR_FAULT", value_delimiter = ';')]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +193,8 @@ pub struct RunConfig {
     pub api_token: Option<ApiToken>,
     /// Where `/metrics` is served; `None`: off.
     pub metrics: Option<SocketAddr>,
+    /// The API may listen beyond loopback without a token.
+    pub api_insecure: bool,
     /// Faults to inject at start.
     pub faults: Vec<FaultSpec>,
 }
@@ -217,6 +223,26 @@ impl RunOptions {
     /// `self` with every option that `over` sets replaced by `over`'s value.
     pub fn overridden_by(&self, over: &RunOptions) -> RunOptions {
         crate::train::config::overlay(self, over)
+    }
+
+    /// These options less everything a checkpoint must not carry: faults,
+    /// security (handshakes, swarm key, allowlist, transports, discovery),
+    /// listen addresses and the API and metrics endpoints.
+    pub fn without_trust(&self) -> RunOptions {
+        RunOptions {
+            fault: None,
+            listen: None,
+            mdns: None,
+            security: None,
+            quic: None,
+            swarm_key: None,
+            allow_peer: None,
+            api: None,
+            api_token_file: None,
+            metrics: None,
+            api_insecure: None,
+            ..self.clone()
+        }
     }
 
     /// Validates against the resolved training config (which fixes `--steps`).
@@ -341,6 +367,7 @@ impl RunOptions {
                 .transpose()
                 .map_err(|e| bad(format!("--api-token-file: {e}")))?,
             metrics: self.metrics.as_deref().map(|m| listen_addr("--metrics", m)).transpose()?,
+            api_insecure: self.api_insecure.unwrap_or(false),
             faults: self
                 .fault
                 .iter()

@@ -13,23 +13,24 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use tracing::{info, warn};
 
+/// Lines about keys of type `K` (peers by default; API clients by address).
 #[derive(Debug)]
-pub struct LogLimiter {
+pub struct LogLimiter<K = PeerId> {
     burst: u32,
     /// Warnings one peer may cause per window: a flooding peer uses its
     /// share, not the whole burst, so warnings about others still appear.
     per_peer: u32,
     window: Duration,
-    state: Mutex<State>,
+    state: Mutex<State<K>>,
 }
 
 #[derive(Debug)]
-struct State {
+struct State<K> {
     window_start: Option<Instant>,
     logged: u32,
     held_back: u64,
     /// Warnings logged per peer in this window (cleared with it).
-    by_peer: HashMap<PeerId, u32>,
+    by_peer: HashMap<K, u32>,
 }
 
 /// The most of a peer-supplied string a log line shows.
@@ -47,10 +48,10 @@ pub fn peer_text(s: &str) -> String {
     }
 }
 
-impl LogLimiter {
+impl<K: std::hash::Hash + Eq + Clone + std::fmt::Display> LogLimiter<K> {
     /// At most `burst` lines per `window`, at most `per_peer` of them about
     /// any one peer.
-    pub fn new(burst: u32, per_peer: u32, window: Duration) -> LogLimiter {
+    pub fn new(burst: u32, per_peer: u32, window: Duration) -> LogLimiter<K> {
         let state = State { window_start: None, logged: 0, held_back: 0, by_peer: HashMap::new() };
         LogLimiter { burst, per_peer, window, state: Mutex::new(state) }
     }
@@ -58,7 +59,7 @@ impl LogLimiter {
     /// `Some(n)` when a line about `peer` may be logged at `now`, `n` being
     /// how many were held back since the last one that was; `None` to hold
     /// it back.
-    pub fn admit(&self, peer: &PeerId, now: Instant) -> Option<u64> {
+    pub fn admit(&self, peer: &K, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.window_start.is_none_or(|start| now.duration_since(start) >= self.window) {
             s.window_start = Some(now);
@@ -68,7 +69,7 @@ impl LogLimiter {
         let from_peer = s.by_peer.get(peer).copied().unwrap_or(0);
         if s.logged < self.burst && from_peer < self.per_peer {
             s.logged += 1;
-            s.by_peer.insert(*peer, from_peer + 1);
+            s.by_peer.insert(peer.clone(), from_peer + 1);
             Some(std::mem::take(&mut s.held_back))
         } else {
             s.held_back += 1;
@@ -77,14 +78,14 @@ impl LogLimiter {
     }
 
     /// Warns `what: detail` about `peer`, unless held back.
-    pub fn warn(&self, peer: &PeerId, what: &str, detail: &dyn Display) {
+    pub fn warn(&self, peer: &K, what: &str, detail: &dyn Display) {
         if let Some(held_back) = self.admit(peer, Instant::now()) {
             warn!(%peer, held_back, "{what}: {detail}");
         }
     }
 
     /// Logs `what` about `peer` at info level, unless held back.
-    pub fn info(&self, peer: &PeerId, what: &str) {
+    pub fn info(&self, peer: &K, what: &str) {
         if let Some(held_back) = self.admit(peer, Instant::now()) {
             info!(%peer, held_back, "{what}");
         }

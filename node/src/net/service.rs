@@ -223,6 +223,12 @@ impl Network {
         let local_peer = key.public().to_peer_id();
         let accounting = Accounting::default();
         let admission = Admission::new(cfg.swarm.inbound);
+        let mut cfg = cfg;
+        // Bootstrap peers always find a connection slot.
+        cfg.swarm.trusted.extend(cfg.bootstrap.iter().filter_map(|a| match a.iter().last() {
+            Some(Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        }));
         let (mut swarm, inbound) =
             swarm::build(key, &cfg.swarm, accounting.clone(), admission.clone())?;
         let mut listening = Vec::new();
@@ -983,6 +989,8 @@ fn denial_reason(cause: &libp2p::swarm::ConnectionDenied) -> &'static str {
         "peer_not_allowed"
     } else if cause.downcast_ref::<libp2p::allow_block_list::Blocked>().is_some() {
         "partitioned"
+    } else if cause.downcast_ref::<super::reserve::ReservedForMembers>().is_some() {
+        "connection_reserved"
     } else {
         "connection_limit"
     }

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use super::accounting::Accounting;
 use super::admission::{Admission, AdmissionLimits};
 use super::inbound::{self, InboundStream};
+use super::reserve;
 use super::security::{Security, SecurityError, SecurityUpgrade};
 use super::wire;
 
@@ -47,6 +48,10 @@ pub struct SwarmSettings {
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: u32,
+    /// Of `max_connections`, the ones only members and `trusted` peers get.
+    pub reserved_connections: u32,
+    /// Peers whose connections always fit (the bootstrap peers).
+    pub trusted: Vec<PeerId>,
     pub max_connections_per_peer: u32,
     pub max_pending: u32,
     pub gossip_heartbeat: Duration,
@@ -67,6 +72,8 @@ impl SwarmSettings {
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(20),
             max_connections: 512,
+            reserved_connections: 64,
+            trusted: Vec::new(),
             max_connections_per_peer: 2,
             max_pending: 64,
             gossip_heartbeat: Duration::from_millis(500),
@@ -96,6 +103,8 @@ pub struct Behaviour {
     /// Peers cut off by an injected partition fault.
     pub partition: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
+    /// The last connection slots, kept for members and bootstrap peers.
+    pub reserve: reserve::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -154,9 +163,15 @@ pub fn build(
 ) -> Result<(Swarm<Behaviour>, mpsc::Receiver<InboundStream>), SwarmError> {
     check_run_id(&s.run_id)?;
     let transport = transport(&key, s)?;
+    let reserve = reserve::Behaviour::new(
+        s.max_connections as usize,
+        s.reserved_connections as usize,
+        admission.clone(),
+        s.trusted.iter().copied().collect(),
+    );
     let (params_inbound, queue) =
         inbound::Behaviour::new(StreamProtocol::new(wire::PROTOCOL), admission, accounting);
-    let behaviour = behaviour(&key, s, params_inbound)?;
+    let behaviour = behaviour(&key, s, params_inbound, reserve)?;
     let idle = s.idle_timeout;
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -209,6 +224,7 @@ fn behaviour(
     key: &Keypair,
     s: &SwarmSettings,
     params_inbound: inbound::Behaviour,
+    reserve: reserve::Behaviour,
 ) -> Result<Behaviour, SwarmError> {
     let peer = key.public().to_peer_id();
     let allow = s.allowlist.as_ref().map(|list| {
@@ -260,6 +276,7 @@ fn behaviour(
         allow: allow.into(),
         partition: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
+        reserve,
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
         kad,

@@ -55,6 +55,8 @@ pub enum CheckpointError {
     Torch { path: PathBuf, source: tch::TchError },
     #[error("checkpoint {path} has no tensor {part:?}, which its meta.json lists")]
     Part { path: PathBuf, part: String },
+    #[error("checkpoint {path}: part {part:?} holds a non-finite value at {index}")]
+    NonFinite { path: PathBuf, part: String, index: usize },
 }
 
 /// What a checkpoint holds.
@@ -148,6 +150,9 @@ impl Checkpoint {
                 })?;
             let values = Vec::<f32>::try_from(&tensor.flatten(0, -1))
                 .map_err(|source| CheckpointError::Torch { path: path.clone(), source })?;
+            if let Some(at) = crate::net::wire::first_non_finite(&values) {
+                return Err(CheckpointError::NonFinite { path, part: name.clone(), index: at });
+            }
             parts.push((name.as_str(), values));
         }
         Ok(Some(crate::mix::mixer::StrategyState::new(round, parts)))

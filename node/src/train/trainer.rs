@@ -261,14 +261,45 @@ impl Trainer {
                 ck.meta.fingerprint
             )));
         }
+        // The fingerprint in meta.json is the file's claim: every tensor is
+        // checked against this model itself (name, shape, dtype, finite),
+        // so a crafted `[1]` tensor cannot broadcast into a layer.
+        let vars = self.model.variables();
+        if ck.params.len() != vars.len() {
+            return Err(TrainError::Restore(format!(
+                "the checkpoint holds {} tensors, this model has {}",
+                ck.params.len(),
+                vars.len()
+            )));
+        }
+        // All checked before any is copied: a refused checkpoint leaves the
+        // model as it was.
+        let mut pairs = Vec::with_capacity(vars.len());
+        for (name, var) in vars {
+            let src = ck
+                .params
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| TrainError::Restore(format!("no tensor {name:?}")))?;
+            if src.size() != var.size() || src.kind() != var.kind() {
+                return Err(TrainError::Restore(format!(
+                    "tensor {name:?} is {:?} {:?}, this model's is {:?} {:?}",
+                    src.kind(),
+                    src.size(),
+                    var.kind(),
+                    var.size()
+                )));
+            }
+            if !bool::try_from(src.f_isfinite()?.f_all()?)? {
+                return Err(TrainError::Restore(format!(
+                    "tensor {name:?} holds a non-finite value"
+                )));
+            }
+            pairs.push((var, src));
+        }
         tch::no_grad(|| -> Result<(), TrainError> {
-            for (name, mut var) in self.model.variables() {
-                let src = ck
-                    .params
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, t)| t)
-                    .ok_or_else(|| TrainError::Restore(format!("no tensor {name:?}")))?;
+            for (mut var, src) in pairs {
                 var.f_copy_(src)?;
             }
             Ok(())
@@ -277,5 +308,81 @@ impl Trainer {
         self.step = ck.meta.step;
         self.recent = ck.meta.recent_losses.iter().copied().collect();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::train::config::TrainOptions;
+    use crate::train::load;
+
+    fn trainer() -> Trainer {
+        let options = TrainOptions {
+            hidden: Some("8".into()),
+            steps: Some(2),
+            threads: Some(1),
+            device: Some("cpu".into()),
+            ..TrainOptions::default()
+        };
+        let config = options.resolve().unwrap();
+        let split = load::load(&config.data_spec(), config.holdout).unwrap();
+        Trainer::new(config, &split).unwrap()
+    }
+
+    fn saved(t: &Trainer) -> (tempfile::TempDir, Checkpoint) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = checkpoint::dir_in(tmp.path());
+        t.save_checkpoint(&dir, serde_json::json!({}), None).unwrap();
+        let ck = checkpoint::load(&dir).unwrap();
+        (tmp, ck)
+    }
+
+    fn params(t: &Trainer) -> Vec<f32> {
+        t.model.params().unwrap().values
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A checkpoint whose tensor was swapped for any other shape, dtype
+        /// or values either restores exactly (same shape and dtype, finite)
+        /// or is refused with the model untouched: never broadcast, never a
+        /// non-finite parameter.
+        #[test]
+        fn restore_takes_only_tensors_that_fit_this_model(
+            which in 0usize..4,
+            dims in proptest::collection::vec(1i64..12, 0..3),
+            fill in prop_oneof![Just(f64::NAN), Just(f64::INFINITY), -3.0f64..3.0],
+            as_double in any::<bool>(),
+            drop_one in any::<bool>(),
+        ) {
+            let mut t = trainer();
+            let before = params(&t);
+            let (_tmp, mut ck) = saved(&t);
+            let i = which % ck.params.len();
+            let kind = if as_double { tch::Kind::Double } else { tch::Kind::Float };
+            let fits = !drop_one
+                && dims == ck.params[i].1.size()
+                && !as_double
+                && fill.is_finite();
+            let replacement = Tensor::full(dims.as_slice(), fill, (kind, tch::Device::Cpu));
+            if drop_one {
+                drop(ck.params.remove(i));
+            } else {
+                ck.params[i].1 = replacement;
+            }
+            let result = t.restore(&ck);
+            let after = params(&t);
+            prop_assert!(after.iter().all(|v| v.is_finite()));
+            if fits {
+                prop_assert!(result.is_ok(), "{result:?}");
+            } else {
+                prop_assert!(result.is_err(), "took a tensor that does not fit");
+                prop_assert_eq!(&after, &before, "a refused restore changed the model");
+            }
+        }
     }
 }
