@@ -146,3 +146,7 @@ fi
 if [ "${MURMUR_BENCH_DILOCO:-1}" != 0 ]; then
   python3 scripts/bench_diloco.py --murmur target/release/murmur --out target/bench
 fi
+
+if [ "${MURMUR_BENCH_ATTACK:-1}" != 0 ]; then
+  python3 scripts/bench_attack.py --murmur target/release/murmur --attacker target/release/murmur-attacker --out target/bench
+fi

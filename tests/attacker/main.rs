@@ -138,7 +138,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(read_incoming(incoming, state.clone()));
     let role = match &args.attack {
         Attack::PullFlood => Some("joining"),
-        Attack::DoubleSend | Attack::Sybil { .. } => Some("node"),
+        Attack::DoubleSend => Some("node"),
+        // With --as-member the one connected identity trains-in as a member
+        // too (and never sends a payload); otherwise it announces nothing.
+        Attack::Sybil { .. } if args.as_member => Some("node"),
+        Attack::Sybil { .. } => None,
         // A member that does not train: admitted to the node's capacity,
         // left out of its exchanges.
         _ if args.as_member => Some("joining"),

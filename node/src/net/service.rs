@@ -270,6 +270,7 @@ impl Network {
         let refusal_logs =
             Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_PEER, REFUSAL_LOG_WINDOW));
         let reader = Reader {
+            pulls: Mutex::new(std::collections::HashMap::new()),
             admission: admission.clone(),
             refusal_logs: refusal_logs.clone(),
             expect: cfg.expect.clone(),
@@ -546,6 +547,8 @@ fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), 
 /// What reading one inbound payload needs; shared by the accept loop's tasks.
 struct Reader {
     admission: Arc<Admission>,
+    /// When each peer's last pull request was taken.
+    pulls: Mutex<std::collections::HashMap<PeerId, Instant>>,
     expect: Expectation,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
@@ -588,7 +591,28 @@ async fn accept_loop(
     }
 }
 
+/// Pull requests taken from one peer: at most one per this interval.
+const PULL_REQUEST_EVERY: Duration = Duration::from_secs(1);
+const PULL_RATE_LIMITED: &str = "pull_rate_limited";
+
 impl Reader {
+    /// Whether a payload of `kind` from `peer` may go on to the node: pull
+    /// requests at most one per `PULL_REQUEST_EVERY` per peer.
+    fn pulls_due(&self, peer: &PeerId, kind: i32) -> bool {
+        if kind != murmur_proto::wire::v1::PayloadKind::PullRequest as i32 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut last = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if last.get(peer).is_some_and(|t| now.saturating_duration_since(*t) < PULL_REQUEST_EVERY) {
+            return false;
+        }
+        // Old entries go as new ones come: the map holds only recent askers.
+        last.retain(|_, t| now.saturating_duration_since(*t) < PULL_REQUEST_EVERY);
+        last.insert(*peer, now);
+        true
+    }
+
     /// Reads, validates and acknowledges one payload, and hands it on. A
     /// drop fault loses a good payload after acknowledging it (as if it had
     /// vanished on the way).
@@ -614,6 +638,13 @@ impl Reader {
             Ok(lost) if self.faults.drop_incoming(Instant::now()) => {
                 self.buffers.put_values(lost.values);
                 ACK_OK
+            }
+            Ok(payload) if !self.pulls_due(&peer, payload.header.kind) => {
+                // A flood of pull requests stops here, not in the node's
+                // event loop: an honest joiner asks every 2 s.
+                self.accounting.refuse(PULL_RATE_LIMITED);
+                self.buffers.put_values(payload.values);
+                ACK_REFUSED
             }
             Ok(payload) => {
                 let kind = kind_label(payload.header.kind);
