@@ -63,6 +63,14 @@ fn an_independent_python_client_lists_services_checks_health_and_reads_status() 
     let other = other.unwrap_or_else(|| panic!("node 1 not among {peers}"));
     assert_eq!((other["connected"].as_bool(), other["member"].as_bool()), (Some(true), Some(true)));
     assert!(int(&other["traffic"]["bytes_received"]) > 0, "{other}");
+    // At most 16 WatchStatus streams at once; the rest are told why, and
+    // closed streams give their places back.
+    let watch = grpc_client(&api, &["watchers", "20"]);
+    assert_eq!(watch["opened"], 16, "{watch}");
+    assert_eq!(watch["refused"], serde_json::json!(vec!["RESOURCE_EXHAUSTED"; 4]), "{watch}");
+    std::thread::sleep(Duration::from_secs(3));
+    let again = grpc_client(&api, &["watchers", "16"]);
+    assert_eq!(again["opened"], 16, "{again}");
     // No token configured: control calls are open.
     for node in &mut nodes {
         assert_eq!(grpc_client(&node.api, &["call", "Shutdown"]), serde_json::json!({}));

@@ -8,9 +8,13 @@ messages dynamically, and checks health with the stock grpc.health.v1 client
     python grpc_client.py ADDR services
     python grpc_client.py ADDR health [SERVICE]
     python grpc_client.py ADDR call METHOD [JSON_REQUEST] [--token TOKEN]
+    python grpc_client.py ADDR watchers N
 
 `call` invokes murmur.v1.NodeService/METHOD (unary) and prints the response as
 JSON with the .proto field names; a failed call prints {"code", "details"}.
+`watchers` opens N WatchStatus streams at once, reads the first status of
+each while holding all open, and prints how many opened and the codes of
+those refused.
 Every result goes to stdout as one JSON document.
 """
 
@@ -54,10 +58,33 @@ def call(channel, method, request_json, token):
     return json_format.MessageToDict(reply, preserving_proto_field_name=True)
 
 
+def watchers(channel, n):
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    m = pool.FindServiceByName(SERVICE).FindMethodByName("WatchStatus")
+    request_type = message_factory.GetMessageClass(m.input_type)
+    response_type = message_factory.GetMessageClass(m.output_type)
+    stub = channel.unary_stream(
+        f"/{SERVICE}/WatchStatus",
+        request_serializer=lambda r: r.SerializeToString(),
+        response_deserializer=response_type.FromString,
+    )
+    held, refused = [], []
+    for _ in range(n):
+        stream = stub(request_type(), timeout=TIMEOUT_S)
+        try:
+            next(stream)
+            held.append(stream)
+        except grpc.RpcError as e:
+            refused.append(e.code().name)
+    for stream in held:
+        stream.cancel()
+    return {"opened": len(held), "refused": refused}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("addr")
-    p.add_argument("what", choices=["services", "health", "call"])
+    p.add_argument("what", choices=["services", "health", "call", "watchers"])
     p.add_argument("args", nargs="*")
     p.add_argument("--token")
     a = p.parse_args()
@@ -67,6 +94,8 @@ def main():
                 out = services(channel)
             elif a.what == "health":
                 out = health(channel, a.args[0] if a.args else "")
+            elif a.what == "watchers":
+                out = watchers(channel, int(a.args[0]))
             else:
                 method = a.args[0]
                 request_json = a.args[1] if len(a.args) > 1 else "{}"
