@@ -40,7 +40,7 @@ const PROTOCOL: &str = "/murmur/params/1";
 /// The all-reduce slot of merge's final average.
 const FINAL_SLOT: u64 = u64::MAX - 1;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 struct Args {
     /// The node to attack: its multiaddr ending in /p2p/PEER_ID
     #[arg(long)]
@@ -98,8 +98,17 @@ struct Shared {
 
 type State = Arc<Mutex<Shared>>;
 
+fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The node's round, as its last heartbeat said (0 before one came).
+fn node_round(state: &State) -> u64 {
+    lock(state).node.as_ref().map_or(0, |h| h.round)
+}
+
 fn count(state: &State, what: &'static str, n: u64) {
-    *state.lock().unwrap_or_else(|p| p.into_inner()).counts.entry(what).or_default() += n;
+    *lock(state).counts.entry(what).or_default() += n;
 }
 
 fn build(key: Keypair) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error>> {
@@ -148,9 +157,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ if args.as_member => Some("joining"),
         _ => None,
     };
-    state.lock().unwrap_or_else(|p| p.into_inner()).role = role;
+    lock(&state).role = role;
     let attack = {
-        let (state, args) = (state.clone(), args_clone(&args));
+        let (state, args) = (state.clone(), args.clone());
         let control = control.clone();
         tokio::spawn(async move { run_attack(args, target, me, control, state, until).await })
     };
@@ -166,22 +175,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     attack.abort();
-    let counts = state.lock().unwrap_or_else(|p| p.into_inner()).counts.clone();
+    let counts = lock(&state).counts.clone();
     let line: serde_json::Map<String, serde_json::Value> =
         counts.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
     println!("{}", serde_json::Value::Object(line));
     Ok(())
-}
-
-fn args_clone(a: &Args) -> Args {
-    Args {
-        target: a.target.clone(),
-        run_id: a.run_id.clone(),
-        secs: a.secs,
-        elements: a.elements,
-        as_member: a.as_member,
-        attack: a.attack.clone(),
-    }
 }
 
 fn on_event(ev: SwarmEvent<BehaviourEvent>, target: PeerId, state: &State) {
@@ -192,7 +190,7 @@ fn on_event(ev: SwarmEvent<BehaviourEvent>, target: PeerId, state: &State) {
         })) => {
             let Some(source) = message.source else { return };
             let Ok(hb) = Heartbeat::decode(message.data.as_slice()) else { return };
-            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(state);
             if hb.role == "node" {
                 s.members.insert(source, hb.clone());
             }
@@ -214,7 +212,7 @@ fn on_event(ev: SwarmEvent<BehaviourEvent>, target: PeerId, state: &State) {
 /// heartbeat has told the run's fingerprint and round.
 fn publish_heartbeat(swarm: &mut Swarm<Behaviour>, run_id: &str, state: &State, seq: u64) {
     let (role, node) = {
-        let s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = lock(state);
         (s.role, s.node.clone())
     };
     let (Some(role), Some(node)) = (role, node) else { return };
@@ -247,11 +245,7 @@ async fn read_incoming(mut incoming: libp2p_stream::IncomingStreams, state: Stat
                         .chunks_exact(4)
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect();
-                    state
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .values_from
-                        .insert(from, values);
+                    lock(&state).values_from.insert(from, values);
                     count(&state, "params_received", 1);
                 }
                 _ => count(&state, "other_received", 1),
@@ -335,7 +329,7 @@ async fn send(control: &mut libp2p_stream::Control, target: PeerId, bytes: &[u8]
 /// Waits for the node's first heartbeat; its fingerprint and round.
 async fn node_heartbeat(state: &State, until: Instant) -> Option<Heartbeat> {
     while Instant::now() < until {
-        if let Some(hb) = state.lock().unwrap_or_else(|p| p.into_inner()).node.clone() {
+        if let Some(hb) = lock(state).node.clone() {
             return Some(hb);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -354,7 +348,7 @@ async fn run_attack(
     let Some(first) = node_heartbeat(&state, until).await else { return };
     let (run, fp) = (args.run_id.clone(), first.fingerprint.clone());
     let n = usize::try_from(args.elements).unwrap_or(1).max(1);
-    if state.lock().unwrap_or_else(|p| p.into_inner()).role.is_some() {
+    if lock(&state).role.is_some() {
         // Heartbeats every 500 ms: give the node a few to count this peer in.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -386,12 +380,7 @@ async fn run_attack(
         }
         Attack::PullFlood => {
             while Instant::now() < until {
-                let round = state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .node
-                    .as_ref()
-                    .map_or(0, |h| h.round + 1);
+                let round = node_round(&state) + 1;
                 let req = frame(&run, &fp, me, PayloadKind::PullRequest, round, 1.0, &[0.0]);
                 send(&mut control, target, &req, &state).await;
                 count(&state, "pull_requests", 1);
@@ -401,12 +390,7 @@ async fn run_attack(
             let values = vec![0.5f32; n];
             let mut as_member = false;
             while Instant::now() < until {
-                let round = state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .node
-                    .as_ref()
-                    .map_or(0, |h| h.round);
+                let round = node_round(&state);
                 for (slot, kind, weight) in [
                     (u64::MAX - 5, PayloadKind::Params, 1.0),
                     (round.saturating_add(10_000), PayloadKind::Params, 1.0),
@@ -419,7 +403,7 @@ async fn run_attack(
                 // Halfway, turn member and go on.
                 if !as_member && Instant::now() + Duration::from_secs(args.secs / 2) > until {
                     as_member = true;
-                    state.lock().unwrap_or_else(|p| p.into_inner()).role = Some("joining");
+                    lock(&state).role = Some("joining");
                     count(&state, "became_member", 1);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -434,7 +418,7 @@ async fn run_attack(
             let mut sent: BTreeSet<(PeerId, u64)> = BTreeSet::new();
             while Instant::now() < until {
                 let targets: Vec<(PeerId, u64, Vec<f32>)> = {
-                    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let s = lock(&state);
                     s.members
                         .iter()
                         .filter_map(|(p, hb)| Some((*p, hb.round, s.values_from.get(p)?.clone())))
@@ -500,7 +484,7 @@ async fn sybils(
                     _ = s.select_next_some() => {}
                     _ = beat.tick() => {
                         seq += 1;
-                        let node = state.lock().unwrap_or_else(|p| p.into_inner()).node.clone();
+                        let node = lock(&state).node.clone();
                         let Some(node) = node else { continue };
                         let hb = Heartbeat {
                             run_id: run_id.clone(),

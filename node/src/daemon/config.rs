@@ -19,6 +19,7 @@ pub use crate::mix::strategy::StrategyKind;
 use crate::mix::strategy::{OuterOptions, OuterSettings, StrategySpec};
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
+use crate::net::membership::MemberLimits;
 use crate::net::security::Security;
 use crate::train::config::{ConfigError, TrainConfig, bad, positive};
 
@@ -325,7 +326,7 @@ impl RunOptions {
         }
         let max_members = match self.max_members {
             Some(m) => positive("--max-members", m)? as usize,
-            None => (2 * train.nodes).max(256),
+            None => (2 * train.nodes).max(MemberLimits::default().max_members),
         };
         if max_members + 1 < train.nodes {
             return Err(bad(format!(

@@ -274,16 +274,7 @@ impl Driver {
                 self.board.update(|s| s.last_error = msg);
                 return Ok(());
             }
-            let wait = Wait { deadline: Some(now + JOIN_POLL), network: true, paused: false };
-            match self.inputs.next(&mut self.outbox, wait).await {
-                Event::Net(NetEvent::Payload { from, payload }) => {
-                    if let Some(m) = to_message(from, payload) {
-                        self.keep(m);
-                    }
-                }
-                Event::NetClosed => return Err(NodeError::NetworkGone),
-                other => self.common(other, None)?,
-            }
+            self.take_one_keeping(now + JOIN_POLL).await?;
         }
         Ok(())
     }
@@ -420,16 +411,23 @@ impl Driver {
     /// Takes events until `until` (or a stop), keeping early messages.
     async fn idle_until(&mut self, until: Instant) -> Result<(), NodeError> {
         while Instant::now() < until && self.stop.is_none() {
-            let wait = Wait { deadline: Some(until), network: true, paused: false };
-            match self.inputs.next(&mut self.outbox, wait).await {
-                Event::Net(NetEvent::Payload { from, payload }) => {
-                    if let Some(m) = to_message(from, payload) {
-                        self.keep(m);
-                    }
+            self.take_one_keeping(until).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes one event (or waits until `deadline`) before the strategy
+    /// exists: payloads are kept for it, the rest handled as every stage does.
+    async fn take_one_keeping(&mut self, deadline: Instant) -> Result<(), NodeError> {
+        let wait = Wait { deadline: Some(deadline), network: true, paused: false };
+        match self.inputs.next(&mut self.outbox, wait).await {
+            Event::Net(NetEvent::Payload { from, payload }) => {
+                if let Some(m) = to_message(from, payload) {
+                    self.keep(m);
                 }
-                Event::NetClosed => return Err(NodeError::NetworkGone),
-                other => self.common(other, None)?,
             }
+            Event::NetClosed => return Err(NodeError::NetworkGone),
+            other => self.common(other, None)?,
         }
         Ok(())
     }

@@ -115,6 +115,8 @@ pub struct AllReduce {
     slot: u64,
     timeouts: AllReduceTimeouts,
     early: Vec<Message>,
+    /// Values the early messages hold together.
+    early_values: usize,
     run: Option<Running>,
     drops: Drops,
     contributions: usize,
@@ -136,6 +138,7 @@ impl AllReduce {
             slot,
             timeouts,
             early: Vec::new(),
+            early_values: 0,
             run: None,
             drops: Drops::default(),
             contributions: 0,
@@ -239,6 +242,7 @@ impl AllReduce {
             result: values,
             fills,
         });
+        self.early_values = 0;
         for m in std::mem::take(&mut self.early) {
             out.extend(self.receive(m));
         }
@@ -392,11 +396,11 @@ impl AllReduce {
         if self.early.iter().any(|e| e.peer == m.peer && e.kind == m.kind) {
             self.drops.add("duplicate");
         } else if self.early.len() >= MAX_EARLY
-            || self.early.iter().map(|e| e.values.len()).sum::<usize>() + m.values.len()
-                > self.early_limit
+            || self.early_values + m.values.len() > self.early_limit
         {
             self.drops.add("too_many_early");
         } else {
+            self.early_values += m.values.len();
             self.early.push(m);
         }
     }

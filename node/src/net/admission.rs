@@ -150,7 +150,8 @@ impl Admission {
     }
 
     /// Streams held now, over all peers.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.lock().total
     }
 }
