@@ -22,6 +22,8 @@
 //! - `double-send`: a member that sends every member, for each of its next
 //!   gossip slots, a payload it refuses (NaN) and then a valid one (that
 //!   member's own last values, back).
+//! - `pull-source`: a training member that answers every pull request
+//!   with a model of its own making (every value 5.0), to a rejoining node.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -74,6 +76,7 @@ enum Attack {
         direct: bool,
     },
     DoubleSend,
+    PullSource,
 }
 
 #[derive(NetworkBehaviour)]
@@ -91,6 +94,8 @@ struct Shared {
     members: std::collections::BTreeMap<PeerId, Heartbeat>,
     /// The last parameters each member sent this peer.
     values_from: std::collections::BTreeMap<PeerId, Vec<f32>>,
+    /// Pull requests to answer: who asked, for which round.
+    pull_requests: Vec<(PeerId, u64)>,
     /// The role this peer's heartbeats announce; `None`: none sent.
     role: Option<&'static str>,
     counts: std::collections::BTreeMap<&'static str, u64>,
@@ -147,7 +152,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(read_incoming(incoming, state.clone()));
     let role = match &args.attack {
         Attack::PullFlood => Some("joining"),
-        Attack::DoubleSend => Some("node"),
+        Attack::DoubleSend | Attack::PullSource => Some("node"),
         // With --as-member the one connected identity trains-in as a member
         // too (and never sends a payload); otherwise it announces nothing.
         Attack::Sybil { .. } if args.as_member => Some("node"),
@@ -240,6 +245,10 @@ async fn read_incoming(mut incoming: libp2p_stream::IncomingStreams, state: Stat
             count(&state, "bytes_received", body.len() as u64);
             match kind {
                 PayloadKind::PullReply => count(&state, "pull_replies", 1),
+                PayloadKind::PullRequest => {
+                    lock(&state).pull_requests.push((from, header.round));
+                    count(&state, "pull_requests_received", 1);
+                }
                 PayloadKind::Params if header.encoding == Encoding::F32 as i32 => {
                     let values: Vec<f32> = body
                         .chunks_exact(4)
@@ -411,6 +420,18 @@ async fn run_attack(
         }
         Attack::Sybil { identities, direct } => {
             sybils(&args.run_id, identities, direct, &args.target, &state, until).await;
+        }
+        Attack::PullSource => {
+            let own = vec![5.0f32; n];
+            while Instant::now() < until {
+                let asked = std::mem::take(&mut lock(&state).pull_requests);
+                for (peer, round) in asked {
+                    let reply = frame(&run, &fp, me, PayloadKind::PullReply, round, 1.0, &own);
+                    send(&mut control, peer, &reply, &state).await;
+                    count(&state, "pull_answered", 1);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         Attack::DoubleSend => {
             // To every member: for the next slots it will reach, a payload it

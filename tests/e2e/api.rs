@@ -209,3 +209,45 @@ fn status_table_watch_and_metrics_follow_live_nodes() {
     let _ = watch.wait();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]) && steps[3] > steps[0], "{steps:?}");
 }
+
+#[test]
+fn the_api_over_tls_serves_a_client_that_trusts_its_certificate_and_no_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    let made = murmur(&["api-cert", s(&tls)]);
+    assert!(made.status.success(), "{made:?}");
+    let (cert, key) = (tls.join("api-cert.pem"), tls.join("api-key.pem"));
+    let token_file = tmp.path().join("api.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    // One flag of the pair alone is refused, naming the other.
+    let half_dir = tmp.path().join("half");
+    let mut half = LONG_RUN.to_vec();
+    half.extend(["--data-dir", s(&half_dir), "--api-tls-cert", s(&cert)]);
+    let refused = murmur(&[&["run"][..], &half].concat());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs --api-tls-key"),
+        "{refused:?}"
+    );
+    let mut args = LONG_RUN.to_vec();
+    args.extend(["--api-tls-cert", s(&cert), "--api-tls-key", s(&key)]);
+    args.extend(["--api-token-file", s(&token_file)]);
+    let mut node = LiveNode::start(&tmp.path().join("node-0"), 0, 1, None, &args);
+    assert!(node.api.starts_with("https://127.0.0.1:"), "{}", node.api);
+    // Trusting the self-signed certificate: status reads.
+    let ca = ["--api-ca", s(&cert)];
+    let read = murmur(&[&["status", "--json", &node.api][..], &ca].concat());
+    assert!(read.status.success(), "{read:?}");
+    let all: Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(all[0]["peer_id"], node.peer_id.as_str());
+    // Without it (the system's roots do not know it), or in plain HTTP/2: nothing.
+    let untrusted = murmur(&["status", &node.api]);
+    assert_eq!(untrusted.status.code(), Some(1), "{untrusted:?}");
+    let plain = murmur(&["status", node.api.trim_start_matches("https://")]);
+    assert_eq!(plain.status.code(), Some(1), "{plain:?}");
+    // A control call with the token, over TLS.
+    let token = ["--api-token-file", s(&token_file)];
+    let stop = murmur(&[&["shutdown", &node.api][..], &ca, &token].concat());
+    assert!(stop.status.success(), "{stop:?}");
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 0);
+}

@@ -221,6 +221,32 @@ fn a_huge_sample_weight_never_takes_the_final_merge() {
 }
 
 #[test]
+fn a_member_that_never_sends_costs_the_straggler_grace_not_the_deadline() {
+    // A 5 s deadline: waited out every round, the 8 s below would hold two.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = honest_run(tmp.path(), "5000", &[]);
+    let silent = attacker(&nodes[0], &["--secs", "12", "--as-member", "sybil", "1"]);
+    nodes[0].wait_for("the attacker as a member", Duration::from_secs(20), |st| {
+        st["live_members"].as_u64() >= Some(4)
+    });
+    let before = nodes[0].status()["round"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let during = nodes[0].status();
+    finish(silent);
+    let rounds = during["round"].as_u64().unwrap() - before;
+    assert!(rounds > 20, "{rounds} rounds in 8 s with a silent member: {during}");
+    let summaries = stop(&mut nodes);
+    for (i, s) in summaries.iter().enumerate() {
+        let drops = &s["strategy_drops"];
+        // It joined after the start, so it never had credit for a deadline.
+        assert_eq!(n(drops, "missing_at_deadline"), 0, "node {i}: {drops}");
+        assert!(s["final"]["eval_accuracy"].as_f64().unwrap() > 0.5, "node {i}: {s}");
+    }
+    let drops = &summaries[0]["strategy_drops"];
+    assert!(n(drops, "missing_after_grace") > 20, "node 0: {drops}");
+}
+
+#[test]
 fn sybil_heartbeats_through_one_connection_make_no_members_and_the_cap_holds() {
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = honest_run(tmp.path(), "3000", &["--max-members", "5"]);
@@ -293,8 +319,59 @@ fn a_refused_and_a_valid_message_for_one_slot_count_once() {
     // the attacker's. The exact reproduction is gossip's unit test.)
     for (i, s) in summaries.iter().enumerate().take(2) {
         let drops = &s["strategy_drops"];
-        let (stale, missing) = (n(drops, "stale_slot"), n(drops, "missing_at_deadline"));
+        // Missing at the deadline, or after the straggler grace once node 2
+        // had spent its credit: counted either way, never mixed around.
+        let missing = n(drops, "missing_at_deadline") + n(drops, "missing_after_grace");
+        let stale = n(drops, "stale_slot");
         assert!(stale <= missing, "node {i} mixed early: {drops}");
         assert!(n(&s["refusals"], "non_finite") > 2, "node {i}: {}", s["refusals"]);
     }
+}
+
+#[test]
+fn a_member_that_hands_a_rejoining_node_its_own_model_is_caught_by_the_witness() {
+    // Two honest nodes and the attacker, a third training member that
+    // answers every pull with a model of its own (every value 5.0). Of the
+    // two live trainers a resuming node sees, one is its source and the
+    // other its witness: either way the attacker's model meets an honest one.
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (0..2).map(|i| tmp.path().join(format!("node-{i}"))).collect();
+    let mut args = honest_args("1000");
+    args.extend(["--checkpoint-every", "50"]);
+    let boot = LiveNode::start(&dirs[0], 0, 3, None, &args);
+    let liar = attacker(&boot, &["--secs", "60", "pull-source"]);
+    let mut node1 = LiveNode::start(&dirs[1], 1, 3, Some(&boot.p2p), &args);
+    let start = Instant::now();
+    while !dirs[1].join("checkpoint/meta.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "node 1 never checkpointed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node1.child.kill().unwrap();
+    node1.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut resume = args.clone();
+    resume.push("--resume");
+    let back = LiveNode::start(&dirs[1], 1, 3, Some(&boot.p2p), &resume);
+    let round = back.wait_for("training after the rejoin", Duration::from_secs(90), |st| {
+        st["phase"] == "training" && st["round"].as_u64() > Some(0)
+    })["round"]
+        .as_u64()
+        .unwrap();
+    back.wait_for("rounds after the rejoin", Duration::from_secs(60), |st| {
+        st["round"].as_u64() > Some(round + 5)
+    });
+    let said = finish(liar);
+    assert!(n(&said, "pull_answered") >= 1, "the attacker answered no pull: {said}");
+    let mut nodes = vec![boot, back];
+    let summaries = stop(&mut nodes);
+    let resumed = &summaries[1];
+    assert!(resumed["resumed_from_round"].as_u64().is_some(), "{resumed}");
+    assert_eq!(resumed["pull_witnessed"], false, "{resumed}");
+    // Refused for its values ("... from the witness's") or, when the two
+    // answered rounds apart, for its round ("round R ... against the
+    // witness's round W"): never taken.
+    let why = resumed["pull_disagreed"].as_str().unwrap_or_default();
+    assert!(why.contains("the witness's"), "{resumed}");
+    assert!(resumed["pulled_from"].is_null(), "no state taken: {resumed}");
+    assert!(resumed["final"]["eval_accuracy"].as_f64().unwrap() > 0.5, "{resumed}");
 }

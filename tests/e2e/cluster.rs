@@ -138,6 +138,8 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
         "pulled from {} (live peers {others:?})",
         resumed["pulled_from"]
     );
+    // A second live member confirmed the source's model.
+    assert_eq!(resumed["pull_witnessed"], true, "{}", resumed["pull_disagreed"]);
     assert_eq!(resumed["rounds"], 1500);
     for d in &dirs {
         let summary = read_json(&d.join("summary.json"));

@@ -188,6 +188,7 @@ fn a_member_killed_in_an_exchange_costs_the_rest_no_deadline_and_rejoins_with_th
         resumed["pulled_from"]
     );
     assert_eq!(resumed["pulled_parts"], serde_json::json!(["params", "outer_momentum"]));
+    assert_eq!(resumed["pull_witnessed"], true, "{}", resumed["pull_disagreed"]);
     assert!(resumed["pulled_round"].as_u64().unwrap() > round);
     assert_eq!(resumed["rounds"], 2000);
     // It trained with the others after it rejoined: outer steps of its own.

@@ -46,6 +46,12 @@ fn summary(out: &Path, i: usize) -> Value {
     read_json(&out.join(format!("node-{i}/summary.json")))
 }
 
+/// Messages a node went without: at the deadline, or after the straggler
+/// grace once the sender had spent its credit.
+fn missing(drops: &Value) -> u64 {
+    count(drops, "missing_at_deadline") + count(drops, "missing_after_grace")
+}
+
 fn count(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
 }
@@ -63,9 +69,8 @@ fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peer
     let dropped = count(&nodes[1]["fault_effects"], "dropped_out");
     // 30 rounds x 2 neighbours x 0.3 = 18 expected.
     assert!((6..=32).contains(&dropped), "node 1 dropped {dropped} of 60");
-    let missing: u64 =
-        [0, 2].iter().map(|&i| count(&nodes[i]["strategy_drops"], "missing_at_deadline")).sum();
-    assert!(missing >= dropped, "peers missed {missing}, node 1 dropped {dropped}");
+    let missed: u64 = [0, 2].iter().map(|&i| missing(&nodes[i]["strategy_drops"])).sum();
+    assert!(missed >= dropped, "peers missed {missed}, node 1 dropped {dropped}");
 }
 
 #[test]
@@ -169,7 +174,8 @@ fn a_delay_or_a_bandwidth_cap_slows_the_exchanges_of_the_node_and_its_peers() {
     // not the full 300 ms each; measured about 1.5 s over 10 rounds).
     for i in [0, 2] {
         let (d, b) = (comm(&delayed, i), comm(&base, i));
-        assert!(d >= 1.0 && d >= 5.0 * b, "node {i}: {d} s (no delay: {b} s)");
+        // (3x: under make test's load the baseline itself took 0.36 s once.)
+        assert!(d >= 1.0 && d >= 3.0 * b, "node {i}: {d} s (no delay: {b} s)");
     }
     // mlp 32-32-32-10: 2,442 values, about 9.8 kB a payload; two a round at
     // 20 kB/s for the node as a whole take about a second.
@@ -242,6 +248,11 @@ fn a_pause_stops_a_node_and_its_peers_see_it_fall_silent() {
         "10",
         "--round-timeout-ms",
         "500",
+        // Its peers wait out the deadline for the paused node every round,
+        // so they are still running when looked at (with the grace they
+        // would finish their 400 rounds in the first second of the pause).
+        "--straggler-grace",
+        "off",
     ];
     let mut nodes = start_swarm(tmp.path(), 3, &args);
     nodes[1].wait_for("training", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(3));
@@ -253,7 +264,7 @@ fn a_pause_stops_a_node_and_its_peers_see_it_fall_silent() {
     // Sends already under way when the pause began may still finish; then nothing moves.
     std::thread::sleep(Duration::from_millis(300));
     let paused = nodes[1].status();
-    let missing_before = count(&nodes[0].status()["strategy_drops"], "missing_at_deadline");
+    let missing_before = missing(&nodes[0].status()["strategy_drops"]);
     let t = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
     let still = nodes[1].status();
@@ -263,7 +274,7 @@ fn a_pause_stops_a_node_and_its_peers_see_it_fall_silent() {
         still["traffic"]["bytes_sent"], paused["traffic"]["bytes_sent"],
         "no sending while paused"
     );
-    let missing_during = count(&nodes[0].status()["strategy_drops"], "missing_at_deadline");
+    let missing_during = missing(&nodes[0].status()["strategy_drops"]);
     assert!(
         missing_during > missing_before,
         "node 0 misses node 1's messages: {missing_before} -> {missing_during}"

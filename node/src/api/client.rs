@@ -12,8 +12,12 @@ use crate::fault::FaultSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{addr:?} is not a node API address (expected HOST:PORT, as in 127.0.0.1:7070)")]
+    #[error(
+        "{addr:?} is not a node API address (expected HOST:PORT, as in 127.0.0.1:7070, or https://HOST:PORT)"
+    )]
     BadAddress { addr: String },
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot reach the node API at {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error("{call} on {addr} failed: {message} ({code:?})")]
@@ -38,30 +42,41 @@ pub struct NodeClient {
     token: Option<ApiToken>,
 }
 
-/// `HOST:PORT` (or `http://HOST:PORT`) as a URI tonic can dial.
+/// `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT` (TLS) as a URI
+/// tonic can dial.
 fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
-    let bare = addr.strip_prefix("http://").unwrap_or(addr);
+    let (scheme, bare) = match addr.strip_prefix("https://") {
+        Some(rest) => ("https", rest),
+        None => ("http", addr.strip_prefix("http://").unwrap_or(addr)),
+    };
     let ok = bare.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && !bare.contains('/')
     });
     if ok {
-        Ok(format!("http://{bare}"))
+        Ok(format!("{scheme}://{bare}"))
     } else {
         Err(ClientError::BadAddress { addr: addr.to_string() })
     }
 }
 
 impl NodeClient {
-    /// Connects to the API at `addr`, giving up after `timeout`.
+    /// Connects to the API at `addr`, giving up after `timeout`; an
+    /// `https://` address trusts `ca` (a PEM file) or the system's roots.
     pub async fn connect(
         addr: &str,
         token: Option<ApiToken>,
+        ca: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<NodeClient, ClientError> {
         let uri = endpoint_uri(addr)?;
         let connect = |reason: String| ClientError::Connect { addr: addr.to_string(), reason };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| connect(e.to_string()))?
+        let mut endpoint =
+            Endpoint::from_shared(uri.clone()).map_err(|e| connect(e.to_string()))?;
+        if uri.starts_with("https://") {
+            let tls = super::tls::client_config(ca).map_err(ClientError::Tls)?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| connect(e.to_string()))?;
+        }
+        let channel = endpoint
             .connect_timeout(timeout)
             .connect()
             .await
@@ -142,7 +157,7 @@ impl NodeClient {
 
 /// The innermost cause of a transport error, which says what really failed
 /// ("Connection refused") where the outer one only says "transport error".
-fn source_of(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn source_of(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
         cause = next;
@@ -158,6 +173,7 @@ mod tests {
     fn addresses_are_host_and_port() {
         assert_eq!(endpoint_uri("127.0.0.1:7070").unwrap(), "http://127.0.0.1:7070");
         assert_eq!(endpoint_uri("http://node-3:7070").unwrap(), "http://node-3:7070");
+        assert_eq!(endpoint_uri("https://node-3:7070").unwrap(), "https://node-3:7070");
         for bad in [
             "127.0.0.1",
             ":7070",

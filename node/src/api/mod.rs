@@ -9,11 +9,13 @@
 pub mod client;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 mod token;
 
 use tokio::sync::oneshot;
 
 pub use server::{ApiServer, serve};
+pub use tls::ApiTls;
 pub use token::ApiToken;
 
 /// What the API asks of the driver.

@@ -37,6 +37,8 @@ pub enum ApiError {
     Bind { addr: SocketAddr, reason: String },
     #[error("gRPC reflection set-up failed: {0}")]
     Reflection(String),
+    #[error("cannot serve the API over TLS with --api-tls-cert {cert}: {reason}")]
+    Tls { cert: String, reason: String },
 }
 
 /// A running API server.
@@ -44,6 +46,8 @@ pub enum ApiError {
 pub struct ApiServer {
     /// The address it listens on (the port is real even if 0 was asked for).
     pub addr: SocketAddr,
+    /// Whether it serves TLS (clients dial `https://`).
+    pub tls: bool,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -62,12 +66,16 @@ impl ApiServer {
 pub async fn serve(
     addr: SocketAddr,
     token: Option<ApiToken>,
+    tls: Option<super::ApiTls>,
     board: StatusBoard,
     control: mpsc::Sender<Control>,
 ) -> Result<ApiServer, ApiError> {
     let (listener, bound) = bind(addr).await?;
     if token.is_none() && !bound.ip().is_loopback() {
         warn!(%bound, "the API listens beyond this machine without --api-token: anyone who reaches it can inject faults and stop the node");
+    }
+    if token.is_some() && tls.is_none() && !bound.ip().is_loopback() {
+        warn!(%bound, "the API token crosses the network in clear: give --api-tls-cert and --api-tls-key");
     }
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(murmur_proto::FILE_DESCRIPTOR_SET)
@@ -89,7 +97,14 @@ pub async fn serve(
         refusal_logs: LogLimiter::new(10, 2, Duration::from_secs(10)),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server_config()).map_err(|e| ApiError::Tls {
+            cert: tls.cert_path.display().to_string(),
+            reason: format!("{e} ({})", super::client::source_of(&e)),
+        })?;
+    }
+    let server = builder
         .add_service(NodeServiceServer::new(api))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -103,8 +118,8 @@ pub async fn serve(
             warn!("the API server stopped: {e}");
         }
     });
-    info!(%bound, "API listening");
-    Ok(ApiServer { addr: bound, stop: Some(stop), task })
+    info!(%bound, tls = tls.is_some(), "API listening");
+    Ok(ApiServer { addr: bound, tls: tls.is_some(), stop: Some(stop), task })
 }
 
 /// A listener on `addr`, and the address it really got (port 0 picks one).

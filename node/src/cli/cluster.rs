@@ -102,7 +102,8 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
     write_config(&config_path, &train, &run)?;
     let started = Instant::now();
     let (children, lines) = spawn_nodes(&args.out, &config_path, &faults)?;
-    let (statuses, apis) = watch(children, lines, n);
+    // With --api-tls-cert (self-signed) the nodes' APIs are read trusting it.
+    let (statuses, apis) = watch(children, lines, n, run.api_tls_cert.clone());
     let wall = started.elapsed().as_secs_f64();
     let evaluate_average = |avg: &[f32]| -> Option<EvalMetrics> {
         let mut cfg = train_cfg.clone();
@@ -218,6 +219,7 @@ fn watch(
     mut children: Vec<Child>,
     lines: Lines,
     n: usize,
+    ca: Option<std::path::PathBuf>,
 ) -> (Vec<Option<i32>>, Vec<Option<String>>) {
     let mut state = vec![NodeLine { state: "starting".into(), ..Default::default() }; n];
     let mut status: Vec<Option<Option<i32>>> = vec![None; n];
@@ -233,7 +235,7 @@ fn watch(
             update(&mut state[i], &v);
         }
         if let Some(rt) = &runtime {
-            rt.block_on(poll_statuses(&mut state, &mut clients, &status));
+            rt.block_on(poll_statuses(&mut state, &mut clients, &status, ca.as_deref()));
         }
         for (i, c) in children.iter_mut().enumerate() {
             if status[i].is_none()
@@ -281,12 +283,13 @@ async fn poll_statuses(
     state: &mut [NodeLine],
     clients: &mut [Option<NodeClient>],
     exited: &[Option<Option<i32>>],
+    ca: Option<&std::path::Path>,
 ) {
     const PATIENCE: Duration = Duration::from_millis(500);
     for (i, line) in state.iter_mut().enumerate() {
         let Some(api) = line.api.clone().filter(|_| exited[i].is_none()) else { continue };
         if clients[i].is_none() {
-            clients[i] = NodeClient::connect(&api, None, PATIENCE).await.ok();
+            clients[i] = NodeClient::connect(&api, None, ca, PATIENCE).await.ok();
         }
         let Some(client) = clients[i].as_mut() else { continue };
         if let Ok(Ok(s)) = tokio::time::timeout(PATIENCE, client.status()).await {

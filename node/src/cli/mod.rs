@@ -57,6 +57,8 @@ enum Command {
     Id(id::IdArgs),
     /// Write a new pre-shared key file for a private swarm.
     SwarmKey(id::SwarmKeyArgs),
+    /// Write a self-signed certificate and key for the API's TLS.
+    ApiCert(id::ApiCertArgs),
     /// Transfer throughput benchmark (scripts/bench_transfer.py runs both ends).
     #[command(hide = true)]
     BenchTransfer(bench_transfer::BenchTransferArgs),
@@ -110,6 +112,7 @@ pub fn main() -> ExitCode {
         Command::Shutdown(args) => status::shutdown(args),
         Command::Id(args) => id::id(args),
         Command::SwarmKey(args) => id::swarm_key(args),
+        Command::ApiCert(args) => id::api_cert(args),
         Command::BenchTransfer(args) => bench_transfer::run(args),
         Command::BenchAllreduce(args) => bench_allreduce::run(args),
     };

@@ -108,6 +108,9 @@ pub struct SimArgs {
         allow_negative_numbers = true
     )]
     round_timeout_ms: u64,
+    /// Gossip: after a neighbour misses an exchange, wait for it only this fraction of the local phase (at least 20 ms) once the others have answered; off = always the full deadline
+    #[arg(long, env = "MURMUR_STRAGGLER_GRACE", default_value = "0.2")]
+    straggler_grace: String,
     /// Stop at this much virtual time, in seconds [default: twice what every round timing out would take]
     #[arg(long, env = "MURMUR_SIM_TIME_LIMIT_S", allow_negative_numbers = true)]
     time_limit_s: Option<f64>,
@@ -152,6 +155,7 @@ struct Settings {
     step_ms: f64,
     step_jitter: f64,
     round_timeout_ms: u64,
+    straggler_grace: Option<f64>,
     time_limit_s: f64,
     membership_delay_ms: Option<u64>,
     crashes: Vec<Crash>,
@@ -224,6 +228,8 @@ fn settings(args: &SimArgs) -> Result<Settings, CliError> {
         step_ms: args.step_ms,
         step_jitter: args.step_jitter,
         round_timeout_ms: at_least_one("--round-timeout-ms", args.round_timeout_ms)?,
+        straggler_grace: crate::mix::patience::parse_grace(&args.straggler_grace)
+            .map_err(CliError::usage)?,
         time_limit_s: 0.0,
         membership_delay_ms: args.membership_delay_ms,
         crashes,
@@ -458,6 +464,7 @@ fn spec(s: &Settings) -> StrategySpec {
         exchange_prob: s.exchange_prob.unwrap_or(0.0),
         outer: s.outer.unwrap_or_default(),
         samples_per_step: s.training.as_ref().map_or(1, |t| t.batch_size as u64),
+        straggler_grace: s.straggler_grace,
         ..StrategySpec::new(s.strategy)
     }
 }

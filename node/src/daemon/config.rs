@@ -78,6 +78,10 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_ROUND_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub round_timeout_ms: Option<i64>,
+    /// Gossip: after a neighbour misses an exchange, wait for it only this fraction of the local phase (at least 20 ms) once the others have answered, until it is in time again; off = always the full deadline [default: 0.2]
+    #[arg(long, env = "MURMUR_STRAGGLER_GRACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub straggler_grace: Option<String>,
     /// How long to wait at start for --nodes members, in milliseconds [default: 60000]
     #[arg(long, env = "MURMUR_JOIN_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,6 +158,14 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_API_TOKEN_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_token_file: Option<PathBuf>,
+    /// Serve the API over TLS with this certificate chain (PEM; with --api-tls-key; see `murmur api-cert`)
+    #[arg(long, env = "MURMUR_API_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The private key of --api-tls-cert (PEM)
+    #[arg(long, env = "MURMUR_API_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
     #[arg(long, env = "MURMUR_METRICS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,6 +204,8 @@ pub struct RunConfig {
     pub api: Option<SocketAddr>,
     /// The token control calls need; `None`: they need none.
     pub api_token: Option<ApiToken>,
+    /// The API's certificate and key; `None`: plain HTTP/2.
+    pub api_tls: Option<crate::api::ApiTls>,
     /// Where `/metrics` is served; `None`: off.
     pub metrics: Option<SocketAddr>,
     /// The API may listen beyond loopback without a token.
@@ -240,6 +254,8 @@ impl RunOptions {
             allow_peer: None,
             api: None,
             api_token_file: None,
+            api_tls_cert: None,
+            api_tls_key: None,
             metrics: None,
             api_insecure: None,
             ..self.clone()
@@ -316,6 +332,10 @@ impl RunOptions {
             exchange_prob,
             outer,
             samples_per_step: train.batch_size as u64,
+            straggler_grace: match self.straggler_grace.as_deref() {
+                None => Some(crate::mix::patience::DEFAULT_STRAGGLER_GRACE),
+                Some(g) => crate::mix::patience::parse_grace(g).map_err(bad)?,
+            },
         };
         let min_members = positive("--min-members", self.min_members.unwrap_or(1))? as usize;
         if min_members > train.nodes {
@@ -367,6 +387,12 @@ impl RunOptions {
                 .map(ApiToken::from_file)
                 .transpose()
                 .map_err(|e| bad(format!("--api-token-file: {e}")))?,
+            api_tls: match (&self.api_tls_cert, &self.api_tls_key) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(crate::api::ApiTls::load(cert, key).map_err(bad)?),
+                (Some(_), None) => return Err(bad("--api-tls-cert needs --api-tls-key")),
+                (None, Some(_)) => return Err(bad("--api-tls-key needs --api-tls-cert")),
+            },
             metrics: self.metrics.as_deref().map(|m| listen_addr("--metrics", m)).transpose()?,
             api_insecure: self.api_insecure.unwrap_or(false),
             faults: self
@@ -486,6 +512,7 @@ mod tests {
                 "nowhere",
             ),
             (RunOptions { allow_peer: Some(vec!["bob".into()]), ..Default::default() }, "bob"),
+            (RunOptions { straggler_grace: Some("-0.1".into()), ..Default::default() }, "-0.1"),
             (RunOptions { security: Some("tls,ssl".into()), ..Default::default() }, "\"ssl\""),
             (RunOptions { exchange_prob: Some(1.5), ..Default::default() }, "1.5"),
             (

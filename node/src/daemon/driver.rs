@@ -350,45 +350,75 @@ impl Driver {
         // The member answers when the entry round starts; wait for that and
         // a few exchanges more.
         let patience = self.run.join_timeout.max(3 * self.run.strategy.timeout);
-        let mut pull = Pull::new(source, names, Instant::now() + patience);
-        self.outbox.send(rejoin::request(source, entry), patience);
+        let until = Instant::now() + patience;
+        // The source, and a witness to check it against where there is one
+        // (picked after the watch, which lets members show up meanwhile).
+        let members = self.network.view().members;
+        let witness = rejoin::pick_witness(&members, self.me, &self.fingerprint, source, ahead);
+        let mut pulls: Vec<(Pull, Option<StrategyState>)> = [Some(source), witness]
+            .into_iter()
+            .flatten()
+            .map(|peer| (Pull::new(peer, names.clone()), None))
+            .collect();
+        for (pull, _) in &pulls {
+            self.outbox.send(rejoin::request(pull.from, entry), patience);
+        }
         let mut ask_again = Instant::now() + rejoin::PULL_RETRY;
         self.network.set_role(ROLE_NODE, entry).await;
-        info!(%source, round = ahead, entry, "pulling the run's state to rejoin");
-        let pulled = loop {
-            if self.stop.is_some() {
-                break None;
+        info!(%source, ?witness, round = ahead, entry, "pulling the run's state to rejoin");
+        loop {
+            if self.stop.is_some() || pulls.iter().all(|(_, got)| got.is_some()) {
+                break;
             }
-            let deadline = Some(ask_again.min(pull.deadline));
-            let wait = Wait { deadline, network: true, paused: false };
+            let wait = Wait { deadline: Some(ask_again.min(until)), network: true, paused: false };
             match self.inputs.next(&mut self.outbox, wait).await {
                 Event::Net(NetEvent::Payload { from, payload }) => {
                     let Some(m) = to_message(from, payload) else { continue };
-                    if !pull.answers(&m) {
+                    let Some((pull, got)) = pulls.iter_mut().find(|(p, _)| p.answers(&m)) else {
                         self.keep(m);
                         continue;
-                    }
+                    };
                     match pull.offer(m) {
-                        Ok(Some(state)) => break Some(state),
+                        Ok(Some(state)) => *got = Some(state),
                         Ok(None) => {}
-                        Err(reason) => warn!(%source, reason, "a pulled part was not taken"),
+                        Err(reason) => warn!(%from, reason, "a pulled part was not taken"),
                     }
                 }
-                Event::Deadline if Instant::now() < pull.deadline => {
-                    // The source refuses a request from a peer it does not
+                Event::Deadline if Instant::now() < until => {
+                    // A member refuses a request from a peer it does not
                     // list yet (its heartbeat may not have arrived): ask
                     // again; a request it holds already is not counted twice.
-                    self.outbox.send(rejoin::request(source, entry), rejoin::PULL_RETRY);
+                    for (pull, _) in pulls.iter().filter(|(_, got)| got.is_none()) {
+                        self.outbox.send(rejoin::request(pull.from, entry), rejoin::PULL_RETRY);
+                    }
                     ask_again = Instant::now() + rejoin::PULL_RETRY;
                 }
-                Event::Deadline => {
-                    warn!(%source, "no answer to the state pull; continuing from the checkpoint");
-                    break None;
-                }
+                Event::Deadline => break,
                 Event::NetClosed => return Err(NodeError::NetworkGone),
                 other => self.common(other, None)?,
             }
+        }
+        let mut got = pulls.into_iter().map(|(_, got)| got);
+        let (pulled, checked) = match (got.next().flatten(), got.next()) {
+            (None, _) => {
+                warn!(%source, "no answer to the state pull; continuing from the checkpoint");
+                (None, None)
+            }
+            (Some(state), None) => (Some(state), None),
+            (Some(state), Some(None)) => {
+                warn!(%source, ?witness, "the witness did not answer; taking the source's state unchecked");
+                (Some(state), Some(false))
+            }
+            (Some(state), Some(Some(seen))) => match rejoin::agree(&state, &seen) {
+                Ok(()) => (Some(state), Some(true)),
+                Err(why) => {
+                    warn!(%source, ?witness, %why, "the source's state disagrees with the witness's; continuing from the checkpoint");
+                    self.record.pull_disagreed = Some(why);
+                    (None, Some(false))
+                }
+            },
         };
+        self.record.pull_witnessed = checked;
         match pulled {
             Some(state) => {
                 let round = state.round;
@@ -886,6 +916,8 @@ impl Driver {
             pulled_from: self.record.pulled_from.map(|p| p.to_string()),
             pulled_parts: self.record.pulled.as_ref().map(|(p, _)| p.clone()).unwrap_or_default(),
             pulled_round: self.record.pulled.as_ref().map(|(_, r)| *r),
+            pull_witnessed: self.record.pull_witnessed,
+            pull_disagreed: self.record.pull_disagreed.clone(),
             members_at_start: self.record.members_at_start,
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),

@@ -116,8 +116,14 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     let (control_tx, control_rx) = mpsc::channel(16);
     let api = match run.api {
         Some(addr) => Some(
-            crate::api::serve(addr, run.api_token.clone(), board.clone(), control_tx.clone())
-                .await?,
+            crate::api::serve(
+                addr,
+                run.api_token.clone(),
+                run.api_tls.clone(),
+                board.clone(),
+                control_tx.clone(),
+            )
+            .await?,
         ),
         None => None,
     };
@@ -160,7 +166,10 @@ fn announce(
     let me = network.local_peer;
     let addrs: Vec<String> =
         network.view().listen_addrs.iter().map(|a| format!("{a}/p2p/{me}")).collect();
-    let api_addr = api.map(|a| a.addr.to_string());
+    let api_addr = api.map(|a| match a.tls {
+        true => format!("https://{}", a.addr),
+        false => a.addr.to_string(),
+    });
     let metrics_addr = metrics.map(|m| m.addr.to_string());
     reporter.emit(
         serde_json::json!({"event": "listening", "peer_id": me.to_string(), "addrs": addrs,

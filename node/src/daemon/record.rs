@@ -37,6 +37,11 @@ pub struct Record {
     pub pulled_from: Option<PeerId>,
     /// The parts of the pulled state, and the round it was for.
     pub pulled: Option<(Vec<String>, u64)>,
+    /// Whether a second member's state confirmed the pulled one (`None`:
+    /// there was no second member to ask).
+    pub pull_witnessed: Option<bool>,
+    /// How the source's state differed from the witness's, when it did.
+    pub pull_disagreed: Option<String>,
     /// Members (this node included) when training started.
     pub members_at_start: usize,
 }

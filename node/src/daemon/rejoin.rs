@@ -13,7 +13,10 @@
 //! (the parameters to continue from, then what the strategy carries across
 //! rounds, such as DiLoCo's theta and outer momentum), each part a
 //! `PullReply` message; [`Pull`] assembles and checks them. So the joiner
-//! trains that round with everyone, in everyone's exchanges. It asks again every
+//! trains that round with everyone, in everyone's exchanges. Where another
+//! member trains the same model, the joiner asks it too ([`pick_witness`])
+//! and takes the source's state only if the two agree ([`agree`]): one
+//! member cannot hand a joiner a model of its own. It asks again every
 //! [`PULL_RETRY`] until the state comes (a request that arrives before the
 //! joiner's first heartbeat is refused); if none comes by the deadline it
 //! continues from its checkpoint.
@@ -54,11 +57,67 @@ pub fn pick_source(members: &[Member], me: PeerId, fingerprint: &str) -> Option<
     live.get(live.len().checked_sub(1)? / 2).map(|m| (m.peer, m.round))
 }
 
+/// A second member to check the source's state against: of the other live
+/// trainers of this model, the one whose round is nearest `round`.
+pub fn pick_witness(
+    members: &[Member],
+    me: PeerId,
+    fingerprint: &str,
+    source: PeerId,
+    round: u64,
+) -> Option<PeerId> {
+    members
+        .iter()
+        .filter(|m| {
+            m.peer != me && m.peer != source && m.role == ROLE_NODE && m.fingerprint == fingerprint
+        })
+        .min_by_key(|m| (m.round.abs_diff(round), m.peer))
+        .map(|m| m.peer)
+}
+
+/// How far apart two members' parameters may be, relative to the
+/// witness's norm, and still agree. Honest members of one run are within a
+/// few percent of each other after a mix (DiLoCo's exactly equal); a
+/// model of the source's own making is not.
+pub const WITNESS_TOLERANCE: f64 = 0.25;
+
+/// Rounds apart two members may answer a pull and still be compared: a
+/// gossip member runs a round or two ahead of another.
+pub const MAX_WITNESS_ROUND_GAP: u64 = 2;
+
+/// Whether the `source`'s pulled state agrees with the `witness`'s: rounds
+/// at most `MAX_WITNESS_ROUND_GAP` apart, the same parts, and parameters (the first part) within
+/// `WITNESS_TOLERANCE`. Says how they differ if not.
+pub fn agree(source: &StrategyState, witness: &StrategyState) -> Result<(), String> {
+    if source.round.abs_diff(witness.round) > MAX_WITNESS_ROUND_GAP
+        || source.names() != witness.names()
+    {
+        return Err(format!(
+            "round {} {:?} against the witness's round {} {:?}",
+            source.round,
+            source.names(),
+            witness.round,
+            witness.names()
+        ));
+    }
+    let (Some(a), Some(b)) = (source.parts.first(), witness.parts.first()) else { return Ok(()) };
+    if a.values.len() != b.values.len() {
+        return Err(format!("{} values against the witness's {}", a.values.len(), b.values.len()));
+    }
+    let norm = b.values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+    let distance = crate::mix::aggregate::l2_distance(&a.values, &b.values);
+    if distance.is_nan() || distance > WITNESS_TOLERANCE * norm {
+        return Err(format!(
+            "parameters {distance:.3e} from the witness's (norm {norm:.3e}; at most {WITNESS_TOLERANCE} of it)"
+        ));
+    }
+    Ok(())
+}
+
 /// A state being pulled from one member.
 #[derive(Debug)]
 pub struct Pull {
     pub from: PeerId,
-    pub deadline: Instant,
     names: Vec<String>,
     round: Option<u64>,
     parts: BTreeMap<u32, Vec<f32>>,
@@ -66,8 +125,8 @@ pub struct Pull {
 
 impl Pull {
     /// Expects the parts `names` (the local strategy's, in order) from `from`.
-    pub fn new(from: PeerId, names: Vec<String>, deadline: Instant) -> Pull {
-        Pull { from, deadline, names, round: None, parts: BTreeMap::new() }
+    pub fn new(from: PeerId, names: Vec<String>) -> Pull {
+        Pull { from, names, round: None, parts: BTreeMap::new() }
     }
 
     /// Whether `m` is an answer to this pull (the driver keeps the rest).
@@ -251,6 +310,35 @@ mod tests {
     }
 
     #[test]
+    fn the_witness_is_another_trainer_of_this_model_nearest_the_source() {
+        let ids: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let (me, source) = (ids[0], ids[1]);
+        let members = [
+            member(me, 50, ROLE_NODE, "fp"),
+            member(source, 10, ROLE_NODE, "fp"),
+            member(ids[2], 30, ROLE_NODE, "fp"),
+            member(ids[3], 11, ROLE_JOINING, "fp"),
+            member(ids[4], 12, ROLE_NODE, "other"),
+        ];
+        assert_eq!(pick_witness(&members, me, "fp", source, 10), Some(ids[2]));
+        assert_eq!(pick_witness(&members[..2], me, "fp", source, 10), None);
+    }
+
+    #[test]
+    fn a_source_state_far_from_the_witness_is_refused_with_the_distance() {
+        let state = |round, x: Vec<f32>| StrategyState::new(round, vec![("params", x)]);
+        let honest = state(7, vec![1.0, 2.0, 3.0]);
+        assert_eq!(agree(&state(7, vec![1.1, 2.0, 2.9]), &honest), Ok(()));
+        let own = agree(&state(7, vec![-1.0, 2.0, 3.0]), &honest).unwrap_err();
+        assert!(own.contains("from the witness's"), "{own}");
+        assert_eq!(agree(&state(9, vec![1.0, 2.0, 3.0]), &honest), Ok(()), "two rounds apart");
+        assert!(agree(&state(10, vec![1.0, 2.0, 3.0]), &honest).unwrap_err().contains("round 10"));
+        assert!(agree(&state(7, vec![1.0, 2.0]), &honest).unwrap_err().contains("2 values"));
+        let nan = agree(&state(7, vec![f32::NAN, 2.0, 3.0]), &honest);
+        assert!(nan.is_err(), "NaN is never within the tolerance");
+    }
+
+    #[test]
     fn a_joiner_enters_a_second_of_rounds_ahead_plus_two() {
         // 100 rounds in 2 s: 50 a second, so 50 + 2 ahead of round 130.
         assert_eq!(entry_round(30, 130, Duration::from_secs(2)), 182);
@@ -263,7 +351,7 @@ mod tests {
     fn a_pull_assembles_the_parts_of_one_round() {
         let from = PeerId::random();
         let names = vec!["params".to_string(), "outer_momentum".to_string()];
-        let mut pull = Pull::new(from, names, Instant::now());
+        let mut pull = Pull::new(from, names);
         let state = StrategyState::new(
             5,
             vec![("params", vec![1.0, 2.0]), ("outer_momentum", vec![0.5, 0.0])],

@@ -28,6 +28,13 @@ pub struct NodeSummary {
     pub pulled_parts: Vec<String>,
     /// The round the pulled state was for (the one the node trained next).
     pub pulled_round: Option<u64>,
+    /// Whether a second member confirmed the pulled state (absent: no
+    /// second member to ask).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull_witnessed: Option<bool>,
+    /// Why the source's state was refused: how it differed from the witness's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull_disagreed: Option<String>,
     /// Members (this node included) when training started.
     pub members_at_start: usize,
     pub interrupted: bool,

@@ -23,6 +23,7 @@ use crate::net::encoding::Encoding;
 use super::mixer::{
     Action, Drops, Input, Message, Mixer, MsgKind, Roster, StateError, StrategyState,
 };
+use super::patience::Patience;
 use super::topology::{Topology, TopologyError, TopologySpec};
 
 /// How far ahead of the current exchange a message may be and still be kept.
@@ -57,12 +58,26 @@ pub struct GossipConfig {
     pub norm_bound: f64,
     /// How parameters travel.
     pub encoding: Encoding,
+    /// How long a neighbour that missed an exchange is waited for, once
+    /// the others answered, as a fraction of the local phase (see
+    /// `patience`); `None` waits the full deadline for everyone.
+    pub straggler_grace: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
     Training,
-    Exchanging { step: u64, deadline: Instant, expect: Vec<PeerId> },
+    Exchanging {
+        step: u64,
+        deadline: Instant,
+        expect: Vec<PeerId>,
+        /// When the exchange began or last heard an expected peer: while
+        /// neighbours keep arriving the wait is free, a silent one never does.
+        last_heard: Instant,
+        /// What waiting for each peer that answered cost beyond the grace
+        /// after the answer before it (see `patience`).
+        charged: BTreeMap<PeerId, Duration>,
+    },
     Done,
 }
 
@@ -79,6 +94,12 @@ pub struct Gossip {
     /// Peers whose message for a slot was refused on arrival: not waited for.
     refused: BTreeMap<u64, std::collections::BTreeSet<PeerId>>,
     drops: Drops,
+    patience: Patience,
+    /// When the local phase under way began, and how long the last one took.
+    training_since: Option<Instant>,
+    local_phase: Duration,
+    /// When the last exchange mixed (or the node started).
+    last_mix: Option<Instant>,
     norm_bound: NormBound,
     /// x right after the last mix; kept only while the norm bound is on.
     last_mixed: Option<Vec<f32>>,
@@ -96,6 +117,7 @@ impl Gossip {
         me: PeerId,
         members: Vec<PeerId>,
     ) -> Result<Gossip, TopologyError> {
+        let patience = Patience::new(cfg.straggler_grace, cfg.timeout, &members);
         let roster = Roster::new(me, members);
         let topology = Some(Topology::new(&cfg.topology, roster.len(), cfg.seed)?);
         let norm_bound = NormBound::new(cfg.norm_bound).unwrap_or_else(|e| {
@@ -112,6 +134,10 @@ impl Gossip {
             inbox: BTreeMap::new(),
             refused: BTreeMap::new(),
             drops: Drops::default(),
+            patience,
+            training_since: None,
+            local_phase: Duration::ZERO,
+            last_mix: None,
             norm_bound,
             last_mixed: None,
             update_norm: None,
@@ -169,38 +195,81 @@ impl Gossip {
             })
             .collect();
         let expect = ins.iter().map(|&j| self.roster.members[j]).collect();
-        self.phase = Phase::Exchanging { step, deadline: now + self.cfg.timeout, expect };
+        self.phase = Phase::Exchanging {
+            step,
+            deadline: now + self.cfg.timeout,
+            expect,
+            last_heard: now,
+            charged: BTreeMap::new(),
+        };
         actions.extend(self.try_mix(now, false));
         actions
     }
 
-    /// Mixes if every expected message arrived, or `force` (deadline passed).
+    /// Mixes if every expected message arrived, if the peers still missing
+    /// have used up their patience, or `force` (deadline passed).
     fn try_mix(&mut self, now: Instant, force: bool) -> Vec<Action> {
-        let Phase::Exchanging { step, expect, .. } = &self.phase else { return Vec::new() };
-        let (step, expect) = (*step, expect.clone());
-        let slot = self.slot(step);
-        let inbox = self.inbox.get(&slot);
-        let refused = self.refused.get(&slot);
-        // Each expected peer counts once, whether its message arrived, was
-        // refused, or both: a refused-plus-valid pair must not stand in for
-        // an honest neighbour still on its way.
-        let answered = expect
-            .iter()
-            .filter(|p| {
-                inbox.is_some_and(|m| m.contains_key(p)) || refused.is_some_and(|r| r.contains(p))
-            })
-            .count();
-        if answered < expect.len() && !force {
+        let Phase::Exchanging { step, expect, deadline, last_heard, charged } = &self.phase else {
+            return Vec::new();
+        };
+        let (step, expect, deadline, last_heard) = (*step, expect.clone(), *deadline, *last_heard);
+        let charged = charged.clone();
+        let waiting = self.waiting(&expect, self.slot(step));
+        if !waiting.is_empty() && !force && now < self.wait_limit(&waiting, last_heard, deadline) {
             return Vec::new();
         }
-        self.drops.add_many("missing_at_deadline", expect.len().saturating_sub(answered) as u64);
+        let slot = self.slot(step);
+        let reason = if now >= deadline { "missing_at_deadline" } else { "missing_after_grace" };
+        self.drops.add_many(reason, waiting.len() as u64);
+        // What waiting cost each peer beyond the grace, and who was in time.
+        let unanswered = now.saturating_duration_since(last_heard + self.grace());
+        let took = self.last_mix.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_mix = Some(now);
+        for p in &expect {
+            let waited = match waiting.contains(p) {
+                true => unanswered,
+                false => charged.get(p).copied().unwrap_or_default(),
+            };
+            let in_time = self.inbox.get(&slot).is_some_and(|m| m.contains_key(p));
+            self.patience.settle(*p, waited, in_time, took);
+        }
         self.refused = self.refused.split_off(&(slot + 1));
         let msgs = self.inbox.remove(&slot).unwrap_or_default();
         self.mix(&expect, msgs, slot);
         if step + 1 < self.cfg.gossip_steps {
             return self.begin_step(step + 1, now);
         }
-        self.finish_round(true)
+        self.finish_round(true, now)
+    }
+
+    /// How long every neighbour is waited for (see `patience`).
+    fn grace(&self) -> Duration {
+        self.patience.grace(self.local_phase)
+    }
+
+    /// Expected peers that have not answered `slot`. Each counts once,
+    /// whether its message arrived, was refused, or both: a
+    /// refused-plus-valid pair must not stand in for an honest neighbour
+    /// still on its way.
+    fn waiting(&self, expect: &[PeerId], slot: u64) -> Vec<PeerId> {
+        let inbox = self.inbox.get(&slot);
+        let refused = self.refused.get(&slot);
+        expect
+            .iter()
+            .filter(|p| {
+                !(inbox.is_some_and(|m| m.contains_key(p))
+                    || refused.is_some_and(|r| r.contains(p)))
+            })
+            .copied()
+            .collect()
+    }
+
+    /// When the exchange stops waiting for `waiting`: the grace after the
+    /// last answer, then the largest credit among them, never past the
+    /// deadline.
+    fn wait_limit(&self, waiting: &[PeerId], last_heard: Instant, deadline: Instant) -> Instant {
+        let credit = waiting.iter().map(|p| self.patience.allowance(p)).max().unwrap_or_default();
+        (last_heard + self.grace() + credit).min(deadline)
     }
 
     /// Combines x with the expected messages of `slot` that pass the norm
@@ -246,7 +315,7 @@ impl Gossip {
         self.update_norm.is_none_or(|u| self.norm_bound.admits(&self.x, values, u))
     }
 
-    fn finish_round(&mut self, mixed: bool) -> Vec<Action> {
+    fn finish_round(&mut self, mixed: bool, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         if mixed {
             if self.norm_bound.is_enabled() {
@@ -265,6 +334,7 @@ impl Gossip {
             actions.push(Action::Finish);
         } else {
             self.phase = Phase::Training;
+            self.training_since = Some(now);
             actions.push(Action::Train { steps: self.cfg.local_steps });
         }
         actions
@@ -293,8 +363,23 @@ impl Gossip {
             self.drops.add(r);
             return Vec::new();
         }
+        self.heard(m.peer, m.slot, now);
         self.inbox.entry(m.slot).or_default().insert(m.peer, m);
         self.try_mix(now, false)
+    }
+
+    /// Notes an answer of `peer` for `slot` at `now`, if that is the
+    /// exchange under way.
+    fn heard(&mut self, peer: PeerId, slot: u64, now: Instant) {
+        let (current, grace) = (self.current_slot(), self.grace());
+        if let Phase::Exchanging { last_heard, charged, expect, .. } = &mut self.phase
+            && slot == current
+            && expect.contains(&peer)
+            && !charged.contains_key(&peer)
+        {
+            charged.insert(peer, now.saturating_duration_since(*last_heard + grace));
+            *last_heard = now;
+        }
     }
 
     /// Whether `peer` sends to this node in `slot` (only those messages are
@@ -334,11 +419,13 @@ impl Mixer for Gossip {
         Ok(x)
     }
 
-    fn start(&mut self, _now: Instant) -> Vec<Action> {
+    fn start(&mut self, now: Instant) -> Vec<Action> {
         if self.round >= self.cfg.rounds {
             self.phase = Phase::Done;
             return vec![Action::Finish];
         }
+        self.training_since = Some(now);
+        self.last_mix = Some(now);
         vec![Action::Train { steps: self.cfg.local_steps }]
     }
 
@@ -355,18 +442,22 @@ impl Mixer for Gossip {
                     .filter(|last| last.len() == params.len())
                     .map(|last| l2_distance(&params, last));
                 self.x = params;
+                if let Some(since) = self.training_since.take() {
+                    self.local_phase = now.saturating_duration_since(since);
+                }
                 if self.cfg.comm.communicates(self.round, self.cfg.rounds)
                     && self.cfg.gossip_steps > 0
                 {
                     self.begin_step(0, now)
                 } else {
-                    self.finish_round(false)
+                    self.finish_round(false, now)
                 }
             }
             Input::Received(m) => self.receive(m, now),
             Input::Refused { peer, kind: MsgKind::Params, slot } => {
                 let current = self.current_slot();
                 if slot >= current && slot <= current + MAX_SLOTS_AHEAD {
+                    self.heard(peer, slot, now);
                     self.refused.entry(slot).or_default().insert(peer);
                 }
                 self.try_mix(now, false)
@@ -383,19 +474,21 @@ impl Mixer for Gossip {
                 self.try_mix(now, false)
             }
             Input::Members(members) => {
+                self.patience.set_members(&members);
                 self.roster = Roster::new(self.roster.me(), members);
                 Vec::new()
             }
-            Input::Tick => match &self.phase {
-                Phase::Exchanging { deadline, .. } if now >= *deadline => self.try_mix(now, true),
-                _ => Vec::new(),
-            },
+            Input::Tick if self.deadline().is_some_and(|d| now >= d) => self.try_mix(now, true),
+            Input::Tick => Vec::new(),
         }
     }
 
     fn deadline(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Exchanging { deadline, .. } => Some(*deadline),
+            Phase::Exchanging { step, expect, deadline, last_heard, .. } => {
+                let waiting = self.waiting(expect, self.slot(*step));
+                Some(self.wait_limit(&waiting, *last_heard, *deadline))
+            }
             _ => None,
         }
     }
@@ -436,6 +529,7 @@ mod tests {
             aggregator: Aggregator::Mean,
             norm_bound: 0.0,
             encoding: Encoding::F32,
+            straggler_grace: Some(crate::mix::patience::DEFAULT_STRAGGLER_GRACE),
         }
     }
 
@@ -535,11 +629,104 @@ mod tests {
         let acts = g.handle(Input::Refused { peer: ids[2], kind: MsgKind::Params, slot: 0 }, t0);
         assert_eq!(acts, vec![Action::SetParams(vec![1.5]), Action::Train { steps: 5 }]);
         assert_eq!(g.drops.get("missing_at_deadline"), 0);
-        // Next round nothing arrives from either: both are missing at the deadline.
+        // Next round nothing arrives from either: both are missing at the
+        // deadline (members at the start have a deadline of credit).
         g.handle(Input::LocalDone { params: vec![1.5], samples: 1 }, t0);
         g.handle(Input::Tick, t0 + Duration::from_secs(1));
         assert_eq!(g.drops.get("missing_at_deadline"), 2);
         assert_eq!(g.neighbour_distance(), Some(3.0), "the last exchange that mixed anyone");
+    }
+
+    /// One round of node 0 on K3 whose local phase takes `local`, starting
+    /// at `t`; node 1 answers at once, node 2 `late` after it (never: None),
+    /// unless node 0 has stopped waiting by then. Returns when node 0 mixed
+    /// and the value it mixed to.
+    fn round_with(
+        g: &mut Gossip,
+        ids: &[PeerId],
+        t: Instant,
+        local: Duration,
+        late: Option<Duration>,
+    ) -> (Instant, f32) {
+        let slot = g.round();
+        let done = t + local;
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, done);
+        let mut acts = g.handle(params(ids[1], slot, 3.0), done);
+        let mut arrival = late.map(|l| done + l);
+        let mut at = done;
+        while acts.is_empty() {
+            let tick = g.deadline().unwrap();
+            (at, acts) = match arrival.take() {
+                Some(a) if a < tick => (a, g.handle(params(ids[2], slot, 6.0), a)),
+                _ => (tick, g.handle(Input::Tick, tick)),
+            };
+        }
+        let Action::SetParams(x) = &acts[0] else { panic!("{acts:?}") };
+        (at, x[0])
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_silent_member_costs_its_credit_once_then_only_the_grace() {
+        let ids = peers(3);
+        let mut g = Gossip::new(cfg("complete", 100), ids[0], ids.clone()).unwrap();
+        let local = ms(500);
+        let t0 = Instant::now();
+        g.start(t0);
+        // A member at the start has a deadline of credit: the first silence
+        // is waited out; 900 ms of it spent beyond the 100 ms grace.
+        let (t1, _) = round_with(&mut g, &ids, t0, local, None);
+        assert_eq!(t1, t0 + local + ms(1000));
+        // The grace (0.2 x 500 ms) and the 100 ms left, then the grace alone.
+        let (t2, x) = round_with(&mut g, &ids, t1, local, None);
+        assert_eq!((t2, x), (t1 + local + ms(200), 1.5), "mixed with node 1 alone");
+        let (t3, x) = round_with(&mut g, &ids, t2, local, Some(ms(300)));
+        assert_eq!((t3, x), (t2 + local + ms(100), 1.5), "300 ms late is too late now");
+        assert_eq!(g.drops.get("missing_at_deadline"), 1);
+        assert_eq!(g.drops.get("missing_after_grace"), 2);
+        // Within the grace it is mixed, and each answer in time earns it
+        // 0.2 x 560 ms: after 9, a deadline's worth.
+        let mut t = t3;
+        for _ in 0..9 {
+            let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(60)));
+            assert_eq!((next, x), (t + local + ms(60), 3.0));
+            t = next;
+        }
+        let (t4, x) = round_with(&mut g, &ids, t, local, Some(ms(900)));
+        assert_eq!((t4, x), (t + local + ms(900), 3.0), "waited for again");
+        // Off: every silence costs the deadline.
+        let mut c = cfg("complete", 100);
+        c.straggler_grace = None;
+        let mut g = Gossip::new(c, ids[0], ids.clone()).unwrap();
+        g.start(t0);
+        let (t1, _) = round_with(&mut g, &ids, t0, local, None);
+        let (t2, _) = round_with(&mut g, &ids, t1, local, None);
+        assert_eq!(t2, t1 + local + ms(1000));
+    }
+
+    #[test]
+    fn a_member_that_joined_later_is_waited_for_only_the_grace_until_it_earns_more() {
+        let ids = peers(3);
+        let mut g = Gossip::new(cfg("complete", 100), ids[0], ids[..2].to_vec()).unwrap();
+        g.handle(Input::Members(ids.clone()), Instant::now());
+        let local = ms(200);
+        let t0 = Instant::now();
+        g.start(t0);
+        // Grace: max(0.2 x 200 ms, MIN_GRACE) = 40 ms; no credit yet.
+        let (t1, x) = round_with(&mut g, &ids, t0, local, Some(ms(300)));
+        assert_eq!((t1, x), (t0 + local + ms(40), 1.5));
+        // Each answer in time earns 0.2 x 230 ms; 15 of them, 690 ms.
+        let mut t = t1;
+        for i in 0..15 {
+            let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(30)));
+            assert_eq!((next, x), (t + local + ms(30), 3.0), "round {i}");
+            t = next;
+        }
+        let (t2, x) = round_with(&mut g, &ids, t, local, Some(ms(700)));
+        assert_eq!((t2, x), (t + local + ms(700), 3.0), "earned: waited for");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod diloco;
 pub mod gossip;
 pub mod merge;
 pub mod mixer;
+pub mod patience;
 pub mod sim;
 pub mod strategy;
 pub mod topology;

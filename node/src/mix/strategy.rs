@@ -169,6 +169,9 @@ pub struct StrategySpec {
     /// Samples one local step processes (the batch size; 1 for pure
     /// averaging): with `local_steps` it bounds a peer's declared weight.
     pub samples_per_step: u64,
+    /// Gossip's grace for neighbours that missed an exchange, as a fraction
+    /// of the local phase; `None` waits the full deadline (see `patience`).
+    pub straggler_grace: Option<f64>,
 }
 
 impl StrategySpec {
@@ -189,6 +192,7 @@ impl StrategySpec {
             comm: None,
             exchange_prob: 0.0,
             outer: OuterSettings::default(),
+            straggler_grace: Some(super::patience::DEFAULT_STRAGGLER_GRACE),
             samples_per_step: 1,
         }
     }
@@ -260,6 +264,7 @@ pub fn build(
                 aggregator: spec.aggregator,
                 norm_bound: spec.norm_bound,
                 encoding: spec.encoding,
+                straggler_grace: spec.straggler_grace,
             };
             Box::new(Gossip::new(cfg, me, members)?)
         }
