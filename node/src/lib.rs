@@ -2,15 +2,14 @@
 //!
 //! Every node trains its own copy of a model with libtorch and mixes it with
 //! its peers. This crate holds the node: local training (`train`), the flat
-//! parameter vector every other part speaks (`params`) and the command line
-//! (`cli`).
+//! parameter vector it exchanges (`params`), one node's event loop
+//! (`daemon`) and the command line (`cli`). Mixing, networking, faults,
+//! status and the API live in the libtorch-free `murmur-core`, re-exported
+//! here under their own names.
 
-pub mod api;
+pub use murmur_core::{api, fault, mix, net, status};
+
 pub mod cli;
 pub mod daemon;
-pub mod fault;
-pub mod mix;
-pub mod net;
 pub mod params;
-pub mod status;
 pub mod train;

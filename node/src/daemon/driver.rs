@@ -40,7 +40,7 @@ use crate::api::SavedCheckpoint;
 use crate::fault::{CRASH_EXIT_CODE, Faults};
 use crate::mix::mixer::{Action, Input, Message, Mixer, MsgKind, StrategyState};
 use crate::mix::strategy;
-use crate::net::membership::ROLE_NODE;
+use crate::net::membership::Role;
 use crate::net::service::{NetEvent, Network};
 use crate::params::ParamLayout;
 use crate::status::{StatusBoard, model_hash};
@@ -209,7 +209,7 @@ impl Driver {
             .view()
             .members
             .iter()
-            .filter(|m| m.role == ROLE_NODE && m.fingerprint == self.fingerprint)
+            .filter(|m| m.role == Role::Node && m.fingerprint == self.fingerprint)
             .filter(|m| m.entry_round <= round)
             .map(|m| m.peer)
             .collect();
@@ -325,7 +325,7 @@ impl Driver {
         let view = self.network.view();
         let Some((source, r0)) = rejoin::pick_source(&view.members, self.me, &self.fingerprint)
         else {
-            self.network.set_role(ROLE_NODE, saved.round).await;
+            self.network.set_role(Role::Node, saved.round).await;
             return Ok((saved.round, saved.state.clone()));
         };
         // The parts this node's strategy keeps, from a strategy built only to ask.
@@ -364,7 +364,7 @@ impl Driver {
             self.outbox.send(rejoin::request(pull.from, entry), patience);
         }
         let mut ask_again = Instant::now() + rejoin::PULL_RETRY;
-        self.network.set_role(ROLE_NODE, entry).await;
+        self.network.set_role(Role::Node, entry).await;
         info!(%source, ?witness, round = ahead, entry, "pulling the run's state to rejoin");
         loop {
             if self.stop.is_some() || pulls.iter().all(|(_, got)| got.is_some()) {

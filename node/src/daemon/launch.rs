@@ -21,7 +21,7 @@ use crate::fault::Faults;
 use crate::mix::mixer::StrategyState;
 use crate::mix::strategy::StrategyError;
 use crate::net::membership::MemberLimits;
-use crate::net::membership::{ROLE_JOINING, ROLE_NODE};
+use crate::net::membership::Role;
 use crate::net::service::{NetConfig, Network};
 use crate::status::{NodeState, StatusBoard, model_hash};
 use crate::train::config::TrainConfig;
@@ -93,7 +93,7 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.member_limits =
         MemberLimits { max_members: run.max_members, max_round: run.strategy.rounds };
     // A resuming node takes no part in exchanges until it has the run's state.
-    net_cfg.role = if setup.resume.is_some() { ROLE_JOINING } else { ROLE_NODE }.into();
+    net_cfg.role = if setup.resume.is_some() { Role::Joining } else { Role::Node };
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;
     let network = Arc::new(network);
     let initial = setup.trainer.model.params().map(|p| p.values).unwrap_or_default();

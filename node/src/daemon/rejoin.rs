@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 
 use crate::mix::mixer::{Message, MsgKind, StrategyState};
-use crate::net::membership::{Member, ROLE_JOINING, ROLE_NODE};
+use crate::net::membership::{Member, Role};
 
 /// Pull requests waiting for a round end, over all peers.
 pub const MAX_PENDING_PULLS: usize = 8;
@@ -51,7 +51,7 @@ pub const PULL_RETRY: Duration = Duration::from_secs(2);
 pub fn pick_source(members: &[Member], me: PeerId, fingerprint: &str) -> Option<(PeerId, u64)> {
     let mut live: Vec<&Member> = members
         .iter()
-        .filter(|m| m.peer != me && m.role == ROLE_NODE && m.fingerprint == fingerprint)
+        .filter(|m| m.peer != me && m.role == Role::Node && m.fingerprint == fingerprint)
         .collect();
     live.sort_by_key(|m| (m.round, m.peer));
     live.get(live.len().checked_sub(1)? / 2).map(|m| (m.peer, m.round))
@@ -69,7 +69,7 @@ pub fn pick_witness(
     members
         .iter()
         .filter(|m| {
-            m.peer != me && m.peer != source && m.role == ROLE_NODE && m.fingerprint == fingerprint
+            m.peer != me && m.peer != source && m.role == Role::Node && m.fingerprint == fingerprint
         })
         .min_by_key(|m| (m.round.abs_diff(round), m.peer))
         .map(|m| m.peer)
@@ -217,7 +217,7 @@ impl PullServer {
         let known = members.iter().any(|m| {
             m.peer == peer
                 && m.fingerprint == fingerprint
-                && (m.role == ROLE_NODE || m.role == ROLE_JOINING)
+                && (m.role == Role::Node || m.role == Role::Joining)
         });
         if !known {
             return Err("pull_from_non_member");
@@ -259,12 +259,12 @@ impl PullServer {
 mod tests {
     use super::*;
 
-    fn member(peer: PeerId, round: u64, role: &str, fp: &str) -> Member {
+    fn member(peer: PeerId, round: u64, role: Role, fp: &str) -> Member {
         Member {
             peer,
             addrs: Vec::new(),
             round,
-            role: role.into(),
+            role,
             fingerprint: fp.into(),
             entry_round: 0,
             last_seen: Instant::now(),
@@ -282,11 +282,11 @@ mod tests {
             PeerId::random(),
         );
         let members = [
-            member(me, 50, ROLE_NODE, "fp"),
-            member(a, 7, ROLE_NODE, "fp"),
-            member(b, 9, ROLE_NODE, "fp"),
-            member(c, 30, ROLE_NODE, "other"),
-            member(d, 40, ROLE_JOINING, "fp"),
+            member(me, 50, Role::Node, "fp"),
+            member(a, 7, Role::Node, "fp"),
+            member(b, 9, Role::Node, "fp"),
+            member(c, 30, Role::Node, "other"),
+            member(d, 40, Role::Joining, "fp"),
         ];
         assert_eq!(pick_source(&members, me, "fp"), Some((a, 7)), "the lower of two");
         assert_eq!(pick_source(&members[..1], me, "fp"), None, "alone");
@@ -300,9 +300,9 @@ mod tests {
         let mut members: Vec<Member> = honest
             .iter()
             .zip([100, 101, 99])
-            .map(|(p, r)| member(*p, r, ROLE_NODE, "fp"))
+            .map(|(p, r)| member(*p, r, Role::Node, "fp"))
             .collect();
-        members.push(member(liar, u64::MAX, ROLE_NODE, "fp"));
+        members.push(member(liar, u64::MAX, Role::Node, "fp"));
         let (source, round) = pick_source(&members, me, "fp").unwrap();
         assert!(honest.contains(&source) && round == 100, "{source} at {round}");
         // Entry arithmetic on the largest rounds saturates, never wraps.
@@ -314,11 +314,11 @@ mod tests {
         let ids: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
         let (me, source) = (ids[0], ids[1]);
         let members = [
-            member(me, 50, ROLE_NODE, "fp"),
-            member(source, 10, ROLE_NODE, "fp"),
-            member(ids[2], 30, ROLE_NODE, "fp"),
-            member(ids[3], 11, ROLE_JOINING, "fp"),
-            member(ids[4], 12, ROLE_NODE, "other"),
+            member(me, 50, Role::Node, "fp"),
+            member(source, 10, Role::Node, "fp"),
+            member(ids[2], 30, Role::Node, "fp"),
+            member(ids[3], 11, Role::Joining, "fp"),
+            member(ids[4], 12, Role::Node, "other"),
         ];
         assert_eq!(pick_witness(&members, me, "fp", source, 10), Some(ids[2]));
         assert_eq!(pick_witness(&members[..2], me, "fp", source, 10), None);
@@ -374,11 +374,11 @@ mod tests {
     fn pulls_are_served_to_members_once_each_and_not_too_often() {
         let fp = "fp";
         let peers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
-        let members: Vec<Member> = peers.iter().map(|p| member(*p, 1, ROLE_JOINING, fp)).collect();
+        let members: Vec<Member> = peers.iter().map(|p| member(*p, 1, Role::Joining, fp)).collect();
         let mut s = PullServer::default();
         let t0 = Instant::now();
         assert_eq!(s.request(PeerId::random(), 5, &members, fp, t0), Err("pull_from_non_member"));
-        let wrong_model = [member(peers[0], 1, ROLE_NODE, "other")];
+        let wrong_model = [member(peers[0], 1, Role::Node, "other")];
         assert_eq!(s.request(peers[0], 5, &wrong_model, fp, t0), Err("pull_from_non_member"));
         assert_eq!(s.request(peers[0], 5, &members, fp, t0), Ok(()));
         assert_eq!(s.request(peers[0], 5, &members, fp, t0), Err("pull_already_pending"));

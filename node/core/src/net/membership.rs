@@ -22,13 +22,40 @@ use murmur_proto::wire::v1::Heartbeat;
 
 use super::log_limit::peer_text;
 
-/// The role of a member that trains.
-pub const ROLE_NODE: &str = "node";
-/// The role of a node that is pulling the run's state to rejoin: a member
-/// others see, but not one that takes part in exchanges yet.
-pub const ROLE_JOINING: &str = "joining";
-/// Roles this version knows; a heartbeat with another is refused.
-const ROLES: &[&str] = &[ROLE_NODE, ROLE_JOINING];
+/// What a member does in the run, as its heartbeats say. A heartbeat with
+/// a role this version does not know is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Trains and takes part in exchanges.
+    Node,
+    /// Pulls the run's state to rejoin: a member others see, but not one
+    /// that takes part in exchanges yet.
+    Joining,
+}
+
+impl Role {
+    /// Every role this version knows.
+    pub const ALL: [Role; 2] = [Role::Node, Role::Joining];
+
+    /// The role's name on the wire (`Heartbeat::role`) and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Joining => "joining",
+        }
+    }
+
+    /// The role named `name` on the wire, if this version knows it.
+    pub fn from_wire(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Addresses one heartbeat may list; each is dialled, so they are few.
 pub const MAX_ADDRS: usize = 16;
@@ -41,7 +68,7 @@ pub struct Member {
     pub peer: PeerId,
     pub addrs: Vec<Multiaddr>,
     pub round: u64,
-    pub role: String,
+    pub role: Role,
     pub fingerprint: String,
     /// The first round it takes part in (`Heartbeat::entry_round`).
     pub entry_round: u64,
@@ -189,12 +216,14 @@ impl Membership {
         if previous.is_none() && self.members.len() >= self.limits.max_members {
             return Err(HeartbeatRefusal::MemberCap { members: self.members.len() });
         }
-        let joined = previous.is_none_or(|p| p.role != hb.role || p.entry_round != hb.entry_round);
+        let role = Role::from_wire(&hb.role)
+            .ok_or_else(|| HeartbeatRefusal::UnknownRole(peer_text(&hb.role)))?;
+        let joined = previous.is_none_or(|p| p.role != role || p.entry_round != hb.entry_round);
         let member = Member {
             peer: source,
             addrs,
             round: hb.round,
-            role: hb.role.clone(),
+            role,
             fingerprint: hb.fingerprint.clone(),
             entry_round: hb.entry_round,
             last_seen: now,
@@ -259,7 +288,7 @@ fn check_shape(hb: &Heartbeat, limits: MemberLimits) -> Result<Vec<Multiaddr>, H
             return Err(oversize(field, len, MAX_FIELD_BYTES));
         }
     }
-    if !ROLES.contains(&hb.role.as_str()) {
+    if Role::from_wire(&hb.role).is_none() {
         return Err(HeartbeatRefusal::UnknownRole(peer_text(&hb.role)));
     }
     for (field, value) in [("round", hb.round), ("entry round", hb.entry_round)] {
@@ -438,7 +467,7 @@ mod tests {
             for member in m.members() {
                 prop_assert!(member.round <= 1000 && member.entry_round <= 1000);
                 prop_assert!(member.addrs.len() <= MAX_ADDRS);
-                prop_assert!(ROLES.contains(&member.role.as_str()));
+                prop_assert!(Role::ALL.contains(&member.role));
                 prop_assert!(connected, "a stranger without a connection never became one");
             }
         }

@@ -36,7 +36,7 @@ use super::admission::{self, Admission};
 use super::buffers::BufferPool;
 use super::inbound::InboundStream;
 use super::log_limit::LogLimiter;
-use super::membership::{Member, MemberEvent, MemberLimits, Membership, Observed, Verdict};
+use super::membership::{Member, MemberEvent, MemberLimits, Membership, Observed, Role, Verdict};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
 use crate::fault::Faults;
@@ -78,7 +78,7 @@ pub struct NetConfig {
     pub member_limits: MemberLimits,
     /// Deadline for one payload transfer, open to acknowledgement.
     pub transfer_timeout: Duration,
-    pub role: String,
+    pub role: Role,
     /// What inbound payloads must match.
     pub expect: Expectation,
     /// Inbound payloads read at once; each may hold one model's worth of values.
@@ -99,7 +99,7 @@ impl NetConfig {
             member_expiry: Duration::from_secs(10),
             member_limits: MemberLimits::default(),
             transfer_timeout: Duration::from_secs(60),
-            role: "node".into(),
+            role: Role::Node,
             expect: Expectation {
                 run_id: run_id.to_string(),
                 fingerprint: fingerprint.to_string(),
@@ -172,7 +172,7 @@ pub struct NetView {
 
 enum Command {
     SetRound(u64),
-    SetRole(String, u64),
+    SetRole(Role, u64),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -398,10 +398,10 @@ impl Network {
         let _ = self.commands.try_send(Command::SetRound(round));
     }
 
-    /// Announces the role this node's heartbeats carry (`membership::ROLE_*`)
-    /// and the first round it takes part in.
-    pub async fn set_role(&self, role: &str, entry_round: u64) {
-        let _ = self.commands.send(Command::SetRole(role.to_string(), entry_round)).await;
+    /// Announces the role this node's heartbeats carry and the first round
+    /// it takes part in.
+    pub async fn set_role(&self, role: Role, entry_round: u64) {
+        let _ = self.commands.send(Command::SetRole(role, entry_round)).await;
     }
 
     pub fn view(&self) -> NetView {
@@ -784,7 +784,7 @@ impl SwarmDriver {
             peer_id: self.swarm.local_peer_id().to_bytes(),
             addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
             round: self.round,
-            role: self.cfg.role.clone(),
+            role: self.cfg.role.as_str().into(),
             fingerprint: self.cfg.expect.fingerprint.clone(),
             seq: self.seq,
             entry_round: self.entry_round,

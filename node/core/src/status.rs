@@ -122,7 +122,8 @@ impl StatusBoard {
         let acc = net.accounting();
         let now = Instant::now();
         let members =
-            view.members.iter().filter(|m| m.role == crate::net::membership::ROLE_NODE).count() + 1;
+            view.members.iter().filter(|m| m.role == crate::net::membership::Role::Node).count()
+                + 1;
         let sent = acc.total().bytes_sent;
         pb::NodeStatus {
             peer_id: net.local_peer.to_string(),
@@ -178,7 +179,7 @@ impl StatusBoard {
             entry.member = true;
             entry.addrs = m.addrs.iter().map(ToString::to_string).collect();
             entry.round = m.round;
-            entry.role = m.role.clone();
+            entry.role = m.role.as_str().into();
             entry.last_seen_seconds_ago =
                 Some(now.saturating_duration_since(m.last_seen).as_secs_f64());
         }
