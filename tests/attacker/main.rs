@@ -13,7 +13,7 @@
 //!   reopening those the node closes (`--as-member` joins first, as a
 //!   rejoining member: admitted, but in no exchange).
 //! - `pull-flood`: announces itself as a rejoining node and sends pull
-//!   requests as fast as the node takes them.
+//!   requests as fast as the node takes them, on 32 streams at once.
 //! - `payloads`: payloads for rounds far ahead and an all-reduce shard with
 //!   a sample weight of 1e300, first as a stranger, then (halfway) as a
 //!   rejoining member.
@@ -388,11 +388,23 @@ async fn run_attack(
             }
         }
         Attack::PullFlood => {
-            while Instant::now() < until {
-                let round = node_round(&state) + 1;
-                let req = frame(&run, &fp, me, PayloadKind::PullRequest, round, 1.0, &[0.0]);
-                send(&mut control, target, &req, &state).await;
-                count(&state, "pull_requests", 1);
+            let flooders: Vec<_> = (0..32)
+                .map(|_| {
+                    let (mut control, state) = (control.clone(), state.clone());
+                    let (run, fp) = (run.clone(), fp.clone());
+                    tokio::spawn(async move {
+                        while Instant::now() < until {
+                            let round = node_round(&state) + 1;
+                            let req =
+                                frame(&run, &fp, me, PayloadKind::PullRequest, round, 1.0, &[0.0]);
+                            send(&mut control, target, &req, &state).await;
+                            count(&state, "pull_requests", 1);
+                        }
+                    })
+                })
+                .collect();
+            for f in flooders {
+                let _ = f.await;
             }
         }
         Attack::Payloads => {

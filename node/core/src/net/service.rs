@@ -641,9 +641,14 @@ impl Reader {
             }
             Ok(payload) if !self.pulls_due(&peer, payload.header.kind) => {
                 // A flood of pull requests stops here, not in the node's
-                // event loop: an honest joiner asks every 2 s.
+                // event loop: an honest joiner asks every 2 s. The refusal
+                // comes a pull interval late (a tarpit): a flooding peer
+                // then gets through no more than its few read slots a
+                // second, whose streams the per-peer caps bound, instead of
+                // spending the node's CPU as fast as it can open streams.
                 self.accounting.refuse(PULL_RATE_LIMITED);
                 self.buffers.put_values(payload.values);
+                tokio::time::sleep(PULL_REQUEST_EVERY).await;
                 ACK_REFUSED
             }
             Ok(payload) => {
