@@ -367,9 +367,7 @@ fn a_member_that_hands_a_rejoining_node_its_own_model_is_caught_by_the_witness()
     let resumed = &summaries[1];
     assert!(resumed["resumed_from_round"].as_u64().is_some(), "{resumed}");
     assert_eq!(resumed["pull_witnessed"], false, "{resumed}");
-    // Refused for its values ("... from the witness's") or, when the two
-    // answered rounds apart, for its round ("round R ... against the
-    // witness's round W"): never taken.
+    // Refused for its values ("... from the witness's"): never taken.
     let why = resumed["pull_disagreed"].as_str().unwrap_or_default();
     assert!(why.contains("the witness's"), "{resumed}");
     assert!(resumed["pulled_from"].is_null(), "no state taken: {resumed}");

@@ -81,17 +81,14 @@ pub fn pick_witness(
 /// model of the source's own making is not.
 pub const WITNESS_TOLERANCE: f64 = 0.25;
 
-/// Rounds apart two members may answer a pull and still be compared: a
-/// gossip member runs a round or two ahead of another.
-pub const MAX_WITNESS_ROUND_GAP: u64 = 2;
-
-/// Whether the `source`'s pulled state agrees with the `witness`'s: rounds
-/// at most `MAX_WITNESS_ROUND_GAP` apart, the same parts, and parameters (the first part) within
+/// Whether the `source`'s pulled state agrees with the `witness`'s: the
+/// same parts, and parameters (the first part) within
 /// `WITNESS_TOLERANCE`. Says how they differ if not.
 pub fn agree(source: &StrategyState, witness: &StrategyState) -> Result<(), String> {
-    if source.round.abs_diff(witness.round) > MAX_WITNESS_ROUND_GAP
-        || source.names() != witness.names()
-    {
+    // Rounds are not compared: a member past the entry round answers at
+    // its own, and a fast run's members answer many rounds apart (seen:
+    // an honest pair refused for it under a clean clone's load).
+    if source.names() != witness.names() {
         return Err(format!(
             "round {} {:?} against the witness's round {} {:?}",
             source.round,
@@ -331,8 +328,10 @@ mod tests {
         assert_eq!(agree(&state(7, vec![1.1, 2.0, 2.9]), &honest), Ok(()));
         let own = agree(&state(7, vec![-1.0, 2.0, 3.0]), &honest).unwrap_err();
         assert!(own.contains("from the witness's"), "{own}");
-        assert_eq!(agree(&state(9, vec![1.0, 2.0, 3.0]), &honest), Ok(()), "two rounds apart");
-        assert!(agree(&state(10, vec![1.0, 2.0, 3.0]), &honest).unwrap_err().contains("round 10"));
+        assert_eq!(agree(&state(60, vec![1.0, 2.0, 3.0]), &honest), Ok(()), "rounds apart");
+        let other_parts =
+            StrategyState::new(7, vec![("params", vec![1.0, 2.0, 3.0]), ("m", vec![0.0; 3])]);
+        assert!(agree(&other_parts, &honest).unwrap_err().contains("against the witness's"));
         assert!(agree(&state(7, vec![1.0, 2.0]), &honest).unwrap_err().contains("2 values"));
         let nan = agree(&state(7, vec![f32::NAN, 2.0, 3.0]), &honest);
         assert!(nan.is_err(), "NaN is never within the tolerance");
