@@ -121,15 +121,6 @@ impl Sampler {
         self.members.insert(peer, Live { round, last_seen: now });
     }
 
-    /// Members heard from within the expiry, sorted.
-    pub fn live(&self, now: Instant) -> Vec<PeerId> {
-        self.members
-            .iter()
-            .filter(|(_, m)| now.saturating_duration_since(m.last_seen) < self.cfg.member_expiry)
-            .map(|(p, _)| *p)
-            .collect()
-    }
-
     /// Parameters of `round` from `peer`, with their sample `weight`; says
     /// why not when they are not taken.
     pub fn receive(
@@ -167,10 +158,9 @@ impl Sampler {
         self.collecting.as_ref().map(|c| c.deadline)
     }
 
-    /// The round the live members are at: their lower median.
-    fn run_round(&self, live: &[PeerId]) -> Option<u64> {
-        let mut rounds: Vec<u64> =
-            live.iter().filter_map(|p| self.members.get(p)).map(|m| m.round).collect();
+    /// The round the members are at: their lower median.
+    fn run_round(&self) -> Option<u64> {
+        let mut rounds: Vec<u64> = self.members.values().map(|m| m.round).collect();
         rounds.sort_unstable();
         rounds.get(rounds.len().checked_sub(1)? / 2).copied()
     }
@@ -178,7 +168,7 @@ impl Sampler {
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         let expiry = self.cfg.member_expiry;
         self.members.retain(|_, m| now.saturating_duration_since(m.last_seen) < expiry);
-        let live = self.live(now);
+        let live: Vec<PeerId> = self.members.keys().copied().collect();
         if let Some(c) = &self.collecting {
             let all_in = c.sampled.iter().all(|p| c.got.contains_key(p));
             if !all_in && now < c.deadline {
@@ -186,7 +176,7 @@ impl Sampler {
             }
             return self.finish(live);
         }
-        let Some(round) = self.run_round(&live) else { return Vec::new() };
+        let Some(round) = self.run_round() else { return Vec::new() };
         // A run that moved past rounds it never sampled (the coordinator
         // started late, or was away) samples the next one due.
         let every = self.cfg.sample_every.max(1);

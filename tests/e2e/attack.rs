@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{murmur, ok, read_json, s};
+use crate::harness::{missing, murmur, ok, read_json, s};
 use crate::swarm::{LiveNode, start_swarm};
 
 /// Bytes of one model of the runs below (mlp, hidden 32, synthetic data:
@@ -321,7 +321,7 @@ fn a_refused_and_a_valid_message_for_one_slot_count_once() {
         let drops = &s["strategy_drops"];
         // Missing at the deadline, or after the straggler grace once node 2
         // had spent its credit: counted either way, never mixed around.
-        let missing = n(drops, "missing_at_deadline") + n(drops, "missing_after_grace");
+        let missing = missing(drops);
         let stale = n(drops, "stale_slot");
         assert!(stale <= missing, "node {i} mixed early: {drops}");
         assert!(n(&s["refusals"], "non_finite") > 2, "node {i}: {}", s["refusals"]);

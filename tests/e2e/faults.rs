@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{data_dir, murmur, ok, read_json, s};
+use crate::harness::{data_dir, missing, murmur, ok, read_json, s};
 use crate::swarm::start_swarm;
 
 /// A `murmur cluster` of `n` nodes on the built-in data over a complete
@@ -44,12 +44,6 @@ fn cluster(out: &Path, n: usize, rounds: u64, extra: &[&str]) -> Value {
 
 fn summary(out: &Path, i: usize) -> Value {
     read_json(&out.join(format!("node-{i}/summary.json")))
-}
-
-/// Messages a node went without: at the deadline, or after the straggler
-/// grace once the sender had spent its credit.
-fn missing(drops: &Value) -> u64 {
-    count(drops, "missing_at_deadline") + count(drops, "missing_after_grace")
 }
 
 fn count(v: &Value, key: &str) -> u64 {

@@ -68,3 +68,13 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Messages a node went without, from its `strategy_drops`: at the
+/// deadline, or after the straggler grace once the sender had spent its
+/// credit.
+pub fn missing(drops: &serde_json::Value) -> u64 {
+    ["missing_at_deadline", "missing_after_grace"]
+        .iter()
+        .map(|k| drops[*k].as_u64().unwrap_or(0))
+        .sum()
+}

@@ -108,7 +108,7 @@ pub struct SimArgs {
         allow_negative_numbers = true
     )]
     round_timeout_ms: u64,
-    /// Gossip: after a neighbour misses an exchange, wait for it only this fraction of the local phase (at least 20 ms) once the others have answered; off = always the full deadline
+    /// Gossip: wait for a neighbour this fraction of the local phase (at least 5 ms) after the last answer, and beyond that only as long as it earned by answering in time (this fraction of each round, up to the deadline); off = always the full deadline
     #[arg(long, env = "MURMUR_STRAGGLER_GRACE", default_value = "0.2")]
     straggler_grace: String,
     /// Stop at this much virtual time, in seconds [default: twice what every round timing out would take]

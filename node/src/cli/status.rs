@@ -28,9 +28,22 @@ pub struct TokenArgs {
     /// File whose first line is the node's API token
     #[arg(long, global = true, env = "MURMUR_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    ca: CaArgs,
+}
+
+/// What a client trusts for `https://` addresses.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CaArgs {
     /// For https:// addresses: trust this certificate (PEM; the node's self-signed one, or its CA) [default: the system's roots]
     #[arg(long, global = true, env = "MURMUR_API_CA")]
     api_ca: Option<PathBuf>,
+}
+
+impl CaArgs {
+    fn path(&self) -> Option<&std::path::Path> {
+        self.api_ca.as_deref()
+    }
 }
 
 impl TokenArgs {
@@ -60,9 +73,8 @@ pub struct StatusArgs {
     /// With --watch, least time between two updates of one node, in milliseconds
     #[arg(long, default_value_t = 500)]
     interval_ms: u64,
-    /// For https:// addresses: trust this certificate (PEM; the node's self-signed one, or its CA) [default: the system's roots]
-    #[arg(long, env = "MURMUR_API_CA")]
-    api_ca: Option<PathBuf>,
+    #[command(flatten)]
+    ca: CaArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,7 +131,7 @@ pub fn status(args: StatusArgs) -> Result<(), CliError> {
 async fn once(args: &StatusArgs) -> Result<(), CliError> {
     let mut rows = Vec::new();
     for addr in &args.addrs {
-        let row = match connect(addr, None, args.api_ca.as_deref()).await {
+        let row = match connect(addr, None, args.ca.path()).await {
             Ok(mut c) => match (c.status().await, args.peers) {
                 (Ok(s), true) => c.peers().await.map(|p| (s, p)).map_err(|e| e.to_string()),
                 (Ok(s), false) => Ok((s, Vec::new())),
@@ -146,9 +158,9 @@ async fn watch(args: &StatusArgs) -> Result<(), CliError> {
     let interval = Duration::from_millis(args.interval_ms.max(100));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Result<pb::NodeStatus, String>)>(64);
     for (i, addr) in args.addrs.iter().enumerate() {
-        let (tx, addr, ca) = (tx.clone(), addr.clone(), args.api_ca.clone());
+        let (tx, addr, ca) = (tx.clone(), addr.clone(), args.ca.clone());
         tokio::spawn(async move {
-            let stream = match connect(&addr, None, ca.as_deref()).await {
+            let stream = match connect(&addr, None, ca.path()).await {
                 Ok(mut c) => c.watch(interval).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
@@ -338,12 +350,12 @@ fn peer_json(p: &pb::Peer) -> Value {
 
 pub fn fault(args: FaultArgs) -> Result<(), CliError> {
     let token = args.token.token()?;
-    let ca = args.token.api_ca.clone();
+    let ca = args.token.ca.clone();
     runtime()?.block_on(async move {
         match args.action {
             FaultAction::Inject { addr, spec } => {
                 let spec: FaultSpec = spec.parse().map_err(CliError::usage)?;
-                let mut c = connect(&addr, token, ca.as_deref()).await?;
+                let mut c = connect(&addr, token, ca.path()).await?;
                 let f = c.inject(&spec).await.map_err(CliError::failed)?;
                 println!(
                     "fault {} on {addr}: {}{}",
@@ -353,12 +365,12 @@ pub fn fault(args: FaultArgs) -> Result<(), CliError> {
                 );
             }
             FaultAction::Clear { addr, ids } => {
-                let mut c = connect(&addr, token, ca.as_deref()).await?;
+                let mut c = connect(&addr, token, ca.path()).await?;
                 let n = c.clear(ids).await.map_err(CliError::failed)?;
                 println!("{n} fault(s) cleared on {addr}");
             }
             FaultAction::List { addr } => {
-                let mut c = connect(&addr, token, ca.as_deref()).await?;
+                let mut c = connect(&addr, token, ca.path()).await?;
                 let s = c.status().await.map_err(CliError::failed)?;
                 for f in &s.active_faults {
                     let left =
@@ -381,7 +393,7 @@ pub fn fault(args: FaultArgs) -> Result<(), CliError> {
 pub fn checkpoint(args: NodeCallArgs) -> Result<(), CliError> {
     let token = args.token.token()?;
     runtime()?.block_on(async move {
-        let mut c = connect(&args.addr, token, args.token.api_ca.as_deref()).await?;
+        let mut c = connect(&args.addr, token, args.token.ca.path()).await?;
         let r = c.checkpoint().await.map_err(CliError::failed)?;
         println!("checkpoint of step {} (round {}) written to {}", r.step, r.round, r.path);
         Ok(())
@@ -391,7 +403,7 @@ pub fn checkpoint(args: NodeCallArgs) -> Result<(), CliError> {
 pub fn shutdown(args: NodeCallArgs) -> Result<(), CliError> {
     let token = args.token.token()?;
     runtime()?.block_on(async move {
-        let mut c = connect(&args.addr, token, args.token.api_ca.as_deref()).await?;
+        let mut c = connect(&args.addr, token, args.token.ca.path()).await?;
         c.shutdown().await.map_err(CliError::failed)?;
         println!("{} is shutting down (checkpoint and summary first)", args.addr);
         Ok(())

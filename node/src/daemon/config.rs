@@ -78,7 +78,7 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_ROUND_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub round_timeout_ms: Option<i64>,
-    /// Gossip: after a neighbour misses an exchange, wait for it only this fraction of the local phase (at least 20 ms) once the others have answered, until it is in time again; off = always the full deadline [default: 0.2]
+    /// Gossip: wait for a neighbour this fraction of the local phase (at least 5 ms) after the last answer, and beyond that only as long as it earned by answering in time (this fraction of each round, up to the deadline); off = always the full deadline [default: 0.2]
     #[arg(long, env = "MURMUR_STRAGGLER_GRACE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub straggler_grace: Option<String>,

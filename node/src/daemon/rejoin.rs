@@ -49,12 +49,20 @@ pub const PULL_RETRY: Duration = Duration::from_secs(2);
 /// its own model) is never the one chosen while honest members are the
 /// majority. Rounds beyond the run are refused with the heartbeat.
 pub fn pick_source(members: &[Member], me: PeerId, fingerprint: &str) -> Option<(PeerId, u64)> {
-    let mut live: Vec<&Member> = members
-        .iter()
-        .filter(|m| m.peer != me && m.role == Role::Node && m.fingerprint == fingerprint)
-        .collect();
+    let mut live: Vec<&Member> = trainers(members, me, fingerprint).collect();
     live.sort_by_key(|m| (m.round, m.peer));
     live.get(live.len().checked_sub(1)? / 2).map(|m| (m.peer, m.round))
+}
+
+/// The live members other than `me` that train this model (`fingerprint`).
+fn trainers<'a>(
+    members: &'a [Member],
+    me: PeerId,
+    fingerprint: &'a str,
+) -> impl Iterator<Item = &'a Member> {
+    members
+        .iter()
+        .filter(move |m| m.peer != me && m.role == Role::Node && m.fingerprint == fingerprint)
 }
 
 /// A second member to check the source's state against: of the other live
@@ -66,11 +74,8 @@ pub fn pick_witness(
     source: PeerId,
     round: u64,
 ) -> Option<PeerId> {
-    members
-        .iter()
-        .filter(|m| {
-            m.peer != me && m.peer != source && m.role == Role::Node && m.fingerprint == fingerprint
-        })
+    trainers(members, me, fingerprint)
+        .filter(|m| m.peer != source)
         .min_by_key(|m| (m.round.abs_diff(round), m.peer))
         .map(|m| m.peer)
 }

@@ -42,9 +42,9 @@ pub struct NodeClient {
     token: Option<ApiToken>,
 }
 
-/// `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT` (TLS) as a URI
-/// tonic can dial.
-fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
+/// `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT` as a URI tonic
+/// can dial, and whether it is TLS.
+fn endpoint(addr: &str) -> Result<(String, bool), ClientError> {
     let (scheme, bare) = match addr.strip_prefix("https://") {
         Some(rest) => ("https", rest),
         None => ("http", addr.strip_prefix("http://").unwrap_or(addr)),
@@ -53,7 +53,7 @@ fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
         !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && !bare.contains('/')
     });
     if ok {
-        Ok(format!("{scheme}://{bare}"))
+        Ok((format!("{scheme}://{bare}"), scheme == "https"))
     } else {
         Err(ClientError::BadAddress { addr: addr.to_string() })
     }
@@ -68,11 +68,10 @@ impl NodeClient {
         ca: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<NodeClient, ClientError> {
-        let uri = endpoint_uri(addr)?;
+        let (uri, tls) = endpoint(addr)?;
         let connect = |reason: String| ClientError::Connect { addr: addr.to_string(), reason };
-        let mut endpoint =
-            Endpoint::from_shared(uri.clone()).map_err(|e| connect(e.to_string()))?;
-        if uri.starts_with("https://") {
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|e| connect(e.to_string()))?;
+        if tls {
             let tls = super::tls::client_config(ca).map_err(ClientError::Tls)?;
             endpoint = endpoint.tls_config(tls).map_err(|e| connect(e.to_string()))?;
         }
@@ -168,6 +167,10 @@ pub(super) fn source_of(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint_uri(addr: &str) -> Result<String, ClientError> {
+        endpoint(addr).map(|(uri, _)| uri)
+    }
 
     #[test]
     fn addresses_are_host_and_port() {

@@ -58,8 +58,8 @@ pub struct GossipConfig {
     pub norm_bound: f64,
     /// How parameters travel.
     pub encoding: Encoding,
-    /// How long a neighbour that missed an exchange is waited for, once
-    /// the others answered, as a fraction of the local phase (see
+    /// The grace every neighbour gets after the last answer, and the credit
+    /// an answer in time earns, as a fraction of the training time (see
     /// `patience`); `None` waits the full deadline for everyone.
     pub straggler_grace: Option<f64>,
 }
@@ -209,16 +209,18 @@ impl Gossip {
     /// Mixes if every expected message arrived, if the peers still missing
     /// have used up their patience, or `force` (deadline passed).
     fn try_mix(&mut self, now: Instant, force: bool) -> Vec<Action> {
-        let Phase::Exchanging { step, expect, deadline, last_heard, charged } = &self.phase else {
+        let Phase::Exchanging { step, expect, deadline, last_heard, .. } = &self.phase else {
             return Vec::new();
         };
-        let (step, expect, deadline, last_heard) = (*step, expect.clone(), *deadline, *last_heard);
-        let charged = charged.clone();
-        let waiting = self.waiting(&expect, self.slot(step));
+        let (step, deadline, last_heard) = (*step, *deadline, *last_heard);
+        let slot = self.slot(step);
+        let waiting = self.waiting(expect, slot);
         if !waiting.is_empty() && !force && now < self.wait_limit(&waiting, last_heard, deadline) {
             return Vec::new();
         }
-        let slot = self.slot(step);
+        // Mixing: copied once per exchange, not on every message that waits.
+        let Phase::Exchanging { expect, charged, .. } = &self.phase else { return Vec::new() };
+        let (expect, charged) = (expect.clone(), charged.clone());
         let reason = if now >= deadline { "missing_at_deadline" } else { "missing_after_grace" };
         self.drops.add_many(reason, waiting.len() as u64);
         // What waiting cost each peer beyond the grace, and who was in time.

@@ -169,8 +169,8 @@ pub struct StrategySpec {
     /// Samples one local step processes (the batch size; 1 for pure
     /// averaging): with `local_steps` it bounds a peer's declared weight.
     pub samples_per_step: u64,
-    /// Gossip's grace for neighbours that missed an exchange, as a fraction
-    /// of the local phase; `None` waits the full deadline (see `patience`).
+    /// Gossip's straggler grace, as a fraction of the training time; `None`
+    /// waits the full deadline for everyone (see `patience`).
     pub straggler_grace: Option<f64>,
 }
 

@@ -203,7 +203,7 @@ impl Membership {
                 source_peer: source,
             });
         }
-        let addrs = check_shape(hb, self.limits)?;
+        let (addrs, role) = check_shape(hb, self.limits)?;
         let previous = self.members.get(&source);
         if let Some(last) = previous.map(|p| p.seq).filter(|&last| hb.seq <= last) {
             return Err(HeartbeatRefusal::StaleSeq { seq: hb.seq, last });
@@ -216,8 +216,6 @@ impl Membership {
         if previous.is_none() && self.members.len() >= self.limits.max_members {
             return Err(HeartbeatRefusal::MemberCap { members: self.members.len() });
         }
-        let role = Role::from_wire(&hb.role)
-            .ok_or_else(|| HeartbeatRefusal::UnknownRole(peer_text(&hb.role)))?;
         let joined = previous.is_none_or(|p| p.role != role || p.entry_round != hb.entry_round);
         let member = Member {
             peer: source,
@@ -273,8 +271,11 @@ impl Membership {
     }
 }
 
-/// The checks on a heartbeat's own fields; its addresses, parsed.
-fn check_shape(hb: &Heartbeat, limits: MemberLimits) -> Result<Vec<Multiaddr>, HeartbeatRefusal> {
+/// The checks on a heartbeat's own fields; its addresses, parsed, and its role.
+fn check_shape(
+    hb: &Heartbeat,
+    limits: MemberLimits,
+) -> Result<(Vec<Multiaddr>, Role), HeartbeatRefusal> {
     let oversize = |field, size, max| HeartbeatRefusal::Oversize { field, size, max };
     if hb.addrs.len() > MAX_ADDRS {
         return Err(oversize("address list", hb.addrs.len(), MAX_ADDRS));
@@ -288,16 +289,15 @@ fn check_shape(hb: &Heartbeat, limits: MemberLimits) -> Result<Vec<Multiaddr>, H
             return Err(oversize(field, len, MAX_FIELD_BYTES));
         }
     }
-    if Role::from_wire(&hb.role).is_none() {
-        return Err(HeartbeatRefusal::UnknownRole(peer_text(&hb.role)));
-    }
+    let role = Role::from_wire(&hb.role)
+        .ok_or_else(|| HeartbeatRefusal::UnknownRole(peer_text(&hb.role)))?;
     for (field, value) in [("round", hb.round), ("entry round", hb.entry_round)] {
         if value > limits.max_round {
             return Err(HeartbeatRefusal::RoundOutOfRange { field, value, max: limits.max_round });
         }
     }
     // Unparsable addresses are skipped: they only cost a dial target.
-    Ok(hb.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+    Ok((hb.addrs.iter().filter_map(|a| a.parse().ok()).collect(), role))
 }
 
 #[cfg(test)]
