@@ -4,8 +4,12 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     unsafe_set_protoc(&protoc);
-    let protos =
-        ["murmur/wire/v1/wire.proto", "murmur/wire/v1/membership.proto", "murmur/v1/node.proto"];
+    let protos = [
+        "murmur/wire/v1/wire.proto",
+        "murmur/wire/v1/membership.proto",
+        "murmur/v1/node.proto",
+        "murmur/coordinator/v1/coordinator.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -7,6 +7,11 @@
 //! federated averaging. Training never needs it: nodes that lose it go on
 //! gossiping. It is built on `murmur-core` and links no libtorch.
 //!
-//! `sampling` is its logic, a sans-IO state machine driven by `tick(now)`.
+//! `sampling` is its logic, a sans-IO state machine driven by `tick(now)`;
+//! `daemon` runs it against the run's swarm; `api` serves its status over
+//! gRPC and Prometheus; `config` checks its options.
 
+pub mod api;
+pub mod config;
+pub mod daemon;
 pub mod sampling;

@@ -5,6 +5,7 @@
 //! - `murmur.wire.v1`: the header that precedes every parameter payload
 //!   between nodes, and the membership heartbeat.
 //! - `murmur.v1`: `NodeService`, the gRPC API every node serves.
+//! - `murmur.coordinator.v1`: `CoordinatorService`, the coordinator's API.
 
 /// `murmur.wire.v1`: the header of every parameter payload.
 pub mod wire {
@@ -16,6 +17,13 @@ pub mod wire {
 /// `murmur.v1`: the node API (`NodeService`).
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/murmur.v1.rs"));
+}
+
+/// `murmur.coordinator.v1`: the coordinator API (`CoordinatorService`).
+pub mod coordinator {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/murmur.coordinator.v1.rs"));
+    }
 }
 
 /// The encoded descriptors of every file above, for gRPC server reflection.

@@ -230,6 +230,7 @@ fn publish_heartbeat(swarm: &mut Swarm<Behaviour>, run_id: &str, state: &State, 
         fingerprint: node.fingerprint,
         seq,
         entry_round: 0,
+        elements: 0,
     };
     let _ = swarm.behaviour_mut().gossipsub.publish(topic(run_id), hb.encode_to_vec());
 }
@@ -528,6 +529,7 @@ async fn sybils(
                             fingerprint: node.fingerprint,
                             seq,
                             entry_round: 0,
+                            elements: 0,
                         };
                         let topic = topic(&run_id);
                         if s.behaviour_mut().gossipsub.publish(topic, hb.encode_to_vec()).is_ok() {

@@ -9,6 +9,7 @@
 mod api;
 mod attack;
 mod cluster;
+mod coordinator;
 mod diloco;
 mod faults;
 mod harness;

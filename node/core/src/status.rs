@@ -16,7 +16,9 @@ use murmur_proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::fault::Faults;
+use crate::mix::coordinated::Coordination;
 use crate::net::accounting::Counts;
+use crate::net::membership::Role;
 use crate::net::service::Network;
 
 /// What the driver knows of its node.
@@ -43,6 +45,13 @@ pub struct NodeState {
     pub nodes: u32,
     /// The outer optimizer's figures (DiLoCo).
     pub outer: Option<crate::mix::mixer::OuterStatus>,
+    /// The coordinator a semidec or fedavg node answers, and how that went.
+    pub coordinator: Option<(PeerId, Coordination)>,
+}
+
+/// Whether `peer` is a live coordinator in `view`: its heartbeats arrive.
+pub fn coordinator_live(view: &crate::net::service::NetView, peer: &PeerId) -> bool {
+    view.members.iter().any(|m| m.peer == *peer && m.role == Role::Coordinator)
 }
 
 /// The hash `NodeStatus.model_hash` shows: CRC32C of the values'
@@ -121,9 +130,18 @@ impl StatusBoard {
         let view = net.view();
         let acc = net.accounting();
         let now = Instant::now();
-        let members =
-            view.members.iter().filter(|m| m.role == crate::net::membership::Role::Node).count()
-                + 1;
+        let members = view.members.iter().filter(|m| m.role == Role::Node).count() + 1;
+        let coordinator = s.coordinator.map(|(peer, c)| pb::CoordinatorLink {
+            peer_id: peer.to_string(),
+            state: if coordinator_live(&view, &peer) { "ok" } else { "lost" }.into(),
+            sampled: c.sampled,
+            noticed: c.noticed,
+            averages: c.averages,
+            corrections: c.corrections,
+            timeouts: c.timeouts,
+            last_round: c.last_round,
+            waiting: c.waiting,
+        });
         let sent = acc.total().bytes_sent;
         pb::NodeStatus {
             peer_id: net.local_peer.to_string(),
@@ -161,6 +179,7 @@ impl StatusBoard {
                 .outer
                 .filter(|o| o.steps > 0)
                 .map(|o| sent as f64 / o.steps as f64),
+            coordinator,
         }
     }
 

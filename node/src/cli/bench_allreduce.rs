@@ -20,10 +20,10 @@ use serde_json::json;
 use tokio::task::JoinSet;
 
 use super::CliError;
-use crate::daemon::outbox::to_message;
 use crate::mix::allreduce::{AllReduce, AllReduceTimeouts};
 use crate::mix::mixer::{Message, MsgKind, Roster};
 use crate::net::encoding::Encoding;
+use crate::net::outbox::to_message;
 use crate::net::service::{NetConfig, NetEvent, Network};
 use crate::net::wire;
 

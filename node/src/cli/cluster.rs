@@ -5,6 +5,9 @@
 //! finish writes `cluster.json`, an SVG of accuracy against round and
 //! bytes, and a table of the result. `--node-fault I=SPEC` gives node I a
 //! fault; a node that crashes by an injected crash does not fail the cluster.
+//! With `--coordinator` alone (or a semidec or fedavg strategy and no
+//! coordinator address) it starts a `murmur-coordinator` beside the nodes,
+//! shows it in the progress and stops it at the end.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +20,7 @@ use serde_json::{Value, json};
 use super::CliError;
 use super::plot::{Series, svg};
 use crate::api::client::NodeClient;
-use crate::daemon::config::RunOptions;
+use crate::daemon::config::{RunOptions, START_COORDINATOR};
 use crate::fault::{CRASH_EXIT_CODE, FaultKind, FaultSpec};
 use crate::mix::consensus;
 use crate::train::config::TrainOptions;
@@ -36,6 +39,15 @@ pub struct ClusterArgs {
     /// Give node I a fault at start, in --fault syntax (e.g. 2=sign-flip, 0=crash:5); repeatable
     #[arg(long = "node-fault", value_name = "I=SPEC")]
     node_fault: Vec<String>,
+    /// The started coordinator: members sampled per sampling round (K) [default: 4]
+    #[arg(long, allow_negative_numbers = true)]
+    sample: Option<i64>,
+    /// The started coordinator: rounds between two sampling rounds (H_s) [default: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    sample_every: Option<i64>,
+    /// The started coordinator: where averages go, s2s or s2a [default: s2a]
+    #[arg(long)]
+    target: Option<String>,
     #[command(flatten)]
     train: TrainOptions,
     #[command(flatten)]
@@ -78,7 +90,18 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
     train.node = None;
     let mut run = file_run.overridden_by(&args.run);
     let train_cfg = train.resolve().map_err(CliError::usage)?;
-    run.resolve(&train_cfg).map_err(CliError::usage)?;
+    let coordinated = run.strategy.is_some_and(|k| k.coordinated());
+    let start_coordinator = match run.coordinator.as_deref() {
+        Some(START_COORDINATOR) => true,
+        Some(_) => false,
+        None => coordinated,
+    };
+    let coordinator_args = coordinator_args(&args, start_coordinator)?;
+    if start_coordinator {
+        // Checked with a stand-in address until the real one is known.
+        run.coordinator = Some(format!("/ip4/127.0.0.1/tcp/1/p2p/{}", libp2p::PeerId::random()));
+    }
+    let run_cfg = run.resolve(&train_cfg).map_err(CliError::usage)?;
     let split = load::load(&train_cfg.data_spec(), train_cfg.holdout).map_err(CliError::usage)?;
     if args.out.join("cluster.json").exists() || args.out.join("node-0").exists() {
         return Err(CliError::usage(format!(
@@ -98,12 +121,22 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| CliError::failed(format!("cannot create {}: {e}", args.out.display())))?;
+    let coordinator = match coordinator_args {
+        Some(extra) => {
+            let mut c = Coordinator::spawn(&args.out, &run_cfg, train_cfg.seed, n, &extra)?;
+            run.coordinator = Some(c.addr.clone());
+            c.line.state = "waiting".into();
+            Some(c)
+        }
+        None => None,
+    };
     let config_path = args.out.join("cluster.toml");
     write_config(&config_path, &train, &run)?;
     let started = Instant::now();
     let (children, lines) = spawn_nodes(&args.out, &config_path, &faults)?;
     // With --api-tls-cert (self-signed) the nodes' APIs are read trusting it.
-    let (statuses, apis) = watch(children, lines, n, run.api_tls_cert.clone());
+    let (statuses, apis, coordinator) =
+        watch(children, lines, n, run.api_tls_cert.clone(), coordinator);
     let wall = started.elapsed().as_secs_f64();
     let evaluate_average = |avg: &[f32]| -> Option<EvalMetrics> {
         let mut cfg = train_cfg.clone();
@@ -113,7 +146,185 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
         Some(t.evaluate())
     };
     let nodes = NodeRecords { exits: statuses, apis, faults };
-    report(&args.out, n, nodes, wall, train_cfg.model.name(), evaluate_average)
+    report(&args.out, n, nodes, coordinator, wall, train_cfg.model.name(), evaluate_average)
+}
+
+/// The started coordinator's own flags, checked: `None` when none is
+/// started (then its flags are refused).
+fn coordinator_args(args: &ClusterArgs, start: bool) -> Result<Option<Vec<String>>, CliError> {
+    let given = [
+        ("--sample", args.sample.map(|v| v.to_string())),
+        ("--sample-every", args.sample_every.map(|v| v.to_string())),
+        ("--target", args.target.clone()),
+    ];
+    if !start {
+        if let Some((flag, _)) = given.iter().find(|(_, v)| v.is_some()) {
+            return Err(CliError::usage(format!(
+                "{flag} is an option of the coordinator the cluster starts; add --coordinator (alone) or --strategy semidec or fedavg"
+            )));
+        }
+        return Ok(None);
+    }
+    for (flag, v) in [("--sample", args.sample), ("--sample-every", args.sample_every)] {
+        if let Some(v) = v.filter(|v| *v < 1) {
+            return Err(CliError::usage(format!("{flag} must be > 0 (got {v})")));
+        }
+    }
+    if let Some(t) = args.target.as_deref().filter(|t| !matches!(*t, "s2s" | "s2a")) {
+        return Err(CliError::usage(format!("--target {t:?} must be s2s or s2a")));
+    }
+    Ok(Some(given.into_iter().filter_map(|(f, v)| Some([f.to_string(), v?])).flatten().collect()))
+}
+
+/// A `murmur-coordinator` the cluster started.
+struct Coordinator {
+    child: Child,
+    /// Its multiaddr, for the nodes' --coordinator.
+    addr: String,
+    api: Option<String>,
+    line: CoordinatorLine,
+    client: Option<NodeClient>,
+    last: Option<murmur_proto::coordinator::v1::CoordinatorStatus>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct CoordinatorLine {
+    peer: String,
+    state: String,
+}
+
+impl Coordinator {
+    /// Starts it beside this `murmur` (the same directory) and waits for
+    /// the line that says where it listens.
+    fn spawn(
+        out: &Path,
+        run: &crate::daemon::config::RunConfig,
+        seed: u64,
+        nodes: usize,
+        extra: &[String],
+    ) -> Result<Coordinator, CliError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| CliError::failed(format!("cannot find the murmur binary: {e}")))?
+            .with_file_name("murmur-coordinator");
+        if !exe.exists() {
+            return Err(CliError::failed(format!(
+                "--coordinator starts murmur-coordinator, which is not at {} (build it: cargo build --release --workspace)",
+                exe.display()
+            )));
+        }
+        let log = std::fs::File::create(out.join("coordinator.log"))
+            .map_err(|e| CliError::failed(format!("cannot create coordinator log: {e}")))?;
+        let mut child = Command::new(&exe)
+            .arg("--dir")
+            .arg(out.join("coordinator"))
+            .args(["--run-id", &run.run_id, "--seed", &seed.to_string()])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0"])
+            .args(["--progress", "json", "--min-members", &nodes.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| CliError::failed(format!("cannot start {}: {e}", exe.display())))?;
+        let failed = || {
+            CliError::failed(format!(
+                "the coordinator did not start; see {}",
+                out.join("coordinator.log").display()
+            ))
+        };
+        let Some(stdout) = child.stdout.take() else { return Err(failed()) };
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let v: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
+        let Some(addr) = v["addrs"][0].as_str().map(str::to_string) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed());
+        };
+        // Its progress lines go to a file of their own.
+        let mut record = std::fs::File::create(out.join("coordinator.jsonl"))
+            .map_err(|e| CliError::failed(format!("cannot create coordinator.jsonl: {e}")))?;
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = writeln!(record, "{line}");
+            }
+        });
+        let peer = v["peer_id"].as_str().unwrap_or_default().to_string();
+        Ok(Coordinator {
+            child,
+            addr,
+            api: v["api"].as_str().map(str::to_string),
+            line: CoordinatorLine { peer, state: "starting".into() },
+            client: None,
+            last: None,
+        })
+    }
+
+    /// Reads its status (briefly).
+    async fn poll(&mut self, ca: Option<&Path>) {
+        const PATIENCE: Duration = Duration::from_millis(500);
+        let Some(api) = self.api.clone() else { return };
+        if self.client.is_none() {
+            self.client = NodeClient::connect(&api, None, ca, PATIENCE).await.ok();
+        }
+        let Some(client) = self.client.as_mut() else { return };
+        if let Ok(Ok(s)) = tokio::time::timeout(PATIENCE, client.coordinator_status()).await {
+            self.line.state = match (s.collecting_round, s.samples.last()) {
+                (Some(r), _) => format!(
+                    "collecting round {r}: {}/{} answered",
+                    s.collecting_answered,
+                    s.collecting_sampled.len()
+                ),
+                (None, Some(last)) => format!("round {} averaged", last.round),
+                (None, None) => format!("{} members", s.members.len()),
+            };
+            self.last = Some(s);
+        }
+    }
+
+    fn render(&self) -> String {
+        let peer = self.line.peer.get(self.line.peer.len().saturating_sub(8)..).unwrap_or("");
+        let (rounds, averaged) =
+            self.last.as_ref().map_or((0, 0), |s| (s.rounds_sampled, s.rounds_aggregated));
+        format!(
+            "coordinator ..{peer:<8} sampling rounds {rounds} ({averaged} averaged), {}",
+            self.line.state
+        )
+    }
+
+    /// Stops it (Shutdown through its API; killed if that fails).
+    async fn stop(&mut self) {
+        let stopped = match self.client.as_mut() {
+            Some(c) => c.coordinator_shutdown().await.is_ok(),
+            None => false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stopped && Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What cluster.json says of it.
+    fn entry(&self) -> Value {
+        let Some(s) = &self.last else { return json!({"addr": self.addr, "api": self.api}) };
+        json!({
+            "addr": self.addr,
+            "api": self.api,
+            "peer_id": s.peer_id,
+            "target": s.target,
+            "sample_size": s.sample_size,
+            "sample_every": s.sample_every,
+            "rounds_sampled": s.rounds_sampled,
+            "rounds_aggregated": s.rounds_aggregated,
+            "bytes_sent": s.bytes_sent,
+            "bytes_received": s.bytes_received,
+            "refusals": s.refusals,
+        })
+    }
 }
 
 /// What the cluster recorded of its nodes.
@@ -220,7 +431,8 @@ fn watch(
     lines: Lines,
     n: usize,
     ca: Option<std::path::PathBuf>,
-) -> (Vec<Option<i32>>, Vec<Option<String>>) {
+    mut coordinator: Option<Coordinator>,
+) -> (Vec<Option<i32>>, Vec<Option<String>>, Option<Coordinator>) {
     let mut state = vec![NodeLine { state: "starting".into(), ..Default::default() }; n];
     let mut status: Vec<Option<Option<i32>>> = vec![None; n];
     let mut clients: Vec<Option<NodeClient>> = vec![None; n];
@@ -236,6 +448,9 @@ fn watch(
         }
         if let Some(rt) = &runtime {
             rt.block_on(poll_statuses(&mut state, &mut clients, &status, ca.as_deref()));
+            if let Some(c) = coordinator.as_mut() {
+                rt.block_on(c.poll(ca.as_deref()));
+            }
         }
         for (i, c) in children.iter_mut().enumerate() {
             if status[i].is_none()
@@ -249,12 +464,16 @@ fn watch(
                 };
             }
         }
+        let shown = n + usize::from(coordinator.is_some());
         if tty {
             if drawn {
-                print!("\x1b[{n}A");
+                print!("\x1b[{shown}A");
             }
             for (i, s) in state.iter().enumerate() {
                 println!("\x1b[2K{}", render(i, s));
+            }
+            if let Some(c) = &coordinator {
+                println!("\x1b[2K{}", c.render());
             }
             drawn = true;
         } else {
@@ -267,14 +486,20 @@ fn watch(
                 for (i, s) in state.iter().enumerate() {
                     println!("{}", render(i, s));
                 }
+                if let Some(c) = &coordinator {
+                    println!("{}", c.render());
+                }
                 last_print = Instant::now();
                 last_decile = slowest;
             }
         }
         let _ = std::io::stdout().flush();
     }
+    if let (Some(rt), Some(c)) = (&runtime, coordinator.as_mut()) {
+        rt.block_on(c.stop());
+    }
     let apis = state.into_iter().map(|s| s.api).collect();
-    (status.into_iter().map(Option::flatten).collect(), apis)
+    (status.into_iter().map(Option::flatten).collect(), apis, coordinator)
 }
 
 /// Reads every running node's status through its API (briefly: a node that
@@ -349,6 +574,7 @@ fn report(
     out: &Path,
     n: usize,
     records: NodeRecords,
+    coordinator: Option<Coordinator>,
     wall: f64,
     model: &str,
     evaluate_average: impl FnOnce(&[f32]) -> Option<EvalMetrics>,
@@ -388,6 +614,7 @@ fn report(
                 "outer": s["outer"],
                 "bytes_per_outer_step": s["bytes_per_outer_step"],
                 "pulled_from": s["pulled_from"],
+                "coordinator": s["coordinator"],
             })
         })
         .collect();
@@ -406,6 +633,9 @@ fn report(
     }
     if strategy == "diloco" {
         doc["diloco"] = diloco_entry(&summaries);
+    }
+    if let Some(c) = &coordinator {
+        doc["coordinator"] = c.entry();
     }
     let path = out.join("cluster.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&doc).map_err(CliError::failed)?)

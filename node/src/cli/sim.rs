@@ -47,7 +47,7 @@ pub struct SimArgs {
     /// Mixing strategy: gossip, merge or diloco
     #[arg(long, env = "MURMUR_STRATEGY", default_value = "gossip")]
     strategy: StrategyKind,
-    /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D
+    /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D, rings:C
     #[arg(long, env = "MURMUR_TOPOLOGY", default_value = "ring")]
     topology: String,
     /// Mixing rounds
@@ -327,6 +327,12 @@ fn outer(args: &SimArgs) -> Result<Option<OuterSettings>, CliError> {
 /// that do not divide the local steps...).
 fn check_strategy(s: &Settings) -> Result<(), CliError> {
     match s.strategy {
+        StrategyKind::Semidec | StrategyKind::Fedavg => {
+            return Err(CliError::usage(format!(
+                "--strategy {} needs a coordinator, which the simulator does not have; run it with `murmur cluster --coordinator`",
+                s.strategy
+            )));
+        }
         StrategyKind::Gossip | StrategyKind::Diloco => {
             if let Some(p) = s.exchange_prob {
                 return Err(CliError::usage(format!(

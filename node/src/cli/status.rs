@@ -1,5 +1,6 @@
 //! `murmur status ADDR...`: what one or many nodes are doing, from their
-//! gRPC API, as a table (`--watch` follows, `--json` is for scripts), and
+//! gRPC API, as a table (`--watch` follows, `--json` is for scripts); an
+//! address that serves a coordinator's API is shown as one. And
 //! the small control commands that share its client: `murmur fault`,
 //! `murmur checkpoint`, `murmur shutdown`.
 
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
+use murmur_proto::coordinator::v1 as cpb;
 use murmur_proto::v1 as pb;
 use serde_json::{Value, json};
 
@@ -127,14 +129,24 @@ pub fn status(args: StatusArgs) -> Result<(), CliError> {
         .block_on(async move { if args.watch { watch(&args).await } else { once(&args).await } })
 }
 
-/// One look at every node; fails (exit 1) if any could not be read.
+/// One look at every node (and coordinator); fails (exit 1) if any could
+/// not be read.
 async fn once(args: &StatusArgs) -> Result<(), CliError> {
     let mut rows = Vec::new();
+    let mut coordinators = Vec::new();
     for addr in &args.addrs {
         let row = match connect(addr, None, args.ca.path()).await {
             Ok(mut c) => match (c.status().await, args.peers) {
                 (Ok(s), true) => c.peers().await.map(|p| (s, p)).map_err(|e| e.to_string()),
                 (Ok(s), false) => Ok((s, Vec::new())),
+                // Not a node: perhaps a coordinator.
+                (Err(e), _) if e.unimplemented() => match c.coordinator_status().await {
+                    Ok(s) => {
+                        coordinators.push((addr.clone(), s));
+                        continue;
+                    }
+                    Err(_) => Err(e.to_string()),
+                },
                 (Err(e), _) => Err(e.to_string()),
             },
             Err(e) => Err(e.to_string()),
@@ -142,10 +154,16 @@ async fn once(args: &StatusArgs) -> Result<(), CliError> {
         rows.push((addr.clone(), row));
     }
     if args.json {
-        let all: Vec<Value> = rows.iter().map(|(a, r)| row_json(a, r)).collect();
+        let mut all: Vec<Value> = rows.iter().map(|(a, r)| row_json(a, r)).collect();
+        all.extend(coordinators.iter().map(|(a, s)| coordinator_json(a, s)));
         println!("{}", serde_json::to_string_pretty(&all).map_err(CliError::failed)?);
     } else {
-        print!("{}", table(&rows));
+        if !rows.is_empty() {
+            print!("{}", table(&rows));
+        }
+        for (addr, s) in &coordinators {
+            print!("{}", coordinator_lines(addr, s));
+        }
     }
     match rows.iter().filter(|(_, r)| r.is_err()).count() {
         0 => Ok(()),
@@ -234,6 +252,9 @@ pub fn table(rows: &[Row]) -> String {
                 if let Some(line) = outer_line(s) {
                     out += &line;
                 }
+                if let Some(line) = coordinator_link_line(s) {
+                    out += &line;
+                }
                 for p in peers {
                     out += &peer_line(p);
                 }
@@ -241,6 +262,78 @@ pub fn table(rows: &[Row]) -> String {
         }
     }
     out
+}
+
+/// A coordinator: what it samples, whom it knows, how its last rounds went.
+pub fn coordinator_lines(addr: &str, s: &cpb::CoordinatorStatus) -> String {
+    let mut out = format!(
+        "{addr:<22} coordinator {} of run {}: {} K={} every {} round(s), {}, {} members, {} sampling rounds ({} averaged), sent {} received {}\n",
+        short_peer(&s.peer_id),
+        s.run_id,
+        s.target,
+        s.sample_size,
+        s.sample_every,
+        s.aggregator,
+        s.members.len(),
+        s.rounds_sampled,
+        s.rounds_aggregated,
+        human_bytes(s.bytes_sent),
+        human_bytes(s.bytes_received),
+    );
+    if let Some(round) = s.collecting_round {
+        out += &format!(
+            "{:<22} collecting round {round}: {} of {} answered\n",
+            "",
+            s.collecting_answered,
+            s.collecting_sampled.len()
+        );
+    }
+    if let Some(last) = s.samples.last() {
+        out += &format!(
+            "{:<22} last round {}: sampled {}, answered {}, average sent to {} in {:.2} s\n",
+            "",
+            last.round,
+            last.sampled.len(),
+            last.answered.len(),
+            last.sent_to.len(),
+            last.seconds
+        );
+    }
+    out
+}
+
+fn coordinator_json(addr: &str, s: &cpb::CoordinatorStatus) -> Value {
+    json!({
+        "addr": addr, "role": "coordinator", "peer_id": s.peer_id, "run_id": s.run_id,
+        "target": s.target, "sample_size": s.sample_size, "sample_every": s.sample_every,
+        "aggregator": s.aggregator, "fingerprint": s.fingerprint, "elements": s.elements,
+        "members": s.members.iter().map(|m| json!({"peer_id": m.peer_id, "round": m.round,
+            "last_seen_seconds_ago": m.last_seen_seconds_ago})).collect::<Vec<_>>(),
+        "collecting_round": s.collecting_round,
+        "samples": s.samples.iter().map(|r| json!({"round": r.round, "sampled": r.sampled,
+            "answered": r.answered, "sent_to": r.sent_to, "seconds": r.seconds})).collect::<Vec<_>>(),
+        "rounds_sampled": s.rounds_sampled, "rounds_aggregated": s.rounds_aggregated,
+        "bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
+        "refusals": s.refusals, "send_failures": s.send_failures,
+        "connected_peers": s.connected_peers, "uptime_seconds": s.uptime_seconds,
+        "listen_addrs": s.listen_addrs, "version": s.version,
+    })
+}
+
+/// The coordinator a semidec or fedavg node answers, under its line.
+fn coordinator_link_line(s: &pb::NodeStatus) -> Option<String> {
+    let c = s.coordinator.as_ref()?;
+    Some(format!(
+        "{:<22} coordinator {} {}: sampled {}, averages {}, corrections {}, timeouts {}{}\n",
+        "",
+        short_peer(&c.peer_id),
+        c.state,
+        c.sampled,
+        c.averages,
+        c.corrections,
+        c.timeouts,
+        if c.waiting { ", waiting for it" } else { "" },
+    ))
 }
 
 /// DiLoCo's outer optimizer under its node's line.
@@ -339,7 +432,14 @@ pub fn status_json(s: &pb::NodeStatus) -> Value {
         "listen_addrs": s.listen_addrs, "version": s.version, "send_failures": s.send_failures,
         "outer_steps": s.outer_steps, "outer_lr": s.outer_lr,
         "bytes_per_outer_step": s.bytes_per_outer_step,
+        "coordinator": s.coordinator.as_ref().map(coordinator_link_json),
     })
+}
+
+fn coordinator_link_json(c: &pb::CoordinatorLink) -> Value {
+    json!({"peer_id": c.peer_id, "state": c.state, "sampled": c.sampled, "noticed": c.noticed,
+        "averages": c.averages, "corrections": c.corrections, "timeouts": c.timeouts,
+        "last_round": c.last_round, "waiting": c.waiting})
 }
 
 fn peer_json(p: &pb::Peer) -> Value {
@@ -404,8 +504,14 @@ pub fn shutdown(args: NodeCallArgs) -> Result<(), CliError> {
     let token = args.token.token()?;
     runtime()?.block_on(async move {
         let mut c = connect(&args.addr, token, args.token.ca.path()).await?;
-        c.shutdown().await.map_err(CliError::failed)?;
-        println!("{} is shutting down (checkpoint and summary first)", args.addr);
+        match c.shutdown().await {
+            Ok(()) => println!("{} is shutting down (checkpoint and summary first)", args.addr),
+            Err(e) if e.unimplemented() => {
+                c.coordinator_shutdown().await.map_err(CliError::failed)?;
+                println!("coordinator {} is shutting down", args.addr);
+            }
+            Err(e) => return Err(CliError::failed(e)),
+        }
         Ok(())
     })
 }

@@ -15,12 +15,14 @@ use crate::api::ApiToken;
 use crate::fault::FaultSpec;
 use crate::mix::aggregate::{Aggregator, NormBound};
 use crate::mix::comm::CommSchedule;
+use crate::mix::coordinated::CoordinatedConfig;
 pub use crate::mix::strategy::StrategyKind;
 use crate::mix::strategy::{OuterOptions, OuterSettings, StrategySpec};
 use crate::mix::topology::TopologySpec;
 use crate::net::encoding::Encoding;
 use crate::net::membership::MemberLimits;
 use crate::net::security::Security;
+use crate::net::swarm::{parse_allowlist, read_swarm_key};
 use crate::train::config::{ConfigError, TrainConfig, bad, positive};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -30,11 +32,14 @@ pub enum ProgressFormat {
     Json,
 }
 
+/// `--coordinator` given without a value: `murmur cluster` starts one.
+pub const START_COORDINATOR: &str = "start";
+
 /// Strategy and network options as given.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RunOptions {
-    /// Mixing strategy: gossip, merge or diloco [default: gossip]
+    /// Mixing strategy: gossip, merge, diloco, semidec (gossip plus a coordinator's averages) or fedavg (the coordinator's average every round, no gossip) [default: gossip]
     #[arg(long, env = "MURMUR_STRATEGY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strategy: Option<StrategyKind>,
@@ -50,7 +55,7 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_ROUNDS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rounds: Option<i64>,
-    /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D [default: ring]
+    /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D, rings:C (C disjoint rings, for semidec) [default: ring]
     #[arg(long, env = "MURMUR_TOPOLOGY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topology: Option<String>,
@@ -126,6 +131,14 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_BOOTSTRAP", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<Vec<String>>,
+    /// semidec, fedavg: the coordinator's multiaddr, ending in /p2p/PEER_ID (murmur-coordinator prints it); it is dialled like a bootstrap node and only its requests and averages are heard. `murmur cluster --coordinator` alone starts one
+    #[arg(long, env = "MURMUR_COORDINATOR", num_args = 0..=1, default_missing_value = START_COORDINATOR)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// semidec, fedavg: how long a member waits at a round's end for the average the coordinator asked its parameters for, in milliseconds; then it goes on alone [default: --round-timeout-ms]
+    #[arg(long, env = "MURMUR_COORDINATOR_WAIT_MS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator_wait_ms: Option<i64>,
     /// Find peers on the LAN with mDNS [default: false]
     #[arg(long, env = "MURMUR_MDNS", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -292,27 +305,14 @@ impl RunOptions {
             .map_err(|e| bad(format!("--encoding: {e}")))?;
         let kind = self.strategy.unwrap_or_default();
         let outer = self.outer(kind)?;
-        let swarm_key = match &self.swarm_key {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| bad(format!("cannot read --swarm-key {}: {e}", path.display())))?;
-                Some(text.parse::<PreSharedKey>().map_err(|e| {
-                    bad(format!("--swarm-key {} is not a swarm key file ({e}); make one with `murmur swarm-key FILE`", path.display()))
-                })?)
-            }
-        };
-        let allowlist = match &self.allow_peer {
-            None => None,
-            Some(list) => Some(
-                list.iter()
-                    .map(|p| {
-                        p.parse::<PeerId>()
-                            .map_err(|e| bad(format!("--allow-peer {p:?} is not a peer id ({e})")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
+        let swarm_key = self.swarm_key.as_deref().map(read_swarm_key).transpose().map_err(bad)?;
+        let allowlist = self.allow_peer.as_deref().map(parse_allowlist).transpose().map_err(bad)?;
+        let timeout = millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?;
+        let coordinator = self.coordinator(timeout)?;
+        let mut bootstrap = addrs("--bootstrap", &self.bootstrap)?;
+        if let Some((addr, _)) = &coordinator {
+            bootstrap.push(addr.clone());
+        }
         let mut listen = addrs("--listen", &self.listen)?;
         if listen.is_empty() {
             listen.push("/ip4/0.0.0.0/tcp/0".parse().map_err(|_| bad("default listen address"))?);
@@ -322,7 +322,7 @@ impl RunOptions {
             seed: train.seed,
             rounds,
             local_steps,
-            timeout: millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?,
+            timeout,
             aggregator,
             norm_bound,
             encoding,
@@ -336,7 +336,9 @@ impl RunOptions {
                 None => Some(crate::mix::patience::DEFAULT_STRAGGLER_GRACE),
                 Some(g) => crate::mix::patience::parse_grace(g).map_err(bad)?,
             },
+            coordinator: coordinator.map(|(_, c)| c),
         };
+        strategy.check_coordinator().map_err(|e| bad(e.to_string()))?;
         let min_members = positive("--min-members", self.min_members.unwrap_or(1))? as usize;
         if min_members > train.nodes {
             return Err(bad(format!(
@@ -366,7 +368,7 @@ impl RunOptions {
             min_members,
             max_members,
             listen,
-            bootstrap: addrs("--bootstrap", &self.bootstrap)?,
+            bootstrap,
             mdns: self.mdns.unwrap_or(false),
             security: match &self.security {
                 None => Security::DEFAULT.to_vec(),
@@ -402,6 +404,39 @@ impl RunOptions {
                 .map(|f| f.parse::<FaultSpec>().map_err(|e| bad(format!("--fault: {e}"))))
                 .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// `--coordinator` and `--coordinator-wait-ms`: its address and what
+    /// a member needs of it (the weight it declares is set at launch).
+    fn coordinator(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<(Multiaddr, CoordinatedConfig)>, ConfigError> {
+        let wait = match self.coordinator_wait_ms {
+            Some(ms) => millis("--coordinator-wait-ms", ms)?,
+            None => timeout,
+        };
+        if self.coordinator.as_deref() == Some(START_COORDINATOR) {
+            return Err(bad(
+                "--coordinator needs the coordinator's multiaddr, ending in /p2p/PEER_ID (`murmur cluster --coordinator` alone starts one)",
+            ));
+        }
+        let Some(text) = self.coordinator.as_deref() else {
+            if self.coordinator_wait_ms.is_some() {
+                return Err(bad("--coordinator-wait-ms needs --coordinator"));
+            }
+            return Ok(None);
+        };
+        let addr: Multiaddr = text
+            .trim()
+            .parse()
+            .map_err(|e| bad(format!("--coordinator {text:?} is not a multiaddr ({e})")))?;
+        let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+            return Err(bad(format!(
+                "--coordinator {text:?} needs a /p2p/<peer id> suffix: only that peer's requests and averages are taken"
+            )));
+        };
+        Ok(Some((addr, CoordinatedConfig { coordinator: peer, wait, weight: 1.0 })))
     }
 
     /// DiLoCo's outer settings; refused with another strategy.

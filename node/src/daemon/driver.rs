@@ -28,7 +28,6 @@ use tracing::{error, info, warn};
 use super::config::RunConfig;
 use super::events::{Event, Inputs, JOIN_POLL, Wait};
 use super::launch::{NodeError, Resume};
-use super::outbox::{Outbox, to_message};
 use super::record::{EvalFor, Record};
 use super::rejoin::{self, Pull, PullServer};
 use super::report::{FinalMetrics, Reporter};
@@ -38,9 +37,11 @@ use super::summary::NodeSummary;
 use super::worker::{Done, Job, PhaseDone, Reply, Worker};
 use crate::api::SavedCheckpoint;
 use crate::fault::{CRASH_EXIT_CODE, Faults};
+use crate::mix::coordinated::Coordination;
 use crate::mix::mixer::{Action, Input, Message, Mixer, MsgKind, StrategyState};
 use crate::mix::strategy;
 use crate::net::membership::Role;
+use crate::net::outbox::{Outbox, to_message};
 use crate::net::service::{NetEvent, Network};
 use crate::params::ParamLayout;
 use crate::status::{StatusBoard, model_hash};
@@ -126,6 +127,8 @@ pub struct Driver {
     /// network's buffers once only this list holds them.
     in_use: Vec<Arc<Vec<f32>>>,
     members: Vec<PeerId>,
+    /// Whether the coordinator's heartbeats arrive (semidec, fedavg).
+    coordinator_live: bool,
     stop: Option<StopReason>,
     finished: bool,
     paused: bool,
@@ -162,6 +165,7 @@ impl Driver {
             pull_refusals: BTreeMap::new(),
             in_use: Vec::new(),
             members: Vec::new(),
+            coordinator_live: false,
             stop: None,
             finished: false,
             paused: false,
@@ -830,17 +834,36 @@ impl Driver {
     }
 
     /// Copies what the strategy knows into the status.
-    fn publish(&self, mixer: &dyn Mixer) {
+    fn publish(&mut self, mixer: &dyn Mixer) {
         let drops = self.drops(mixer);
         let (round, distance, outer) = (mixer.round(), mixer.neighbour_distance(), mixer.outer());
         let failures = self.outbox.failures();
+        let coordinator = self.coordinator_link(mixer);
         self.board.update(|s| {
             s.round = round;
             s.strategy_drops = drops;
             s.consensus_distance = distance;
             s.send_failures = failures;
             s.outer = outer;
+            s.coordinator = coordinator;
         });
+    }
+
+    /// The coordinator and what the strategy did with it; says once when
+    /// it is lost (its heartbeats stopped) and once when it is back.
+    fn coordinator_link(&mut self, mixer: &dyn Mixer) -> Option<(PeerId, Coordination)> {
+        let peer = self.run.strategy.coordinator.as_ref()?.coordinator;
+        let live = crate::status::coordinator_live(&self.network.view(), &peer);
+        if live != self.coordinator_live {
+            self.coordinator_live = live;
+            match live {
+                true => info!(%peer, "coordinator: connected; taking its averages"),
+                false => {
+                    warn!(%peer, "coordinator: lost; going on with gossip alone until it returns")
+                }
+            }
+        }
+        Some((peer, mixer.coordination().unwrap_or_default()))
     }
 
     /// The final checkpoint and evaluation, while the last sends go out
@@ -937,6 +960,7 @@ impl Driver {
             bytes_per_outer_step: outer
                 .filter(|o| o.steps > 0)
                 .map(|o| acc.total().bytes_sent as f64 / o.steps as f64),
+            coordinator: mixer.coordination(),
             config: self.options.clone(),
         };
         let path = self.data_dir.join("summary.json");

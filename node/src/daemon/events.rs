@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::outbox::{Outbox, SendFailure};
 use super::shutdown::{Shutdown, StopReason};
 use super::worker::Reply;
 use crate::api::{Control, SavedCheckpoint};
 use crate::fault::Faults;
+use crate::net::outbox::{Outbox, SendFailure};
 use crate::net::service::NetEvent;
 
 /// One thing that happened.

@@ -77,11 +77,25 @@ pub enum NodeError {
 pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     let layout = setup.trainer.model.layout().as_ref().clone();
     let fingerprint = layout.fingerprint.to_string();
-    let run = setup.run.clone();
+    let mut run = setup.run.clone();
+    // A coordinator that weighs answers weighs a member by its examples.
+    if let Some(c) = run.strategy.coordinator.as_mut() {
+        c.weight = setup.trainer.shard_examples().max(1) as f64;
+    }
     let faults = Arc::new(setup.faults);
     let mut net_cfg = NetConfig::new(&run.run_id, &fingerprint, layout.total);
     net_cfg.listen = run.listen.clone();
     net_cfg.bootstrap = run.bootstrap.clone();
+    // The coordinator is dialled again whenever it is gone (it may restart).
+    net_cfg.redial = run
+        .bootstrap
+        .iter()
+        .filter(|a| {
+            let coordinator = run.strategy.coordinator.as_ref().map(|c| c.coordinator);
+            matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(p)) if Some(p) == coordinator)
+        })
+        .cloned()
+        .collect();
     net_cfg.swarm.quic = run.quic;
     net_cfg.swarm.security = run.security.clone();
     net_cfg.swarm.mdns = run.mdns;

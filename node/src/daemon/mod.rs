@@ -12,7 +12,6 @@ pub mod config;
 mod driver;
 mod events;
 mod launch;
-pub mod outbox;
 mod record;
 mod rejoin;
 mod report;

@@ -269,6 +269,7 @@ mod tests {
             role,
             fingerprint: fp.into(),
             entry_round: 0,
+            elements: 0,
             last_seen: Instant::now(),
             seq: 1,
         }

@@ -62,6 +62,9 @@ pub struct NodeSummary {
     /// DiLoCo: bytes this node sent per outer step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_per_outer_step: Option<f64>,
+    /// semidec, fedavg: what this node did with its coordinator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<crate::mix::coordinated::Coordination>,
     pub config: serde_json::Value,
 }
 

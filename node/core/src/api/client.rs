@@ -1,8 +1,10 @@
 //! A client of one node's API, as `murmur status`, `murmur fault` and
-//! `murmur cluster` use it.
+//! `murmur cluster` use it; it also reads a coordinator's.
 
 use std::time::Duration;
 
+use murmur_proto::coordinator::v1 as cpb;
+use murmur_proto::coordinator::v1::coordinator_service_client::CoordinatorServiceClient;
 use murmur_proto::v1 as pb;
 use murmur_proto::v1::node_service_client::NodeServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -32,6 +34,12 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the address serves no such call: a coordinator asked a
+    /// node's question, or a node a coordinator's.
+    pub fn unimplemented(&self) -> bool {
+        self.code() == Some(tonic::Code::Unimplemented)
+    }
 }
 
 /// A connection to one node.
@@ -39,6 +47,8 @@ impl ClientError {
 pub struct NodeClient {
     addr: String,
     inner: NodeServiceClient<Channel>,
+    /// The same connection, for a coordinator's API.
+    coordinator: CoordinatorServiceClient<Channel>,
     token: Option<ApiToken>,
 }
 
@@ -80,7 +90,12 @@ impl NodeClient {
             .connect()
             .await
             .map_err(|e| connect(format!("{e} ({})", source_of(&e))))?;
-        Ok(NodeClient { addr: addr.to_string(), inner: NodeServiceClient::new(channel), token })
+        Ok(NodeClient {
+            addr: addr.to_string(),
+            inner: NodeServiceClient::new(channel.clone()),
+            coordinator: CoordinatorServiceClient::new(channel),
+            token,
+        })
     }
 
     pub fn addr(&self) -> &str {
@@ -102,6 +117,20 @@ impl NodeClient {
             code: s.code(),
             message: s.message().to_string(),
         }
+    }
+
+    /// A coordinator's status (the address serves `CoordinatorService`).
+    pub async fn coordinator_status(&mut self) -> Result<cpb::CoordinatorStatus, ClientError> {
+        let r = self.request(cpb::GetStatusRequest {});
+        let out = self.coordinator.get_status(r).await;
+        out.map(tonic::Response::into_inner).map_err(self.failed("GetStatus"))
+    }
+
+    /// Stops a coordinator.
+    pub async fn coordinator_shutdown(&mut self) -> Result<(), ClientError> {
+        let r = self.request(cpb::ShutdownRequest {});
+        let out = self.coordinator.shutdown(r).await;
+        out.map(|_| ()).map_err(self.failed("Shutdown"))
     }
 
     pub async fn status(&mut self) -> Result<pb::NodeStatus, ClientError> {

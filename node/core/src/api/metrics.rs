@@ -39,13 +39,22 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Serves `/metrics` on `addr` until the returned value is dropped.
+/// Serves the node's `/metrics` on `addr` until the returned value is dropped.
 pub async fn serve_metrics(
     addr: SocketAddr,
     board: StatusBoard,
 ) -> Result<MetricsServer, ApiError> {
+    serve_rendered(addr, move || encode(board.snapshot())).await
+}
+
+/// Serves `/metrics` on `addr`, each scrape the text `render` makes now,
+/// until the returned value is dropped.
+pub async fn serve_rendered(
+    addr: SocketAddr,
+    render: impl Fn() -> Result<String, std::fmt::Error> + Clone + Send + Sync + 'static,
+) -> Result<MetricsServer, ApiError> {
     let (listener, bound) = bind(addr).await?;
-    let app = Router::new().route("/metrics", get(move || scrape(board.clone())));
+    let app = Router::new().route("/metrics", get(move || scrape(render.clone())));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -57,13 +66,13 @@ pub async fn serve_metrics(
     });
     info!(%bound, "metrics listening");
     if !bound.ip().is_loopback() {
-        warn!(%bound, "/metrics is served beyond this machine: anyone who reaches it reads the node's state (no token guards it)");
+        warn!(%bound, "/metrics is served beyond this machine: anyone who reaches it reads this process's state (no token guards it)");
     }
     Ok(MetricsServer { addr: bound, stop: Some(stop) })
 }
 
-async fn scrape(board: StatusBoard) -> impl IntoResponse {
-    match encode(board.snapshot()) {
+async fn scrape(render: impl Fn() -> Result<String, std::fmt::Error>) -> impl IntoResponse {
+    match render() {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -75,8 +84,13 @@ async fn scrape(board: StatusBoard) -> impl IntoResponse {
 
 /// The status as OpenMetrics text.
 pub fn encode(status: pb::NodeStatus) -> Result<String, std::fmt::Error> {
+    encode_collector(StatusCollector(status))
+}
+
+/// What `collector` says now, as OpenMetrics text.
+pub fn encode_collector(collector: impl Collector + 'static) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(StatusCollector(status)));
+    registry.register_collector(Box::new(collector));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     Ok(text)
@@ -86,12 +100,17 @@ pub fn encode(status: pb::NodeStatus) -> Result<String, std::fmt::Error> {
 #[derive(Debug)]
 struct StatusCollector(pb::NodeStatus);
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+pub fn gauge(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(v);
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn counter(
+pub fn counter(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -102,7 +121,7 @@ fn counter(
 }
 
 /// A counter with one label, one series per entry of `values`.
-fn labelled(
+pub fn labelled(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -168,6 +187,33 @@ impl Collector for StatusCollector {
         }
         if let Some(v) = s.bytes_per_outer_step {
             gauge(&mut e, "murmur_bytes_per_outer_step", "Bytes sent per DiLoCo outer step", v)?;
+        }
+        if let Some(c) = &s.coordinator {
+            let up = if c.state == "ok" { 1.0 } else { 0.0 };
+            gauge(
+                &mut e,
+                "murmur_coordinator_up",
+                "1 while the coordinator's heartbeats arrive",
+                up,
+            )?;
+            counter(
+                &mut e,
+                "murmur_coordinator_sampled",
+                "Rounds this node was sampled in",
+                c.sampled,
+            )?;
+            counter(
+                &mut e,
+                "murmur_coordinator_averages",
+                "Coordinator averages taken",
+                c.averages,
+            )?;
+            counter(
+                &mut e,
+                "murmur_coordinator_timeouts",
+                "Waits for a coordinator average that ended without one",
+                c.timeouts,
+            )?;
         }
         counter(&mut e, "murmur_samples_seen", "Training examples processed", s.samples_seen)?;
         counter(&mut e, "murmur_bytes_sent", "Payload and gossip bytes sent", t.bytes_sent)?;

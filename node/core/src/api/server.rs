@@ -77,16 +77,7 @@ pub async fn serve(
     if token.is_some() && tls.is_none() && !bound.ip().is_loopback() {
         warn!(%bound, "the API token crosses the network in clear: give --api-tls-cert and --api-tls-key");
     }
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(murmur_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| ApiError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| ApiError::Reflection(e.to_string()))?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
     let api = NodeApi {
@@ -97,14 +88,7 @@ pub async fn serve(
         refusal_logs: LogLimiter::new(10, 2, Duration::from_secs(10)),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.server_config()).map_err(|e| ApiError::Tls {
-            cert: tls.cert_path.display().to_string(),
-            reason: format!("{e} ({})", super::client::source_of(&e)),
-        })?;
-    }
-    let server = builder
+    let server = builder(tls.as_ref())?
         .add_service(NodeServiceServer::new(api))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -122,10 +106,46 @@ pub async fn serve(
     Ok(ApiServer { addr: bound, tls: tls.is_some(), stop: Some(stop), task })
 }
 
+/// Server reflection, v1 and v1alpha, for murmur's services and health:
+/// grpcurl and any gRPC client work without the .proto files.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ApiError,
+> {
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(murmur_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| ApiError::Reflection(e.to_string()))?;
+    let v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| ApiError::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
+}
+
+/// A gRPC server builder, serving TLS when `tls` is given.
+pub fn builder(tls: Option<&super::ApiTls>) -> Result<tonic::transport::Server, ApiError> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        None => Ok(builder),
+        Some(tls) => builder.tls_config(tls.server_config()).map_err(|e| ApiError::Tls {
+            cert: tls.cert_path.display().to_string(),
+            reason: format!("{e} ({})", super::client::source_of(&e)),
+        }),
+    }
+}
+
 /// A listener on `addr`, and the address it really got (port 0 picks one).
-pub(super) async fn bind(
-    addr: SocketAddr,
-) -> Result<(tokio::net::TcpListener, SocketAddr), ApiError> {
+pub async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ApiError> {
     let failed = |e: std::io::Error| ApiError::Bind { addr, reason: e.to_string() };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
     let bound = listener.local_addr().map_err(failed)?;

@@ -411,6 +411,15 @@ impl Mixer for Gossip {
         StrategyState::params(self.round, &self.x)
     }
 
+    fn adopt(&mut self, params: &[f32]) {
+        if params.len() == self.x.len() {
+            self.x.copy_from_slice(params);
+            if let Some(last) = self.last_mixed.as_mut() {
+                last.copy_from_slice(params);
+            }
+        }
+    }
+
     fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError> {
         let (round, x) = state.take_params(self.x.len())?;
         self.round = round;

@@ -30,16 +30,26 @@ pub enum MsgKind {
     PullRequest,
     /// One part of a pulled state (`Message::part`).
     PullReply,
+    /// The coordinator asks for a member's parameters at the end of a
+    /// round (one value: 1 send them, 0 only keep them as the reference).
+    SampleRequest,
+    /// A sampled member's parameters, for the coordinator.
+    SampledParams,
+    /// The coordinator's average of a round's sampled parameters.
+    Average,
 }
 
 impl MsgKind {
-    pub const ALL: [MsgKind; 6] = [
+    pub const ALL: [MsgKind; 9] = [
         MsgKind::Params,
         MsgKind::Delta,
         MsgKind::Shard,
         MsgKind::ShardResult,
         MsgKind::PullRequest,
         MsgKind::PullReply,
+        MsgKind::SampleRequest,
+        MsgKind::SampledParams,
+        MsgKind::Average,
     ];
 
     pub fn to_wire(self) -> PayloadKind {
@@ -50,6 +60,9 @@ impl MsgKind {
             MsgKind::ShardResult => PayloadKind::ShardResult,
             MsgKind::PullRequest => PayloadKind::PullRequest,
             MsgKind::PullReply => PayloadKind::PullReply,
+            MsgKind::SampleRequest => PayloadKind::SampleRequest,
+            MsgKind::SampledParams => PayloadKind::SampledParams,
+            MsgKind::Average => PayloadKind::Average,
         }
     }
 
@@ -68,6 +81,9 @@ impl MsgKind {
             MsgKind::ShardResult => "shard_result",
             MsgKind::PullRequest => "pull_request",
             MsgKind::PullReply => "pull_reply",
+            MsgKind::SampleRequest => "sample_request",
+            MsgKind::SampledParams => "sampled_params",
+            MsgKind::Average => "average",
         }
     }
 }
@@ -191,6 +207,15 @@ pub trait Mixer: Send {
 
     /// The outer optimizer's figures, for strategies that have one.
     fn outer(&self) -> Option<OuterStatus> {
+        None
+    }
+
+    /// The parameters were set from outside the strategy (a coordinator's
+    /// average): its own copy follows, so that snapshots and bounds see them.
+    fn adopt(&mut self, _params: &[f32]) {}
+
+    /// What a coordinated strategy did with its coordinator.
+    fn coordination(&self) -> Option<super::coordinated::Coordination> {
         None
     }
 }

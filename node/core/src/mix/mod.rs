@@ -1,13 +1,15 @@
 //! Mixing: how nodes combine their models with their peers'. Strategies here
 //! are sans-IO state machines (`Mixer`); this module also owns the
 //! communication topology, mixing weights, communication schedules, the
-//! compression of updates, and the one builder of strategies.
+//! compression of updates, the coordinator's side of a member (`coordinated`),
+//! and the one builder of strategies.
 
 pub mod aggregate;
 pub mod allreduce;
 pub mod comm;
 pub mod compress;
 pub mod consensus;
+pub mod coordinated;
 pub mod diloco;
 pub mod gossip;
 pub mod merge;

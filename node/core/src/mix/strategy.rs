@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Aggregator, NormBound};
 use super::comm::CommSchedule;
+use super::coordinated::{Coordinated, CoordinatedConfig};
 use super::diloco::{Diloco, DilocoConfig, DilocoError, OuterSync};
 use super::gossip::{Gossip, GossipConfig};
 use super::merge::{Exchange, Merge, MergeConfig, MergeError};
@@ -27,6 +28,17 @@ pub enum StrategyKind {
     Gossip,
     Merge,
     Diloco,
+    /// Gossip every round plus the coordinator's averages (`--coordinator`).
+    Semidec,
+    /// No gossip: the coordinator's average every round (federated averaging).
+    Fedavg,
+}
+
+impl StrategyKind {
+    /// Whether it needs a coordinator.
+    pub fn coordinated(self) -> bool {
+        matches!(self, StrategyKind::Semidec | StrategyKind::Fedavg)
+    }
 }
 
 impl fmt::Display for StrategyKind {
@@ -35,6 +47,8 @@ impl fmt::Display for StrategyKind {
             StrategyKind::Gossip => "gossip",
             StrategyKind::Merge => "merge",
             StrategyKind::Diloco => "diloco",
+            StrategyKind::Semidec => "semidec",
+            StrategyKind::Fedavg => "fedavg",
         })
     }
 }
@@ -172,6 +186,8 @@ pub struct StrategySpec {
     /// Gossip's straggler grace, as a fraction of the training time; `None`
     /// waits the full deadline for everyone (see `patience`).
     pub straggler_grace: Option<f64>,
+    /// The coordinator a semidec or fedavg member answers.
+    pub coordinator: Option<CoordinatedConfig>,
 }
 
 impl StrategySpec {
@@ -194,6 +210,7 @@ impl StrategySpec {
             outer: OuterSettings::default(),
             straggler_grace: Some(super::patience::DEFAULT_STRAGGLER_GRACE),
             samples_per_step: 1,
+            coordinator: None,
         }
     }
 
@@ -205,11 +222,12 @@ impl StrategySpec {
         layers: &[Range<usize>],
         len: usize,
     ) -> Result<(), StrategyError> {
+        self.check_coordinator()?;
         match self.kind {
-            StrategyKind::Gossip => {
+            StrategyKind::Gossip | StrategyKind::Semidec => {
                 super::topology::Topology::new(&self.topology, nodes.max(1), self.seed)?;
             }
-            StrategyKind::Merge => {}
+            StrategyKind::Merge | StrategyKind::Fedavg => {}
             StrategyKind::Diloco => self.diloco(0, layers).check(len)?,
         }
         if matches!(self.encoding, Encoding::TopK { .. }) && self.kind != StrategyKind::Diloco {
@@ -219,6 +237,21 @@ impl StrategySpec {
             )));
         }
         Ok(())
+    }
+
+    /// A coordinator given exactly when the strategy needs one.
+    pub fn check_coordinator(&self) -> Result<(), StrategyError> {
+        match (self.kind.coordinated(), &self.coordinator) {
+            (true, None) => Err(StrategyError::Option(format!(
+                "--strategy {} needs --coordinator MULTIADDR (ending in /p2p/<peer id>), the address murmur-coordinator prints",
+                self.kind
+            ))),
+            (false, Some(_)) => Err(StrategyError::Option(format!(
+                "--coordinator is for --strategy semidec or fedavg (strategy is {})",
+                self.kind
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn diloco(&self, start_round: u64, layers: &[Range<usize>]) -> DilocoConfig {
@@ -251,13 +284,14 @@ pub fn build(
     len: usize,
 ) -> Result<Box<dyn Mixer>, StrategyError> {
     Ok(match spec.kind {
-        StrategyKind::Gossip => {
+        StrategyKind::Gossip | StrategyKind::Semidec | StrategyKind::Fedavg => {
             let cfg = GossipConfig {
                 topology: spec.topology.clone(),
                 seed: spec.seed,
                 rounds: spec.rounds,
                 local_steps: spec.local_steps,
-                gossip_steps: spec.gossip_steps,
+                // Federated averaging mixes only through the coordinator.
+                gossip_steps: if spec.kind == StrategyKind::Fedavg { 0 } else { spec.gossip_steps },
                 comm: spec.comm.unwrap_or(CommSchedule::Every(1)),
                 timeout: spec.timeout,
                 start_round,
@@ -266,7 +300,11 @@ pub fn build(
                 encoding: spec.encoding,
                 straggler_grace: spec.straggler_grace,
             };
-            Box::new(Gossip::new(cfg, me, members)?)
+            let gossip = Box::new(Gossip::new(cfg, me, members)?);
+            match &spec.coordinator {
+                Some(c) if spec.kind.coordinated() => Box::new(Coordinated::new(gossip, c.clone())),
+                _ => gossip,
+            }
         }
         StrategyKind::Merge => {
             let exchange = match (spec.exchange_prob, spec.comm) {

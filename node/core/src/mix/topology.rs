@@ -86,6 +86,10 @@ pub enum TopologySpec {
     /// (not necessarily connected in any one round), drawn again on every
     /// call for that round, at O(n*D) cost.
     RegularPerRound(usize),
+    /// `rings:C`: C disjoint rings over consecutive members (sizes differ
+    /// by at most one), with no edge between them: components that only a
+    /// coordinator joins (semi-decentralized training).
+    Rings(usize),
 }
 
 impl FromStr for TopologySpec {
@@ -111,6 +115,7 @@ impl FromStr for TopologySpec {
             ("regular-per-round", _) => {
                 count("D must be a positive integer").map(Self::RegularPerRound)
             }
+            ("rings", _) => count("C must be a positive integer").map(Self::Rings),
             ("barabasi-albert", _) => {
                 count("M must be a positive integer").map(Self::BarabasiAlbert)
             }
@@ -139,6 +144,7 @@ impl fmt::Display for TopologySpec {
             Self::File(path) => write!(f, "file:{}", path.display()),
             Self::OnePeerExp => f.write_str("one-peer-exp"),
             Self::RegularPerRound(d) => write!(f, "regular-per-round:{d}"),
+            Self::Rings(c) => write!(f, "rings:{c}"),
         }
     }
 }
@@ -215,6 +221,7 @@ impl Topology {
                     Shape::Static(barabasi_albert(n, *m, &mut rng(seed, 0)))
                 }
                 TopologySpec::Complete => Shape::Static(complete(n)),
+                TopologySpec::Rings(c) => Shape::Static(rings(n, *c)),
                 TopologySpec::File(path) => Shape::Static(read_edge_list(path, n)?),
                 TopologySpec::OnePeerExp => Shape::OnePeerExp,
                 TopologySpec::RegularPerRound(d) => {
@@ -419,6 +426,25 @@ fn torus(n: usize) -> Graph {
     let edges =
         (0..rows).flat_map(|r| (0..cols).flat_map(move |c| [(r, c, r + 1, c), (r, c, r, c + 1)]));
     Graph::from_edges(n, edges.map(|(r, c, r2, c2)| (at(r, c), at(r2, c2))))
+}
+
+/// `c` rings over consecutive blocks of `0..n` (a block of 2 is one edge,
+/// of 1 an isolated member); more rings than members gives each its own.
+fn rings(n: usize, c: usize) -> Graph {
+    let c = c.clamp(1, n);
+    let mut edges = Vec::new();
+    let mut start = 0;
+    for k in 0..c {
+        let size = n / c + usize::from(k < n % c);
+        let block: Vec<usize> = (start..start + size).collect();
+        match size {
+            0 | 1 => {}
+            2 => edges.push((block[0], block[1])),
+            _ => edges.extend((0..size).map(|i| (block[i], block[(i + 1) % size]))),
+        }
+        start += size;
+    }
+    Graph::from_edges(n, edges)
 }
 
 /// A random d-regular graph (n*d even, d < n), connected if asked.
@@ -876,5 +902,21 @@ mod tests {
         }
         let missing = Topology::new(&"file:/no/such/edges".parse().unwrap(), 4, 0).unwrap_err();
         assert!(missing.to_string().contains("/no/such/edges"), "{missing}");
+    }
+
+    #[test]
+    fn rings_are_disjoint_components_with_no_edge_between() {
+        let t = Topology::new(&"rings:3".parse().unwrap(), 12, 0).unwrap();
+        assert!(!t.is_connected(0));
+        for i in 0..12 {
+            let block = i / 4;
+            let n = t.out_neighbours(i, 0);
+            assert_eq!(n.len(), 2, "a ring of 4: {i} -> {n:?}");
+            assert!(n.iter().all(|j| j / 4 == block), "{i} -> {n:?} leaves its ring");
+        }
+        assert_eq!("rings:3".parse::<TopologySpec>().unwrap().to_string(), "rings:3");
+        assert!("rings:0".parse::<TopologySpec>().is_err());
+        let uneven = Topology::new(&TopologySpec::Rings(3), 7, 0).unwrap();
+        assert_eq!(uneven.out_neighbours(6, 0), vec![5], "a block of 2 is one edge");
     }
 }

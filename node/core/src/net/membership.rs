@@ -31,17 +31,21 @@ pub enum Role {
     /// Pulls the run's state to rejoin: a member others see, but not one
     /// that takes part in exchanges yet.
     Joining,
+    /// The run's coordinator (`murmur-coordinator`): samples members and
+    /// averages their models; never trains, never in an exchange.
+    Coordinator,
 }
 
 impl Role {
     /// Every role this version knows.
-    pub const ALL: [Role; 2] = [Role::Node, Role::Joining];
+    pub const ALL: [Role; 3] = [Role::Node, Role::Joining, Role::Coordinator];
 
     /// The role's name on the wire (`Heartbeat::role`) and in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Node => "node",
             Role::Joining => "joining",
+            Role::Coordinator => "coordinator",
         }
     }
 
@@ -72,6 +76,8 @@ pub struct Member {
     pub fingerprint: String,
     /// The first round it takes part in (`Heartbeat::entry_round`).
     pub entry_round: u64,
+    /// The f32 values of its model, as it claims (0 for a coordinator).
+    pub elements: u64,
     pub last_seen: Instant,
     /// The highest heartbeat sequence number taken from it.
     pub seq: u64,
@@ -224,6 +230,7 @@ impl Membership {
             role,
             fingerprint: hb.fingerprint.clone(),
             entry_round: hb.entry_round,
+            elements: hb.elements,
             last_seen: now,
             seq: hb.seq,
         };
@@ -316,6 +323,7 @@ mod tests {
             entry_round: 0,
             fingerprint: "f".into(),
             seq: round + 1,
+            elements: 10,
         }
     }
 
@@ -461,6 +469,7 @@ mod tests {
                 entry_round,
                 fingerprint: "f".into(),
                 seq,
+                elements: 0,
             };
             let _ = m.observe(&claim, a, connected, t0);
             prop_assert!(m.len() <= 4);

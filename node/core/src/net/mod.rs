@@ -10,6 +10,7 @@ pub mod identity;
 pub mod inbound;
 pub mod log_limit;
 pub mod membership;
+pub mod outbox;
 pub mod reserve;
 pub mod security;
 pub mod service;

@@ -17,7 +17,7 @@
 //! the body travels as shared `Bytes`, never copied.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -72,6 +72,10 @@ pub struct NetConfig {
     pub swarm: SwarmSettings,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// Peers dialled again, at most every `REDIAL_EVERY`, whenever they are
+    /// not connected (a node's coordinator: it may restart, and it is no
+    /// use to the node unless connected).
+    pub redial: Vec<Multiaddr>,
     pub heartbeat_every: Duration,
     pub member_expiry: Duration,
     /// How many members, and what rounds, heartbeats may claim.
@@ -95,6 +99,7 @@ impl NetConfig {
             swarm: SwarmSettings::for_run(run_id),
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| Multiaddr::empty())],
             bootstrap: Vec::new(),
+            redial: Vec::new(),
             heartbeat_every: Duration::from_secs(1),
             member_expiry: Duration::from_secs(10),
             member_limits: MemberLimits::default(),
@@ -193,6 +198,8 @@ pub struct Network {
     pacer: Arc<Pacer>,
     /// Spare receive buffers.
     buffers: Arc<BufferPool>,
+    /// What inbound payloads must match, shared with the readers.
+    expect: Arc<RwLock<Expectation>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -269,11 +276,12 @@ impl Network {
         let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
         let refusal_logs =
             Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_PEER, REFUSAL_LOG_WINDOW));
+        let expect = Arc::new(RwLock::new(cfg.expect.clone()));
         let reader = Reader {
             pulls: Mutex::new(std::collections::HashMap::new()),
             admission: admission.clone(),
             refusal_logs: refusal_logs.clone(),
-            expect: cfg.expect.clone(),
+            expect: expect.clone(),
             accounting: accounting.clone(),
             events: events_tx.clone(),
             faults: cfg.faults.clone(),
@@ -302,6 +310,8 @@ impl Network {
             member_logs: LogLimiter::new(MEMBER_LOG_BURST, MEMBER_LOG_PER_PEER, REFUSAL_LOG_WINDOW),
             admission,
             dialled: std::collections::HashMap::new(),
+            redialled: std::collections::HashMap::new(),
+            expect: expect.clone(),
         };
         let network = Network {
             local_peer,
@@ -315,6 +325,7 @@ impl Network {
             faults: cfg.faults.clone(),
             pacer: Arc::new(Pacer::default()),
             buffers,
+            expect,
         };
         Ok(((network, events_rx), driver, commands_rx))
     }
@@ -402,6 +413,14 @@ impl Network {
     /// it takes part in.
     pub async fn set_role(&self, role: Role, entry_round: u64) {
         let _ = self.commands.send(Command::SetRole(role, entry_round)).await;
+    }
+
+    /// Changes what inbound payloads must match: a coordinator learns the
+    /// run's model from its members' heartbeats, after it started.
+    pub fn set_expectation(&self, expect: Expectation) {
+        if let Ok(mut e) = self.expect.write() {
+            *e = expect;
+        }
     }
 
     pub fn view(&self) -> NetView {
@@ -549,7 +568,7 @@ struct Reader {
     admission: Arc<Admission>,
     /// When each peer's last pull request was taken.
     pulls: Mutex<std::collections::HashMap<PeerId, Instant>>,
-    expect: Expectation,
+    expect: Arc<RwLock<Expectation>>,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
     faults: Arc<Faults>,
@@ -627,10 +646,12 @@ impl Reader {
         }
         let mut seen = None;
         let sender = peer.to_bytes();
+        let expect =
+            self.expect.read().map(|e| e.clone()).unwrap_or_else(|p| p.into_inner().clone());
         // A peer that opens streams and never finishes them must not hold
         // the read permits for good.
         let read =
-            wire::read_payload_noting(&mut stream, &self.expect, &sender, &mut seen, &self.buffers);
+            wire::read_payload_noting(&mut stream, &expect, &sender, &mut seen, &self.buffers);
         let result = tokio::time::timeout(self.timeout, read)
             .await
             .unwrap_or(Err(wire::Refusal::TimedOut(self.timeout)));
@@ -692,6 +713,10 @@ struct SwarmDriver {
     admission: Arc<Admission>,
     /// When each not-yet-connected heartbeat signer was last dialled.
     dialled: std::collections::HashMap<PeerId, Instant>,
+    /// When each `redial` peer was last dialled.
+    redialled: std::collections::HashMap<PeerId, Instant>,
+    /// The model heartbeats announce (what payloads must match).
+    expect: Arc<RwLock<Expectation>>,
 }
 
 /// The first heartbeat sequence number: microseconds since the epoch, so a
@@ -721,6 +746,7 @@ impl SwarmDriver {
                     let now = Instant::now();
                     self.dialled.retain(|_, t| now.saturating_duration_since(*t) < 6 * REDIAL_EVERY);
                     self.redial_bootstrap();
+                    self.redial_kept();
                 }
                 _ = faults.changed() => self.apply_partitions(),
                 _ = bootstrap.tick() => {
@@ -782,6 +808,20 @@ impl SwarmDriver {
         }
     }
 
+    /// Dials the `redial` peers that are not connected, each at most every
+    /// `REDIAL_EVERY`.
+    fn redial_kept(&mut self) {
+        let now = Instant::now();
+        for addr in self.cfg.redial.clone() {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else { continue };
+            let due = self.redialled.get(&peer).is_none_or(|t| now >= *t + REDIAL_EVERY);
+            if due && !self.swarm.is_connected(&peer) {
+                self.redialled.insert(peer, now);
+                let _ = self.swarm.dial(addr);
+            }
+        }
+    }
+
     fn publish_heartbeat(&mut self) {
         self.seq += 1;
         let hb = Heartbeat {
@@ -790,9 +830,13 @@ impl SwarmDriver {
             addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
             round: self.round,
             role: self.cfg.role.as_str().into(),
-            fingerprint: self.cfg.expect.fingerprint.clone(),
+            fingerprint: self.expect.read().map(|e| e.fingerprint.clone()).unwrap_or_default(),
             seq: self.seq,
             entry_round: self.entry_round,
+            elements: match self.cfg.role {
+                Role::Coordinator => 0,
+                _ => self.expect.read().map_or(0, |e| e.total_elements as u64),
+            },
         };
         let bytes = hb.encode_to_vec();
         let len = bytes.len() as u64;

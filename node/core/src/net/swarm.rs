@@ -149,6 +149,29 @@ fn peer_scoring(run_id: &str) -> (gossipsub::PeerScoreParams, gossipsub::PeerSco
     (params, gossipsub::PeerScoreThresholds::default())
 }
 
+/// The private swarm key in `path` (`--swarm-key`).
+pub fn read_swarm_key(path: &std::path::Path) -> Result<libp2p::pnet::PreSharedKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --swarm-key {}: {e}", path.display()))?;
+    text.parse().map_err(|e| {
+        format!(
+            "--swarm-key {} is not a swarm key file ({e}); make one with `murmur swarm-key FILE`",
+            path.display()
+        )
+    })
+}
+
+/// The peer ids of `--allow-peer`.
+pub fn parse_allowlist(list: &[String]) -> Result<Vec<PeerId>, String> {
+    list.iter()
+        .map(|p| {
+            p.trim()
+                .parse::<PeerId>()
+                .map_err(|e| format!("--allow-peer {p:?} is not a peer id ({e})"))
+        })
+        .collect()
+}
+
 pub fn members_topic(run_id: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("murmur/{run_id}/members/1"))
 }
