@@ -150,3 +150,12 @@ fi
 if [ "${MURMUR_BENCH_ATTACK:-1}" != 0 ]; then
   python3 scripts/bench_attack.py --murmur target/release/murmur --attacker target/release/murmur-attacker --out target/bench
 fi
+
+# Semi-decentralized training (scripts/bench_semidec.py, stdlib only): S2S
+# against S2A, and the rings alone, under IID shards and under components
+# that each hold only a few classes (murmur sim, 12 lenet nodes on MNIST in 3
+# rings); writes target/bench/semidec.{json,md,svg}. Set
+# MURMUR_BENCH_SEMIDEC=0 to skip it.
+if [ "${MURMUR_BENCH_SEMIDEC:-1}" != 0 ]; then
+  python3 scripts/bench_semidec.py --murmur target/release/murmur --out target/bench
+fi

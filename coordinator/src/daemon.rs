@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use murmur_core::fault::Faults;
-use murmur_core::mix::coordinated::{ASK_KEEP, ASK_NOTHING, ASK_SEND};
-use murmur_core::mix::mixer::{Message, MsgKind};
+use murmur_core::mix::mixer::MsgKind;
 use murmur_core::net::encoding::Encoding;
 use murmur_core::net::identity;
 use murmur_core::net::membership::{Member, MemberLimits, Role};
@@ -24,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::{CoordinatorConfig, ProgressFormat};
-use crate::sampling::{Action, Outcome, Sampler, Target};
+use crate::sampling::{Action, Outcome, Sampler};
 
 /// How often the loop looks at the membership and the clock when nothing
 /// else wakes it.
@@ -251,33 +250,12 @@ impl Coordinator {
 
     fn execute(&mut self, action: Action) {
         let Some(outbox) = self.outbox.as_mut() else { return };
-        match action {
-            Action::Request { round, sampled, noticed } => {
-                info!(round, sampled = sampled.len(), noticed = noticed.len(), "sampling");
-                // What to do, and H_s (a member waits at every sampling
-                // round's end until it knows which it is in).
-                let every = self.sampler.config().sample_every as f32;
-                let others = match self.sampler.config().target {
-                    Target::All => ASK_KEEP,
-                    Target::Sampled => ASK_NOTHING,
-                };
-                let (send, keep) = (Arc::new(vec![ASK_SEND, every]), Arc::new(vec![others, every]));
-                for (peers, body) in [(sampled, send), (noticed, keep)] {
-                    for p in peers {
-                        let m = Message::new(p, MsgKind::SampleRequest, round, body.clone());
-                        outbox.send(m, SEND_PATIENCE);
-                    }
-                }
-            }
-            Action::Send { peers, round, values } => {
-                let values = Arc::new(values);
-                for p in peers {
-                    outbox.send(
-                        Message::new(p, MsgKind::Average, round, values.clone()),
-                        SEND_PATIENCE,
-                    );
-                }
-            }
+        if let Action::Request { round, sampled, noticed } = &action {
+            info!(round, sampled = sampled.len(), noticed = noticed.len(), "sampling");
+        }
+        let (every, target) = (self.sampler.config().sample_every, self.sampler.config().target);
+        for m in crate::hub::messages(action, every, target) {
+            outbox.send(m, SEND_PATIENCE);
         }
     }
 

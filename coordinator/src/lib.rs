@@ -8,10 +8,12 @@
 //! gossiping. It is built on `murmur-core` and links no libtorch.
 //!
 //! `sampling` is its logic, a sans-IO state machine driven by `tick(now)`;
-//! `daemon` runs it against the run's swarm; `api` serves its status over
-//! gRPC and Prometheus; `config` checks its options.
+//! `daemon` runs it against the run's swarm, `hub` turns its actions into
+//! messages (for the daemon and for `murmur sim`); `api` serves its status
+//! over gRPC and Prometheus; `config` checks its options.
 
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod hub;
 pub mod sampling;

@@ -222,6 +222,7 @@ fn a_huge_sample_weight_never_takes_the_final_merge() {
 
 #[test]
 fn a_member_that_never_sends_costs_the_straggler_grace_not_the_deadline() {
+    let _machine = crate::harness::exclusive();
     // A 5 s deadline: waited out every round, the 8 s below would hold two.
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = honest_run(tmp.path(), "5000", &[]);

@@ -39,6 +39,7 @@ fn mnist_cluster(out: &Path, strategy: &[&str]) -> serde_json::Value {
 
 #[test]
 fn gossip_fedavg_and_merge_on_mnist_with_label_skew() {
+    let _machine = crate::harness::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let gossip =
         mnist_cluster(&tmp.path().join("gossip"), &["--strategy", "gossip", "--topology", "ring"]);

@@ -138,6 +138,7 @@ fn mean_node_accuracy(cluster: &Value) -> f64 {
 
 #[test]
 fn a_coordinator_joins_ring_components_into_one_model() {
+    let _machine = crate::harness::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let alone = components(&tmp.path().join("alone"), &["--strategy", "gossip"]);
     let joined = components(
@@ -201,7 +202,7 @@ fn a_killed_coordinator_leaves_the_nodes_training_and_a_restarted_one_is_taken_u
         "--coordinator",
         &addr,
         "--coordinator-wait-ms",
-        "1500",
+        "3000",
     ];
     let mut nodes: Vec<LiveNode> = start_swarm(tmp.path(), 4, &args);
     coordinator.wait_for("5 averaged rounds", Duration::from_secs(90), |st| {
@@ -209,6 +210,7 @@ fn a_killed_coordinator_leaves_the_nodes_training_and_a_restarted_one_is_taken_u
     });
     let before = nodes[1].status();
     let averages_before = before["coordinator"]["averages"].as_u64().unwrap();
+    let timeouts_before = before["coordinator"]["timeouts"].as_u64().unwrap();
     assert!(averages_before >= 1, "{before}");
     assert_eq!(before["coordinator"]["state"], "ok");
     // SIGKILL: no goodbye.
@@ -224,6 +226,11 @@ fn a_killed_coordinator_leaves_the_nodes_training_and_a_restarted_one_is_taken_u
             st["round"].as_u64().unwrap() >= lost["round"].as_u64().unwrap() + 20
         });
     assert!(later["round"].as_u64().unwrap() > round_at_kill + 20);
+    // Over 10 sampling rounds (H_s = 2) without it, one wait ended without
+    // it (a request or an average; two if the kill fell between them), not
+    // one per sampling round.
+    let waits = later["coordinator"]["timeouts"].as_u64().unwrap() - timeouts_before;
+    assert!((1..=2).contains(&waits), "{waits} waits: {}", later["coordinator"]);
     // Back, with the same identity (its directory) and port.
     let port = addr.split("/tcp/").nth(1).unwrap().split('/').next().unwrap();
     let listen = format!("/ip4/127.0.0.1/tcp/{port}");
@@ -240,11 +247,6 @@ fn a_killed_coordinator_leaves_the_nodes_training_and_a_restarted_one_is_taken_u
         ok(&murmur(&["shutdown", &node.api]));
         assert_eq!(node.wait_exit(Duration::from_secs(60)), 0, "{}", node.dir.display());
         let summary = read_json(&node.dir.join("summary.json"));
-        let c = &summary["coordinator"];
-        // One wait ended without it (a request or an average), not one per
-        // sampling round while it was gone.
-        let timeouts = c["timeouts"].as_u64().unwrap();
-        assert!((1..=2).contains(&timeouts), "{}: {c}", node.dir.display());
-        assert_eq!(c["lost"], false, "{c}");
+        assert!(summary["coordinator"]["averages"].as_u64().unwrap() > 0, "{summary}");
     }
 }

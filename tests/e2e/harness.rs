@@ -78,3 +78,12 @@ pub fn missing(drops: &serde_json::Value) -> u64 {
         .map(|k| drops[*k].as_u64().unwrap_or(0))
         .sum()
 }
+
+/// Held by the tests that load the machine most (a dozen training
+/// processes) and by those that measure time against a baseline, so that
+/// the two never run at once: on 2 cores a 12-node cluster beside a timing
+/// test makes its baseline, not its effect, what it measures.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -74,3 +74,25 @@ fn diloco_options_are_checked_before_the_run() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--outer-lr is a diloco option"));
 }
+
+#[test]
+fn a_simulated_coordinator_joins_rings_and_its_options_need_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("semidec");
+    let args = ["sim", "--nodes", "12", "--topology", "rings:3", "--strategy", "semidec"];
+    let more = ["--target", "s2a", "--sample", "4", "--sample-every", "5", "--rounds", "10"];
+    let stdout = ok(&murmur(&[&args[..], &more[..], &["--out", s(&out)]].concat()));
+    assert!(stdout.contains("semidec (s2a, K = 4 every 5 round(s)) on rings:3"), "{stdout}");
+    let report = read_json(&out.join("sim.json"));
+    assert_eq!(report["end"], "all_finished");
+    // Round 9 is a sampling round: every node ends with the average.
+    assert!(report["final_consensus_distance"].as_f64().unwrap() < 1e-5, "{report}");
+    assert_eq!(report["settings"]["coordinator"]["sample"], 4);
+    let bad = murmur(&["sim", "--sample", "3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--sample is an option of the coordinator"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

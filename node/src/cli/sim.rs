@@ -13,7 +13,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::CliError;
+use murmur_coordinator::hub::SimCoordinator;
+use murmur_coordinator::sampling::{Sampler, SamplerConfig, Target};
+
 use crate::mix::comm::CommSchedule;
+use crate::mix::coordinated::CoordinatedConfig;
 use crate::mix::mixer::Mixer;
 use crate::mix::sim::{
     self, Crash, DelayRange, LocalUpdate, NoTraining, RoundStat, SimConfig, SimNode, SimReport,
@@ -44,7 +48,7 @@ const AVERAGING: [&str; 5] = ["nodes", "seed", "dim", "threads", "device"];
     mut_arg("seed", |a| a.help("Seed of the network, the topology, peer ids and initial values (and of training) [default: 0]")),
 )]
 pub struct SimArgs {
-    /// Mixing strategy: gossip, merge or diloco
+    /// Mixing strategy: gossip, merge, diloco, semidec or fedavg (with a simulated coordinator)
     #[arg(long, env = "MURMUR_STRATEGY", default_value = "gossip")]
     strategy: StrategyKind,
     /// Gossip topology: ring, torus, exponential, regular:D, erdos-renyi:P, barabasi-albert:M, complete, file:PATH, one-peer-exp, regular-per-round:D, rings:C
@@ -83,6 +87,15 @@ pub struct SimArgs {
     /// diloco: local steps that overlap a fragment's exchange [default: 0]
     #[arg(long, env = "MURMUR_FRAGMENT_DELAY", allow_negative_numbers = true)]
     fragment_delay: Option<i64>,
+    /// semidec, fedavg: where the coordinator's averages go, s2s or s2a [default: s2a]
+    #[arg(long)]
+    target: Option<String>,
+    /// semidec, fedavg: members the coordinator samples per sampling round (K) [default: 4]
+    #[arg(long, allow_negative_numbers = true)]
+    sample: Option<i64>,
+    /// semidec, fedavg: rounds between two sampling rounds (H_s) [default: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    sample_every: Option<i64>,
     /// Probability that a message is lost, in [0, 1]
     #[arg(long, env = "MURMUR_SIM_LOSS", default_value_t = 0.0, allow_negative_numbers = true)]
     loss: f64,
@@ -150,6 +163,8 @@ struct Settings {
     encoding: Encoding,
     /// DiLoCo's outer optimizer, when the strategy is diloco.
     outer: Option<OuterSettings>,
+    /// The simulated coordinator, when the strategy is semidec or fedavg.
+    coordinator: Option<SimCoordinatorSettings>,
     loss: f64,
     delay_ms: String,
     step_ms: f64,
@@ -167,6 +182,75 @@ struct Settings {
     sim: SimConfig,
 }
 
+/// The simulated coordinator's settings.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct SimCoordinatorSettings {
+    target: &'static str,
+    sample: usize,
+    sample_every: u64,
+}
+
+/// `--target`, `--sample` and `--sample-every`: refused unless the
+/// strategy has a coordinator.
+fn coordinator_settings(args: &SimArgs) -> Result<Option<SimCoordinatorSettings>, CliError> {
+    if !args.strategy.coordinated() {
+        let given = [
+            ("--target", args.target.is_some()),
+            ("--sample", args.sample.is_some()),
+            ("--sample-every", args.sample_every.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            return Err(CliError::usage(format!(
+                "{flag} is an option of the coordinator; pass --strategy semidec or fedavg (strategy is {})",
+                args.strategy
+            )));
+        }
+        return Ok(None);
+    }
+    let target = match args.target.as_deref().unwrap_or("s2a") {
+        "s2s" => "s2s",
+        "s2a" => "s2a",
+        t => return Err(CliError::usage(format!("--target {t:?} must be s2s or s2a"))),
+    };
+    let positive = |flag: &str, v: i64| {
+        u64::try_from(v)
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| CliError::usage(format!("{flag} must be > 0 (got {v})")))
+    };
+    Ok(Some(SimCoordinatorSettings {
+        target,
+        sample: positive("--sample", args.sample.unwrap_or(4))? as usize,
+        sample_every: positive("--sample-every", args.sample_every.unwrap_or(1))?,
+    }))
+}
+
+/// The peer id of the simulated coordinator (none of the nodes').
+fn coordinator_peer(seed: u64) -> libp2p::PeerId {
+    sim::peer_ids(1, seed ^ 0x636f_6f72_6469_6e61) // "coordina"
+        .pop()
+        .unwrap_or_else(libp2p::PeerId::random)
+}
+
+/// The coordinator that takes part in a semidec or fedavg simulation.
+fn hub(s: &Settings, elements: usize) -> Option<SimCoordinator> {
+    let c = s.coordinator?;
+    let cfg = SamplerConfig {
+        seed: s.seed,
+        sample_every: c.sample_every,
+        sample_size: c.sample,
+        target: if c.target == "s2s" { Target::Sampled } else { Target::All },
+        deadline: Duration::from_millis(s.round_timeout_ms),
+        min_members: s.nodes,
+        patience: Duration::from_millis(s.round_timeout_ms) * 100,
+        member_expiry: Duration::from_secs(10),
+        aggregator: crate::mix::aggregate::Aggregator::Mean,
+        elements,
+        max_weight: None,
+    };
+    Some(SimCoordinator { peer: coordinator_peer(s.seed), sampler: Sampler::new(cfg) })
+}
+
 /// What `sim.json` holds.
 #[derive(Debug, Serialize)]
 struct Summary<'a> {
@@ -179,8 +263,12 @@ struct Summary<'a> {
 pub fn run(args: SimArgs) -> Result<(), CliError> {
     let settings = settings(&args)?;
     let Local { update: mut local, init, layers } = local_update(&settings)?;
+    let elements = init.first().map_or(0, Vec::len);
     let nodes = strategies(&settings, init, &layers)?;
-    let simulator = Simulator::new(settings.sim.clone(), nodes).map_err(CliError::usage)?;
+    let mut simulator = Simulator::new(settings.sim.clone(), nodes).map_err(CliError::usage)?;
+    if let Some(hub) = hub(&settings, elements) {
+        simulator = simulator.with_hub(Box::new(hub));
+    }
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)
             .map_err(|e| CliError::failed(format!("cannot create --out {}: {e}", out.display())))?;
@@ -223,6 +311,7 @@ fn settings(args: &SimArgs) -> Result<Settings, CliError> {
         exchange_prob: args.exchange_prob,
         encoding: args.encoding.parse().map_err(|e| CliError::usage(format!("--encoding: {e}")))?,
         outer: outer(args)?,
+        coordinator: coordinator_settings(args)?,
         loss: args.loss,
         delay_ms: args.delay_ms.clone(),
         step_ms: args.step_ms,
@@ -327,13 +416,10 @@ fn outer(args: &SimArgs) -> Result<Option<OuterSettings>, CliError> {
 /// that do not divide the local steps...).
 fn check_strategy(s: &Settings) -> Result<(), CliError> {
     match s.strategy {
-        StrategyKind::Semidec | StrategyKind::Fedavg => {
-            return Err(CliError::usage(format!(
-                "--strategy {} needs a coordinator, which the simulator does not have; run it with `murmur cluster --coordinator`",
-                s.strategy
-            )));
-        }
-        StrategyKind::Gossip | StrategyKind::Diloco => {
+        StrategyKind::Gossip
+        | StrategyKind::Diloco
+        | StrategyKind::Semidec
+        | StrategyKind::Fedavg => {
             if let Some(p) = s.exchange_prob {
                 return Err(CliError::usage(format!(
                     "--exchange-prob {p} is a merge option; pass --strategy merge or drop it"
@@ -471,6 +557,11 @@ fn spec(s: &Settings) -> StrategySpec {
         outer: s.outer.unwrap_or_default(),
         samples_per_step: s.training.as_ref().map_or(1, |t| t.batch_size as u64),
         straggler_grace: s.straggler_grace,
+        coordinator: s.coordinator.map(|_| CoordinatedConfig {
+            coordinator: coordinator_peer(s.seed),
+            wait: Duration::from_millis(s.round_timeout_ms),
+            weight: 1.0,
+        }),
         ..StrategySpec::new(s.strategy)
     }
 }
@@ -508,6 +599,15 @@ fn header(s: &Settings) -> String {
     };
     let strategy = match (s.strategy, s.outer) {
         (StrategyKind::Gossip, _) => format!("gossip on {}", s.topology),
+        (StrategyKind::Semidec | StrategyKind::Fedavg, _) => {
+            let c = s.coordinator.map_or(String::new(), |c| {
+                format!(" ({}, K = {} every {} round(s))", c.target, c.sample, c.sample_every)
+            });
+            match s.strategy {
+                StrategyKind::Semidec => format!("semidec{c} on {}", s.topology),
+                _ => format!("fedavg{c}"),
+            }
+        }
         (StrategyKind::Diloco, Some(o)) => format!(
             "diloco ({}, outer lr {} momentum {}, {} fragment(s)), {}",
             o.sync, o.lr, o.momentum, o.fragments, s.encoding

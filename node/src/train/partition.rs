@@ -26,17 +26,31 @@ pub enum Scheme {
     /// Node i holds classes `(i * k + j) mod C` for `j < k`; each class's
     /// examples are split evenly among the nodes that hold it.
     Classes { k: usize },
+    /// `groups:G`: the nodes in G blocks of consecutive indices and the
+    /// classes in G groups of consecutive labels (sizes differing by at most
+    /// one, as `rings:G` cuts its rings); block g holds group g's examples,
+    /// each class split evenly among its nodes. With `--topology rings:G`,
+    /// components that each hold only a few classes.
+    Groups { g: usize },
 }
 
 /// A partition that cannot be made.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PartitionError {
-    #[error("unknown --partition scheme {0:?} (expected iid, dirichlet:ALPHA or classes:K)")]
+    #[error(
+        "unknown --partition scheme {0:?} (expected iid, dirichlet:ALPHA, classes:K or groups:G)"
+    )]
     Unknown(String),
     #[error("--partition dirichlet needs alpha > 0 (got {0}), e.g. dirichlet:0.5")]
     BadAlpha(String),
     #[error("--partition classes needs k >= 1 (got {0}), e.g. classes:2")]
     BadK(String),
+    #[error("--partition groups needs g >= 1 (got {0}), e.g. groups:3")]
+    BadGroups(String),
+    #[error(
+        "--partition groups:{g} needs at least {g} nodes and {g} classes (got {nodes} nodes, {num_classes} classes)"
+    )]
+    TooManyGroups { g: usize, nodes: usize, num_classes: usize },
     #[error("a partition needs at least one node (got 0)")]
     NoNodes,
     #[error("node index {node} is out of range for {nodes} nodes (expected 0..{nodes})")]
@@ -87,6 +101,7 @@ pub fn shards(
         Scheme::Iid => iid(labels.len(), nodes, &mut rng),
         Scheme::Dirichlet { alpha } => dirichlet(&classes, alpha, nodes, &mut rng)?,
         Scheme::Classes { k } => by_classes(classes, k, nodes, &mut rng)?,
+        Scheme::Groups { g } => by_groups(classes, g, nodes, &mut rng)?,
     };
     for shard in &mut out {
         shard.sort_unstable();
@@ -139,6 +154,7 @@ impl Scheme {
                 Err(PartitionError::BadAlpha(alpha.to_string()))
             }
             Scheme::Classes { k: 0 } => Err(PartitionError::BadK("0".into())),
+            Scheme::Groups { g: 0 } => Err(PartitionError::BadGroups("0".into())),
             _ => Ok(()),
         }
     }
@@ -254,6 +270,35 @@ fn by_classes(
     Ok(out)
 }
 
+/// Block `k` of `0..len` cut into `parts` (sizes differing by at most one,
+/// the larger first).
+fn block(len: usize, parts: usize, k: usize) -> std::ops::Range<usize> {
+    let start = k * (len / parts) + k.min(len % parts);
+    start..start + len / parts + usize::from(k < len % parts)
+}
+
+fn by_groups(
+    classes: Vec<Vec<usize>>,
+    g: usize,
+    nodes: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Vec<usize>>, PartitionError> {
+    let num_classes = classes.len();
+    if g > nodes || g > num_classes {
+        return Err(PartitionError::TooManyGroups { g, nodes, num_classes });
+    }
+    let mut out = vec![Vec::new(); nodes];
+    for (label, mut members) in classes.into_iter().enumerate() {
+        let group = (0..g).find(|k| block(num_classes, g, *k).contains(&label)).unwrap_or(0);
+        let holders = block(nodes, g, group);
+        members.shuffle(rng);
+        for (i, node) in holders.clone().enumerate() {
+            out[node].extend_from_slice(&members[text_range(members.len(), i, holders.len())]);
+        }
+    }
+    Ok(out)
+}
+
 impl FromStr for Scheme {
     type Err = PartitionError;
 
@@ -265,6 +310,10 @@ impl FromStr for Scheme {
             Some(("dirichlet", a)) => match a.parse::<f64>() {
                 Ok(alpha) if alpha > 0.0 && alpha.is_finite() => Ok(Scheme::Dirichlet { alpha }),
                 _ => Err(PartitionError::BadAlpha(a.into())),
+            },
+            Some(("groups", g)) => match g.parse::<usize>() {
+                Ok(g) if g >= 1 => Ok(Scheme::Groups { g }),
+                _ => Err(PartitionError::BadGroups(g.into())),
             },
             Some(("classes", k)) => match k.parse::<usize>() {
                 Ok(k) if k >= 1 => Ok(Scheme::Classes { k }),
@@ -281,6 +330,7 @@ impl fmt::Display for Scheme {
             Scheme::Iid => write!(f, "iid"),
             Scheme::Dirichlet { alpha } => write!(f, "dirichlet:{alpha}"),
             Scheme::Classes { k } => write!(f, "classes:{k}"),
+            Scheme::Groups { g } => write!(f, "groups:{g}"),
         }
     }
 }
@@ -497,5 +547,24 @@ mod tests {
         assert!(check_text_scheme(&Scheme::Iid).is_ok());
         let err = check_text_scheme(&Scheme::Classes { k: 2 }).unwrap_err().to_string();
         assert!(err.contains("classes:2"), "{err}");
+    }
+
+    #[test]
+    fn groups_give_each_block_of_nodes_only_its_group_of_classes() {
+        let labels: Vec<i64> = (0..600).map(|i| i % 10).collect();
+        let parts = shards(&labels, 10, &"groups:3".parse().unwrap(), 1, 12).unwrap();
+        // Blocks of nodes 0-3, 4-7, 8-11; groups of classes 0-3, 4-6, 7-9.
+        for (node, shard) in parts.iter().enumerate() {
+            let held: std::collections::BTreeSet<i64> = shard.iter().map(|&i| labels[i]).collect();
+            let want: std::collections::BTreeSet<i64> = match node / 4 {
+                0 => (0..4).collect(),
+                1 => (4..7).collect(),
+                _ => (7..10).collect(),
+            };
+            assert_eq!(held, want, "node {node}");
+        }
+        let all: usize = parts.iter().map(Vec::len).sum();
+        assert_eq!(all, 600, "every example once");
+        assert!(shards(&labels, 10, &Scheme::Groups { g: 13 }, 1, 12).is_err());
     }
 }

@@ -32,6 +32,11 @@
 //! is taken at that moment over the live nodes' current parameters (which
 //! faster nodes may already have moved on from).
 //!
+//! A [`Hub`] (the coordinator) may take part too: it hears every live node's
+//! round at each event (as heartbeats would tell it, without their lag), its
+//! messages travel the same lossy, delayed network, and its deadline is an
+//! event like a node's.
+//!
 //! This module owns the event loop and the report; it must not know any one
 //! strategy's internals, and it never touches sockets, threads or the clock.
 
@@ -278,6 +283,20 @@ impl fmt::Display for EndReason {
     }
 }
 
+/// A participant of a simulated run that is not a node (the coordinator).
+pub trait Hub {
+    /// The peer id nodes address it by.
+    fn peer(&self) -> PeerId;
+    /// A heartbeat: `peer` is in `round`.
+    fn observe(&mut self, peer: PeerId, round: u64, now: Instant);
+    /// A message sent to it (`Message::peer` is the sender).
+    fn receive(&mut self, m: Message, now: Instant);
+    /// What to send now (`Message::peer` is the destination).
+    fn tick(&mut self, now: Instant) -> Vec<Message>;
+    /// When `tick` next has something to do by itself.
+    fn deadline(&self) -> Option<Instant>;
+}
+
 /// The state at one global round boundary.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundStat {
@@ -378,6 +397,11 @@ enum Event {
     Tick {
         node: usize,
     },
+    /// A message for the hub.
+    ToHub {
+        msg: Message,
+    },
+    HubTick,
     Members,
 }
 
@@ -446,6 +470,9 @@ pub struct Simulator {
     rounds: Vec<RoundStat>,
     messages: MessageCounts,
     evaluations: Vec<EvalRecord>,
+    hub: Option<Box<dyn Hub>>,
+    /// The deadline a `HubTick` is scheduled for.
+    hub_tick_at: Option<Duration>,
 }
 
 impl fmt::Debug for Simulator {
@@ -502,7 +529,15 @@ impl Simulator {
             rounds: Vec::new(),
             messages: MessageCounts::default(),
             evaluations: Vec::new(),
+            hub: None,
+            hub_tick_at: None,
         })
+    }
+
+    /// Adds a hub (a coordinator) to the run.
+    pub fn with_hub(mut self, hub: Box<dyn Hub>) -> Simulator {
+        self.hub = Some(hub);
+        self
     }
 
     /// Runs to the end and reports.
@@ -517,6 +552,7 @@ impl Simulator {
         mut on_round: impl FnMut(&RoundStat),
     ) -> Result<SimReport, SimError> {
         self.start(local)?;
+        self.hub_step(local)?;
         self.boundaries(local, &mut on_round)?;
         let end = loop {
             if !self.nodes.iter().any(NodeState::live) {
@@ -533,6 +569,7 @@ impl Simulator {
             }
             self.now = next.at;
             self.dispatch(next.event, local)?;
+            self.hub_step(local)?;
             self.boundaries(local, &mut on_round)?;
         };
         self.report(end, local)
@@ -580,6 +617,15 @@ impl Simulator {
                 }
                 self.handle(node, Input::Tick, local)
             }
+            Event::ToHub { msg } => {
+                let now = self.instant();
+                self.messages.delivered += 1;
+                if let Some(hub) = self.hub.as_mut() {
+                    hub.receive(msg, now);
+                }
+                Ok(())
+            }
+            Event::HubTick => Ok(()),
             Event::Members => {
                 let live: Vec<PeerId> =
                     self.nodes.iter().filter(|n| n.live()).map(|n| n.id).collect();
@@ -648,7 +694,7 @@ impl Simulator {
         local: &mut dyn LocalUpdate,
     ) -> Result<(), SimError> {
         match action {
-            Action::Send(m) => self.send(node, m),
+            Action::Send(m) => self.send(Some(node), m),
             Action::SetParams(p) => self.nodes[node].params = p,
             Action::Train { steps } => {
                 let n = &mut self.nodes[node];
@@ -678,8 +724,8 @@ impl Simulator {
 
 impl Simulator {
     /// Drops `m` with probability `loss`, else delivers it after a random
-    /// delay, from `from`.
-    fn send(&mut self, from: usize, mut m: Message) {
+    /// delay, from node `from` (or the hub).
+    fn send(&mut self, from: Option<usize>, mut m: Message) {
         self.messages.sent += 1;
         let n = m.values.len();
         let on_wire = m.encoding.fit(n);
@@ -688,20 +734,57 @@ impl Simulator {
         if on_wire != encoding::Encoding::F32 {
             m.values = std::sync::Arc::new(encoding::round_trip(&m.values, on_wire));
         }
-        let Some(&to) = self.index.get(&m.peer) else {
+        let to_hub = self.hub.as_ref().is_some_and(|h| h.peer() == m.peer);
+        let to = self.index.get(&m.peer).copied();
+        if to.is_none() && !to_hub {
             self.messages.unknown_peer += 1;
             return;
+        }
+        let Some(delay) = self.travel() else { return };
+        m.peer = match from {
+            Some(i) => self.nodes[i].id,
+            None => self.hub.as_ref().map_or(m.peer, |h| h.peer()),
         };
+        let event = match to {
+            Some(to) => Event::Deliver { to, msg: m },
+            None => Event::ToHub { msg: m },
+        };
+        self.schedule(self.now.saturating_add(delay), event);
+    }
+
+    /// A message's fate: lost (`None`), or the delay it takes.
+    fn travel(&mut self) -> Option<Duration> {
         let lost = self.rng.random::<f64>() < self.cfg.loss;
         let DelayRange { min, max } = self.cfg.delay;
         let delay = self.rng.random_range(min.as_nanos()..=max.as_nanos());
         if lost {
             self.messages.dropped += 1;
-            return;
+            return None;
         }
-        m.peer = self.nodes[from].id;
-        let delay = Duration::from_nanos(u64::try_from(delay).unwrap_or(u64::MAX));
-        self.schedule(self.now.saturating_add(delay), Event::Deliver { to, msg: m });
+        Some(Duration::from_nanos(u64::try_from(delay).unwrap_or(u64::MAX)))
+    }
+
+    /// The hub hears every live node's round, says what to send, and gets
+    /// a tick at its deadline.
+    fn hub_step(&mut self, _local: &mut dyn LocalUpdate) -> Result<(), SimError> {
+        let now = self.instant();
+        let Some(hub) = self.hub.as_mut() else { return Ok(()) };
+        for n in self.nodes.iter().filter(|n| n.live() && n.finished_at.is_none()) {
+            hub.observe(n.id, n.mixer.round(), now);
+        }
+        let out = hub.tick(now);
+        let deadline = hub.deadline();
+        for m in out {
+            self.send(None, m);
+        }
+        if let Some(d) = deadline {
+            let at = d.saturating_duration_since(self.base).max(self.now);
+            if self.hub_tick_at != Some(at) {
+                self.hub_tick_at = Some(at);
+                self.schedule(at, Event::HubTick);
+            }
+        }
+        Ok(())
     }
 
     fn crash(&mut self, node: usize) {
@@ -794,8 +877,11 @@ impl Simulator {
             .filter(|(n, _)| n.live())
             .map(|(_, x)| x.as_slice())
             .collect();
-        let in_flight =
-            self.queue.iter().filter(|s| matches!(s.event, Event::Deliver { .. })).count();
+        let in_flight = self
+            .queue
+            .iter()
+            .filter(|s| matches!(s.event, Event::Deliver { .. } | Event::ToHub { .. }))
+            .count();
         let initial: Vec<&[f32]> = self.initial.iter().map(Vec::as_slice).collect();
         Ok(SimReport {
             end,
