@@ -21,9 +21,6 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-/// Metadata key that carries the token (as the node's API).
-const AUTHORIZATION: &str = "authorization";
-
 /// A running API server.
 #[derive(Debug)]
 pub struct CoordinatorApiServer {
@@ -61,15 +58,7 @@ impl CoordinatorService for Api {
         &self,
         request: Request<cpb::ShutdownRequest>,
     ) -> Result<Response<cpb::ShutdownResponse>, Status> {
-        if let Some(token) = &self.token {
-            let header = request.metadata().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-            if !token.admits(header) {
-                return Err(Status::unauthenticated(format!(
-                    "Shutdown needs the coordinator's API token as `authorization: Bearer <token>`{}",
-                    if header.is_some() { " (the one given is wrong)" } else { "" }
-                )));
-            }
-        }
+        murmur_core::api::token::check(self.token.as_ref(), &request, "Shutdown", "coordinator")?;
         let _ = self.shutdown.try_send(());
         Ok(Response::new(cpb::ShutdownResponse {}))
     }

@@ -162,13 +162,8 @@ fn multiaddrs(flag: &str, list: &[String]) -> Result<Vec<Multiaddr>, ConfigError
         .collect()
 }
 
-/// `HOST:PORT` for a server (`localhost` is 127.0.0.1).
 fn socket(flag: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    let text = text.trim();
-    let local = text.strip_prefix("localhost:").map(|port| format!("127.0.0.1:{port}"));
-    local.as_deref().unwrap_or(text).parse().map_err(|_| {
-        bad(format!("{flag} {text:?} is not HOST:PORT with a numeric host, as in 127.0.0.1:7080"))
-    })
+    murmur_core::api::server::parse_listen(flag, text).map_err(bad)
 }
 
 impl CoordinatorOptions {

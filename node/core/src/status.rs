@@ -50,7 +50,7 @@ pub struct NodeState {
 }
 
 /// Whether `peer` is a live coordinator in `view`: its heartbeats arrive.
-pub fn coordinator_live(view: &crate::net::service::NetView, peer: &PeerId) -> bool {
+fn coordinator_live(view: &crate::net::service::NetView, peer: &PeerId) -> bool {
     view.members.iter().any(|m| m.peer == *peer && m.role == Role::Coordinator)
 }
 

@@ -229,11 +229,7 @@ pub struct RunConfig {
 
 /// `HOST:PORT` for a server to listen on (`localhost` is 127.0.0.1).
 fn listen_addr(flag: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    let text = text.trim();
-    let local = text.strip_prefix("localhost:").map(|port| format!("127.0.0.1:{port}"));
-    local.as_deref().unwrap_or(text).parse().map_err(|_| {
-        bad(format!("{flag} {text:?} is not HOST:PORT with a numeric host, as in 127.0.0.1:7070 or 0.0.0.0:7070"))
-    })
+    crate::api::server::parse_listen(flag, text).map_err(bad)
 }
 
 fn millis(flag: &str, v: i64) -> Result<Duration, ConfigError> {

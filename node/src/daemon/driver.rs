@@ -853,7 +853,7 @@ impl Driver {
     /// it is lost (its heartbeats stopped) and once when it is back.
     fn coordinator_link(&mut self, mixer: &dyn Mixer) -> Option<(PeerId, Coordination)> {
         let peer = self.run.strategy.coordinator.as_ref()?.coordinator;
-        let live = crate::status::coordinator_live(&self.network.view(), &peer);
+        let live = self.network.has_member(&peer, Role::Coordinator);
         if live != self.coordinator_live {
             self.coordinator_live = live;
             match live {

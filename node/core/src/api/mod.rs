@@ -10,7 +10,7 @@ pub mod client;
 pub mod metrics;
 pub mod server;
 pub mod tls;
-mod token;
+pub mod token;
 
 use tokio::sync::oneshot;
 

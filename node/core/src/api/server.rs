@@ -19,7 +19,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::token::{AUTHORIZATION, ApiToken};
+use super::token::ApiToken;
 use super::{Control, SavedCheckpoint};
 use crate::fault::FaultSpec;
 use crate::net::log_limit::LogLimiter;
@@ -144,6 +144,16 @@ pub fn builder(tls: Option<&super::ApiTls>) -> Result<tonic::transport::Server, 
     }
 }
 
+/// `HOST:PORT` for a server to listen on (`localhost` is 127.0.0.1), as
+/// `flag` gave it.
+pub fn parse_listen(flag: &str, text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let local = text.strip_prefix("localhost:").map(|port| format!("127.0.0.1:{port}"));
+    local.as_deref().unwrap_or(text).parse().map_err(|_| {
+        format!("{flag} {text:?} is not HOST:PORT with a numeric host, as in 127.0.0.1:7070 or 0.0.0.0:7070")
+    })
+}
+
 /// A listener on `addr`, and the address it really got (port 0 picks one).
 pub async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ApiError> {
     let failed = |e: std::io::Error| ApiError::Bind { addr, reason: e.to_string() };
@@ -169,18 +179,10 @@ const MAX_WATCHERS: usize = 16;
 impl NodeApi {
     /// Refuses a control call without the right token.
     fn authorize<T>(&self, request: &Request<T>, call: &str) -> Result<(), Status> {
-        let Some(token) = &self.token else { return Ok(()) };
-        let header = request.metadata().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if token.admits(header) {
-            Ok(())
-        } else {
+        super::token::check(self.token.as_ref(), request, call, "node").inspect_err(|_| {
             let client = request.remote_addr().map_or("unknown".into(), |a| a.ip().to_string());
             self.refusal_logs.warn(&client, call, &"refused: missing or wrong API token");
-            Err(Status::unauthenticated(format!(
-                "{call} needs the node's API token as `authorization: Bearer <token>`{}",
-                if header.is_some() { " (the one given is wrong)" } else { "" }
-            )))
-        }
+        })
     }
 
     async fn ask_driver(&self, c: Control) -> Result<(), Status> {

@@ -10,6 +10,25 @@ use std::path::Path;
 /// Metadata key that carries the token.
 pub const AUTHORIZATION: &str = "authorization";
 
+/// Refuses a control call `call` without the right token (when `token`
+/// is set); `owner` names whose token it is in the refusal.
+pub fn check<T>(
+    token: Option<&ApiToken>,
+    request: &tonic::Request<T>,
+    call: &str,
+    owner: &str,
+) -> Result<(), tonic::Status> {
+    let Some(token) = token else { return Ok(()) };
+    let header = request.metadata().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if token.admits(header) {
+        return Ok(());
+    }
+    Err(tonic::Status::unauthenticated(format!(
+        "{call} needs the {owner}'s API token as `authorization: Bearer <token>`{}",
+        if header.is_some() { " (the one given is wrong)" } else { "" }
+    )))
+}
+
 /// A secret shared by the node and its operators.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiToken(String);

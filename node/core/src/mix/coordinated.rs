@@ -195,12 +195,10 @@ impl Coordinated {
     fn wait(&mut self, round: u64, awaiting: Awaiting, held: Vec<Action>, now: Instant) {
         tracing::debug!(round, ?awaiting, "waiting for the coordinator");
         self.waiting = Some(Waiting { round, awaiting, until: now + self.cfg.wait, held });
-        self.stats.waiting = true;
     }
 
     /// Ends a wait: the held actions, to carry out now.
     fn release(&mut self) -> Vec<Action> {
-        self.stats.waiting = false;
         self.waiting.take().map(|w| w.held).unwrap_or_default()
     }
 
@@ -474,7 +472,7 @@ impl Mixer for Coordinated {
     }
 
     fn coordination(&self) -> Option<Coordination> {
-        Some(self.stats)
+        Some(Coordination { waiting: self.waiting.is_some(), ..self.stats })
     }
 }
 

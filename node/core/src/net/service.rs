@@ -199,7 +199,7 @@ pub struct Network {
     /// Spare receive buffers.
     buffers: Arc<BufferPool>,
     /// What inbound payloads must match, shared with the readers.
-    expect: Arc<RwLock<Expectation>>,
+    expect: Arc<RwLock<Arc<Expectation>>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -276,7 +276,7 @@ impl Network {
         let buffers = Arc::new(BufferPool::new(SPARE_BUFFERS));
         let refusal_logs =
             Arc::new(LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_PEER, REFUSAL_LOG_WINDOW));
-        let expect = Arc::new(RwLock::new(cfg.expect.clone()));
+        let expect = Arc::new(RwLock::new(Arc::new(cfg.expect.clone())));
         let reader = Reader {
             pulls: Mutex::new(std::collections::HashMap::new()),
             admission: admission.clone(),
@@ -419,8 +419,13 @@ impl Network {
     /// run's model from its members' heartbeats, after it started.
     pub fn set_expectation(&self, expect: Expectation) {
         if let Ok(mut e) = self.expect.write() {
-            *e = expect;
+            *e = Arc::new(expect);
         }
+    }
+
+    /// Whether `peer` is a member in `role` now (without copying the view).
+    pub fn has_member(&self, peer: &PeerId, role: Role) -> bool {
+        self.view.lock().is_ok_and(|v| v.members.iter().any(|m| m.peer == *peer && m.role == role))
     }
 
     pub fn view(&self) -> NetView {
@@ -568,7 +573,7 @@ struct Reader {
     admission: Arc<Admission>,
     /// When each peer's last pull request was taken.
     pulls: Mutex<std::collections::HashMap<PeerId, Instant>>,
-    expect: Arc<RwLock<Expectation>>,
+    expect: Arc<RwLock<Arc<Expectation>>>,
     accounting: Accounting,
     events: mpsc::Sender<NetEvent>,
     faults: Arc<Faults>,
@@ -646,8 +651,9 @@ impl Reader {
         }
         let mut seen = None;
         let sender = peer.to_bytes();
-        let expect =
-            self.expect.read().map(|e| e.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        // An Arc clone per payload: the model changes only when a
+        // coordinator learns it.
+        let expect = self.expect.read().map_or_else(|p| p.into_inner().clone(), |e| e.clone());
         // A peer that opens streams and never finishes them must not hold
         // the read permits for good.
         let read =
@@ -716,7 +722,7 @@ struct SwarmDriver {
     /// When each `redial` peer was last dialled.
     redialled: std::collections::HashMap<PeerId, Instant>,
     /// The model heartbeats announce (what payloads must match).
-    expect: Arc<RwLock<Expectation>>,
+    expect: Arc<RwLock<Arc<Expectation>>>,
 }
 
 /// The first heartbeat sequence number: microseconds since the epoch, so a
