@@ -11,7 +11,7 @@ MURMUR = target/release/murmur
 MURMUR_DATA_DIR ?= $(abspath ../shared/data)
 export MURMUR_DATA_DIR
 
-.PHONY: setup build demo test lint bench clean-demo
+.PHONY: setup build demo test compose-test lint bench clean-demo
 
 setup:
 	@scripts/setup-libtorch.sh >/dev/null
@@ -30,6 +30,11 @@ demo: build
 # API tests also run an independent Python gRPC client from a cached venv.
 test: build
 	MURMUR_TEST_PYTHON="$$(scripts/setup-test-venv.sh)" $(CARGO) test --release --workspace
+
+# deploy/docker-compose.yml run for real with rootful podman (installed once
+# with apt-get; needs root): 4 nodes, the coordinator and Prometheus on MNIST.
+compose-test: build
+	scripts/compose-test.sh
 
 lint: setup
 	cargo fmt --all -- --check

@@ -85,7 +85,7 @@ pub struct CoordinatorOptions {
         default_value = "/ip4/0.0.0.0/tcp/0"
     )]
     pub listen: Vec<String>,
-    /// Multiaddr of a node to join through, ending in /p2p/PEER_ID; repeatable (nodes given --coordinator dial it anyway)
+    /// Multiaddr of a node to join through, with /p2p/PEER_ID or by name without it (/dns4/node-0/tcp/4001); repeatable (nodes given --coordinator dial it anyway)
     #[arg(long, env = "MURMUR_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<String>,
     /// Security handshakes for TCP connections, preferred first: tls, noise, or both

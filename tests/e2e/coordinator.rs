@@ -18,10 +18,10 @@ fn coordinator_bin() -> PathBuf {
 }
 
 /// A coordinator process, killed when dropped.
-struct LiveCoordinator {
-    child: Child,
-    addr: String,
-    api: String,
+pub struct LiveCoordinator {
+    pub child: Child,
+    pub addr: String,
+    pub api: String,
 }
 
 impl Drop for LiveCoordinator {
@@ -33,7 +33,7 @@ impl Drop for LiveCoordinator {
 
 impl LiveCoordinator {
     /// Starts one with its identity in `dir`, listening on `listen`.
-    fn start(dir: &Path, listen: &str, args: &[&str]) -> LiveCoordinator {
+    pub fn start(dir: &Path, listen: &str, args: &[&str]) -> LiveCoordinator {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -60,7 +60,7 @@ impl LiveCoordinator {
     }
 
     /// Its status through `murmur status --json` (which reads coordinators).
-    fn status(&self) -> Value {
+    pub fn status(&self) -> Value {
         let out = murmur(&["status", "--json", &self.api]);
         let all: Value = serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
         all[0].clone()

@@ -47,6 +47,8 @@ enum Command {
     Sim(Box<sim::SimArgs>),
     /// Show what running nodes are doing, from their API (HOST:PORT...).
     Status(status::StatusArgs),
+    /// Exit 0 if the node or coordinator at HOST:PORT is serving (gRPC health), else 1.
+    Health(status::HealthArgs),
     /// Inject, clear or list faults on a running node.
     Fault(status::FaultArgs),
     /// Ask a running node to write a checkpoint now.
@@ -107,6 +109,7 @@ pub fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(*args),
         Command::Sim(args) => sim::run(*args),
         Command::Status(args) => status::status(args),
+        Command::Health(args) => status::health(args),
         Command::Fault(args) => status::fault(args),
         Command::Checkpoint(args) => status::checkpoint(args),
         Command::Shutdown(args) => status::shutdown(args),

@@ -25,9 +25,9 @@ pub struct RunArgs {
     /// TOML file of options (keys are the flag names); flags override it
     #[arg(long, env = "MURMUR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Continue from the checkpoint in --data-dir and rejoin the run
-    #[arg(long)]
-    pub resume: bool,
+    /// Continue from the checkpoint in --data-dir and rejoin the run; --resume=auto does so when there is a checkpoint and starts afresh when there is none (for restarts under systemd, compose or Kubernetes)
+    #[arg(long, env = "MURMUR_RESUME", num_args = 0..=1, default_missing_value = "always", value_name = "always|auto")]
+    pub resume: Option<ResumeWhen>,
     /// Token that control calls (InjectFault, ClearFaults, SaveCheckpoint, Shutdown) must present; never saved
     #[arg(long, env = "MURMUR_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -46,8 +46,24 @@ struct SavedOptions {
     round: Option<u64>,
 }
 
+/// When `--resume` continues from a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResumeWhen {
+    /// Always: a missing checkpoint is an error.
+    Always,
+    /// When the node directory holds one.
+    Auto,
+}
+
 pub fn run(args: RunArgs) -> Result<(), CliError> {
-    let mut saved = saved_options(&args.data_dir, args.resume)?;
+    let resuming = match args.resume {
+        None => false,
+        Some(ResumeWhen::Always) => true,
+        Some(ResumeWhen::Auto) => {
+            checkpoint::read_meta(&checkpoint::dir_in(&args.data_dir)).is_ok()
+        }
+    };
+    let mut saved = saved_options(&args.data_dir, resuming)?;
     // A checkpoint is a file anyone with the directory could have written:
     // what it may set is how to train, never whom to trust, where to listen
     // or what to break. Those come from this command line, file and
@@ -78,7 +94,7 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
     let mut trainer = Trainer::new(train.clone(), &split).map_err(CliError::usage)?;
     let layout = trainer.model.layout();
     run.strategy.check(train.nodes, &layout.layers(), layout.total).map_err(CliError::usage)?;
-    let resume = if args.resume {
+    let resume = if resuming {
         let ck = checkpoint::load(&checkpoint::dir_in(&args.data_dir)).map_err(CliError::usage)?;
         trainer.restore(&ck).map_err(CliError::usage)?;
         let state = ck.strategy_state().map_err(CliError::usage)?;

@@ -500,6 +500,30 @@ pub fn checkpoint(args: NodeCallArgs) -> Result<(), CliError> {
     })
 }
 
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// API address of the node or coordinator (HOST:PORT)
+    addr: String,
+    #[command(flatten)]
+    ca: CaArgs,
+}
+
+/// `murmur health ADDR`: exit 0 when the node or coordinator at ADDR
+/// reports SERVING over gRPC health, 1 otherwise. For container health
+/// checks, where no gRPC probe is installed.
+pub fn health(args: HealthArgs) -> Result<(), CliError> {
+    runtime()?.block_on(async move {
+        let mut c = connect(&args.addr, None, args.ca.path()).await?;
+        match c.serving().await.map_err(CliError::failed)? {
+            true => {
+                println!("{} is serving", args.addr);
+                Ok(())
+            }
+            false => Err(CliError::failed(format!("{} is not serving", args.addr))),
+        }
+    })
+}
+
 pub fn shutdown(args: NodeCallArgs) -> Result<(), CliError> {
     let token = args.token.token()?;
     runtime()?.block_on(async move {

@@ -127,11 +127,11 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_LISTEN", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<Vec<String>>,
-    /// Multiaddr of a node to join through, ending in /p2p/PEER_ID; repeatable
+    /// Multiaddr of a node to join through: /ip4/10.0.0.5/tcp/4001/p2p/PEER_ID, or by name and without the id (/dns4/node-0/tcp/4001: whichever peer answers there, --allow-peer still applies); repeatable
     #[arg(long, env = "MURMUR_BOOTSTRAP", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<Vec<String>>,
-    /// semidec, fedavg: the coordinator's multiaddr, ending in /p2p/PEER_ID (murmur-coordinator prints it); it is dialled like a bootstrap node and only its requests and averages are heard. `murmur cluster --coordinator` alone starts one
+    /// semidec, fedavg: the coordinator's multiaddr, ending in /p2p/PEER_ID as murmur-coordinator prints it, or without the id (/dns4/coordinator/tcp/4001: the peer answering there at launch, waited for up to --join-timeout-ms); it is dialled like a bootstrap node and only its requests and averages are heard. `murmur cluster --coordinator` alone starts one
     #[arg(long, env = "MURMUR_COORDINATOR", num_args = 0..=1, default_missing_value = START_COORDINATOR)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
@@ -207,6 +207,9 @@ pub struct RunConfig {
     pub max_members: usize,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// `--coordinator` given without `/p2p/<peer id>`: the node takes the
+    /// peer that answers at this address for its coordinator, at launch.
+    pub coordinator_at: Option<Multiaddr>,
     pub mdns: bool,
     pub security: Vec<Security>,
     pub quic: bool,
@@ -306,8 +309,12 @@ impl RunOptions {
         let timeout = millis("--round-timeout-ms", self.round_timeout_ms.unwrap_or(10_000))?;
         let coordinator = self.coordinator(timeout)?;
         let mut bootstrap = addrs("--bootstrap", &self.bootstrap)?;
+        let mut coordinator_at = None;
         if let Some((addr, _)) = &coordinator {
             bootstrap.push(addr.clone());
+            if !matches!(addr.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                coordinator_at = Some(addr.clone());
+            }
         }
         let mut listen = addrs("--listen", &self.listen)?;
         if listen.is_empty() {
@@ -365,6 +372,7 @@ impl RunOptions {
             max_members,
             listen,
             bootstrap,
+            coordinator_at,
             mdns: self.mdns.unwrap_or(false),
             security: match &self.security {
                 None => Security::DEFAULT.to_vec(),
@@ -414,7 +422,7 @@ impl RunOptions {
         };
         if self.coordinator.as_deref() == Some(START_COORDINATOR) {
             return Err(bad(
-                "--coordinator needs the coordinator's multiaddr, ending in /p2p/PEER_ID (`murmur cluster --coordinator` alone starts one)",
+                "--coordinator needs the coordinator's multiaddr, such as /ip4/10.0.0.9/tcp/4001/p2p/PEER_ID or /dns4/coordinator/tcp/4001 (`murmur cluster --coordinator` alone starts one)",
             ));
         }
         let Some(text) = self.coordinator.as_deref() else {
@@ -427,10 +435,11 @@ impl RunOptions {
             .trim()
             .parse()
             .map_err(|e| bad(format!("--coordinator {text:?} is not a multiaddr ({e})")))?;
-        let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
-            return Err(bad(format!(
-                "--coordinator {text:?} needs a /p2p/<peer id> suffix: only that peer's requests and averages are taken"
-            )));
+        // Without a peer id, the peer found at the address at launch (the
+        // random id is replaced then, before anything reads it).
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer)) => peer,
+            _ => PeerId::random(),
         };
         Ok(Some((addr, CoordinatedConfig { coordinator: peer, wait, weight: 1.0 })))
     }

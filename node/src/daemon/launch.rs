@@ -8,6 +8,7 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use murmur_proto::v1::Phase;
 use tokio::sync::mpsc;
+use tracing::info;
 
 use super::config::RunConfig;
 use super::driver::Driver;
@@ -67,6 +68,10 @@ pub enum NodeError {
     #[error("the network stopped")]
     NetworkGone,
     #[error(
+        "no peer answered at --coordinator {addr} within the join timeout ({timeout:?}); is murmur-coordinator running there?"
+    )]
+    NoCoordinator { addr: String, timeout: Duration },
+    #[error(
         "no run formed: {members} of --min-members {min} members after the join timeout ({peers} of {expected} peers joined; {refused})"
     )]
     TooFewMembers { members: usize, min: usize, peers: usize, expected: usize, refused: String },
@@ -92,7 +97,8 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
         .iter()
         .filter(|a| {
             let coordinator = run.strategy.coordinator.as_ref().map(|c| c.coordinator);
-            matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(p)) if Some(p) == coordinator)
+            run.coordinator_at.as_ref() == Some(*a)
+                || matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(p)) if Some(p) == coordinator)
         })
         .cloned()
         .collect();
@@ -109,6 +115,9 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     // A resuming node takes no part in exchanges until it has the run's state.
     net_cfg.role = if setup.resume.is_some() { Role::Joining } else { Role::Node };
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;
+    if let (Some(addr), Some(c)) = (&run.coordinator_at, run.strategy.coordinator.as_mut()) {
+        c.coordinator = find_coordinator(&network, addr, run.join_timeout).await?;
+    }
     let network = Arc::new(network);
     let initial = setup.trainer.model.params().map(|p| p.values).unwrap_or_default();
     let board = StatusBoard::new(
@@ -167,6 +176,26 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     board.update(|s| s.phase = Phase::Done);
     stop_servers(api, metrics).await;
     summary
+}
+
+/// The peer that answers at `addr` (`--coordinator` given by name, without
+/// its id), waited for up to `timeout`: the coordinator may start later.
+async fn find_coordinator(
+    network: &Network,
+    addr: &libp2p::Multiaddr,
+    timeout: Duration,
+) -> Result<libp2p::PeerId, NodeError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(peer) = network.peer_at(addr) {
+            info!(%addr, %peer, "coordinator found");
+            return Ok(peer);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(NodeError::NoCoordinator { addr: addr.to_string(), timeout });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The first line a node prints: who it is and where it listens.

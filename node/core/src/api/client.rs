@@ -8,6 +8,8 @@ use murmur_proto::coordinator::v1::coordinator_service_client::CoordinatorServic
 use murmur_proto::v1 as pb;
 use murmur_proto::v1::node_service_client::NodeServiceClient;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 use super::token::{AUTHORIZATION, ApiToken};
 use crate::fault::FaultSpec;
@@ -49,6 +51,8 @@ pub struct NodeClient {
     inner: NodeServiceClient<Channel>,
     /// The same connection, for a coordinator's API.
     coordinator: CoordinatorServiceClient<Channel>,
+    /// The same connection, for gRPC health (nodes and coordinators).
+    health: HealthClient<Channel>,
     token: Option<ApiToken>,
 }
 
@@ -93,7 +97,8 @@ impl NodeClient {
         Ok(NodeClient {
             addr: addr.to_string(),
             inner: NodeServiceClient::new(channel.clone()),
-            coordinator: CoordinatorServiceClient::new(channel),
+            coordinator: CoordinatorServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
             token,
         })
     }
@@ -117,6 +122,14 @@ impl NodeClient {
             code: s.code(),
             message: s.message().to_string(),
         }
+    }
+
+    /// Whether the server reports itself serving, by `grpc.health.v1`
+    /// (the whole server: service name "").
+    pub async fn serving(&mut self) -> Result<bool, ClientError> {
+        let r = self.request(HealthCheckRequest { service: String::new() });
+        let out = self.health.check(r).await.map_err(self.failed("Health.Check"))?;
+        Ok(out.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// A coordinator's status (the address serves `CoordinatorService`).

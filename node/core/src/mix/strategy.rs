@@ -243,7 +243,7 @@ impl StrategySpec {
     pub fn check_coordinator(&self) -> Result<(), StrategyError> {
         match (self.kind.coordinated(), &self.coordinator) {
             (true, None) => Err(StrategyError::Option(format!(
-                "--strategy {} needs --coordinator MULTIADDR (ending in /p2p/<peer id>), the address murmur-coordinator prints",
+                "--strategy {} needs --coordinator MULTIADDR, the address murmur-coordinator prints (or /dns4/HOST/tcp/PORT)",
                 self.kind
             ))),
             (false, Some(_)) => Err(StrategyError::Option(format!(

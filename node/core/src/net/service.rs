@@ -16,7 +16,7 @@
 //! `send` therefore hands the whole frame to a task on the network thread;
 //! the body travels as shared `Bytes`, never copied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,8 @@ use bytes::Bytes;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{DialError, ListenError, SwarmEvent};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns};
 use murmur_proto::wire::v1::{Heartbeat, PayloadHeader};
 use prost::Message;
@@ -71,6 +72,10 @@ const ACK_NOT_A_MEMBER: u8 = 2;
 pub struct NetConfig {
     pub swarm: SwarmSettings,
     pub listen: Vec<Multiaddr>,
+    /// Peers dialled at start and whenever none of them is connected. An
+    /// address without `/p2p/<peer id>` (`/dns4/node-0/tcp/4001`) takes
+    /// whichever peer answers there (the allowlist still applies); the
+    /// node learns its id in the handshake.
     pub bootstrap: Vec<Multiaddr>,
     /// Peers dialled again, at most every `REDIAL_EVERY`, whenever they are
     /// not connected (a node's coordinator: it may restart, and it is no
@@ -159,8 +164,6 @@ pub enum NetError {
     Swarm(#[from] swarm::SwarmError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
-    #[error("bootstrap address {addr} needs a /p2p/<peer id> suffix")]
-    BootstrapWithoutPeer { addr: Multiaddr },
     #[error("cannot dial bootstrap {addr}: {reason}")]
     Dial { addr: Multiaddr, reason: String },
     #[error("the network thread failed: {0}")]
@@ -173,6 +176,8 @@ pub struct NetView {
     pub listen_addrs: Vec<Multiaddr>,
     pub connected: BTreeSet<PeerId>,
     pub members: Vec<Member>,
+    /// The peers found at addresses given without `/p2p/<peer id>`.
+    pub named: HashMap<Multiaddr, PeerId>,
 }
 
 enum Command {
@@ -264,8 +269,11 @@ impl Network {
             .gossipsub
             .subscribe(&topic)
             .map_err(|e| NetError::Swarm(swarm::SwarmError::Gossip(e.to_string())))?;
+        let mut naming = HashMap::new();
         for addr in &cfg.bootstrap {
-            dial_bootstrap(&mut swarm, addr)?;
+            if let Some(id) = dial(&mut swarm, addr)? {
+                naming.insert(id, addr.clone());
+            }
         }
         let view = Arc::new(Mutex::new(NetView { listen_addrs: listening, ..Default::default() }));
         // Each event may hold a model's worth of values; a full channel holds
@@ -310,7 +318,9 @@ impl Network {
             member_logs: LogLimiter::new(MEMBER_LOG_BURST, MEMBER_LOG_PER_PEER, REFUSAL_LOG_WINDOW),
             admission,
             dialled: std::collections::HashMap::new(),
-            redialled: std::collections::HashMap::new(),
+            redialled: HashMap::new(),
+            named: HashMap::new(),
+            naming,
             expect: expect.clone(),
         };
         let network = Network {
@@ -426,6 +436,11 @@ impl Network {
     /// Whether `peer` is a member in `role` now (without copying the view).
     pub fn has_member(&self, peer: &PeerId, role: Role) -> bool {
         self.view.lock().is_ok_and(|v| v.members.iter().any(|m| m.peer == *peer && m.role == role))
+    }
+
+    /// The peer found at `addr`, given without its id, once one answered there.
+    pub fn peer_at(&self, addr: &Multiaddr) -> Option<PeerId> {
+        self.view.lock().ok()?.named.get(addr).copied()
     }
 
     pub fn view(&self) -> NetView {
@@ -557,15 +572,30 @@ pub fn kind_label(kind: i32) -> &'static str {
     crate::mix::mixer::MsgKind::from_wire(kind).map_or("unknown", |k| k.label())
 }
 
-fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<(), NetError> {
-    let Some(Protocol::P2p(peer)) = addr.iter().last() else {
-        return Err(NetError::BootstrapWithoutPeer { addr: addr.clone() });
-    };
-    swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-    swarm.add_peer_address(peer, addr.clone());
-    swarm
-        .dial(addr.clone())
-        .map_err(|e| NetError::Dial { addr: addr.clone(), reason: e.to_string() })
+/// The peer an address names with its `/p2p/<peer id>` suffix, if it has one.
+fn named_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// Dials `addr`. One without a peer id takes whoever answers: the
+/// returned connection id is how the caller learns who that was.
+fn dial(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<Option<ConnectionId>, NetError> {
+    let failed = |e: DialError| NetError::Dial { addr: addr.clone(), reason: e.to_string() };
+    match named_peer(addr) {
+        Some(peer) => {
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            swarm.add_peer_address(peer, addr.clone());
+            swarm.dial(addr.clone()).map_err(failed).map(|()| None)
+        }
+        None => {
+            let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+            let id = opts.connection_id();
+            swarm.dial(opts).map_err(failed).map(|()| Some(id))
+        }
+    }
 }
 
 /// What reading one inbound payload needs; shared by the accept loop's tasks.
@@ -719,8 +749,12 @@ struct SwarmDriver {
     admission: Arc<Admission>,
     /// When each not-yet-connected heartbeat signer was last dialled.
     dialled: std::collections::HashMap<PeerId, Instant>,
-    /// When each `redial` peer was last dialled.
-    redialled: std::collections::HashMap<PeerId, Instant>,
+    /// When each `redial` address was last dialled.
+    redialled: HashMap<Multiaddr, Instant>,
+    /// The peers found at addresses given without a peer id.
+    named: HashMap<Multiaddr, PeerId>,
+    /// Dials in flight to such addresses.
+    naming: HashMap<ConnectionId, Multiaddr>,
     /// The model heartbeats announce (what payloads must match).
     expect: Arc<RwLock<Arc<Expectation>>>,
 }
@@ -794,23 +828,30 @@ impl SwarmDriver {
         self.blocked = want;
     }
 
+    /// The peer at `addr`: the one it names, or the one found there.
+    fn peer_at(&self, addr: &Multiaddr) -> Option<PeerId> {
+        named_peer(addr).or_else(|| self.named.get(addr).copied())
+    }
+
+    fn connected_at(&self, addr: &Multiaddr) -> bool {
+        self.peer_at(addr).is_some_and(|p| self.swarm.is_connected(&p))
+    }
+
+    /// Dials `addr` again (a name is resolved again on every dial).
+    fn redial(&mut self, addr: &Multiaddr) {
+        if let Ok(Some(id)) = dial(&mut self.swarm, addr) {
+            self.naming.insert(id, addr.clone());
+        }
+    }
+
     /// Bootstrap nodes may start after us or restart: while none is
     /// connected, dial them again on every heartbeat.
     fn redial_bootstrap(&mut self) {
-        let boot: Vec<(PeerId, Multiaddr)> = self
-            .cfg
-            .bootstrap
-            .iter()
-            .filter_map(|a| match a.iter().last() {
-                Some(Protocol::P2p(peer)) => Some((peer, a.clone())),
-                _ => None,
-            })
-            .collect();
-        if boot.iter().any(|(p, _)| self.swarm.is_connected(p)) {
+        if self.cfg.bootstrap.iter().any(|a| self.connected_at(a)) {
             return;
         }
-        for (_, addr) in boot {
-            let _ = self.swarm.dial(addr);
+        for addr in self.cfg.bootstrap.clone() {
+            self.redial(&addr);
         }
     }
 
@@ -819,13 +860,22 @@ impl SwarmDriver {
     fn redial_kept(&mut self) {
         let now = Instant::now();
         for addr in self.cfg.redial.clone() {
-            let Some(Protocol::P2p(peer)) = addr.iter().last() else { continue };
-            let due = self.redialled.get(&peer).is_none_or(|t| now >= *t + REDIAL_EVERY);
-            if due && !self.swarm.is_connected(&peer) {
-                self.redialled.insert(peer, now);
-                let _ = self.swarm.dial(addr);
+            let due = self.redialled.get(&addr).is_none_or(|t| now >= *t + REDIAL_EVERY);
+            if due && !self.connected_at(&addr) {
+                self.redialled.insert(addr.clone(), now);
+                self.redial(&addr);
             }
         }
+    }
+
+    /// Learns who answered at an address given without a peer id.
+    fn on_named_connection(&mut self, id: ConnectionId, peer: PeerId) {
+        let Some(addr) = self.naming.remove(&id) else { return };
+        if self.named.get(&addr) != Some(&peer) {
+            info!(%addr, %peer, "found a peer at an address given without its id");
+        }
+        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        self.named.insert(addr, peer);
     }
 
     fn publish_heartbeat(&mut self) {
@@ -884,6 +934,7 @@ impl SwarmDriver {
             v.listen_addrs = self.swarm.listeners().cloned().collect();
             v.connected = self.swarm.connected_peers().copied().collect();
             v.members = self.membership.members().cloned().collect();
+            v.named.clone_from(&self.named);
         }
     }
 
@@ -907,7 +958,10 @@ impl SwarmDriver {
                     self.dial_if_new(peer);
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, num_established, connection_id, ..
+            } => {
+                self.on_named_connection(connection_id, peer_id);
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "connected");
                 }
@@ -925,7 +979,16 @@ impl SwarmDriver {
                 debug!(addr = %send_back_addr, reason, "inbound connection refused: {error}");
                 self.accounting.refuse(reason);
             }
-            SwarmEvent::OutgoingConnectionError { error, peer_id, .. } => {
+            SwarmEvent::OutgoingConnectionError { error, peer_id, connection_id } => {
+                // A dial by name that reached an authenticated peer and was
+                // refused only for a limit (it is connected already, say)
+                // still says who answers there; an allowlist refusal does not count.
+                if let (DialError::Denied { cause }, Some(peer)) = (&error, peer_id)
+                    && matches!(denial_reason(cause), "connection_limit" | "connection_reserved")
+                {
+                    self.on_named_connection(connection_id, peer);
+                }
+                self.naming.remove(&connection_id);
                 match &error {
                     DialError::Denied { cause } => self.accounting.refuse(denial_reason(cause)),
                     DialError::Transport(errors) => self.accounting.refuse(dial_reason(errors)),

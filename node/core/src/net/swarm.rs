@@ -185,7 +185,7 @@ pub fn build(
     admission: Arc<Admission>,
 ) -> Result<(Swarm<Behaviour>, mpsc::Receiver<InboundStream>), SwarmError> {
     check_run_id(&s.run_id)?;
-    let transport = transport(&key, s)?;
+    let transport = with_dns(&key, s)?;
     let reserve = reserve::Behaviour::new(
         s.max_connections as usize,
         s.reserved_connections as usize,
@@ -205,6 +205,23 @@ pub fn build(
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
     Ok((swarm, queue))
+}
+
+/// The transport behind the system's resolver, so that `/dns`, `/dns4` and
+/// `/dns6` addresses dial (compose services, StatefulSet pods, hosts by
+/// name), resolved again on every dial. Without a readable resolver
+/// configuration (/etc/resolv.conf) names cannot dial and IPs still do.
+fn with_dns(
+    key: &Keypair,
+    s: &SwarmSettings,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, SwarmError> {
+    match libp2p::dns::tokio::Transport::system(transport(key, s)?) {
+        Ok(dns) => Ok(dns.boxed()),
+        Err(e) => {
+            tracing::warn!("no DNS resolver ({e}): /dns addresses will not dial");
+            transport(key, s)
+        }
+    }
 }
 
 fn transport(

@@ -414,3 +414,46 @@ async fn payloads_from_a_peer_that_is_not_a_member_are_refused_unread() {
     let (from, payload) = next_payload(&mut arx).await;
     assert_eq!((from, payload.values), (c.local_peer, values));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_by_name_without_a_peer_id_is_dialled_and_its_peer_learned() {
+    let (a, _arx) = start(config(4)).await;
+    let port = a.view().listen_addrs[0]
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap();
+    let by_name: Multiaddr = format!("/dns4/localhost/tcp/{port}").parse().unwrap();
+    let mut cfg = config(4);
+    cfg.bootstrap = vec![by_name.clone()];
+    let (b, _brx) = start(cfg).await;
+    wait_until("b to learn who answers by name", Duration::from_secs(20), || {
+        b.peer_at(&by_name).is_some()
+    })
+    .await;
+    assert_eq!(b.peer_at(&by_name), Some(a.local_peer));
+    assert!(b.view().connected.contains(&a.local_peer));
+    // Membership follows as with a peer id.
+    wait_until("each to count the other", Duration::from_secs(20), || {
+        a.view().members.iter().any(|m| m.peer == b.local_peer)
+            && b.view().members.iter().any(|m| m.peer == a.local_peer)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_by_name_is_still_held_to_the_allowlist() {
+    let (a, _arx) = start(config(4)).await;
+    let port = a.view().listen_addrs[0].to_string().rsplit('/').next().unwrap().to_string();
+    let by_name: Multiaddr = format!("/dns4/localhost/tcp/{port}").parse().unwrap();
+    let mut cfg = config(4);
+    cfg.bootstrap = vec![by_name.clone()];
+    // Someone else is the only peer allowed: whoever answers is refused.
+    cfg.swarm.allowlist = Some(vec![PeerId::from(Keypair::generate_ed25519().public())]);
+    let (b, _brx) = start(cfg).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(b.peer_at(&by_name), None);
+    assert!(!b.view().connected.contains(&a.local_peer));
+}
