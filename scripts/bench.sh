@@ -159,3 +159,11 @@ fi
 if [ "${MURMUR_BENCH_SEMIDEC:-1}" != 0 ]; then
   python3 scripts/bench_semidec.py --murmur target/release/murmur --out target/bench
 fi
+
+# The shipped chaos scenarios (scripts/bench_chaos.py, stdlib only), each on
+# MNIST with lenet (its test's timeline and steps), against the same cluster
+# without the events; writes target/bench/chaos.{json,md}. Set
+# MURMUR_BENCH_CHAOS=0 to skip it.
+if [ "${MURMUR_BENCH_CHAOS:-1}" != 0 ]; then
+  python3 scripts/bench_chaos.py --murmur target/release/murmur --out target/bench
+fi

@@ -139,11 +139,13 @@ fn silent_streams_from_a_member_and_a_stranger_starve_no_honest_exchange() {
     let summaries = stop(&mut nodes);
     let victim = assert_unharmed(before, &summaries);
     let refusals = &victim["refusals"];
-    // The member held its 16 streams (4 read at a time until they timed
-    // out); the rest were reset as its share ran out.
+    // The member held its 16 streams (4 read at a time); the rest were
+    // reset as its share ran out, and as it kept reopening them (~1,400 a
+    // second) it was cut off: its connection closed, new ones denied.
     assert!(n(&member, "opened") > 16, "{member}");
     assert!(n(refusals, "inbound_peer_limit") > 0, "{refusals}");
-    assert!(n(refusals, "timed_out") > 0, "{refusals}");
+    assert!(n(refusals, "stream_flood") >= 1, "{refusals}");
+    assert!(n(&member, "disconnected") >= 1, "{member}");
     // The stranger's streams were refused before a byte was read.
     assert!(n(&stranger, "opened") > 0, "{stranger}");
     assert!(n(refusals, "not_a_member") > 0, "{refusals}");
@@ -162,13 +164,15 @@ fn a_pull_flood_from_a_joining_peer_gets_one_reply_per_window() {
     // One per 10 s per peer: at most two windows in 15 s (a reply is one
     // payload per part of the state).
     assert!(n(&flood, "pull_replies") <= 2, "{flood}");
-    // Most never reach the node's loop: the network takes one a second per
-    // peer; the loop refuses the rest of those (one pending, one per 10 s).
-    let (drops, refusals) = (&victim["strategy_drops"], &victim["refusals"]);
-    assert!(n(refusals, "pull_rate_limited") > 10, "{refusals}");
+    // The flood is cut off: past 256 refusals at its stream share in a
+    // second the node closes the connection and denies the peer for a
+    // cooldown; before that the network took at most one request a second.
+    let refusals = &victim["refusals"];
+    assert!(n(refusals, "stream_flood") >= 1, "{refusals}");
+    assert!(n(&flood, "disconnected") >= 1, "{flood}");
+    assert!(n(refusals, "pull_rate_limited") > 0, "{refusals}");
     let taken = n(&flood, "accepted");
     assert!(taken <= 17, "at most one a second went on: {taken}");
-    assert!(n(drops, "pull_too_soon") + n(drops, "pull_already_pending") > 0, "{drops}");
 }
 
 #[test]

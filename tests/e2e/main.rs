@@ -8,6 +8,7 @@
 
 mod api;
 mod attack;
+mod chaos;
 mod cluster;
 mod coordinator;
 mod deploy;

@@ -68,16 +68,16 @@ fn node_fault(text: &str, n: usize) -> Result<(usize, FaultSpec), CliError> {
 
 /// What the cluster knows of one node while it runs.
 #[derive(Debug, Default, Clone)]
-struct NodeLine {
-    peer: String,
-    round: u64,
-    rounds: u64,
-    loss: Option<f64>,
-    accuracy: Option<f64>,
-    bytes_sent: u64,
-    state: String,
-    api: Option<String>,
-    faults: Vec<String>,
+pub(super) struct NodeLine {
+    pub peer: String,
+    pub round: u64,
+    pub rounds: u64,
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub bytes_sent: u64,
+    pub state: String,
+    pub api: Option<String>,
+    pub faults: Vec<String>,
 }
 
 pub fn run(args: ClusterArgs) -> Result<(), CliError> {
@@ -346,7 +346,11 @@ impl NodeRecords {
     }
 }
 
-fn write_config(path: &Path, train: &TrainOptions, run: &RunOptions) -> Result<(), CliError> {
+pub(super) fn write_config(
+    path: &Path,
+    train: &TrainOptions,
+    run: &RunOptions,
+) -> Result<(), CliError> {
     let mut table = toml::Table::try_from(train).map_err(CliError::failed)?;
     table.extend(toml::Table::try_from(run).map_err(CliError::failed)?);
     let text = toml::to_string(&table).map_err(CliError::failed)?;
@@ -354,7 +358,7 @@ fn write_config(path: &Path, train: &TrainOptions, run: &RunOptions) -> Result<(
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))
 }
 
-type Lines = mpsc::Receiver<(usize, Value)>;
+pub(super) type Lines = mpsc::Receiver<(usize, Value)>;
 
 /// Starts the nodes: node 0 first, on a port of its own choosing, and the
 /// others once it says where it listens (no port is picked in advance, so
@@ -364,63 +368,89 @@ fn spawn_nodes(
     config: &Path,
     faults: &[Vec<FaultSpec>],
 ) -> Result<(Vec<Child>, Lines), CliError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::failed(format!("cannot find the murmur binary: {e}")))?;
     let (tx, rx) = mpsc::channel();
     let mut children = Vec::with_capacity(faults.len());
     let mut boot_addr: Option<String> = None;
     for (i, node_faults) in faults.iter().enumerate() {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .arg("--data-dir")
-            .arg(out.join(format!("node-{i}")))
-            .args(["--node", &i.to_string(), "--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--progress", "json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(out.join(format!("node-{i}.log")))
-                    .map_err(|e| CliError::failed(format!("cannot create node log: {e}")))?,
-            ));
-        if let Some(addr) = &boot_addr {
-            cmd.arg("--bootstrap").arg(addr);
-        }
+        let mut extra = Vec::new();
         for f in node_faults {
-            cmd.arg("--fault").arg(f.to_string());
+            extra.extend(["--fault".to_string(), f.to_string()]);
         }
-        if std::env::var_os("MURMUR_THREADS").is_none() {
-            cmd.env("MURMUR_THREADS", "1");
-        }
-        let mut child =
-            cmd.spawn().map_err(|e| CliError::failed(format!("cannot start node {i}: {e}")))?;
-        let Some(stdout) = child.stdout.take() else { continue };
-        let mut lines = BufReader::new(stdout).lines();
-        if boot_addr.is_none() {
-            // The bootstrap node's first line says where it listens.
-            let first = lines.next().and_then(Result::ok).unwrap_or_default();
-            let v: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
-            let Some(addr) = v["addrs"][0].as_str() else {
-                let _ = child.wait();
-                return Err(CliError::failed(format!(
-                    "node 0 did not start; see {}",
-                    out.join("node-0.log").display()
-                )));
-            };
-            boot_addr = Some(addr.to_string());
+        let (child, first) = spawn_node(out, config, i, boot_addr.as_deref(), &extra, &tx)?;
+        if let Some(v) = first {
+            boot_addr = v["addrs"][0].as_str().map(str::to_string);
             let _ = tx.send((i, v));
         }
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send((i, v));
-                }
-            }
-        });
         children.push(child);
     }
     Ok((children, rx))
+}
+
+/// Starts node `i`: `murmur run` with the cluster's config file, its own
+/// directory and log (appended to, for a restart), one libtorch thread,
+/// and `extra` flags. Its progress lines go to `tx`. Without `boot` it is
+/// the bootstrap node: its first line (where it listens) is read here and
+/// returned, and it is an error if that line does not say.
+pub(super) fn spawn_node(
+    out: &Path,
+    config: &Path,
+    i: usize,
+    boot: Option<&str>,
+    extra: &[String],
+    tx: &mpsc::Sender<(usize, Value)>,
+) -> Result<(Child, Option<Value>), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::failed(format!("cannot find the murmur binary: {e}")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join(format!("node-{i}.log")))
+        .map_err(|e| CliError::failed(format!("cannot create node log: {e}")))?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(out.join(format!("node-{i}")))
+        .args(["--node", &i.to_string(), "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--progress", "json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    if let Some(addr) = boot {
+        cmd.arg("--bootstrap").arg(addr);
+    }
+    if std::env::var_os("MURMUR_THREADS").is_none() {
+        cmd.env("MURMUR_THREADS", "1");
+    }
+    let mut child =
+        cmd.spawn().map_err(|e| CliError::failed(format!("cannot start node {i}: {e}")))?;
+    let Some(stdout) = child.stdout.take() else { return Ok((child, None)) };
+    let mut lines = BufReader::new(stdout).lines();
+    let mut first = None;
+    if boot.is_none() {
+        // The bootstrap node's first line says where it listens.
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v["addrs"][0].as_str().is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CliError::failed(format!(
+                "node {i} did not start; see {}",
+                out.join(format!("node-{i}.log")).display()
+            )));
+        }
+        first = Some(v);
+    }
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send((i, v));
+            }
+        }
+    });
+    Ok((child, first))
 }
 
 /// Follows the nodes until all have exited; returns their exit codes and
@@ -518,18 +548,25 @@ async fn poll_statuses(
         }
         let Some(client) = clients[i].as_mut() else { continue };
         if let Ok(Ok(s)) = tokio::time::timeout(PATIENCE, client.status()).await {
-            line.state = super::status::phase_name(s.phase);
-            line.round = s.round;
-            line.rounds = s.rounds;
-            line.loss = s.train_loss;
-            line.accuracy = s.eval_accuracy.or(line.accuracy);
-            line.bytes_sent = s.traffic.map_or(line.bytes_sent, |t| t.bytes_sent);
-            line.faults = s.active_faults.iter().map(|f| f.spec.clone()).collect();
+            line.take_status(&s);
         }
     }
 }
 
-fn update(line: &mut NodeLine, v: &Value) {
+impl NodeLine {
+    /// What a status read says of the node's progress.
+    pub(super) fn take_status(&mut self, s: &murmur_proto::v1::NodeStatus) {
+        self.state = super::status::phase_name(s.phase);
+        self.round = s.round;
+        self.rounds = s.rounds;
+        self.loss = s.train_loss;
+        self.accuracy = s.eval_accuracy.or(self.accuracy);
+        self.bytes_sent = s.traffic.map_or(self.bytes_sent, |t| t.bytes_sent);
+        self.faults = s.active_faults.iter().map(|f| f.spec.clone()).collect();
+    }
+}
+
+pub(super) fn update(line: &mut NodeLine, v: &Value) {
     match v["event"].as_str() {
         Some("listening") => {
             line.peer = v["peer_id"].as_str().unwrap_or_default().to_string();
@@ -552,7 +589,7 @@ fn update(line: &mut NodeLine, v: &Value) {
     }
 }
 
-fn render(i: usize, s: &NodeLine) -> String {
+pub(super) fn render(i: usize, s: &NodeLine) -> String {
     let peer = s.peer.get(s.peer.len().saturating_sub(8)..).unwrap_or("");
     let faults = if s.faults.is_empty() {
         String::new()
@@ -786,7 +823,7 @@ fn diloco_entry(summaries: &[Option<Value>]) -> Value {
 }
 
 /// A checkpoint's parameters in canonical (name-sorted) order.
-fn read_model(path: &Path) -> Option<Vec<f32>> {
+pub(super) fn read_model(path: &Path) -> Option<Vec<f32>> {
     let mut tensors = tch::Tensor::read_safetensors(path).ok()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
@@ -803,7 +840,7 @@ fn same_length(models: &[Vec<f32>]) -> Option<Vec<&[f32]>> {
 }
 
 /// The element-wise mean of equally long models.
-fn mean_model(models: &[Vec<f32>]) -> Option<Vec<f32>> {
+pub(super) fn mean_model(models: &[Vec<f32>]) -> Option<Vec<f32>> {
     Some(consensus::mean(&same_length(models)?).into_iter().map(|v| v as f32).collect())
 }
 

@@ -5,6 +5,7 @@
 
 mod bench_allreduce;
 mod bench_transfer;
+mod chaos;
 mod cluster;
 mod id;
 mod plot;
@@ -45,6 +46,8 @@ enum Command {
     Cluster(Box<cluster::ClusterArgs>),
     /// Simulate many nodes in one process over a lossy network, in virtual time.
     Sim(Box<sim::SimArgs>),
+    /// Run a cluster through a timeline of failures (kills, restarts, faults, partitions) and report what they did.
+    Chaos(Box<chaos::ChaosArgs>),
     /// Show what running nodes are doing, from their API (HOST:PORT...).
     Status(status::StatusArgs),
     /// Exit 0 if the node or coordinator at HOST:PORT is serving (gRPC health), else 1.
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(*args),
         Command::Cluster(args) => cluster::run(*args),
         Command::Sim(args) => sim::run(*args),
+        Command::Chaos(args) => chaos::run(*args),
         Command::Status(args) => status::status(args),
         Command::Health(args) => status::health(args),
         Command::Fault(args) => status::fault(args),

@@ -175,9 +175,13 @@ pub(super) fn read_config(path: &Path) -> Result<(TrainOptions, RunOptions), Cli
         .map_err(|e| CliError::usage(format!("cannot read --config {}: {e}", path.display())))?;
     let table: toml::Table = toml::from_str(&text)
         .map_err(|e| CliError::usage(format!("--config {}: {}", path.display(), e.message())))?;
+    config_from_table(table)
+        .map_err(|m| CliError::usage(format!("--config {}: {m}", path.display())))
+}
+
+/// The options a config table holds; the error names the bad key or value.
+pub(super) fn config_from_table(table: toml::Table) -> Result<(TrainOptions, RunOptions), String> {
     let (train, run) = split_known::<TrainOptions>(table);
-    let bad = |e: toml::de::Error| {
-        CliError::usage(format!("--config {}: {}", path.display(), e.message()))
-    };
+    let bad = |e: toml::de::Error| e.message().to_string();
     Ok((train.try_into().map_err(bad)?, run.try_into().map_err(bad)?))
 }

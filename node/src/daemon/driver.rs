@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use murmur_proto::v1::Phase;
@@ -54,6 +54,10 @@ use crate::train::eval::EvalMetrics;
 /// beyond either they are dropped (and counted as `backlog_full`).
 const MAX_BACKLOG: usize = 1024;
 const MAX_BACKLOG_MODELS: usize = 8;
+
+/// How long a resuming node keeps waiting for members once it has seen
+/// the run go on without it: two heartbeats and a dial.
+const REJOIN_SETTLE: Duration = Duration::from_secs(3);
 
 /// What the driver is built from.
 pub struct Parts {
@@ -175,7 +179,7 @@ impl Driver {
 
     /// The whole run: join, rejoin when resuming, train and mix, finish.
     pub async fn run(mut self, resume: Option<Resume>) -> Result<NodeSummary, NodeError> {
-        self.join().await?;
+        self.join(resume.as_ref().map(|r| r.round)).await?;
         let (start_round, state) = match &resume {
             Some(r) if self.stop.is_none() => self.rejoin(r).await?,
             Some(r) => (r.round, r.state.clone()),
@@ -262,10 +266,23 @@ impl Driver {
         self.submit(Job::Checkpoint { dir, options, strategy: state }, Pending::Checkpoint(why))
     }
 
-    /// Waits (up to `--join-timeout-ms`) for `--nodes` members.
-    async fn join(&mut self) -> Result<(), NodeError> {
-        let deadline = Instant::now() + self.run.join_timeout;
+    /// Waits (up to `--join-timeout-ms`) for `--nodes` members. A node
+    /// resuming from round `resumed` waits only `REJOIN_SETTLE` more once
+    /// it sees a member of its run further on: the run went on without it,
+    /// some of the others may be gone for good, and it rejoins whoever is
+    /// live (the settle lets the live ones connect). A whole cluster
+    /// restarted at once still waits for all, none being ahead.
+    async fn join(&mut self, resumed: Option<u64>) -> Result<(), NodeError> {
+        let mut deadline = Instant::now() + self.run.join_timeout;
+        let mut settling = false;
         while self.members_in(self.board.round()).len() < self.train.nodes && self.stop.is_none() {
+            if !settling && resumed.is_some_and(|r| self.run_went_on(r)) {
+                settling = true;
+                deadline = deadline.min(Instant::now() + REJOIN_SETTLE);
+            }
+            if settling && Instant::now() >= deadline {
+                return Ok(());
+            }
             let now = Instant::now();
             if now >= deadline {
                 let found = self.members_in(self.board.round()).len();
@@ -281,6 +298,17 @@ impl Driver {
             self.take_one_keeping(now + JOIN_POLL).await?;
         }
         Ok(())
+    }
+
+    /// Whether a trainer of this run and model is past round `r`.
+    fn run_went_on(&self, r: u64) -> bool {
+        let view = self.network.view();
+        view.members.iter().any(|m| {
+            m.peer != self.me
+                && m.role == Role::Node
+                && m.fingerprint == self.fingerprint
+                && m.round > r
+        })
     }
 
     /// Why the run did not form, with what the network refused (a wrong
@@ -389,6 +417,14 @@ impl Driver {
                     }
                 }
                 Event::Deadline if Instant::now() < until => {
+                    // Members that left (their run ended, or they died)
+                    // will not answer: stop waiting once all asked have.
+                    let members = self.network.view().members;
+                    let waiting = pulls.iter().filter(|(_, got)| got.is_none());
+                    if waiting.clone().all(|(p, _)| members.iter().all(|m| m.peer != p.from)) {
+                        warn!(%source, "the members asked for the run's state have left");
+                        break;
+                    }
                     // A member refuses a request from a peer it does not
                     // list yet (its heartbeat may not have arrived): ask
                     // again; a request it holds already is not counted twice.
@@ -435,7 +471,9 @@ impl Driver {
                 Ok((round, Some(state)))
             }
             None => {
-                let round = entry.max(saved.round);
+                // The entry round was picked a little ahead of the run; a
+                // run that ended meanwhile ends here too, not past its length.
+                let round = entry.max(saved.round).min(self.run.strategy.rounds);
                 let state = saved.state.clone().map(|s| StrategyState { round, ..s });
                 Ok((round, state))
             }

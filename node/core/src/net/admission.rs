@@ -13,9 +13,19 @@
 //! The member set is the membership view's, copied here by the swarm task
 //! on every change; a payload stream from a peer outside it is refused
 //! before a byte of it is read (`not_a_member`).
+//!
+//! Refusing a stream is cheap but not free: each one costs the node a
+//! protocol negotiation, and a peer that opens streams as fast as they are
+//! refused (thousands a second) costs it a share of a core while costing
+//! itself almost nothing. A peer refused at its share `FLOOD_STRIKES` times
+//! within `FLOOD_WINDOW` is cut off: its connections are closed and new ones
+//! denied for a cooldown that doubles with each repeat (`stream_flood`).
+//! An honest peer never comes near: it opens a stream per message, and
+//! holds at most a few at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use tokio::sync::Semaphore;
@@ -26,6 +36,19 @@ pub const QUEUE_FULL: &str = "inbound_queue_full";
 pub const PEER_LIMIT: &str = "inbound_peer_limit";
 /// The refusal counted for a payload stream from a peer that is not a member.
 pub const NOT_A_MEMBER: &str = "not_a_member";
+/// The refusal counted for a stream, or a connection, from a peer cut off
+/// for opening streams faster than they are refused.
+pub const FLOODING: &str = "stream_flood";
+
+/// Refusals at a peer's share, within `FLOOD_WINDOW`, that cut it off.
+pub const FLOOD_STRIKES: u32 = 256;
+pub const FLOOD_WINDOW: Duration = Duration::from_secs(1);
+/// The first cooldown; each repeat doubles it, up to `MAX_COOLDOWN`.
+pub const COOLDOWN: Duration = Duration::from_secs(30);
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(600);
+/// Peers whose strikes are remembered at once (older windows are
+/// forgotten first), so the record itself stays bounded.
+const FLOOD_RECORDS: usize = 4096;
 
 /// The caps, in streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +84,31 @@ struct Held {
     by_peer: HashMap<PeerId, usize>,
     /// Each holding peer's read permits (dropped with its last stream).
     reads: HashMap<PeerId, Arc<Semaphore>>,
+    /// Peers refused at their share lately, and those cut off.
+    floods: HashMap<PeerId, Flood>,
+}
+
+/// One peer's recent refusals at its share, and its cut-off.
+#[derive(Debug, Clone, Copy)]
+struct Flood {
+    window: Instant,
+    strikes: u32,
+    /// Cut-offs so far (each doubles the next cooldown).
+    cutoffs: u32,
+    until: Option<Instant>,
+}
+
+impl Flood {
+    fn banned(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    /// Whether the record still matters: a ban running, or a window open.
+    /// A peer cut off before keeps its record while its ban could double.
+    fn live(&self, now: Instant) -> bool {
+        let last = self.until.unwrap_or(self.window + FLOOD_WINDOW);
+        now < last + if self.cutoffs > 0 { MAX_COOLDOWN } else { Duration::ZERO }
+    }
 }
 
 #[derive(Debug)]
@@ -126,12 +174,25 @@ impl Admission {
     }
 
     /// A ticket for a new stream from `peer`, or the reason it has none.
+    /// `FLOODING` also means: close the peer's connections.
     pub fn admit(self: &Arc<Self>, peer: PeerId) -> Result<Ticket, &'static str> {
+        self.admit_at(peer, Instant::now())
+    }
+
+    /// Whether `peer` is cut off now: a connection from it is denied.
+    pub fn cut_off(&self, peer: &PeerId) -> bool {
+        self.lock().floods.get(peer).is_some_and(|f| f.banned(Instant::now()))
+    }
+
+    fn admit_at(self: &Arc<Self>, peer: PeerId, now: Instant) -> Result<Ticket, &'static str> {
         let stranger = !self.is_member(&peer);
         let l = self.limits;
         let mut held = self.lock();
+        if held.floods.get(&peer).is_some_and(|f| f.banned(now)) {
+            return Err(FLOODING);
+        }
         if held.by_peer.get(&peer).copied().unwrap_or(0) >= l.per_peer {
-            return Err(PEER_LIMIT);
+            return Err(strike(&mut held.floods, peer, now));
         }
         // A stranger may not take the node past `queue - reserved`: the
         // reserve stays free for members whoever holds the rest.
@@ -154,6 +215,37 @@ impl Admission {
     fn held(&self) -> usize {
         self.lock().total
     }
+}
+
+/// Counts a refusal at `peer`'s share; cuts it off at `FLOOD_STRIKES`
+/// within a window. Returns the refusal's reason.
+fn strike(floods: &mut HashMap<PeerId, Flood>, peer: PeerId, now: Instant) -> &'static str {
+    if floods.len() >= FLOOD_RECORDS && !floods.contains_key(&peer) {
+        floods.retain(|_, f| f.live(now));
+        if floods.len() >= FLOOD_RECORDS {
+            // Still full of live records: forget the oldest window.
+            if let Some(oldest) =
+                floods.iter().filter(|(_, f)| !f.banned(now)).min_by_key(|(_, f)| f.window)
+            {
+                let oldest = *oldest.0;
+                floods.remove(&oldest);
+            }
+        }
+    }
+    let f =
+        floods.entry(peer).or_insert(Flood { window: now, strikes: 0, cutoffs: 0, until: None });
+    if now.duration_since(f.window) > FLOOD_WINDOW {
+        (f.window, f.strikes) = (now, 0);
+    }
+    f.strikes += 1;
+    if f.strikes < FLOOD_STRIKES {
+        return PEER_LIMIT;
+    }
+    let cooldown = COOLDOWN.saturating_mul(1 << f.cutoffs.min(8)).min(MAX_COOLDOWN);
+    f.cutoffs = f.cutoffs.saturating_add(1);
+    f.until = Some(now + cooldown);
+    f.strikes = 0;
+    FLOODING
 }
 
 #[cfg(test)]
@@ -196,6 +288,46 @@ mod tests {
         drop(strangers);
         drop(members);
         assert_eq!(a.held(), 0);
+    }
+
+    #[test]
+    fn a_peer_refused_at_its_share_too_often_is_cut_off_for_a_doubling_cooldown() {
+        let a = Admission::new(limits());
+        let (flooder, honest) = (PeerId::random(), PeerId::random());
+        a.set_members([flooder, honest]);
+        let t0 = Instant::now();
+        let _held: Vec<Ticket> = (0..4).map(|_| a.admit_at(flooder, t0).unwrap()).collect();
+        // Refusals spread thinner than the window allows never cut it off.
+        let slow = FLOOD_WINDOW * 2 / FLOOD_STRIKES;
+        for k in 0..FLOOD_STRIKES * 2 {
+            assert_eq!(a.admit_at(flooder, t0 + slow * k).unwrap_err(), PEER_LIMIT);
+        }
+        let t1 = t0 + slow * FLOOD_STRIKES * 2 + FLOOD_WINDOW * 2;
+        for _ in 1..FLOOD_STRIKES {
+            assert_eq!(a.admit_at(flooder, t1).unwrap_err(), PEER_LIMIT);
+        }
+        assert_eq!(a.admit_at(flooder, t1).unwrap_err(), FLOODING);
+        assert_eq!(a.admit_at(flooder, t1 + COOLDOWN / 2).unwrap_err(), FLOODING);
+        assert!(a.admit_at(honest, t1).is_ok(), "others are not touched");
+        // After the cooldown it is refused at its share again; a second
+        // flood cuts it off twice as long.
+        let t2 = t1 + COOLDOWN;
+        for _ in 1..FLOOD_STRIKES {
+            assert_eq!(a.admit_at(flooder, t2).unwrap_err(), PEER_LIMIT);
+        }
+        assert_eq!(a.admit_at(flooder, t2).unwrap_err(), FLOODING);
+        assert_eq!(a.admit_at(flooder, t2 + COOLDOWN * 3 / 2).unwrap_err(), FLOODING);
+        assert_eq!(a.admit_at(flooder, t2 + COOLDOWN * 2).unwrap_err(), PEER_LIMIT);
+    }
+
+    #[test]
+    fn the_flood_record_stays_bounded() {
+        let a = Admission::new(AdmissionLimits { per_peer: 0, ..limits() });
+        let t = Instant::now();
+        for _ in 0..FLOOD_RECORDS + 100 {
+            assert_eq!(a.admit_at(PeerId::random(), t).unwrap_err(), PEER_LIMIT);
+        }
+        assert!(a.lock().floods.len() <= FLOOD_RECORDS);
     }
 
     #[test]

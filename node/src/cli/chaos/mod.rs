@@ -1,0 +1,129 @@
+//! `murmur chaos SCENARIO.toml`: a local cluster (as `murmur cluster`
+//! starts one) and a timeline of failures across it, applied while it
+//! trains; then a report of what the failures did, against the same run
+//! without them when asked (`--baseline`).
+//!
+//! `scenario` reads and checks the file, `runner` starts the nodes and
+//! applies the events (signals through the process manager, faults and
+//! partitions through each node's gRPC API) while it samples every node's
+//! status, and `report` writes report.json, report.md and chaos.svg.
+
+mod report;
+mod runner;
+pub mod scenario;
+
+use std::path::PathBuf;
+
+use super::CliError;
+use crate::daemon::config::RunOptions;
+use crate::train::config::TrainOptions;
+use scenario::Scenario;
+
+#[derive(Debug, clap::Args)]
+pub struct ChaosArgs {
+    /// The scenario: [cluster] options, [[event]]s and [expect] (see deploy/scenarios/)
+    scenario: PathBuf,
+    /// Directory for the run: run/ (the faulted cluster), baseline/, report.md, report.json, chaos.svg
+    #[arg(long, env = "MURMUR_OUT")]
+    out: Option<PathBuf>,
+    /// Check the scenario and print its timeline; start nothing
+    #[arg(long)]
+    check: bool,
+    /// Also run the same cluster without the events, first, and compare
+    #[arg(long)]
+    baseline: bool,
+    /// Override a [cluster] option, as in --set rounds=60 or --set data=mnist:DIR (a TOML value; quote a string that looks like a number: --set 'straggler-grace="0.2"'); repeatable
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// The scenario's text with `--set` overrides written into [cluster]. A
+/// value is read as TOML (60, 0.5, true, "x") or else taken as a string.
+fn with_overrides(text: &str, set: &[String]) -> Result<String, String> {
+    if set.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let cluster = doc
+        .entry("cluster")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or("cluster must be a table")?;
+    for kv in set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--set {kv:?} must be KEY=VALUE, as in rounds=60"))?;
+        let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(v.to_string()));
+        cluster.insert(k.trim().to_string(), value);
+    }
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
+pub fn run(args: ChaosArgs) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(&args.scenario).map_err(|e| {
+        CliError::usage(format!("cannot read scenario {}: {e}", args.scenario.display()))
+    })?;
+    let at = args.scenario.display().to_string();
+    let text =
+        with_overrides(&text, &args.set).map_err(|m| CliError::usage(format!("{at}: {m}")))?;
+    let mut options = None;
+    let scenario = scenario::parse(&text, |table| {
+        let o = cluster_options(table)?;
+        let n = o.0.resolve().map_err(|e| format!("[cluster]: {e}"))?.nodes;
+        options = Some(o);
+        Ok(n)
+    })
+    .map_err(|m| CliError::usage(format!("{at}: {m}")))?;
+    let Some((train, run)) = options else { unreachable!("parse reads [cluster] first") };
+    let plan = runner::Plan::new(&scenario, train, run)
+        .map_err(|m| CliError::usage(format!("{at}: {m}")))?;
+    print_timeline(&scenario, &plan);
+    if args.check {
+        println!("{at}: ok");
+        return Ok(());
+    }
+    let out = args
+        .out
+        .ok_or_else(|| CliError::usage("--out DIR is needed to run a scenario (or --check)"))?;
+    if out.join("report.json").exists() || out.join("run").exists() {
+        return Err(CliError::usage(format!(
+            "--out {} already holds a chaos run; choose another --out",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(&out)
+        .map_err(|e| CliError::failed(format!("cannot create {}: {e}", out.display())))?;
+    let baseline = if args.baseline {
+        println!("== baseline: the same cluster without the events");
+        Some(runner::run(&plan, &out.join("baseline"), false)?)
+    } else {
+        None
+    };
+    println!("== the scenario");
+    let faulted = runner::run(&plan, &out.join("run"), true)?;
+    report::write(&out, &scenario, &plan, &faulted, baseline.as_ref())
+}
+
+/// [cluster] as murmur cluster's --config would read it.
+fn cluster_options(table: &toml::Table) -> Result<(TrainOptions, RunOptions), String> {
+    super::run::config_from_table(table.clone()).map_err(|m| format!("[cluster]: {m}"))
+}
+
+fn print_timeline(s: &Scenario, plan: &runner::Plan) {
+    if !s.description.is_empty() {
+        println!("{}", s.description);
+    }
+    println!(
+        "{} nodes, {} rounds, {} topology; {} events:",
+        plan.nodes,
+        plan.rounds,
+        plan.topology,
+        s.events.len()
+    );
+    for (i, e) in s.events.iter().enumerate() {
+        println!("  {:>2}. at {:<10} {}", i + 1, e.when.to_string(), e.label);
+    }
+}

@@ -1,0 +1,361 @@
+//! The chaos report: report.json (everything recorded), report.md (the
+//! timeline, each node's end, the result against the baseline, the
+//! expectations) and chaos.svg (accuracy, consensus distance, bytes and live
+//! members per node over rounds, the fault windows shaded; with a baseline,
+//! the mean accuracy of both runs side by side).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::json;
+
+use super::runner::{Applied, Plan, RunRecord};
+use super::scenario::Scenario;
+use crate::cli::CliError;
+use crate::cli::cluster;
+use crate::cli::plot::{Band, Series, svg_banded};
+use crate::train::load;
+use crate::train::trainer::Trainer;
+
+/// What a run ended with.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The held-out accuracy (or loss) of the average of the finished
+    /// nodes' final models.
+    pub accuracy: Option<f64>,
+    pub loss: Option<f64>,
+    /// Of the finished nodes' final models.
+    pub consensus: Option<f64>,
+    pub finished: usize,
+    pub wall: f64,
+}
+
+fn outcome(plan: &Plan, rec: &RunRecord) -> Outcome {
+    let models: Vec<Vec<f32>> = rec
+        .nodes
+        .iter()
+        .filter(|n| n.state == "finished")
+        .filter_map(|n| {
+            cluster::read_model(
+                &rec.dir.join(format!("node-{}/checkpoint/model.safetensors", n.index)),
+            )
+        })
+        .collect();
+    let metrics = cluster::mean_model(&models).and_then(|avg| {
+        let split = load::load(&plan.train_cfg.data_spec(), plan.train_cfg.holdout).ok()?;
+        let mut cfg = plan.train_cfg.clone();
+        cfg.threads = 1;
+        let mut t = Trainer::new(cfg, &split).ok()?;
+        t.set_flat(&avg).ok()?;
+        Some(t.evaluate())
+    });
+    Outcome {
+        accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+        loss: metrics.as_ref().map(|m| m.loss),
+        consensus: cluster::consensus_distance(&models),
+        finished: rec.nodes.iter().filter(|n| n.state == "finished").count(),
+        wall: rec.wall,
+    }
+}
+
+/// The fault windows: from a kill or stop to the restart of any of its
+/// nodes, from a fault to its clear, from a partition to the heal (or to
+/// the run's last round).
+pub fn windows(applied: &[Applied], last_round: u64) -> Vec<Band> {
+    let ends = |k: usize, closer: &str| -> u64 {
+        let a = &applied[k];
+        applied[k + 1..]
+            .iter()
+            .find(|b| {
+                b.action == closer
+                    && (closer == "heal" || b.nodes.iter().any(|n| a.nodes.contains(n)))
+                    && !b.nodes.is_empty()
+            })
+            .map_or(last_round, |b| b.round)
+    };
+    applied
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !a.nodes.is_empty())
+        .filter_map(|(k, a)| {
+            let closer = match a.action.as_str() {
+                "kill" | "stop" => "restart",
+                "fault" => "clear",
+                "partition" => "heal",
+                _ => return None,
+            };
+            let to = ends(k, closer).max(a.round);
+            Some(Band { from: a.round as f64, to: to as f64, label: a.label.clone() })
+        })
+        .collect()
+}
+
+/// Each expectation, whether it held (`None`: it could not be checked in
+/// this run), and what was measured.
+fn check(
+    s: &Scenario,
+    rec: &RunRecord,
+    run: &Outcome,
+    base: Option<&Outcome>,
+) -> Vec<(String, Option<bool>, String)> {
+    let mut out = Vec::new();
+    let e = &s.expect;
+    if e.survivors_finish {
+        let failed: Vec<usize> =
+            rec.nodes.iter().filter(|n| n.state == "failed").map(|n| n.index).collect();
+        out.push((
+            "survivors finish".into(),
+            Some(failed.is_empty()),
+            if failed.is_empty() {
+                format!("{} nodes finished", run.finished)
+            } else {
+                format!("nodes {failed:?} failed (see their logs)")
+            },
+        ));
+    }
+    let acc = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+    if let Some(min) = e.min_accuracy {
+        out.push((
+            format!("accuracy at least {:.2}%", min * 100.0),
+            Some(run.accuracy.is_some_and(|a| a >= min)),
+            format!("average of the final models: {}", acc(run.accuracy)),
+        ));
+    }
+    if let Some(max) = e.max_drop {
+        let name = format!("at most {:.2} points below the baseline", max * 100.0);
+        match base {
+            Some(b) => out.push((
+                name,
+                Some(matches!((run.accuracy, b.accuracy), (Some(r), Some(b)) if r >= b - max)),
+                format!("{} against {}", acc(run.accuracy), acc(b.accuracy)),
+            )),
+            None => out.push((name, None, "not checked: run with --baseline".into())),
+        }
+    }
+    out
+}
+
+pub fn write(
+    out: &Path,
+    s: &Scenario,
+    plan: &Plan,
+    rec: &RunRecord,
+    baseline: Option<&RunRecord>,
+) -> Result<(), CliError> {
+    let run = outcome(plan, rec);
+    let base = baseline.map(|b| outcome(plan, b));
+    let bands = windows(&rec.applied, rec.last_round);
+    let checks = check(s, rec, &run, base.as_ref());
+    let entry = |o: &Outcome| {
+        json!({
+            "eval_accuracy": o.accuracy, "eval_loss": o.loss, "consensus_distance": o.consensus,
+            "finished": o.finished, "wall_seconds": o.wall,
+        })
+    };
+    let doc = json!({
+        "description": s.description,
+        "nodes": plan.nodes,
+        "rounds": plan.rounds,
+        "topology": plan.topology.to_string(),
+        "events": rec.applied,
+        "windows": bands.iter().map(|b| json!({"from_round": b.from, "to_round": b.to, "label": b.label})).collect::<Vec<_>>(),
+        "node_ends": rec.nodes,
+        "result": entry(&run),
+        "baseline": base.as_ref().map(entry),
+        "expectations": checks.iter().map(|(n, ok, d)| json!({"name": n, "held": ok, "measured": d})).collect::<Vec<_>>(),
+        "samples": rec.samples,
+        "baseline_samples": baseline.map(|b| &b.samples),
+    });
+    let put = |name: &str, bytes: &[u8]| {
+        let path = out.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))
+    };
+    put("report.json", &serde_json::to_vec_pretty(&doc).map_err(CliError::failed)?)?;
+    put("chaos.svg", charts(rec, baseline, &bands).as_bytes())?;
+    let md = markdown(s, plan, rec, &run, base.as_ref(), &checks);
+    put("report.md", md.as_bytes())?;
+    println!("{md}");
+    println!("wrote {}/report.md, report.json and chaos.svg", out.display());
+    let missed: Vec<&str> =
+        checks.iter().filter(|c| c.1 == Some(false)).map(|c| c.0.as_str()).collect();
+    if missed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failed(format!("expectations not met: {}", missed.join(", "))))
+    }
+}
+
+fn per_node(
+    rec: &RunRecord,
+    point: impl Fn(&super::runner::Sample) -> Option<(f64, f64)>,
+) -> Vec<Series> {
+    let mut by: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    for s in &rec.samples {
+        if let Some(p) = point(s) {
+            let v = by.entry(s.node).or_default();
+            if v.last() != Some(&p) {
+                v.push(p);
+            }
+        }
+    }
+    by.into_iter().map(|(i, points)| Series { name: format!("node {i}"), points }).collect()
+}
+
+/// The mean over nodes of each node's latest accuracy, by evaluated round.
+fn mean_accuracy(rec: &RunRecord, name: &str) -> Series {
+    let mut at: BTreeMap<u64, BTreeMap<usize, f64>> = BTreeMap::new();
+    for s in &rec.samples {
+        if let (Some(r), Some(a)) = (s.eval_round, s.accuracy.or(s.eval_loss)) {
+            at.entry(r).or_default().insert(s.node, a);
+        }
+    }
+    let points =
+        at.into_iter().map(|(r, m)| (r as f64, m.values().sum::<f64>() / m.len() as f64)).collect();
+    Series { name: name.into(), points }
+}
+
+fn charts(rec: &RunRecord, baseline: Option<&RunRecord>, bands: &[Band]) -> String {
+    let mut panels = vec![
+        (
+            "held-out accuracy (loss for text)".to_string(),
+            "round".to_string(),
+            "accuracy".to_string(),
+            per_node(rec, |s| Some((s.eval_round? as f64, s.accuracy.or(s.eval_loss)?))),
+        ),
+        (
+            "distance to the neighbours mixed".into(),
+            "round".into(),
+            "consensus distance".into(),
+            per_node(rec, |s| Some((s.round as f64, s.consensus?))),
+        ),
+        (
+            "bytes sent".into(),
+            "round".into(),
+            "MB".into(),
+            per_node(rec, |s| Some((s.round as f64, s.bytes_sent as f64 / 1e6))),
+        ),
+        (
+            "live members seen".into(),
+            "round".into(),
+            "members".into(),
+            per_node(rec, |s| Some((s.round as f64, f64::from(s.live_members)))),
+        ),
+    ];
+    if let Some(b) = baseline {
+        panels.push((
+            "mean accuracy: scenario vs baseline".into(),
+            "round".into(),
+            "accuracy".into(),
+            vec![mean_accuracy(rec, "scenario"), mean_accuracy(b, "baseline")],
+        ));
+    }
+    svg_banded(&panels, bands)
+}
+
+fn markdown(
+    s: &Scenario,
+    plan: &Plan,
+    rec: &RunRecord,
+    run: &Outcome,
+    base: Option<&Outcome>,
+    checks: &[(String, Option<bool>, String)],
+) -> String {
+    let mut m = String::from("# Chaos report\n\n");
+    if !s.description.is_empty() {
+        let _ = writeln!(m, "{}\n", s.description);
+    }
+    let _ = writeln!(
+        m,
+        "{} nodes, {} rounds, {} topology. Fault windows are shaded in chaos.svg.\n",
+        plan.nodes, plan.rounds, plan.topology
+    );
+    m.push_str("## Events\n\n| # | planned | took effect | event | nodes (their rounds) | outcome |\n|---|---|---|---|---|---|\n");
+    for a in &rec.applied {
+        let nodes: Vec<String> = a.node_rounds.iter().map(|(i, r)| format!("{i} ({r})")).collect();
+        let _ = writeln!(
+            m,
+            "| {} | {} | round {}, {:.1} s | {} | {} | {} |",
+            a.event,
+            a.planned,
+            a.round,
+            a.secs,
+            a.label,
+            nodes.join(", "),
+            a.outcome
+        );
+    }
+    m.push_str("\n## Nodes\n\n| node | ended | starts | rounds | exit |\n|---|---|---|---|---|\n");
+    for n in &rec.nodes {
+        let exit = n.exit_status.map_or("signal".into(), |c| c.to_string());
+        let _ =
+            writeln!(m, "| {} | {} | {} | {} | {} |", n.index, n.state, n.starts, n.round, exit);
+    }
+    let pct = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+    let num = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.4}"));
+    let b = |f: &dyn Fn(&Outcome) -> String| base.map_or("-".into(), f);
+    m.push_str("\n## Result\n\n| | scenario | baseline (no events) |\n|---|---|---|\n");
+    let rows: [(&str, String, String); 5] = [
+        (
+            "held-out accuracy, average of the final models",
+            pct(run.accuracy),
+            b(&|o| pct(o.accuracy)),
+        ),
+        ("held-out loss, same model", num(run.loss), b(&|o| num(o.loss))),
+        ("consensus distance of the final models", num(run.consensus), b(&|o| num(o.consensus))),
+        ("nodes finished", run.finished.to_string(), b(&|o| o.finished.to_string())),
+        ("wall seconds", format!("{:.1}", run.wall), b(&|o| format!("{:.1}", o.wall))),
+    ];
+    for (name, r, bl) in rows {
+        let _ = writeln!(m, "| {name} | {r} | {bl} |");
+    }
+    if !checks.is_empty() {
+        m.push_str("\n## Expectations\n\n");
+        for (name, ok, measured) in checks {
+            let verdict = match ok {
+                Some(true) => "held",
+                Some(false) => "NOT MET",
+                None => "not checked",
+            };
+            let _ = writeln!(m, "- {verdict}: {name} ({measured})");
+        }
+    }
+    m.push_str("\n![chaos](chaos.svg)\n");
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(action: &str, round: u64, nodes: &[usize]) -> Applied {
+        Applied {
+            event: 0,
+            label: action.into(),
+            action: action.into(),
+            planned: String::new(),
+            round,
+            secs: 0.0,
+            nodes: nodes.to_vec(),
+            node_rounds: Vec::new(),
+            outcome: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn windows_run_from_a_fault_to_what_ends_it() {
+        let log = [
+            applied("kill", 5, &[1, 2]),
+            applied("fault", 6, &[0]),
+            applied("partition", 7, &[0, 1, 2, 3]),
+            applied("restart", 9, &[2]),
+            applied("heal", 12, &[0, 1, 2, 3]),
+            applied("stop", 13, &[]),
+        ];
+        let w: Vec<(f64, f64)> = windows(&log, 20).iter().map(|b| (b.from, b.to)).collect();
+        // The kill ends with the restart of one of its nodes; the fault is
+        // never cleared; an event that acted on no node draws nothing.
+        assert_eq!(w, [(5.0, 9.0), (6.0, 20.0), (7.0, 12.0)]);
+    }
+}

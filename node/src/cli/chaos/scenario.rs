@@ -1,0 +1,524 @@
+//! A chaos scenario: the cluster to run and a timeline of events, read from
+//! TOML and checked before anything starts. Pure: no processes, no network.
+//!
+//! ```toml
+//! description = "half the nodes die at round 10; three come back at 20"
+//!
+//! [cluster]                 # murmur cluster's --config keys
+//! nodes = 8
+//! rounds = 30
+//!
+//! [[event]]
+//! round = 10                # or: secs = 4.5, after the first round ends
+//! action = "kill"           # kill | stop | restart | fault | clear | partition | heal
+//! nodes = "random:4"        # [0, 3], "all", "hubs:K", "leaves:K", "random:K"
+//!
+//! [[event]]
+//! round = 20
+//! action = "restart"
+//! nodes = "killed"          # the nodes an earlier kill or stop took down
+//!
+//! [expect]
+//! survivors_finish = true
+//! min_accuracy = 0.8        # the average of the final models, held out
+//! max_drop = 0.05           # against --baseline, in accuracy
+//! ```
+//!
+//! Selections by degree (`hubs:K`, `leaves:K`) read the topology the nodes
+//! build over their first members, which they order by peer id: they are
+//! resolved once the nodes' ids are known (`Selection::resolve`), and the
+//! check only makes sure K fits.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::fault::{FaultKind, FaultSpec};
+
+/// The scenario as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    #[serde(default)]
+    pub description: String,
+    /// murmur cluster's options (the keys of its --config TOML).
+    #[serde(default)]
+    pub cluster: toml::Table,
+    #[serde(default, rename = "event")]
+    pub events: Vec<EventFile>,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventFile {
+    pub round: Option<i64>,
+    pub secs: Option<f64>,
+    pub action: String,
+    pub nodes: Option<toml::Value>,
+    pub fault: Option<String>,
+    pub groups: Option<Vec<Vec<i64>>>,
+    /// A name for the event's window in the report.
+    pub label: Option<String>,
+}
+
+/// What the run must show; `murmur chaos` exits non-zero when it does not.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Every node no event left down exits 0 with all its rounds.
+    #[serde(default = "yes")]
+    pub survivors_finish: bool,
+    /// The held-out accuracy of the average of the final models at least this.
+    pub min_accuracy: Option<f64>,
+    /// With --baseline: that accuracy at most this far below the baseline's.
+    pub max_drop: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Expect {
+    fn default() -> Expect {
+        Expect { survivors_finish: true, min_accuracy: None, max_drop: None }
+    }
+}
+
+/// When an event fires.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum When {
+    /// When the furthest live node has completed this many rounds.
+    Round(u64),
+    /// This long after the first node completed its first round.
+    After(Duration),
+}
+
+impl fmt::Display for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            When::Round(r) => write!(f, "round {r}"),
+            When::After(d) => write!(f, "{:.1}s", d.as_secs_f64()),
+        }
+    }
+}
+
+/// Which nodes an event acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selection {
+    Nodes(BTreeSet<usize>),
+    All,
+    /// The K nodes of highest degree in the topology (ties: lower position).
+    Hubs(usize),
+    /// The K nodes of lowest degree.
+    Leaves(usize),
+    /// K nodes drawn with the run's seed.
+    Random(usize),
+    /// The nodes down now (by an earlier kill or stop).
+    Down,
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selection::Nodes(s) => {
+                let v: Vec<String> = s.iter().map(ToString::to_string).collect();
+                write!(f, "[{}]", v.join(", "))
+            }
+            Selection::All => f.write_str("all"),
+            Selection::Hubs(k) => write!(f, "hubs:{k}"),
+            Selection::Leaves(k) => write!(f, "leaves:{k}"),
+            Selection::Random(k) => write!(f, "random:{k}"),
+            Selection::Down => f.write_str("killed"),
+        }
+    }
+}
+
+/// What an event does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// SIGKILL.
+    Kill(Selection),
+    /// SIGTERM: the node saves its checkpoint and leaves.
+    Stop(Selection),
+    /// Start again with --resume (a node that is down).
+    Restart(Selection),
+    /// An injector fault, through the API.
+    Fault(Selection, FaultSpec),
+    /// Clear the faults earlier events injected on these nodes.
+    Clear(Selection),
+    /// No traffic between groups (each node partitioned from the others').
+    Partition(Vec<BTreeSet<usize>>),
+    /// Clear every partition.
+    Heal,
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Kill(_) => "kill",
+            Action::Stop(_) => "stop",
+            Action::Restart(_) => "restart",
+            Action::Fault(..) => "fault",
+            Action::Clear(_) => "clear",
+            Action::Partition(_) => "partition",
+            Action::Heal => "heal",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Kill(s) | Action::Stop(s) | Action::Restart(s) | Action::Clear(s) => {
+                write!(f, "{} {s}", self.name())
+            }
+            Action::Fault(s, spec) => write!(f, "fault {spec} on {s}"),
+            Action::Partition(groups) => {
+                let g: Vec<String> =
+                    groups.iter().map(|g| Selection::Nodes(g.clone()).to_string()).collect();
+                write!(f, "partition {}", g.join(" | "))
+            }
+            Action::Heal => f.write_str("heal"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub when: When,
+    pub action: Action,
+    pub label: String,
+}
+
+/// A checked scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub description: String,
+    pub events: Vec<Event>,
+    pub expect: Expect,
+}
+
+/// Parses and checks a scenario for a cluster of `nodes` (read from its
+/// options by the caller). Every error names the event and the bad value.
+pub fn parse(
+    text: &str,
+    nodes: impl FnOnce(&toml::Table) -> Result<usize, String>,
+) -> Result<Scenario, String> {
+    let file: ScenarioFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let n = nodes(&file.cluster)?;
+    let events = file
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| event(e, n).map_err(|m| format!("event {} ({}): {m}", i + 1, e.action)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (key, v) in [("min_accuracy", file.expect.min_accuracy), ("max_drop", file.expect.max_drop)]
+    {
+        if let Some(v) = v.filter(|v| !(0.0..=1.0).contains(v)) {
+            return Err(format!("expect.{key} must be within 0..1 (got {v})"));
+        }
+    }
+    Ok(Scenario { description: file.description, events, expect: file.expect })
+}
+
+fn event(e: &EventFile, n: usize) -> Result<Event, String> {
+    let when = match (e.round, e.secs) {
+        (Some(r), None) if r >= 0 => When::Round(r as u64),
+        (Some(r), None) => return Err(format!("round must be >= 0 (got {r})")),
+        (None, Some(s)) if s.is_finite() && (0.0..=86_400.0).contains(&s) => {
+            When::After(Duration::from_secs_f64(s))
+        }
+        (None, Some(s)) => return Err(format!("secs must be within 0..86400 (got {s})")),
+        (Some(_), Some(_)) => return Err("give round or secs, not both".into()),
+        (None, None) => return Err("needs round = N or secs = S".into()),
+    };
+    let nodes = || -> Result<Selection, String> {
+        let v = e.nodes.as_ref().ok_or("needs nodes = [..] or \"all\", \"hubs:K\", ...")?;
+        selection(v, n)
+    };
+    let unused = |key: &str, given: bool| {
+        if given { Err(format!("{key} is not an option of {}", e.action)) } else { Ok(()) }
+    };
+    let action = match e.action.as_str() {
+        "kill" | "stop" | "restart" | "clear" | "fault" => {
+            unused("groups", e.groups.is_some())?;
+            let s = nodes()?;
+            if s == Selection::Down && e.action != "restart" {
+                return Err("nodes = \"killed\" only selects for restart".into());
+            }
+            match e.action.as_str() {
+                "kill" => Action::Kill(s),
+                "stop" => Action::Stop(s),
+                "restart" => Action::Restart(s),
+                "clear" => Action::Clear(s),
+                _ => {
+                    let text =
+                        e.fault.as_deref().ok_or("needs fault = \"SPEC\", as in \"drop:0.3\"")?;
+                    let spec: FaultSpec =
+                        text.parse().map_err(|m| format!("fault {text:?}: {m}"))?;
+                    if matches!(spec.kind, FaultKind::Partition { .. }) {
+                        return Err(format!(
+                            "fault {text:?}: use action = \"partition\" with groups of node indices"
+                        ));
+                    }
+                    Action::Fault(s, spec)
+                }
+            }
+        }
+        "partition" => {
+            unused("nodes", e.nodes.is_some())?;
+            let groups = e.groups.as_ref().ok_or("needs groups = [[0, 1], [2, 3]]")?;
+            Action::Partition(partition(groups, n)?)
+        }
+        "heal" => {
+            unused("nodes", e.nodes.is_some())?;
+            unused("groups", e.groups.is_some())?;
+            Action::Heal
+        }
+        other => {
+            return Err(format!(
+                "unknown action {other:?} (expected kill, stop, restart, fault, clear, partition or heal)"
+            ));
+        }
+    };
+    if e.fault.is_some() && !matches!(action, Action::Fault(..)) {
+        return Err(format!("fault is not an option of {}", e.action));
+    }
+    let label = e.label.clone().unwrap_or_else(|| action.to_string());
+    Ok(Event { when, action, label })
+}
+
+fn index(v: i64, n: usize) -> Result<usize, String> {
+    usize::try_from(v)
+        .ok()
+        .filter(|&i| i < n)
+        .ok_or_else(|| format!("node {v} is not one of 0..{n}"))
+}
+
+fn selection(v: &toml::Value, n: usize) -> Result<Selection, String> {
+    if let Some(list) = v.as_array() {
+        let mut set = BTreeSet::new();
+        for item in list {
+            let i =
+                item.as_integer().ok_or_else(|| format!("nodes: {item} is not a node index"))?;
+            if !set.insert(index(i, n)?) {
+                return Err(format!("nodes: node {i} is listed twice"));
+            }
+        }
+        if set.is_empty() {
+            return Err("nodes = [] selects nothing".into());
+        }
+        return Ok(Selection::Nodes(set));
+    }
+    let text = v.as_str().ok_or_else(|| format!("nodes = {v} must be a list or a string"))?;
+    let count = |k: &str| -> Result<usize, String> {
+        k.parse::<usize>()
+            .ok()
+            .filter(|&k| k >= 1 && k <= n)
+            .ok_or_else(|| format!("nodes = {text:?}: K must be within 1..={n} (got {k:?})"))
+    };
+    match text.split_once(':') {
+        None if text == "all" => Ok(Selection::All),
+        None if text == "killed" => Ok(Selection::Down),
+        Some(("hubs", k)) => Ok(Selection::Hubs(count(k)?)),
+        Some(("leaves", k)) => Ok(Selection::Leaves(count(k)?)),
+        Some(("random", k)) => Ok(Selection::Random(count(k)?)),
+        _ => Err(format!(
+            "nodes = {text:?} must be a list of indices, \"all\", \"killed\", \"hubs:K\", \"leaves:K\" or \"random:K\""
+        )),
+    }
+}
+
+fn partition(groups: &[Vec<i64>], n: usize) -> Result<Vec<BTreeSet<usize>>, String> {
+    if groups.len() < 2 {
+        return Err(format!("groups needs at least two groups (got {})", groups.len()));
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for g in groups {
+        let mut set = BTreeSet::new();
+        for &i in g {
+            let i = index(i, n)?;
+            if !seen.insert(i) {
+                return Err(format!("groups: node {i} is in two groups"));
+            }
+            set.insert(i);
+        }
+        if set.is_empty() {
+            return Err("groups: a group is empty".into());
+        }
+        out.push(set);
+    }
+    Ok(out)
+}
+
+impl Selection {
+    /// The node indices this selection names, given each node's degree in
+    /// topology order (`order[p]` = the node at position p, `degree[p]` its
+    /// degree), which nodes are down, and the run's seed.
+    pub fn resolve(
+        &self,
+        n: usize,
+        order: &[usize],
+        degree: &[usize],
+        down: &BTreeSet<usize>,
+        seed: u64,
+    ) -> BTreeSet<usize> {
+        match self {
+            Selection::Nodes(s) => s.clone(),
+            Selection::All => (0..n).collect(),
+            Selection::Down => down.clone(),
+            Selection::Hubs(k) | Selection::Leaves(k) => {
+                let mut pos: Vec<usize> = (0..order.len()).collect();
+                // Stable: ties keep topology order.
+                if matches!(self, Selection::Hubs(_)) {
+                    pos.sort_by_key(|&p| std::cmp::Reverse(degree[p]));
+                } else {
+                    pos.sort_by_key(|&p| degree[p]);
+                }
+                pos.into_iter().take(*k).map(|p| order[p]).collect()
+            }
+            Selection::Random(k) => {
+                use rand::SeedableRng;
+                use rand::seq::SliceRandom;
+                let mut all: Vec<usize> = (0..n).collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xC4A0_5EED);
+                all.shuffle(&mut rng);
+                all.into_iter().take(*k).collect()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eight(_: &toml::Table) -> Result<usize, String> {
+        Ok(8)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, eight).unwrap_err()
+    }
+
+    #[test]
+    fn a_full_scenario_parses() {
+        let s = parse(
+            r#"
+            description = "d"
+            [cluster]
+            nodes = 8
+            [[event]]
+            round = 5
+            action = "kill"
+            nodes = "hubs:2"
+            [[event]]
+            secs = 1.5
+            action = "fault"
+            nodes = [1, 2]
+            fault = "drop:0.3"
+            [[event]]
+            round = 6
+            action = "partition"
+            groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+            label = "halves"
+            [[event]]
+            round = 9
+            action = "heal"
+            [[event]]
+            round = 10
+            action = "restart"
+            nodes = "killed"
+            [expect]
+            min_accuracy = 0.8
+            "#,
+            eight,
+        )
+        .unwrap();
+        assert_eq!(s.events.len(), 5);
+        assert_eq!(s.events[0].action, Action::Kill(Selection::Hubs(2)));
+        assert_eq!(s.events[1].when, When::After(Duration::from_millis(1500)));
+        assert_eq!(s.events[1].label, "fault drop:0.3 on [1, 2]");
+        assert_eq!(s.events[2].label, "halves");
+        assert_eq!(s.events[4].action, Action::Restart(Selection::Down));
+        assert!(s.expect.survivors_finish);
+        assert_eq!(s.expect.min_accuracy, Some(0.8));
+    }
+
+    #[test]
+    fn errors_name_the_event_and_the_bad_value() {
+        let cases = [
+            (
+                "[[event]]\nround = 1\naction = \"explode\"\nnodes = [1]",
+                "event 1 (explode): unknown action \"explode\"",
+            ),
+            ("[[event]]\nround = 1\naction = \"kill\"\nnodes = [9]", "node 9 is not one of 0..8"),
+            ("[[event]]\nround = 1\naction = \"kill\"\nnodes = [1, 1]", "node 1 is listed twice"),
+            (
+                "[[event]]\nround = 1\naction = \"kill\"\nnodes = \"hubs:0\"",
+                "K must be within 1..=8 (got \"0\")",
+            ),
+            (
+                "[[event]]\nround = 1\naction = \"kill\"\nnodes = \"middle:2\"",
+                "nodes = \"middle:2\" must be",
+            ),
+            (
+                "[[event]]\nround = -1\naction = \"kill\"\nnodes = [1]",
+                "round must be >= 0 (got -1)",
+            ),
+            ("[[event]]\nround = 1\nsecs = 2.0\naction = \"kill\"\nnodes = [1]", "not both"),
+            ("[[event]]\naction = \"kill\"\nnodes = [1]", "needs round = N or secs = S"),
+            (
+                "[[event]]\nround = 1\naction = \"fault\"\nnodes = [1]\nfault = \"drop:2\"",
+                "fault \"drop:2\"",
+            ),
+            (
+                "[[event]]\nround = 1\naction = \"kill\"\nnodes = [1]\nfault = \"nan\"",
+                "fault is not an option of kill",
+            ),
+            (
+                "[[event]]\nround = 1\naction = \"partition\"\ngroups = [[0, 1], [1, 2]]",
+                "node 1 is in two groups",
+            ),
+            (
+                "[[event]]\nround = 1\naction = \"partition\"\ngroups = [[0, 1]]",
+                "at least two groups (got 1)",
+            ),
+            (
+                "[[event]]\nround = 1\naction = \"heal\"\nnodes = [1]",
+                "nodes is not an option of heal",
+            ),
+            (
+                "[[event]]\nround = 1\naction = \"kill\"\nnodes = \"killed\"",
+                "only selects for restart",
+            ),
+            ("[[event]]\nround = 1\naction = \"kill\"\nwhom = [1]", "unknown field `whom`"),
+            ("[expect]\nmin_accuracy = 3.0", "expect.min_accuracy must be within 0..1 (got 3)"),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(got.contains(want), "{text:?}: {got:?} does not contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn selections_resolve_by_degree_position_and_seed() {
+        // Positions 0..4 hold nodes 3, 0, 2, 1; degrees 1, 3, 2, 1.
+        let order = [3, 0, 2, 1];
+        let degree = [1, 3, 2, 1];
+        let down = BTreeSet::from([2]);
+        let r = |s: Selection| s.resolve(4, &order, &degree, &down, 7);
+        assert_eq!(r(Selection::Hubs(2)), BTreeSet::from([0, 2]));
+        assert_eq!(r(Selection::Leaves(2)), BTreeSet::from([3, 1]));
+        assert_eq!(r(Selection::Down), down);
+        assert_eq!(r(Selection::All).len(), 4);
+        let a = r(Selection::Random(2));
+        assert_eq!(a.len(), 2);
+        assert_eq!(a, r(Selection::Random(2)), "the same seed draws the same nodes");
+    }
+}

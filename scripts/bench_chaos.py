@@ -1,0 +1,112 @@
+"""The shipped chaos scenarios at a larger size, each against its baseline.
+
+`make test` runs every scenario in deploy/scenarios/ at its small size (the
+synthetic data, a small MLP). Here each runs with `murmur chaos --baseline`
+(the same cluster without the events, in the same invocation) on MNIST
+with lenet, the same timeline and steps, so the model is a real one
+(about 3.5 minutes a scenario here):
+
+    --set model=lenet --set data=mnist:DIR --set lr=0.002 --set batch-size=32
+
+(the byzantine scenarios are on MNIST lenet already: only their data path).
+Per scenario: the held-out accuracy of the average of the finished nodes'
+final models against the baseline's, the nodes that finished, wall time of
+both runs, and whether the scenario's own [expect] held.
+
+Writes <out>/chaos.json and <out>/chaos.md (and each run's report under
+<out>/chaos/<scenario>/).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mnist():
+    root = Path(os.environ.get("MURMUR_DATA_DIR", ROOT.parent / "shared" / "data"))
+    path = root / "mnist"
+    if not path.is_dir():
+        sys.exit(f"bench_chaos: {path} not found; set MURMUR_DATA_DIR")
+    return str(path)
+
+
+def overrides(path):
+    cluster = tomllib.loads(path.read_text()).get("cluster", {})
+    sets = [f"data=mnist:{mnist()}"]
+    if cluster.get("model") != "lenet":
+        sets += ["model=lenet", "lr=0.002", "batch-size=32"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def run(args, path):
+    out = Path(args.out) / "chaos" / path.stem
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [args.murmur, "chaos", str(path), "--baseline", "--out", str(out), *overrides(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MURMUR_THREADS="1"))
+    report_path = out / "report.json"
+    if not report_path.exists():
+        raise RuntimeError(f"{path.name}: murmur chaos wrote no report: {done.stderr.strip()[-2000:]}")
+    r = json.loads(report_path.read_text())
+    row = {
+        "scenario": path.stem,
+        "accuracy": r["result"]["eval_accuracy"],
+        "baseline_accuracy": (r["baseline"] or {}).get("eval_accuracy"),
+        "finished": r["result"]["finished"],
+        "nodes": r["nodes"],
+        "wall_seconds": r["result"]["wall_seconds"],
+        "baseline_wall_seconds": (r["baseline"] or {}).get("wall_seconds"),
+        "expectations": r["expectations"],
+        "held": all(e["held"] is not False for e in r["expectations"]),
+        "exit": done.returncode,
+    }
+    pct = lambda a: "-" if a is None else f"{100 * a:.2f}%"
+    print(f"{path.stem}: {pct(row['accuracy'])} against {pct(row['baseline_accuracy'])}, "
+          f"{row['finished']}/{row['nodes']} finished, expectations held: {row['held']}", file=sys.stderr, flush=True)
+    return row
+
+
+def report(rows):
+    pct = lambda a: "-" if a is None else f"{100 * a:.2f}%"
+    lines = [
+        "# Chaos scenarios at bench size",
+        "",
+        "Each shipped scenario on MNIST with lenet (its test's timeline and steps), against the same "
+        "cluster without the events in the same invocation (`murmur chaos --baseline`).",
+        "",
+        "| scenario | accuracy | baseline | difference | finished | wall (baseline) | expectations |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diff = "-" if None in (r["accuracy"], r["baseline_accuracy"]) else f"{100 * (r['accuracy'] - r['baseline_accuracy']):+.2f}"
+        lines.append(
+            f"| {r['scenario']} | {pct(r['accuracy'])} | {pct(r['baseline_accuracy'])} | {diff} "
+            f"| {r['finished']}/{r['nodes']} | {r['wall_seconds']:.0f} s ({(r['baseline_wall_seconds'] or 0):.0f} s) "
+            f"| {'held' if r['held'] else 'NOT MET'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--murmur", default="target/release/murmur")
+    ap.add_argument("--out", default="target/bench")
+    ap.add_argument("--scenarios", default=str(ROOT / "deploy" / "scenarios"))
+    args = ap.parse_args()
+    rows = [run(args, p) for p in sorted(Path(args.scenarios).glob("*.toml"))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chaos.json").write_text(json.dumps({"rows": rows}, indent=1))
+    text = report(rows)
+    (out / "chaos.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

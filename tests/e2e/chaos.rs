@@ -1,0 +1,195 @@
+//! `murmur chaos`: the shipped scenarios (deploy/scenarios/), each run for
+//! real at its small size, asserting the outcome it promises; and the
+//! checks that refuse a bad scenario before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use crate::harness::{data_dir, missing, murmur, ok, read_json, s};
+
+fn scenario(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/scenarios").join(name)
+}
+
+/// Runs a shipped scenario into `out` and returns report.json.
+fn chaos(name: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let path = scenario(name);
+    let mut args = vec!["chaos", s(&path), "--out", s(out)];
+    args.extend_from_slice(extra);
+    let stdout = ok(&murmur(&args));
+    assert!(stdout.contains("# Chaos report"), "{stdout}");
+    let report = read_json(&out.join("report.json"));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Events") && md.contains("![chaos](chaos.svg)"));
+    report
+}
+
+fn ends(report: &serde_json::Value, state: &str) -> Vec<u64> {
+    let ends = report["node_ends"].as_array().unwrap();
+    ends.iter().filter(|n| n["state"] == state).map(|n| n["index"].as_u64().unwrap()).collect()
+}
+
+/// Every expectation was checked and held.
+fn held(report: &serde_json::Value) {
+    for e in report["expectations"].as_array().unwrap() {
+        assert_eq!(e["held"], true, "{e}");
+    }
+}
+
+/// The round each event took effect at, against the round it was planned for.
+fn took_effect(report: &serde_json::Value) -> Vec<(u64, String)> {
+    let events = report["events"].as_array().unwrap();
+    events.iter().map(|e| (e["round"].as_u64().unwrap(), e["outcome"].to_string())).collect()
+}
+
+#[test]
+fn every_shipped_scenario_checks_and_bad_ones_name_the_bad_value() {
+    let dir = scenario("");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = ok(&murmur(&["chaos", "--check", s(&path)]));
+            assert!(out.contains(": ok"), "{out}");
+            n += 1;
+        }
+    }
+    assert!(n >= 6, "{n} scenarios in {}", dir.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = [
+        (
+            "[cluster]\nnodes = 4\n[[event]]\nround = 3\naction = \"kill\"\nnodes = [4]",
+            "node 4 is not one of 0..4",
+        ),
+        (
+            "[cluster]\nnodes = 4\n[[event]]\nround = 3\naction = \"fault\"\nnodes = [1]\nfault = \"drop:7\"",
+            "fault \"drop:7\"",
+        ),
+        ("[cluster]\nnodes = 4\nlocal-steps = -2", "[cluster]"),
+        (
+            "[cluster]\nnodes = 4\n[[event]]\nround = 3\naction = \"kill\"\nnodes = [1]\nextra = 1",
+            "unknown field `extra`",
+        ),
+    ];
+    for (text, want) in bad {
+        let path = tmp.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = murmur(&["chaos", "--check", s(&path)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(want), "{text}: {err:?} does not name {want:?}");
+    }
+    // A --set override is checked like the file.
+    let out = murmur(&["chaos", "--check", s(&scenario("kill-half.toml")), "--set", "nodes=2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("K must be within 1..=2 (got \"3\")"), "{err}");
+}
+
+#[test]
+fn half_the_nodes_killed_the_others_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = chaos("kill-half.toml", tmp.path(), &[]);
+    assert_eq!(ends(&r, "killed").len(), 3, "{}", r["node_ends"]);
+    assert_eq!(ends(&r, "finished").len(), 3, "{}", r["node_ends"]);
+    let (round, outcome) = &took_effect(&r)[0];
+    assert!((10..=12).contains(round), "the kill took effect at round {round}");
+    assert_eq!(outcome, "\"ok\"");
+    held(&r);
+    // The window is drawn from the kill to the end.
+    let svg = std::fs::read_to_string(tmp.path().join("chaos.svg")).unwrap();
+    assert!(svg.contains("<rect") && svg.contains("kill random:3"));
+    // The survivors felt it: they went without the dead nodes' messages,
+    // or saw them leave.
+    let felt = ends(&r, "finished").into_iter().any(|i| {
+        let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
+        let fewer = r["samples"].as_array().unwrap().iter().any(|x| {
+            x["node"] == i && x["live_members"].as_u64() < Some(6) && x["round"].as_u64() > Some(12)
+        });
+        missing(&summary["strategy_drops"]) > 0 || fewer
+    });
+    assert!(felt, "no survivor missed a message or a member");
+}
+
+#[test]
+fn four_of_five_killed_the_last_one_finishes_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = chaos("kill-80.toml", tmp.path(), &[]);
+    assert_eq!(ends(&r, "killed").len(), 4, "{}", r["node_ends"]);
+    assert_eq!(ends(&r, "finished").len(), 1, "{}", r["node_ends"]);
+    held(&r);
+}
+
+#[test]
+fn a_partition_into_halves_heals_to_the_baseline() {
+    let _machine = crate::harness::exclusive();
+    let tmp = tempfile::tempdir().unwrap();
+    let r = chaos("partition-heal.toml", tmp.path(), &["--baseline"]);
+    assert_eq!(ends(&r, "finished").len(), 6);
+    held(&r);
+    let events = took_effect(&r);
+    assert!((6..=7).contains(&events[0].0) && (16..=17).contains(&events[1].0), "{events:?}");
+    // The cut was real: each node refused its other half's traffic.
+    for i in 0..6 {
+        let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
+        let cut = summary["fault_effects"]["partitioned"].as_u64().unwrap_or(0);
+        assert!(cut > 0, "node {i}: {}", summary["fault_effects"]);
+        let base = read_json(&tmp.path().join(format!("baseline/node-{i}/summary.json")));
+        assert!(base["fault_effects"]["partitioned"].is_null(), "{}", base["fault_effects"]);
+    }
+    assert!(r["baseline"]["eval_accuracy"].as_f64().unwrap() > 0.7, "{}", r["baseline"]);
+}
+
+#[test]
+fn churn_every_node_comes_back_and_finishes() {
+    let _machine = crate::harness::exclusive();
+    let tmp = tempfile::tempdir().unwrap();
+    let r = chaos("churn.toml", tmp.path(), &[]);
+    assert_eq!(ends(&r, "finished").len(), 6, "{}", r["node_ends"]);
+    let starts: Vec<u64> =
+        r["node_ends"].as_array().unwrap().iter().map(|n| n["starts"].as_u64().unwrap()).collect();
+    assert_eq!(starts, [1, 2, 2, 2, 2, 1]);
+    for (round, outcome) in took_effect(&r) {
+        assert_eq!(outcome, "\"ok\"", "at round {round}");
+    }
+    held(&r);
+    // A restarted node resumed: its summary counts its rounds from the run's
+    // start, not from its restart.
+    let summary = read_json(&tmp.path().join("run/node-2/summary.json"));
+    assert_eq!(summary["rounds"], 60, "{}", summary["rounds"]);
+}
+
+/// Two of eight nodes sign-flip what they send, on MNIST (the scenarios'
+/// data path replaced by the test data's).
+#[test]
+fn a_robust_aggregator_holds_against_two_sign_flippers_where_the_mean_does_not() {
+    let _machine = crate::harness::exclusive();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = format!("data=mnist:{}", s(&data_dir().join("mnist")));
+    let set = ["--set", data.as_str()];
+    let trimmed = chaos(
+        "byzantine-trimmed.toml",
+        &tmp.path().join("trimmed"),
+        &[&set[..], &["--baseline"]].concat(),
+    );
+    held(&trimmed);
+    let median = chaos(
+        "byzantine-trimmed.toml",
+        &tmp.path().join("median"),
+        &[&set[..], &["--set", "aggregator=median"]].concat(),
+    );
+    // Without --baseline the margin to it is reported as not checked.
+    assert!(median["expectations"].as_array().unwrap().iter().any(|e| e["held"].is_null()));
+    let mean = chaos("byzantine-mean.toml", &tmp.path().join("mean"), &set);
+    let acc = |r: &serde_json::Value| r["result"]["eval_accuracy"].as_f64().unwrap();
+    let clean = trimmed["baseline"]["eval_accuracy"].as_f64().unwrap();
+    eprintln!(
+        "MNIST, 8 nodes, complete graph, nodes 6 and 7 sign-flipping: fault-free (trimmed mean) {clean:.4}; \
+         mean {:.4}; trimmed-mean:0.25 {:.4}; median {:.4}",
+        acc(&mean),
+        acc(&trimmed),
+        acc(&median)
+    );
+    assert!(clean >= 0.95, "fault-free {clean}");
+    assert!(acc(&median) >= clean - 0.03, "median {} vs fault-free {clean}", acc(&median));
+    assert!(acc(&mean) < clean - 0.20, "the plain mean should break: {} vs {clean}", acc(&mean));
+}
