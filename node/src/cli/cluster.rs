@@ -54,6 +54,13 @@ pub struct ClusterArgs {
     run: RunOptions,
 }
 
+/// A cluster's training options: 4 nodes unless told, none of them fixed
+/// (each process gets its own `--node`).
+pub(super) fn as_cluster(train: &mut TrainOptions) {
+    train.nodes = Some(train.nodes.unwrap_or(4));
+    train.node = None;
+}
+
 /// `I=SPEC` as (node index, spec), checked against the cluster's size.
 fn node_fault(text: &str, n: usize) -> Result<(usize, FaultSpec), CliError> {
     let (i, spec) = text.split_once('=').ok_or_else(|| {
@@ -86,8 +93,7 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
         None => Default::default(),
     };
     let mut train = file_train.overridden_by(&args.train);
-    train.nodes = Some(train.nodes.unwrap_or(4));
-    train.node = None;
+    as_cluster(&mut train);
     let mut run = file_run.overridden_by(&args.run);
     let train_cfg = train.resolve().map_err(CliError::usage)?;
     let coordinated = run.strategy.is_some_and(|k| k.coordinated());

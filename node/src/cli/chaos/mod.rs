@@ -107,9 +107,12 @@ pub fn run(args: ChaosArgs) -> Result<(), CliError> {
     report::write(&out, &scenario, &plan, &faulted, baseline.as_ref())
 }
 
-/// [cluster] as murmur cluster's --config would read it.
+/// [cluster] as murmur cluster's --config would read it, with its defaults.
 fn cluster_options(table: &toml::Table) -> Result<(TrainOptions, RunOptions), String> {
-    super::run::config_from_table(table.clone()).map_err(|m| format!("[cluster]: {m}"))
+    let (mut train, run) =
+        super::run::config_from_table(table.clone()).map_err(|m| format!("[cluster]: {m}"))?;
+    super::cluster::as_cluster(&mut train);
+    Ok((train, run))
 }
 
 fn print_timeline(s: &Scenario, plan: &runner::Plan) {

@@ -31,7 +31,7 @@ pub struct Outcome {
     pub wall: f64,
 }
 
-fn outcome(plan: &Plan, rec: &RunRecord) -> Outcome {
+fn outcome(plan: &Plan, split: Option<&crate::train::dataset::Split>, rec: &RunRecord) -> Outcome {
     let models: Vec<Vec<f32>> = rec
         .nodes
         .iter()
@@ -43,10 +43,9 @@ fn outcome(plan: &Plan, rec: &RunRecord) -> Outcome {
         })
         .collect();
     let metrics = cluster::mean_model(&models).and_then(|avg| {
-        let split = load::load(&plan.train_cfg.data_spec(), plan.train_cfg.holdout).ok()?;
         let mut cfg = plan.train_cfg.clone();
         cfg.threads = 1;
-        let mut t = Trainer::new(cfg, &split).ok()?;
+        let mut t = Trainer::new(cfg, split?).ok()?;
         t.set_flat(&avg).ok()?;
         Some(t.evaluate())
     });
@@ -143,8 +142,10 @@ pub fn write(
     rec: &RunRecord,
     baseline: Option<&RunRecord>,
 ) -> Result<(), CliError> {
-    let run = outcome(plan, rec);
-    let base = baseline.map(|b| outcome(plan, b));
+    // The held-out data, read once for both runs.
+    let split = load::load(&plan.train_cfg.data_spec(), plan.train_cfg.holdout).ok();
+    let run = outcome(plan, split.as_ref(), rec);
+    let base = baseline.map(|b| outcome(plan, split.as_ref(), b));
     let bands = windows(&rec.applied, rec.last_round);
     let checks = check(s, rec, &run, base.as_ref());
     let entry = |o: &Outcome| {

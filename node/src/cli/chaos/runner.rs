@@ -53,8 +53,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(s: &Scenario, mut train: TrainOptions, mut run: RunOptions) -> Result<Plan, String> {
-        train.nodes = Some(train.nodes.unwrap_or(4));
-        train.node = None;
+        cluster::as_cluster(&mut train);
         let train_cfg = train.resolve().map_err(|e| format!("[cluster]: {e}"))?;
         if run.strategy.is_some_and(|k| k.coordinated()) || run.coordinator.is_some() {
             return Err(
