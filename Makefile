@@ -27,8 +27,10 @@ demo: build
 		--partition dirichlet:0.5 --steps 3000 --local-steps 25 --eval-every 500 --out target/demo
 
 # The whole suite: unit tests and end-to-end tests with real processes. The
-# API tests also run an independent Python gRPC client from a cached venv.
+# API tests also run an independent Python gRPC client from a cached venv; the
+# netns chaos scenario needs root and ip, tc and nft (installed once).
 test: build
+	scripts/setup-netns.sh
 	MURMUR_TEST_PYTHON="$$(scripts/setup-test-venv.sh)" $(CARGO) test --release --workspace
 
 # deploy/docker-compose.yml run for real with rootful podman (installed once

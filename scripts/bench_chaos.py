@@ -20,6 +20,7 @@ Writes <out>/chaos.json and <out>/chaos.md (and each run's report under
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -44,7 +45,21 @@ def overrides(path):
     return [a for s in sets for a in ("--set", s)]
 
 
+def netns_unavailable(path):
+    """Why a netns scenario cannot run here (None when it can, or is not one)."""
+    if not tomllib.loads(path.read_text()).get("netns"):
+        return None
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [t for t in ("ip", "tc", "nft") if not shutil.which(t)]
+    return f"{', '.join(missing)} not found (scripts/setup-netns.sh installs them)" if missing else None
+
+
 def run(args, path):
+    why = netns_unavailable(path)
+    if why:
+        print(f"{path.stem}: skipped: {why}", file=sys.stderr, flush=True)
+        return {"scenario": path.stem, "skipped": why}
     out = Path(args.out) / "chaos" / path.stem
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -84,6 +99,9 @@ def report(rows):
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['scenario']} | skipped: {r['skipped']} | | | | | |")
+            continue
         diff = "-" if None in (r["accuracy"], r["baseline_accuracy"]) else f"{100 * (r['accuracy'] - r['baseline_accuracy']):+.2f}"
         lines.append(
             f"| {r['scenario']} | {pct(r['accuracy'])} | {pct(r['baseline_accuracy'])} | {diff} "

@@ -382,7 +382,8 @@ fn spawn_nodes(
         for f in node_faults {
             extra.extend(["--fault".to_string(), f.to_string()]);
         }
-        let (child, first) = spawn_node(out, config, i, boot_addr.as_deref(), &extra, &tx)?;
+        let (child, first) =
+            spawn_node(out, config, i, &Place::Loopback, boot_addr.as_deref(), &extra, &tx)?;
         if let Some(v) = first {
             boot_addr = v["addrs"][0].as_str().map(str::to_string);
             let _ = tx.send((i, v));
@@ -392,15 +393,25 @@ fn spawn_nodes(
     Ok((children, rx))
 }
 
-/// Starts node `i`: `murmur run` with the cluster's config file, its own
-/// directory and log (appended to, for a restart), one libtorch thread,
-/// and `extra` flags. Its progress lines go to `tx`. Without `boot` it is
+/// Where a node runs.
+#[derive(Debug, Clone)]
+pub(super) enum Place {
+    /// Here, on 127.0.0.1.
+    Loopback,
+    /// In network namespace `ns`, listening (and serving its API) on `ip`.
+    Netns { ns: String, ip: std::net::Ipv4Addr },
+}
+
+/// Starts node `i` at `place`: `murmur run` with the cluster's config
+/// file, its own directory and log (appended to, for a restart), one
+/// libtorch thread, and `extra` flags. Its progress lines go to `tx`. Without `boot` it is
 /// the bootstrap node: its first line (where it listens) is read here and
 /// returned, and it is an error if that line does not say.
 pub(super) fn spawn_node(
     out: &Path,
     config: &Path,
     i: usize,
+    place: &Place,
     boot: Option<&str>,
     extra: &[String],
     tx: &mpsc::Sender<(usize, Value)>,
@@ -412,19 +423,29 @@ pub(super) fn spawn_node(
         .append(true)
         .open(out.join(format!("node-{i}.log")))
         .map_err(|e| CliError::failed(format!("cannot create node log: {e}")))?;
-    let mut cmd = Command::new(&exe);
+    let (mut cmd, ip) = match place {
+        Place::Loopback => (Command::new(&exe), std::net::Ipv4Addr::LOCALHOST),
+        Place::Netns { ns, ip } => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&exe);
+            (c, *ip)
+        }
+    };
     cmd.arg("run")
         .arg("--config")
         .arg(config)
         .arg("--data-dir")
         .arg(out.join(format!("node-{i}")))
-        .args(["--node", &i.to_string(), "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--node", &i.to_string(), "--listen", &format!("/ip4/{ip}/tcp/0")])
         .args(["--progress", "json"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     if let Some(addr) = boot {
         cmd.arg("--bootstrap").arg(addr);
+    }
+    if matches!(place, Place::Netns { .. }) {
+        cmd.args(["--api", &format!("{ip}:0")]);
     }
     if std::env::var_os("MURMUR_THREADS").is_none() {
         cmd.env("MURMUR_THREADS", "1");

@@ -378,7 +378,10 @@ impl Driver {
         self.idle_until(watched + rejoin::RATE_WINDOW).await?;
         let ahead = self.network.view().members.iter().find(|m| m.peer == source).map(|m| m.round);
         let ahead = ahead.unwrap_or(r0);
-        let entry = rejoin::entry_round(r0, ahead, watched.elapsed());
+        // Within the run: a heartbeat announcing a round past its end is
+        // refused, and a member that has finished answers at once.
+        let last = self.run.strategy.rounds.saturating_sub(1);
+        let entry = rejoin::entry_round(r0, ahead, watched.elapsed()).min(last);
         // The member answers when the entry round starts; wait for that and
         // a few exchanges more.
         let patience = self.run.join_timeout.max(3 * self.run.strategy.timeout);

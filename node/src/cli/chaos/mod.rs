@@ -8,6 +8,7 @@
 //! partitions through each node's gRPC API) while it samples every node's
 //! status, and `report` writes report.json, report.md and chaos.svg.
 
+mod netns;
 mod report;
 mod runner;
 pub mod scenario;
@@ -35,15 +36,22 @@ pub struct ChaosArgs {
     /// Override a [cluster] option, as in --set rounds=60 or --set data=mnist:DIR (a TOML value; quote a string that looks like a number: --set 'straggler-grace="0.2"'); repeatable
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Run every node in a network namespace of its own (as netns = true in the scenario; needs root)
+    #[arg(long)]
+    netns: bool,
 }
 
-/// The scenario's text with `--set` overrides written into [cluster]. A
-/// value is read as TOML (60, 0.5, true, "x") or else taken as a string.
-fn with_overrides(text: &str, set: &[String]) -> Result<String, String> {
-    if set.is_empty() {
+/// The scenario's text with `--set` overrides written into [cluster], and
+/// `netns = true` with `--netns`. A value is read as TOML (60, 0.5, true,
+/// "x") or else taken as a string.
+fn with_overrides(text: &str, set: &[String], netns: bool) -> Result<String, String> {
+    if set.is_empty() && !netns {
         return Ok(text.to_string());
     }
     let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    if netns {
+        doc.insert("netns".into(), toml::Value::Boolean(true));
+    }
     let cluster = doc
         .entry("cluster")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -67,8 +75,8 @@ pub fn run(args: ChaosArgs) -> Result<(), CliError> {
         CliError::usage(format!("cannot read scenario {}: {e}", args.scenario.display()))
     })?;
     let at = args.scenario.display().to_string();
-    let text =
-        with_overrides(&text, &args.set).map_err(|m| CliError::usage(format!("{at}: {m}")))?;
+    let text = with_overrides(&text, &args.set, args.netns)
+        .map_err(|m| CliError::usage(format!("{at}: {m}")))?;
     let mut options = None;
     let scenario = scenario::parse(&text, |table| {
         let o = cluster_options(table)?;
@@ -119,8 +127,9 @@ fn print_timeline(s: &Scenario, plan: &runner::Plan) {
     if !s.description.is_empty() {
         println!("{}", s.description);
     }
+    let place = if plan.netns { ", one network namespace each" } else { "" };
     println!(
-        "{} nodes, {} rounds, {} topology; {} events:",
+        "{} nodes{place}, {} rounds, {} topology; {} events:",
         plan.nodes,
         plan.rounds,
         plan.topology,

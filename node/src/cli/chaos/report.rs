@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use super::runner::{Applied, Plan, RunRecord};
+use super::runner::{Applied, NodeEnd, Plan, RunRecord};
 use super::scenario::Scenario;
 use crate::cli::CliError;
 use crate::cli::cluster;
@@ -59,8 +59,9 @@ fn outcome(plan: &Plan, split: Option<&crate::train::dataset::Split>, rec: &RunR
 }
 
 /// The fault windows: from a kill or stop to the restart of any of its
-/// nodes, from a fault to its clear, from a partition to the heal (or to
-/// the run's last round).
+/// nodes, from a fault to its clear, from a partition to the heal, from a
+/// cut to the restore, from a link change to the next change of any of
+/// its links (or to the run's last round).
 pub fn windows(applied: &[Applied], last_round: u64) -> Vec<Band> {
     let ends = |k: usize, closer: &str| -> u64 {
         let a = &applied[k];
@@ -82,6 +83,8 @@ pub fn windows(applied: &[Applied], last_round: u64) -> Vec<Band> {
                 "kill" | "stop" => "restart",
                 "fault" => "clear",
                 "partition" => "heal",
+                "cut" => "restore",
+                "link" => "link",
                 _ => return None,
             };
             let to = ends(k, closer).max(a.round);
@@ -175,7 +178,8 @@ pub fn write(
     };
     put("report.json", &serde_json::to_vec_pretty(&doc).map_err(CliError::failed)?)?;
     put("chaos.svg", charts(rec, baseline, &bands).as_bytes())?;
-    let md = markdown(s, plan, rec, &run, base.as_ref(), &checks);
+    let md =
+        markdown(s, plan, rec, &run, base.as_ref(), baseline.map(|b| b.nodes.as_slice()), &checks);
     put("report.md", md.as_bytes())?;
     println!("{md}");
     println!("wrote {}/report.md, report.json and chaos.svg", out.display());
@@ -261,6 +265,7 @@ fn markdown(
     rec: &RunRecord,
     run: &Outcome,
     base: Option<&Outcome>,
+    baseline_nodes: Option<&[NodeEnd]>,
     checks: &[(String, Option<bool>, String)],
 ) -> String {
     let mut m = String::from("# Chaos report\n\n");
@@ -292,6 +297,9 @@ fn markdown(
         let exit = n.exit_status.map_or("signal".into(), |c| c.to_string());
         let _ =
             writeln!(m, "| {} | {} | {} | {} | {} |", n.index, n.state, n.starts, n.round, exit);
+    }
+    if rec.nodes.iter().any(|n| n.ip.is_some()) {
+        m.push_str(&links(rec, baseline_nodes));
     }
     let pct = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
     let num = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.4}"));
@@ -326,6 +334,36 @@ fn markdown(
     m
 }
 
+/// netns: each node's address, what nftables dropped on its ingress, and
+/// what its exchanges cost (seconds between local phases per round, bytes),
+/// against the same node in the baseline.
+fn links(rec: &RunRecord, baseline: Option<&[NodeEnd]>) -> String {
+    let mut m = String::from(
+        "\n## Links (netns)\n\n| node | address | dropped: loss | dropped: partition | communication s/round | baseline s/round | MB sent | MB received |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let per_round =
+        |n: &NodeEnd| n.communication_seconds.filter(|_| n.round > 0).map(|s| s / n.round as f64);
+    let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
+    let mb = |b: Option<u64>| fmt(b.map(|b| b as f64 / 1e6), 2);
+    for n in &rec.nodes {
+        let drops = n.drops.unwrap_or_default();
+        let base = baseline.and_then(|b| b.get(n.index)).and_then(per_round);
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            n.index,
+            n.ip.as_deref().unwrap_or("-"),
+            drops.loss_packets,
+            drops.partition_packets,
+            fmt(per_round(n), 3),
+            fmt(base, 3),
+            mb(n.bytes_sent),
+            mb(n.bytes_received),
+        );
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,10 +391,18 @@ mod tests {
             applied("restart", 9, &[2]),
             applied("heal", 12, &[0, 1, 2, 3]),
             applied("stop", 13, &[]),
+            applied("link", 14, &[0, 1]),
+            applied("cut", 15, &[3]),
+            applied("link", 16, &[1]),
+            applied("restore", 18, &[3]),
         ];
         let w: Vec<(f64, f64)> = windows(&log, 20).iter().map(|b| (b.from, b.to)).collect();
         // The kill ends with the restart of one of its nodes; the fault is
         // never cleared; an event that acted on no node draws nothing.
-        assert_eq!(w, [(5.0, 9.0), (6.0, 20.0), (7.0, 12.0)]);
+        // A link change lasts until the next one on any of its nodes.
+        assert_eq!(
+            w,
+            [(5.0, 9.0), (6.0, 20.0), (7.0, 12.0), (14.0, 16.0), (15.0, 18.0), (16.0, 20.0)]
+        );
     }
 }

@@ -8,7 +8,9 @@
 //! ended. Kills and stops are signals to the process; a restart starts the
 //! node again with `--resume` from its directory, bootstrapping from a live
 //! node; faults and partitions go through the node's API (`InjectFault`)
-//! and are cleared the same way. Every event is logged with the round and
+//! and are cleared the same way. With netns every node runs in a namespace
+//! of its own (`netns::Hosts`); link events reshape, cut and restore its
+//! link there, and partitions are nftables drops. Every event is logged with the round and
 //! time it took effect and what it did to each node.
 
 use std::collections::BTreeSet;
@@ -22,11 +24,12 @@ use libp2p::PeerId;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::scenario::{Action, Event, Scenario, Selection, When};
+use super::netns::{Drops, Hosts, Shape};
+use super::scenario::{Action, Event, LinkChange, Scenario, Selection, When};
 use crate::api::ApiToken;
 use crate::api::client::NodeClient;
 use crate::cli::CliError;
-use crate::cli::cluster::{self, NodeLine};
+use crate::cli::cluster::{self, NodeLine, Place};
 use crate::daemon::config::RunOptions;
 use crate::fault::{FaultKind, FaultSpec};
 use crate::mix::topology::{Topology, TopologySpec};
@@ -43,6 +46,8 @@ pub struct Plan {
     pub rounds: u64,
     pub topology: TopologySpec,
     pub seed: u64,
+    /// One network namespace per node.
+    pub netns: bool,
     pub events: Vec<Event>,
     pub train_cfg: TrainConfig,
     train: TrainOptions,
@@ -70,6 +75,7 @@ impl Plan {
             rounds: strategy.rounds,
             topology: strategy.topology.clone(),
             seed: strategy.seed,
+            netns: s.netns,
             events: s.events.clone(),
             token: run_cfg.api_token.clone(),
             ca: run.api_tls_cert.clone(),
@@ -126,6 +132,14 @@ pub struct NodeEnd {
     pub exit_status: Option<i32>,
     pub starts: u32,
     pub round: u64,
+    /// From its summary.json, when it wrote one: seconds between local
+    /// phases (exchanging and mixing) and bytes sent and received.
+    pub communication_seconds: Option<f64>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    /// netns: its address and what nftables dropped on its ingress.
+    pub ip: Option<String>,
+    pub drops: Option<Drops>,
 }
 
 /// What one run of the cluster recorded.
@@ -174,17 +188,47 @@ impl Proc {
     }
 }
 
+/// Writes `text` to a new file only its owner can read.
+fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))
+}
+
 /// Runs the plan's cluster in `dir`, with its events when `events`.
 pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::failed(format!("cannot create {}: {e}", dir.display())))?;
     let config = dir.join("cluster.toml");
-    cluster::write_config(&config, &plan.train, &plan.run)?;
+    let mut run_options = plan.run.clone();
+    let mut token = plan.token.clone();
+    if plan.netns && token.is_none() {
+        // In a namespace a node's API listens on its own address, not
+        // 127.0.0.1, and a node refuses that without a token: one is made
+        // for this run, readable by root only.
+        let path = dir.join("api-token");
+        let text: String = rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&path, &text)?;
+        token = Some(ApiToken::new(&text).map_err(CliError::failed)?);
+        run_options.api_token_file = Some(path);
+    }
+    cluster::write_config(&config, &plan.train, &run_options)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::failed(format!("cannot start a runtime: {e}")))?;
-    let mut runner = Runner::start(plan, dir, &config)?;
+    let hosts = match plan.netns {
+        true => Some(Hosts::create(plan.nodes).map_err(CliError::failed)?),
+        false => None,
+    };
+    let mut runner = Runner::start(plan, dir, &config, hosts, token)?;
     let started = Instant::now();
     let mut last_print = Instant::now();
     let mut last_sample = Instant::now();
@@ -251,6 +295,9 @@ struct Runner<'a> {
     dir: &'a Path,
     config: &'a Path,
     procs: Vec<Proc>,
+    hosts: Option<Hosts>,
+    /// What control calls present: the run's token, or one made for netns.
+    token: Option<ApiToken>,
     lines: cluster::Lines,
     tx: mpsc::Sender<(usize, Value)>,
     samples: Vec<Sample>,
@@ -259,12 +306,20 @@ struct Runner<'a> {
 
 impl<'a> Runner<'a> {
     /// Starts every node: node 0 first, the others bootstrapping from it.
-    fn start(plan: &'a Plan, dir: &'a Path, config: &'a Path) -> Result<Runner<'a>, CliError> {
+    fn start(
+        plan: &'a Plan,
+        dir: &'a Path,
+        config: &'a Path,
+        hosts: Option<Hosts>,
+        token: Option<ApiToken>,
+    ) -> Result<Runner<'a>, CliError> {
         let (tx, lines) = mpsc::channel();
         let mut procs = Vec::with_capacity(plan.nodes);
         let mut boot: Option<String> = None;
         for i in 0..plan.nodes {
-            let (child, first) = cluster::spawn_node(dir, config, i, boot.as_deref(), &[], &tx)?;
+            let place = hosts.as_ref().map_or(Place::Loopback, |h| h.place(i));
+            let (child, first) =
+                cluster::spawn_node(dir, config, i, &place, boot.as_deref(), &[], &tx)?;
             if let Some(v) = first {
                 boot = v["addrs"][0].as_str().map(str::to_string);
                 let _ = tx.send((i, v));
@@ -272,7 +327,18 @@ impl<'a> Runner<'a> {
             let line = NodeLine { state: "starting".into(), ..Default::default() };
             procs.push(Proc::started(child, line, 1));
         }
-        Ok(Runner { plan, dir, config, procs, lines, tx, samples: Vec::new(), applied: Vec::new() })
+        Ok(Runner {
+            plan,
+            dir,
+            config,
+            procs,
+            hosts,
+            token,
+            lines,
+            tx,
+            samples: Vec::new(),
+            applied: Vec::new(),
+        })
     }
 
     /// Takes the progress lines that arrive within `wait` (at least one
@@ -296,7 +362,7 @@ impl<'a> Runner<'a> {
             if p.client.is_none() {
                 p.client = NodeClient::connect(
                     &api,
-                    self.plan.token.clone(),
+                    self.token.clone(),
                     self.plan.ca.as_deref(),
                     PATIENCE,
                 )
@@ -395,7 +461,10 @@ impl<'a> Runner<'a> {
             | Action::Stop(s)
             | Action::Restart(s)
             | Action::Fault(s, _)
-            | Action::Clear(s) => match self.resolve(s) {
+            | Action::Clear(s)
+            | Action::Link(s, _)
+            | Action::Cut(s)
+            | Action::Restore(s) => match self.resolve(s) {
                 Ok(n) => n,
                 Err(m) => {
                     notes.push(m);
@@ -455,6 +524,21 @@ impl<'a> Runner<'a> {
                 Ok(())
             }
             Action::Restart(_) => self.restart(i),
+            // Links are there whether the node runs or not.
+            Action::Link(_, change) => self.reshape(i, change),
+            Action::Cut(_) | Action::Restore(_) => {
+                let up = matches!(action, Action::Restore(_));
+                self.hosts.as_ref().ok_or("no netns")?.link(i, up)
+            }
+            Action::Partition(groups) if self.hosts.is_some() => {
+                let mine = groups.iter().find(|g| g.contains(&i)).cloned().unwrap_or_default();
+                let others: Vec<usize> =
+                    groups.iter().flatten().copied().filter(|j| !mine.contains(j)).collect();
+                self.hosts.as_mut().ok_or("no netns")?.block(i, &others)
+            }
+            Action::Heal if self.hosts.is_some() => {
+                self.hosts.as_mut().ok_or("no netns")?.block(i, &[])
+            }
             Action::Fault(_, spec) if running => {
                 let id = self.inject(i, spec).await?;
                 self.procs[i].faults.push(id);
@@ -490,18 +574,25 @@ impl<'a> Runner<'a> {
         }
     }
 
+    /// Applies a link event's change over node `i`'s current shape.
+    fn reshape(&mut self, i: usize, change: &LinkChange) -> Result<(), String> {
+        let hosts = self.hosts.as_mut().ok_or("no netns")?;
+        let now = hosts.shape_of(i);
+        let shape = Shape {
+            loss: change.loss.unwrap_or(now.loss),
+            rate_bits: change.rate_bits.unwrap_or(now.rate_bits),
+        };
+        hosts.shape(i, shape)
+    }
+
     async fn client(&mut self, i: usize) -> Result<&mut NodeClient, String> {
         let p = &mut self.procs[i];
         let api = p.line.api.clone().ok_or("its API is not known yet")?;
         if p.client.is_none() {
-            let c = NodeClient::connect(
-                &api,
-                self.plan.token.clone(),
-                self.plan.ca.as_deref(),
-                PATIENCE,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let c =
+                NodeClient::connect(&api, self.token.clone(), self.plan.ca.as_deref(), PATIENCE)
+                    .await
+                    .map_err(|e| e.to_string())?;
             p.client = Some(c);
         }
         p.client.as_mut().ok_or_else(|| "no API client".into())
@@ -556,10 +647,12 @@ impl<'a> Runner<'a> {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let place = self.hosts.as_ref().map_or(Place::Loopback, |h| h.place(i));
         let (child, _) = cluster::spawn_node(
             self.dir,
             self.config,
             i,
+            &place,
             Some(&boot),
             &["--resume".into()],
             &self.tx,
@@ -576,17 +669,29 @@ impl<'a> Runner<'a> {
             .procs
             .iter()
             .enumerate()
-            .map(|(index, p)| NodeEnd {
-                index,
-                peer_id: p.line.peer.clone(),
-                state: match (p.down, p.exit) {
-                    (Some(d), _) => d.to_string(),
-                    (None, Some(Some(0))) => "finished".into(),
-                    _ => "failed".into(),
-                },
-                exit_status: p.exit.flatten(),
-                starts: p.starts,
-                round: p.line.round,
+            .map(|(index, p)| {
+                let summary =
+                    std::fs::read_to_string(self.dir.join(format!("node-{index}/summary.json")))
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                        .unwrap_or(Value::Null);
+                NodeEnd {
+                    index,
+                    peer_id: p.line.peer.clone(),
+                    state: match (p.down, p.exit) {
+                        (Some(d), _) => d.to_string(),
+                        (None, Some(Some(0))) => "finished".into(),
+                        _ => "failed".into(),
+                    },
+                    exit_status: p.exit.flatten(),
+                    starts: p.starts,
+                    round: p.line.round,
+                    communication_seconds: summary["timing"]["communication_seconds"].as_f64(),
+                    bytes_sent: summary["bytes"]["bytes_sent"].as_u64(),
+                    bytes_received: summary["bytes"]["bytes_received"].as_u64(),
+                    ip: self.hosts.as_ref().map(|h| h.ip(index).to_string()),
+                    drops: self.hosts.as_ref().map(|h| h.drops(index)),
+                }
             })
             .collect();
         RunRecord {

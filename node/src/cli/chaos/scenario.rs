@@ -11,6 +11,7 @@
 //! [[event]]
 //! round = 10                # or: secs = 4.5, after the first round ends
 //! action = "kill"           # kill | stop | restart | fault | clear | partition | heal
+//!                           # with netns = true also: link | cut | restore
 //! nodes = "random:4"        # [0, 3], "all", "hubs:K", "leaves:K", "random:K"
 //!
 //! [[event]]
@@ -23,6 +24,12 @@
 //! min_accuracy = 0.8        # the average of the final models, held out
 //! max_drop = 0.05           # against --baseline, in accuracy
 //! ```
+//!
+//! With `netns = true` (or `murmur chaos --netns`) every node runs in a
+//! network namespace of its own, and three more actions act on its link:
+//! `link` sets random ingress `loss = 0.05` and a `rate = "100mbit"` cap
+//! (`rate = "off"` lifts it), `cut` sets the link down and `restore` sets
+//! it up; a partition there is an nftables drop, not the injector's.
 //!
 //! Selections by degree (`hubs:K`, `leaves:K`) read the topology the nodes
 //! build over their first members, which they order by peer id: they are
@@ -46,6 +53,9 @@ pub struct ScenarioFile {
     /// murmur cluster's options (the keys of its --config TOML).
     #[serde(default)]
     pub cluster: toml::Table,
+    /// One network namespace per node (needs root; see `netns`).
+    #[serde(default)]
+    pub netns: bool,
     #[serde(default, rename = "event")]
     pub events: Vec<EventFile>,
     #[serde(default)]
@@ -61,6 +71,10 @@ pub struct EventFile {
     pub nodes: Option<toml::Value>,
     pub fault: Option<String>,
     pub groups: Option<Vec<Vec<i64>>>,
+    /// link: the fraction of packets dropped on the nodes' ingress.
+    pub loss: Option<f64>,
+    /// link: the rate cap on the nodes' links ("100mbit"; "off" lifts it).
+    pub rate: Option<String>,
     /// A name for the event's window in the report.
     pub label: Option<String>,
 }
@@ -154,6 +168,45 @@ pub enum Action {
     Partition(Vec<BTreeSet<usize>>),
     /// Clear every partition.
     Heal,
+    /// netns: reshape the nodes' links.
+    Link(Selection, LinkChange),
+    /// netns: set the nodes' links down.
+    Cut(Selection),
+    /// netns: set them up again.
+    Restore(Selection),
+}
+
+/// What a `link` event changes; what it leaves out stays as it was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkChange {
+    pub loss: Option<f64>,
+    /// `Some(None)`: lift the cap.
+    pub rate_bits: Option<Option<u64>>,
+}
+
+impl fmt::Display for LinkChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(l) = self.loss {
+            parts.push(format!("loss {:.1}%", l * 100.0));
+        }
+        match self.rate_bits {
+            Some(Some(b)) => parts.push(format!("rate {}", rate_text(b))),
+            Some(None) => parts.push("rate off".into()),
+            None => {}
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Bits per second as a person writes them.
+pub fn rate_text(bits: u64) -> String {
+    match bits {
+        b if b >= 1_000_000_000 && b % 1_000_000_000 == 0 => format!("{}gbit", b / 1_000_000_000),
+        b if b >= 1_000_000 && b % 1_000_000 == 0 => format!("{}mbit", b / 1_000_000),
+        b if b % 1000 == 0 => format!("{}kbit", b / 1000),
+        b => format!("{b}bit"),
+    }
 }
 
 impl Action {
@@ -166,6 +219,9 @@ impl Action {
             Action::Clear(_) => "clear",
             Action::Partition(_) => "partition",
             Action::Heal => "heal",
+            Action::Link(..) => "link",
+            Action::Cut(_) => "cut",
+            Action::Restore(_) => "restore",
         }
     }
 }
@@ -173,7 +229,12 @@ impl Action {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Kill(s) | Action::Stop(s) | Action::Restart(s) | Action::Clear(s) => {
+            Action::Kill(s)
+            | Action::Stop(s)
+            | Action::Restart(s)
+            | Action::Clear(s)
+            | Action::Cut(s)
+            | Action::Restore(s) => {
                 write!(f, "{} {s}", self.name())
             }
             Action::Fault(s, spec) => write!(f, "fault {spec} on {s}"),
@@ -183,6 +244,7 @@ impl fmt::Display for Action {
                 write!(f, "partition {}", g.join(" | "))
             }
             Action::Heal => f.write_str("heal"),
+            Action::Link(s, change) => write!(f, "link {change} on {s}"),
         }
     }
 }
@@ -198,6 +260,7 @@ pub struct Event {
 #[derive(Debug, Clone)]
 pub struct Scenario {
     pub description: String,
+    pub netns: bool,
     pub events: Vec<Event>,
     pub expect: Expect,
 }
@@ -214,7 +277,9 @@ pub fn parse(
         .events
         .iter()
         .enumerate()
-        .map(|(i, e)| event(e, n).map_err(|m| format!("event {} ({}): {m}", i + 1, e.action)))
+        .map(|(i, e)| {
+            event(e, n, file.netns).map_err(|m| format!("event {} ({}): {m}", i + 1, e.action))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     for (key, v) in [("min_accuracy", file.expect.min_accuracy), ("max_drop", file.expect.max_drop)]
     {
@@ -222,10 +287,13 @@ pub fn parse(
             return Err(format!("expect.{key} must be within 0..1 (got {v})"));
         }
     }
-    Ok(Scenario { description: file.description, events, expect: file.expect })
+    if file.netns && n > super::netns::MAX_HOSTS {
+        return Err(format!("netns: {n} nodes do not fit (at most {})", super::netns::MAX_HOSTS));
+    }
+    Ok(Scenario { description: file.description, netns: file.netns, events, expect: file.expect })
 }
 
-fn event(e: &EventFile, n: usize) -> Result<Event, String> {
+fn event(e: &EventFile, n: usize, netns: bool) -> Result<Event, String> {
     let when = match (e.round, e.secs) {
         (Some(r), None) if r >= 0 => When::Round(r as u64),
         (Some(r), None) => return Err(format!("round must be >= 0 (got {r})")),
@@ -244,6 +312,35 @@ fn event(e: &EventFile, n: usize) -> Result<Event, String> {
         if given { Err(format!("{key} is not an option of {}", e.action)) } else { Ok(()) }
     };
     let action = match e.action.as_str() {
+        "link" | "cut" | "restore" if !netns => {
+            return Err(format!(
+                "{} acts on real links between namespaces: set netns = true at the top of the scenario (or run with --netns)",
+                e.action
+            ));
+        }
+        "link" => {
+            unused("groups", e.groups.is_some())?;
+            let loss = match e.loss {
+                Some(l) if !(0.0..=1.0).contains(&l) => {
+                    return Err(format!("loss must be within 0..1 (got {l})"));
+                }
+                l => l,
+            };
+            let rate_bits = match e.rate.as_deref() {
+                None => None,
+                Some("off") => Some(None),
+                Some(r) => Some(Some(super::netns::parse_rate(r)?)),
+            };
+            if loss.is_none() && rate_bits.is_none() {
+                return Err("needs loss = P and/or rate = \"100mbit\" (or \"off\")".into());
+            }
+            Action::Link(nodes()?, LinkChange { loss, rate_bits })
+        }
+        "cut" | "restore" => {
+            unused("groups", e.groups.is_some())?;
+            let s = nodes()?;
+            if e.action == "cut" { Action::Cut(s) } else { Action::Restore(s) }
+        }
         "kill" | "stop" | "restart" | "clear" | "fault" => {
             unused("groups", e.groups.is_some())?;
             let s = nodes()?;
@@ -281,12 +378,16 @@ fn event(e: &EventFile, n: usize) -> Result<Event, String> {
         }
         other => {
             return Err(format!(
-                "unknown action {other:?} (expected kill, stop, restart, fault, clear, partition or heal)"
+                "unknown action {other:?} (expected kill, stop, restart, fault, clear, partition, heal, link, cut or restore)"
             ));
         }
     };
     if e.fault.is_some() && !matches!(action, Action::Fault(..)) {
         return Err(format!("fault is not an option of {}", e.action));
+    }
+    if (e.loss.is_some() || e.rate.is_some()) && !matches!(action, Action::Link(..)) {
+        let key = if e.loss.is_some() { "loss" } else { "rate" };
+        return Err(format!("{key} is not an option of {}", e.action));
     }
     let label = e.label.clone().unwrap_or_else(|| action.to_string());
     Ok(Event { when, action, label })
@@ -451,6 +552,42 @@ mod tests {
     }
 
     #[test]
+    fn link_events_parse_with_netns() {
+        let s = parse(
+            r#"
+            netns = true
+            [[event]]
+            round = 0
+            action = "link"
+            nodes = "all"
+            loss = 0.05
+            rate = "100mbit"
+            [[event]]
+            round = 4
+            action = "cut"
+            nodes = [2]
+            [[event]]
+            round = 8
+            action = "restore"
+            nodes = [2]
+            [[event]]
+            round = 9
+            action = "link"
+            nodes = "all"
+            rate = "off"
+            "#,
+            eight,
+        )
+        .unwrap();
+        assert!(s.netns);
+        let change = LinkChange { loss: Some(0.05), rate_bits: Some(Some(100_000_000)) };
+        assert_eq!(s.events[0].action, Action::Link(Selection::All, change));
+        assert_eq!(s.events[0].label, "link loss 5.0%, rate 100mbit on all");
+        assert_eq!(s.events[1].action, Action::Cut(Selection::Nodes(BTreeSet::from([2]))));
+        assert_eq!(s.events[3].label, "link rate off on all");
+    }
+
+    #[test]
     fn errors_name_the_event_and_the_bad_value() {
         let cases = [
             (
@@ -499,6 +636,20 @@ mod tests {
             ),
             ("[[event]]\nround = 1\naction = \"kill\"\nwhom = [1]", "unknown field `whom`"),
             ("[expect]\nmin_accuracy = 3.0", "expect.min_accuracy must be within 0..1 (got 3)"),
+            ("[[event]]\nround = 1\naction = \"cut\"\nnodes = [1]", "set netns = true"),
+            ("netns = true\n[[event]]\nround = 1\naction = \"link\"\nnodes = [1]", "needs loss"),
+            (
+                "netns = true\n[[event]]\nround = 1\naction = \"link\"\nnodes = \"all\"\nloss = 1.5",
+                "loss must be within 0..1 (got 1.5)",
+            ),
+            (
+                "netns = true\n[[event]]\nround = 1\naction = \"link\"\nnodes = \"all\"\nrate = \"fast\"",
+                "rate \"fast\"",
+            ),
+            (
+                "netns = true\n[[event]]\nround = 1\naction = \"cut\"\nnodes = [1]\nloss = 0.1",
+                "loss is not an option of cut",
+            ),
         ];
         for (text, want) in cases {
             let got = err(text);
