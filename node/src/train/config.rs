@@ -275,6 +275,30 @@ impl TrainOptions {
     }
 
     fn optimizer_spec(&self) -> Result<OptimizerSpec, ConfigError> {
+        // An option of the other optimizer would be ignored without a word:
+        // `momentum = 0.9` under the default adamw once left a shipped
+        // config training with Adam at an SGD learning rate.
+        let kind = self.optimizer.unwrap_or(OptimizerKind::Adamw);
+        let foreign: &[(&str, bool)] = match kind {
+            OptimizerKind::Adamw => {
+                &[("--momentum", self.momentum.is_some()), ("--nesterov", self.nesterov.is_some())]
+            }
+            OptimizerKind::Sgd => &[
+                ("--beta1", self.beta1.is_some()),
+                ("--beta2", self.beta2.is_some()),
+                ("--eps", self.eps.is_some()),
+            ],
+        };
+        if let Some((flag, _)) = foreign.iter().find(|(_, set)| *set) {
+            let (other, this) = match (kind, self.optimizer.is_none()) {
+                (OptimizerKind::Adamw, true) => ("sgd", "adamw (the default)"),
+                (OptimizerKind::Adamw, false) => ("sgd", "adamw"),
+                (OptimizerKind::Sgd, _) => ("adamw", "sgd"),
+            };
+            return Err(bad(format!(
+                "{flag} is an option of --optimizer {other}, and the optimizer is {this}; set --optimizer {other} or drop {flag}"
+            )));
+        }
         let wd_default = match self.optimizer.unwrap_or(OptimizerKind::Adamw) {
             OptimizerKind::Adamw => 0.01,
             OptimizerKind::Sgd => 0.0,
@@ -469,6 +493,18 @@ mod tests {
             ("device = \"tpu\"", "tpu"),
             ("hidden = \"64,0\"", "64,0"),
             ("nodes = 2\nnode = 2", "--node must be in 0..2 for --nodes 2 (got 2)"),
+            (
+                "momentum = 0.9",
+                "--momentum is an option of --optimizer sgd, and the optimizer is adamw (the default)",
+            ),
+            (
+                "optimizer = \"adamw\"\nnesterov = true",
+                "--nesterov is an option of --optimizer sgd, and the optimizer is adamw;",
+            ),
+            (
+                "optimizer = \"sgd\"\nbeta2 = 0.99",
+                "--beta2 is an option of --optimizer adamw, and the optimizer is sgd",
+            ),
         ];
         for (toml, want) in cases {
             let err = opts(toml).resolve().unwrap_err().to_string();
