@@ -13,8 +13,15 @@ Per scenario: the held-out accuracy of the average of the finished nodes'
 final models against the baseline's, the nodes that finished, wall time of
 both runs, and whether the scenario's own [expect] held.
 
+The disaster study (disaster-hubs, disaster-leaves, disaster-relays: a
+Barabasi-Albert tree losing its 2 hubs, 2 leaves, or its 2 hubs when they
+hold no data) runs as one comparison per seed (`murmur chaos A B C
+--baseline --set seed=S`), at the same MNIST size, over SEEDS seeds: the
+mean and range of each arm's accuracy (the average model, and each node's
+own model) and consensus distance, since one run of one arm is noisy.
+
 Writes <out>/chaos.json and <out>/chaos.md (and each run's report under
-<out>/chaos/<scenario>/).
+<out>/chaos/<scenario>/, the study's under <out>/chaos/disaster-seed-S/).
 """
 
 import argparse
@@ -41,7 +48,7 @@ def overrides(path):
     cluster = tomllib.loads(path.read_text()).get("cluster", {})
     sets = [f"data=mnist:{mnist()}"]
     if cluster.get("model") != "lenet":
-        sets += ["model=lenet", "lr=0.002", "batch-size=32"]
+        sets += ["model=lenet", "optimizer=adamw", "lr=0.002", "batch-size=32"]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -87,6 +94,58 @@ def run(args, path):
     return row
 
 
+SEEDS = [1, 2, 3]
+ARMS = ["disaster-hubs", "disaster-leaves", "disaster-relays"]
+
+
+def disaster(args):
+    """The study's three arms side by side, once per seed."""
+    paths = [Path(args.scenarios) / f"{a}.toml" for a in ARMS]
+    per_seed = []
+    for seed in SEEDS:
+        out = Path(args.out) / "chaos" / f"disaster-seed-{seed}"
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        cmd = [args.murmur, "chaos", *map(str, paths), "--baseline", "--out", str(out),
+               "--set", f"seed={seed}", *overrides(paths[0])]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MURMUR_THREADS="1"))
+        path = out / "comparison.json"
+        if not path.exists():
+            raise RuntimeError(f"disaster seed {seed}: no comparison: {done.stderr.strip()[-2000:]}")
+        rows = {r["scenario"]: r for r in json.loads(path.read_text())}
+        per_seed.append({"seed": seed, "arms": rows})
+        print(f"disaster seed {seed}: " + ", ".join(
+            f"{a}: {100 * (rows[a]['result']['eval_accuracy'] or 0):.2f}%" for a in ARMS), file=sys.stderr, flush=True)
+    summary = {}
+    for a in ARMS:
+        def values(key, part="result"):
+            return [s["arms"][a][part][key] for s in per_seed if (s["arms"][a].get(part) or {}).get(key) is not None]
+        summary[a] = {k: values(k) for k in ("eval_accuracy", "node_mean_accuracy", "node_worst_accuracy", "consensus_distance")}
+        summary[a]["baseline_accuracy"] = values("eval_accuracy", "baseline")
+    return {"seeds": SEEDS, "per_seed": per_seed, "summary": summary}
+
+
+def disaster_report(study):
+    def cell(vals, pct=True):
+        if not vals:
+            return "-"
+        f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.2f}")
+        mean = sum(vals) / len(vals)
+        return f"{f(mean)} ({f(min(vals))}-{f(max(vals))})"
+    lines = [
+        "",
+        f"## The disaster study ({len(study['seeds'])} seeds: mean (range))",
+        "",
+        "| arm | average model | nodes: mean | nodes: worst | consensus distance | no events (average model) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, s in study["summary"].items():
+        lines.append(f"| {a} | {cell(s['eval_accuracy'])} | {cell(s['node_mean_accuracy'])} "
+                     f"| {cell(s['node_worst_accuracy'])} | {cell(s['consensus_distance'], False)} "
+                     f"| {cell(s['baseline_accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(rows):
     pct = lambda a: "-" if a is None else f"{100 * a:.2f}%"
     lines = [
@@ -117,11 +176,13 @@ def main():
     ap.add_argument("--out", default="target/bench")
     ap.add_argument("--scenarios", default=str(ROOT / "deploy" / "scenarios"))
     args = ap.parse_args()
-    rows = [run(args, p) for p in sorted(Path(args.scenarios).glob("*.toml"))]
+    scenarios = sorted(p for p in Path(args.scenarios).glob("*.toml") if p.stem not in ARMS)
+    rows = [run(args, p) for p in scenarios]
+    study = disaster(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "chaos.json").write_text(json.dumps({"rows": rows}, indent=1))
-    text = report(rows)
+    (out / "chaos.json").write_text(json.dumps({"rows": rows, "disaster": study}, indent=1))
+    text = report(rows) + disaster_report(study)
     (out / "chaos.md").write_text(text)
     print(text)
 

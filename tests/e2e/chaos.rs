@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::harness::{data_dir, missing, murmur, ok, read_json, s};
+use crate::swarm::LiveNode;
 
 fn scenario(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/scenarios").join(name)
@@ -77,6 +78,12 @@ fn every_shipped_scenario_checks_and_bad_ones_name_the_bad_value() {
             "[cluster]\nnodes = 4\n[[event]]\nround = 3\naction = \"kill\"\nnodes = [1]\nextra = 1",
             "unknown field `extra`",
         ),
+        ("relays = \"hubs:4\"\n[cluster]\nnodes = 4", "makes all 4 nodes relays"),
+        (
+            "relays = \"hubs:1\"\n[cluster]\nnodes = 4\nstrategy = \"merge\"",
+            "--relays take part in gossip only (the strategy is merge)",
+        ),
+        ("relays = [1]\n[cluster]\nnodes = 4\nrelays = [2]", "given at the top and in [cluster]"),
     ];
     for (text, want) in bad {
         let path = tmp.path().join("bad.toml");
@@ -164,6 +171,126 @@ fn churn_every_node_comes_back_and_finishes() {
     // start, not from its restart.
     let summary = read_json(&tmp.path().join("run/node-2/summary.json"));
     assert_eq!(summary["rounds"], 60, "{}", summary["rounds"]);
+}
+
+/// The disaster study's three arms in one invocation: a Barabási–Albert
+/// tree with label-skewed data loses its two hubs, two leaves, or its two
+/// hubs when they hold no data. Losing the hubs splits the tree: the
+/// survivors' models drift apart and their average is worse than after
+/// losing two leaves (which cost as much data and no connectivity).
+#[test]
+fn the_disaster_study_losing_hubs_hurts_more_than_losing_leaves() {
+    let _machine = crate::harness::exclusive();
+    let tmp = tempfile::tempdir().unwrap();
+    let arms = ["disaster-hubs.toml", "disaster-leaves.toml", "disaster-relays.toml"];
+    let paths: Vec<PathBuf> = arms.iter().map(|a| scenario(a)).collect();
+    let mut args = vec!["chaos"];
+    args.extend(paths.iter().map(|p| s(p)));
+    args.extend(["--out", s(tmp.path())]);
+    let stdout = ok(&murmur(&args));
+    assert!(stdout.contains("# Chaos comparison"), "{stdout}");
+    let md = std::fs::read_to_string(tmp.path().join("comparison.md")).unwrap();
+    let rows = read_json(&tmp.path().join("comparison.json"));
+    let arm = |name: &str| {
+        let r = rows.as_array().unwrap().iter().find(|r| r["scenario"] == name).unwrap();
+        let report = read_json(&tmp.path().join(name).join("report.json"));
+        held(&report);
+        assert_eq!(ends(&report, "finished").len(), 8, "{name}: {}", report["node_ends"]);
+        (r["result"].clone(), report)
+    };
+    let (hubs, _) = arm("disaster-hubs");
+    let (leaves, _) = arm("disaster-leaves");
+    let (relays, relay_report) = arm("disaster-relays");
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    eprintln!("disaster study (average model accuracy, consensus distance):\n{md}");
+    assert!(
+        f(&hubs, "eval_accuracy") < f(&leaves, "eval_accuracy"),
+        "losing hubs should hurt more than losing leaves:\n{md}"
+    );
+    assert!(f(&hubs, "consensus_distance") > f(&leaves, "consensus_distance"), "{md}");
+    // The relays were the hubs, they held no data, and losing them still
+    // split the network (the drift is the connectivity's, not the data's).
+    assert!(f(&relays, "consensus_distance") > f(&leaves, "consensus_distance"), "{md}");
+    let nodes = relay_report["node_ends"].as_array().unwrap();
+    let relay: Vec<u64> =
+        nodes.iter().filter(|n| n["relay"] == true).map(|n| n["index"].as_u64().unwrap()).collect();
+    assert_eq!(relay, ends(&relay_report, "killed"), "the killed hubs are the relays");
+    let samples = relay_report["samples"].as_array().unwrap();
+    for i in relay {
+        let sent =
+            samples.iter().filter(|x| x["node"] == i).filter_map(|x| x["bytes_sent"].as_u64());
+        assert!(sent.max() > Some(0), "relay {i} sent nothing before it was killed");
+    }
+}
+
+/// A scenario against nodes `murmur chaos` did not start: three `murmur
+/// run` processes, reached through their APIs only (`[attach]`): a fault
+/// on one and its clear, a partition and its heal, and a stop (the API's
+/// Shutdown) of another.
+#[test]
+fn a_scenario_acts_on_running_nodes_through_their_apis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--data",
+        "synthetic",
+        "--hidden",
+        "32",
+        "--rounds",
+        "150",
+        "--local-steps",
+        "50",
+        "--round-timeout-ms",
+        "1000",
+    ];
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("node-{i}"))).collect();
+    let boot = LiveNode::start(&dirs[0], 0, 3, None, &args);
+    let addr = boot.p2p.clone();
+    let mut nodes = vec![boot];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(LiveNode::start(dir, i, 3, Some(&addr), &args));
+    }
+    let apis: Vec<String> = nodes.iter().map(|n| format!("{:?}", n.api)).collect();
+    let text = format!(
+        "description = \"three nodes started elsewhere\"\n[attach]\napis = [{}]\n\
+         [[event]]\nround = 10\naction = \"fault\"\nnodes = [1]\nfault = \"drop:1.0:in\"\n\
+         [[event]]\nround = 50\naction = \"clear\"\nnodes = [1]\n\
+         [[event]]\nround = 60\naction = \"partition\"\ngroups = [[0], [1, 2]]\n\
+         [[event]]\nround = 90\naction = \"heal\"\n\
+         [[event]]\nround = 110\naction = \"stop\"\nnodes = [2]\n",
+        apis.join(", ")
+    );
+    let path = tmp.path().join("attached.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = tmp.path().join("out");
+    // Nothing an attached scenario cannot do gets as far as the nodes.
+    let refused = murmur(&["chaos", s(&path), "--baseline", "--out", s(&out)]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no cluster to start"));
+    let stdout = ok(&murmur(&["chaos", s(&path), "--out", s(&out)]));
+    assert!(stdout.contains("3 running nodes, attached by their APIs"), "{stdout}");
+    let r = read_json(&out.join("report.json"));
+    for (round, outcome) in took_effect(&r) {
+        assert_eq!(outcome, "\"ok\"", "at round {round}: {}", r["events"]);
+    }
+    assert_eq!(ends(&r, "finished"), [0, 1], "{}", r["node_ends"]);
+    assert_eq!(ends(&r, "stopped"), [2], "{}", r["node_ends"]);
+    held(&r);
+    for (i, n) in nodes.iter_mut().enumerate() {
+        assert_eq!(n.wait_exit(std::time::Duration::from_secs(60)), 0, "node {i}");
+    }
+    let effects = |i: usize| read_json(&dirs[i].join("summary.json"))["fault_effects"].clone();
+    assert!(effects(1)["dropped_in"].as_u64() > Some(0), "node 1: {}", effects(1));
+    assert!(effects(0)["partitioned"].as_u64() > Some(0), "node 0: {}", effects(0));
+    assert!(effects(0)["dropped_in"].is_null(), "node 0 had no drop fault: {}", effects(0));
+    let stopped = read_json(&dirs[2].join("summary.json"));
+    assert_eq!(stopped["interrupted"], true);
+    let rounds = stopped["rounds"].as_u64().unwrap();
+    // The stop fires when the furthest node has done 110 rounds; node 2,
+    // on the slower side of the partition, may be well behind it.
+    assert!((40..150).contains(&rounds), "node 2 stopped at round {rounds}");
+    // The report says how each node's own model did.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("each node's own model: mean"), "{md}");
 }
 
 /// Two of eight nodes sign-flip what they send, on MNIST (the scenarios'

@@ -586,7 +586,8 @@ impl NodeLine {
         self.state = super::status::phase_name(s.phase);
         self.round = s.round;
         self.rounds = s.rounds;
-        self.loss = s.train_loss;
+        // A relay has no loss (NaN): shown as none.
+        self.loss = s.train_loss.filter(|l| l.is_finite());
         self.accuracy = s.eval_accuracy.or(self.accuracy);
         self.bytes_sent = s.traffic.map_or(self.bytes_sent, |t| t.bytes_sent);
         self.faults = s.active_faults.iter().map(|f| f.spec.clone()).collect();

@@ -303,6 +303,15 @@ impl RunOptions {
             .parse()
             .map_err(|e| bad(format!("--encoding: {e}")))?;
         let kind = self.strategy.unwrap_or_default();
+        if !train.relays.is_empty() && kind != StrategyKind::Gossip {
+            // Every other strategy averages what each member trained as if
+            // it had trained: a relay's untouched model (merge, the
+            // coordinator's mean) or its zero pseudo-gradient (diloco)
+            // would pull the result back.
+            return Err(bad(format!(
+                "--relays take part in gossip only (the strategy is {kind}): a relay's untrained model would be averaged in as if it had trained"
+            )));
+        }
         let outer = self.outer(kind)?;
         let swarm_key = self.swarm_key.as_deref().map(read_swarm_key).transpose().map_err(bad)?;
         let allowlist = self.allow_peer.as_deref().map(parse_allowlist).transpose().map_err(bad)?;

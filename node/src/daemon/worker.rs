@@ -174,7 +174,7 @@ fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone
     Ok(PhaseDone {
         params,
         loss: loss / steps.max(1) as f64,
-        samples: steps * trainer.config.batch_size as u64,
+        samples: steps * trainer.examples_per_step(),
         steps_done: trainer.steps_done(),
         started,
         seconds: started.elapsed().as_secs_f64(),

@@ -7,6 +7,7 @@
 //! environment. `resolve` fills defaults and checks everything once, with
 //! errors that name the bad value.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,12 @@ pub struct TrainOptions {
     #[arg(long, allow_negative_numbers = true, env = "MURMUR_NODE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<i64>,
+    /// Nodes that hold no data and take no local steps, only mix (data-less
+    /// relays), comma separated; the data is split among the others. The
+    /// same list on every node [default: none]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, env = "MURMUR_RELAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relays: Option<Vec<i64>>,
 
     /// Training steps in total (a resumed run continues up to this) [default: 1000]
     #[arg(long, allow_negative_numbers = true, env = "MURMUR_STEPS")]
@@ -209,6 +216,7 @@ impl TrainOptions {
                 "--node must be in 0..{nodes} for --nodes {nodes} (got {node})"
             )));
         }
+        let relays = self.relays(nodes)?;
         let partition: Scheme =
             self.partition.as_deref().unwrap_or("iid").parse().map_err(|e| bad(format!("{e}")))?;
         if let Some(h) = self.holdout.filter(|h| !(*h > 0.0 && *h < 1.0)) {
@@ -236,6 +244,7 @@ impl TrainOptions {
             partition,
             nodes,
             node,
+            relays,
             steps,
             batch_size,
             optimizer: self.optimizer_spec()?,
@@ -272,6 +281,28 @@ impl TrainOptions {
                 ModelSpec::Chargpt(spec)
             }
         })
+    }
+
+    /// The relays, checked: each a node of the run, at least one node
+    /// left to hold the data.
+    fn relays(&self, nodes: usize) -> Result<BTreeSet<usize>, ConfigError> {
+        let mut relays = BTreeSet::new();
+        for &r in self.relays.iter().flatten() {
+            if r < 0 || r as usize >= nodes {
+                return Err(bad(format!(
+                    "--relays names node {r}, which is not in 0..{nodes} for --nodes {nodes}"
+                )));
+            }
+            if !relays.insert(r as usize) {
+                return Err(bad(format!("--relays names node {r} twice")));
+            }
+        }
+        if relays.len() == nodes {
+            return Err(bad(format!(
+                "--relays names all {nodes} nodes; at least one must hold the data"
+            )));
+        }
+        Ok(relays)
     }
 
     fn optimizer_spec(&self) -> Result<OptimizerSpec, ConfigError> {
@@ -420,6 +451,8 @@ pub struct TrainConfig {
     pub partition: Scheme,
     pub nodes: usize,
     pub node: i64,
+    /// Data-less nodes: no shard, no local steps (see `shard_of`).
+    pub relays: BTreeSet<usize>,
     pub steps: u64,
     pub batch_size: usize,
     pub optimizer: OptimizerSpec,
@@ -434,6 +467,22 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether this node is a data-less relay.
+    pub fn is_relay(&self) -> bool {
+        self.relays.contains(&(self.node as usize))
+    }
+
+    /// This node's shard and the number of shards: the data is split among
+    /// the nodes that are not relays, in index order. `None` for a relay.
+    pub fn shard_of(&self) -> Option<(usize, usize)> {
+        let node = self.node as usize;
+        if self.is_relay() {
+            return None;
+        }
+        let below = self.relays.range(..node).count();
+        Some((node - below, self.nodes - self.relays.len()))
+    }
+
     pub fn data_spec(&self) -> DataSpec {
         self.data.parse().unwrap_or(DataSpec::Synthetic)
     }
@@ -479,6 +528,16 @@ mod tests {
     }
 
     #[test]
+    fn relays_take_no_shard_and_the_others_split_the_data() {
+        let cfg =
+            |node| opts(&format!("nodes = 5\nnode = {node}\nrelays = [1, 3]")).resolve().unwrap();
+        let shards: Vec<_> = (0..5).map(|i| cfg(i).shard_of()).collect();
+        assert_eq!(shards, [Some((0, 3)), None, Some((1, 3)), None, Some((2, 3))]);
+        assert!(cfg(3).is_relay() && !cfg(4).is_relay());
+        assert_eq!(opts("nodes = 2\nnode = 1").resolve().unwrap().shard_of(), Some((1, 2)));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         assert!(
             toml::from_str::<TrainOptions>("stepz = 3").unwrap_err().to_string().contains("stepz")
@@ -493,6 +552,15 @@ mod tests {
             ("device = \"tpu\"", "tpu"),
             ("hidden = \"64,0\"", "64,0"),
             ("nodes = 2\nnode = 2", "--node must be in 0..2 for --nodes 2 (got 2)"),
+            (
+                "nodes = 4\nrelays = [1, 4]",
+                "--relays names node 4, which is not in 0..4 for --nodes 4",
+            ),
+            ("nodes = 4\nrelays = [1, 1]", "--relays names node 1 twice"),
+            (
+                "nodes = 2\nrelays = [0, 1]",
+                "--relays names all 2 nodes; at least one must hold the data",
+            ),
             (
                 "momentum = 0.9",
                 "--momentum is an option of --optimizer sgd, and the optimizer is adamw (the default)",

@@ -63,7 +63,7 @@ impl LocalUpdate for TorchTraining {
         }
         let trained = t.model.params().map_err(|e| local(node, e))?;
         params.copy_from_slice(&trained.values);
-        Ok(steps * t.config.batch_size as u64)
+        Ok(steps * t.examples_per_step())
     }
 
     fn evaluate(&mut self, node: usize, params: &[f32]) -> Result<Option<f64>, SimError> {

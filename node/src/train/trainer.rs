@@ -47,8 +47,21 @@ pub enum TrainError {
 /// The node's training shard on the model's device.
 #[derive(Debug)]
 enum TrainData {
-    Class { x: Tensor, y: Tensor, sampler: EpochSampler, classes: i64 },
-    Text { tokens: Tensor, len: usize, context: usize, seed: u64 },
+    Class {
+        x: Tensor,
+        y: Tensor,
+        sampler: EpochSampler,
+        classes: i64,
+    },
+    Text {
+        tokens: Tensor,
+        len: usize,
+        context: usize,
+        seed: u64,
+    },
+    /// A data-less relay (`--relays`): no examples, and its steps change
+    /// nothing, so it only mixes what its neighbours send.
+    Relay,
 }
 
 /// The outcome of one step.
@@ -79,40 +92,45 @@ impl Trainer {
     pub fn new(config: TrainConfig, split: &Split) -> Result<Trainer, TrainError> {
         let device = config.device_spec().resolve()?;
         tch::set_num_threads(config.threads as i32);
-        let (node, nodes) = (config.node as usize, config.nodes);
+        let node = config.node as usize;
         let sampler_seed = mix_seed(config.seed, node as u64 + 1);
-        let (task, data, shard_examples) = match &split.train {
+        let task = match &split.train {
             Dataset::Class(c) => {
+                Task::Classify { sample_shape: c.sample_shape.clone(), classes: c.num_classes }
+            }
+            Dataset::Text(t) => Task::NextChar { vocab: t.vocab.len() },
+        };
+        let (data, shard_examples) = match (&split.train, config.shard_of()) {
+            (_, None) => (TrainData::Relay, 0),
+            (Dataset::Class(c), Some((shard, shards))) => {
                 let idx = partition::shard(
                     &c.labels,
                     c.num_classes,
                     &config.partition,
                     config.seed,
-                    node,
-                    nodes,
+                    shard,
+                    shards,
                 )?;
                 if idx.is_empty() {
-                    return Err(TrainError::EmptyShard { node, nodes, examples: c.len() });
+                    return Err(TrainError::EmptyShard { node, nodes: shards, examples: c.len() });
                 }
                 let (x, y) = class_tensors(&c.select(&idx), device);
                 let sampler = EpochSampler::new(idx.len(), config.batch_size, sampler_seed);
-                let task =
-                    Task::Classify { sample_shape: c.sample_shape.clone(), classes: c.num_classes };
                 let classes = c.num_classes as i64;
-                (task, TrainData::Class { x, y, sampler, classes }, idx.len())
+                (TrainData::Class { x, y, sampler, classes }, idx.len())
             }
-            Dataset::Text(t) => {
+            (Dataset::Text(t), Some((shard, shards))) => {
                 partition::check_text_scheme(&config.partition)?;
-                let range = partition::text_range(t.len(), node, nodes);
+                let range = partition::text_range(t.len(), shard, shards);
                 let context = config.context();
                 if range.len() < context + 2 {
-                    return Err(TrainError::EmptyShard { node, nodes, examples: t.len() });
+                    return Err(TrainError::EmptyShard { node, nodes: shards, examples: t.len() });
                 }
                 let shard: Vec<i64> = t.tokens[range.clone()].iter().map(|&v| v as i64).collect();
                 let tokens = Tensor::from_slice(&shard).to_device(device);
                 let data =
                     TrainData::Text { tokens, len: range.len(), context, seed: sampler_seed };
-                (Task::NextChar { vocab: t.vocab.len() }, data, range.len())
+                (data, range.len())
             }
         };
         let model = Model::build(&config.model, &task, device, config.seed)?;
@@ -147,6 +165,11 @@ impl Trainer {
         self.step
     }
 
+    /// Examples one step trains on: the batch, or none for a relay.
+    pub fn examples_per_step(&self) -> u64 {
+        if matches!(self.data, TrainData::Relay) { 0 } else { self.config.batch_size as u64 }
+    }
+
     /// Examples (or tokens, for text) in this node's shard.
     pub fn shard_examples(&self) -> usize {
         self.shard_examples
@@ -155,7 +178,12 @@ impl Trainer {
     /// One optimizer step on the next batch.
     pub fn step(&mut self) -> Result<StepReport, TrainError> {
         let lr = self.config.schedule.lr_at(self.step);
-        let (inputs, targets) = self.batch();
+        let Some((inputs, targets)) = self.batch() else {
+            // A relay: counted, so that its step count keeps pace with its
+            // neighbours'; it has no loss to report.
+            self.step += 1;
+            return Ok(StepReport { step: self.step, loss: f64::NAN, lr });
+        };
         let loss = Model::loss(&self.model.forward(&inputs), &targets);
         let value = loss.double_value(&[]);
         if !value.is_finite() {
@@ -175,8 +203,9 @@ impl Trainer {
         Ok(StepReport { step: self.step, loss: value, lr })
     }
 
-    fn batch(&mut self) -> (Tensor, Tensor) {
-        match &mut self.data {
+    /// The next batch's inputs and targets; `None` for a relay.
+    fn batch(&mut self) -> Option<(Tensor, Tensor)> {
+        Some(match &mut self.data {
             TrainData::Class { x, y, sampler, classes } => {
                 let idx: Vec<i64> = sampler.indices(self.step).iter().map(|&i| i as i64).collect();
                 let idx = Tensor::from_slice(&idx).to_device(x.device());
@@ -198,7 +227,8 @@ impl Trainer {
                 let t = *context as i64;
                 (windows.narrow(1, 0, t), windows.narrow(1, 1, t))
             }
-        }
+            TrainData::Relay => return None,
+        })
     }
 
     /// Replaces the model's parameters with `values` (layout order).
@@ -342,6 +372,35 @@ mod tests {
 
     fn params(t: &Trainer) -> Vec<f32> {
         t.model.params().unwrap().values
+    }
+
+    #[test]
+    fn a_relay_holds_no_data_and_its_steps_change_nothing() {
+        let options = TrainOptions {
+            hidden: Some("8".into()),
+            nodes: Some(3),
+            node: Some(1),
+            relays: Some(vec![1]),
+            threads: Some(1),
+            device: Some("cpu".into()),
+            ..TrainOptions::default()
+        };
+        let config = options.resolve().unwrap();
+        let split = load::load(&config.data_spec(), config.holdout).unwrap();
+        let mut relay = Trainer::new(config.clone(), &split).unwrap();
+        let before = params(&relay);
+        let report = relay.step().unwrap();
+        assert_eq!((report.step, relay.steps_done()), (1, 1));
+        assert!(report.loss.is_nan(), "a relay has no loss: {}", report.loss);
+        assert_eq!(params(&relay), before);
+        assert_eq!((relay.shard_examples(), relay.examples_per_step()), (0, 0));
+        assert_eq!(relay.train_loss(), None);
+        // The two others split all the training data between them.
+        let shard = |node| {
+            let t = Trainer::new(TrainConfig { node, ..config.clone() }, &split).unwrap();
+            t.shard_examples()
+        };
+        assert_eq!(shard(0) + shard(2), split.train.len());
     }
 
     proptest! {

@@ -27,6 +27,11 @@ pub struct Outcome {
     pub loss: Option<f64>,
     /// Of the finished nodes' final models.
     pub consensus: Option<f64>,
+    /// The held-out accuracy of each finished node's own model: the mean
+    /// and the worst. Where the network fell apart these fall while the
+    /// average of the models (which no node holds) may not.
+    pub node_mean: Option<f64>,
+    pub node_worst: Option<f64>,
     pub finished: usize,
     pub wall: f64,
 }
@@ -49,10 +54,14 @@ fn outcome(plan: &Plan, split: Option<&crate::train::dataset::Split>, rec: &RunR
         t.set_flat(&avg).ok()?;
         Some(t.evaluate())
     });
+    let own: Vec<f64> =
+        rec.nodes.iter().filter(|n| n.state == "finished").filter_map(|n| n.accuracy).collect();
     Outcome {
         accuracy: metrics.as_ref().and_then(|m| m.accuracy),
         loss: metrics.as_ref().map(|m| m.loss),
         consensus: cluster::consensus_distance(&models),
+        node_mean: (!own.is_empty()).then(|| own.iter().sum::<f64>() / own.len() as f64),
+        node_worst: own.iter().copied().reduce(f64::min),
         finished: rec.nodes.iter().filter(|n| n.state == "finished").count(),
         wall: rec.wall,
     }
@@ -104,15 +113,19 @@ fn check(
     let mut out = Vec::new();
     let e = &s.expect;
     if e.survivors_finish {
-        let failed: Vec<usize> =
-            rec.nodes.iter().filter(|n| n.state == "failed").map(|n| n.index).collect();
+        let failed: Vec<usize> = rec
+            .nodes
+            .iter()
+            .filter(|n| n.state == "failed" || n.state == "unreachable")
+            .map(|n| n.index)
+            .collect();
         out.push((
             "survivors finish".into(),
             Some(failed.is_empty()),
             if failed.is_empty() {
                 format!("{} nodes finished", run.finished)
             } else {
-                format!("nodes {failed:?} failed (see their logs)")
+                format!("nodes {failed:?} failed or fell silent (see their logs)")
             },
         ));
     }
@@ -138,15 +151,28 @@ fn check(
     out
 }
 
+/// What a written report found.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub run: Outcome,
+    pub base: Option<Outcome>,
+    /// The expectations not met.
+    pub missed: Vec<String>,
+}
+
 pub fn write(
     out: &Path,
     s: &Scenario,
     plan: &Plan,
     rec: &RunRecord,
     baseline: Option<&RunRecord>,
-) -> Result<(), CliError> {
+) -> Result<Written, CliError> {
     // The held-out data, read once for both runs.
-    let split = load::load(&plan.train_cfg.data_spec(), plan.train_cfg.holdout).ok();
+    // (Attached nodes' models are not here to evaluate.)
+    let split = match plan.attach {
+        Some(_) => None,
+        None => load::load(&plan.train_cfg.data_spec(), plan.train_cfg.holdout).ok(),
+    };
     let run = outcome(plan, split.as_ref(), rec);
     let base = baseline.map(|b| outcome(plan, split.as_ref(), b));
     let bands = windows(&rec.applied, rec.last_round);
@@ -154,6 +180,7 @@ pub fn write(
     let entry = |o: &Outcome| {
         json!({
             "eval_accuracy": o.accuracy, "eval_loss": o.loss, "consensus_distance": o.consensus,
+            "node_mean_accuracy": o.node_mean, "node_worst_accuracy": o.node_worst,
             "finished": o.finished, "wall_seconds": o.wall,
         })
     };
@@ -183,13 +210,62 @@ pub fn write(
     put("report.md", md.as_bytes())?;
     println!("{md}");
     println!("wrote {}/report.md, report.json and chaos.svg", out.display());
-    let missed: Vec<&str> =
-        checks.iter().filter(|c| c.1 == Some(false)).map(|c| c.0.as_str()).collect();
-    if missed.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::failed(format!("expectations not met: {}", missed.join(", "))))
+    let missed = checks.iter().filter(|c| c.1 == Some(false)).map(|c| c.0.clone()).collect();
+    Ok(Written { run, base, missed })
+}
+
+/// Several scenarios side by side: comparison.md and comparison.json in
+/// `out`, one row per scenario (each one's own report is in its folder).
+pub fn compare(out: &Path, results: &[(&str, &Scenario, Written)]) -> Result<(), CliError> {
+    let pct = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+    let mut m = String::from("# Chaos comparison\n\n");
+    for (name, s, _) in results {
+        let _ = writeln!(m, "- **{name}**: {}", s.description);
     }
+    m.push_str(
+        "\nHeld-out accuracy of the average of the finished nodes' final models, of each finished node's own model (mean and worst), and the final models' consensus distance; each scenario's report.md is in its folder.\n\n| scenario | average model | nodes: mean | nodes: worst | consensus distance | finished | baseline: average model | expectations |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, _, w) in results {
+        let r = &w.run;
+        let verdict = if w.missed.is_empty() { "held".into() } else { w.missed.join("; ") };
+        let _ = writeln!(
+            m,
+            "| {name} | {} | {} | {} | {} | {} | {} | {verdict} |",
+            pct(r.accuracy),
+            pct(r.node_mean),
+            pct(r.node_worst),
+            r.consensus.map_or("-".into(), |c| format!("{c:.4}")),
+            r.finished,
+            pct(w.base.as_ref().and_then(|b| b.accuracy)),
+        );
+    }
+    let entry = |o: &Outcome| {
+        json!({
+            "eval_accuracy": o.accuracy, "node_mean_accuracy": o.node_mean,
+            "node_worst_accuracy": o.node_worst, "consensus_distance": o.consensus,
+            "finished": o.finished, "wall_seconds": o.wall,
+        })
+    };
+    let doc: Vec<_> = results
+        .iter()
+        .map(|(name, s, w)| {
+            json!({
+                "scenario": name, "description": s.description, "result": entry(&w.run),
+                "baseline": w.base.as_ref().map(entry), "missed": w.missed,
+            })
+        })
+        .collect();
+    for (file, bytes) in [
+        ("comparison.json", serde_json::to_vec_pretty(&doc).map_err(CliError::failed)?),
+        ("comparison.md", m.clone().into_bytes()),
+    ] {
+        let path = out.join(file);
+        std::fs::write(&path, bytes)
+            .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))?;
+    }
+    println!("{m}");
+    println!("wrote {}/comparison.md and comparison.json", out.display());
+    Ok(())
 }
 
 fn per_node(
@@ -272,11 +348,19 @@ fn markdown(
     if !s.description.is_empty() {
         let _ = writeln!(m, "{}\n", s.description);
     }
-    let _ = writeln!(
-        m,
-        "{} nodes, {} rounds, {} topology. Fault windows are shaded in chaos.svg.\n",
-        plan.nodes, plan.rounds, plan.topology
-    );
+    let _ = match &plan.attach {
+        Some(apis) => writeln!(
+            m,
+            "{} running nodes, attached by their APIs ({}); the final models are theirs to read, so the results below are the nodes' own. Fault windows are shaded in chaos.svg.\n",
+            plan.nodes,
+            apis.join(", ")
+        ),
+        None => writeln!(
+            m,
+            "{} nodes, {} rounds, {} topology. Fault windows are shaded in chaos.svg.\n",
+            plan.nodes, plan.rounds, plan.topology
+        ),
+    };
     m.push_str("## Events\n\n| # | planned | took effect | event | nodes (their rounds) | outcome |\n|---|---|---|---|---|---|\n");
     for a in &rec.applied {
         let nodes: Vec<String> = a.node_rounds.iter().map(|(i, r)| format!("{i} ({r})")).collect();
@@ -295,8 +379,12 @@ fn markdown(
     m.push_str("\n## Nodes\n\n| node | ended | starts | rounds | exit |\n|---|---|---|---|---|\n");
     for n in &rec.nodes {
         let exit = n.exit_status.map_or("signal".into(), |c| c.to_string());
-        let _ =
-            writeln!(m, "| {} | {} | {} | {} | {} |", n.index, n.state, n.starts, n.round, exit);
+        let relay = if n.relay { " (relay: no data)" } else { "" };
+        let _ = writeln!(
+            m,
+            "| {}{relay} | {} | {} | {} | {} |",
+            n.index, n.state, n.starts, n.round, exit
+        );
     }
     if rec.nodes.iter().any(|n| n.ip.is_some()) {
         m.push_str(&links(rec, baseline_nodes));
@@ -305,12 +393,18 @@ fn markdown(
     let num = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.4}"));
     let b = |f: &dyn Fn(&Outcome) -> String| base.map_or("-".into(), f);
     m.push_str("\n## Result\n\n| | scenario | baseline (no events) |\n|---|---|---|\n");
-    let rows: [(&str, String, String); 5] = [
+    let rows: [(&str, String, String); 7] = [
         (
             "held-out accuracy, average of the final models",
             pct(run.accuracy),
             b(&|o| pct(o.accuracy)),
         ),
+        (
+            "held-out accuracy of each node's own model: mean",
+            pct(run.node_mean),
+            b(&|o| pct(o.node_mean)),
+        ),
+        ("the same: worst node", pct(run.node_worst), b(&|o| pct(o.node_worst))),
         ("held-out loss, same model", num(run.loss), b(&|o| num(o.loss))),
         ("consensus distance of the final models", num(run.consensus), b(&|o| num(o.consensus))),
         ("nodes finished", run.finished.to_string(), b(&|o| o.finished.to_string())),

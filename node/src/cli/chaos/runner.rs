@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::netns::{Drops, Hosts, Shape};
-use super::scenario::{Action, Event, LinkChange, Scenario, Selection, When};
+use super::scenario::{Action, AttachFile, Event, LinkChange, Scenario, Selection, When};
 use crate::api::ApiToken;
 use crate::api::client::NodeClient;
 use crate::cli::CliError;
@@ -33,6 +33,7 @@ use crate::cli::cluster::{self, NodeLine, Place};
 use crate::daemon::config::RunOptions;
 use crate::fault::{FaultKind, FaultSpec};
 use crate::mix::topology::{Topology, TopologySpec};
+use crate::net::identity;
 use crate::train::config::{TrainConfig, TrainOptions};
 
 /// How often the nodes' statuses are read.
@@ -48,6 +49,11 @@ pub struct Plan {
     pub seed: u64,
     /// One network namespace per node.
     pub netns: bool,
+    /// Running nodes' API addresses: nothing is started, events go through
+    /// the APIs.
+    pub attach: Option<Vec<String>>,
+    /// The data-less relays, chosen when a run starts (`relay_nodes`).
+    pub relays: Option<Selection>,
     pub events: Vec<Event>,
     pub train_cfg: TrainConfig,
     train: TrainOptions,
@@ -66,6 +72,17 @@ impl Plan {
                     .into(),
             );
         }
+        if let Some(sel) = &s.relays {
+            if train.relays.is_some() {
+                return Err("relays: given at the top and in [cluster]; give one".into());
+            }
+            // Checked as the nodes will see it: which nodes is known only
+            // once their ids are, how many now.
+            let k = sel.count().unwrap_or(0) as i64;
+            let probe = TrainOptions { relays: Some((0..k).collect()), ..train.clone() };
+            let probe = probe.resolve().map_err(|e| format!("relays: {e}"))?;
+            run.resolve(&probe).map_err(|e| format!("relays: {e}"))?;
+        }
         let run_cfg = run.resolve(&train_cfg).map_err(|e| format!("[cluster]: {e}"))?;
         // Nodes are placed by the runner's own flags.
         (run.listen, run.bootstrap, run.progress) = (None, None, None);
@@ -76,6 +93,8 @@ impl Plan {
             topology: strategy.topology.clone(),
             seed: strategy.seed,
             netns: s.netns,
+            attach: None,
+            relays: s.relays.clone(),
             events: s.events.clone(),
             token: run_cfg.api_token.clone(),
             ca: run.api_tls_cert.clone(),
@@ -85,6 +104,41 @@ impl Plan {
         })
     }
 }
+
+impl Plan {
+    /// A plan for nodes already running at `a.apis`: no cluster, so no
+    /// topology, rounds or model known here (the nodes' statuses say
+    /// their rounds).
+    pub fn attached(s: &Scenario, a: &AttachFile) -> Result<Plan, String> {
+        let token = a
+            .api_token_file
+            .as_deref()
+            .map(ApiToken::from_file)
+            .transpose()
+            .map_err(|e| format!("[attach] api-token-file: {e}"))?;
+        let train = TrainOptions { nodes: Some(a.apis.len() as i64), ..TrainOptions::default() };
+        let train_cfg = train.resolve().map_err(|e| format!("[attach]: {e}"))?;
+        Ok(Plan {
+            nodes: a.apis.len(),
+            rounds: 0,
+            topology: TopologySpec::Ring,
+            seed: 0,
+            netns: false,
+            attach: Some(a.apis.clone()),
+            relays: None,
+            events: s.events.clone(),
+            token,
+            ca: a.api_tls_cert.clone(),
+            train_cfg,
+            train,
+            run: RunOptions::default(),
+        })
+    }
+}
+
+/// How long an attached node may go unheard before the runner counts it
+/// gone (it may have been stopped or lost by someone else).
+const ATTACHED_SILENCE: Duration = Duration::from_secs(30);
 
 /// One read of one node's status.
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +186,10 @@ pub struct NodeEnd {
     pub exit_status: Option<i32>,
     pub starts: u32,
     pub round: u64,
+    /// A data-less relay (the scenario's `relays`).
+    pub relay: bool,
+    /// Its own final model's held-out accuracy, from its summary.json.
+    pub accuracy: Option<f64>,
     /// From its summary.json, when it wrote one: seconds between local
     /// phases (exchanging and mixing) and bytes sent and received.
     pub communication_seconds: Option<f64>,
@@ -165,26 +223,69 @@ struct Proc {
     faults: Vec<u64>,
     partitions: Vec<u64>,
     starts: u32,
+    /// A node the runner did not start: when its status was last read.
+    attached: Option<Instant>,
 }
 
 impl Proc {
     /// A node just started (its `starts`-th time).
     fn started(child: Child, line: NodeLine, starts: u32) -> Proc {
+        Proc { line, starts, ..Proc::started_as(Some(child)) }
+    }
+
+    /// A node with `child` (if the runner started it), nothing known yet.
+    fn started_as(child: Option<Child>) -> Proc {
         Proc {
-            child: Some(child),
-            line,
+            child,
+            line: NodeLine::default(),
             addr: None,
             client: None,
             down: None,
             exit: None,
             faults: Vec::new(),
             partitions: Vec::new(),
-            starts,
+            starts: 1,
+            attached: None,
         }
     }
 
+    /// A running node at API address `api`, heard of now.
+    fn attached(api: &str) -> Proc {
+        Proc {
+            child: None,
+            line: NodeLine {
+                state: "attaching".into(),
+                api: Some(api.into()),
+                ..Default::default()
+            },
+            starts: 0,
+            attached: Some(Instant::now()),
+            ..Proc::started_as(None)
+        }
+    }
+
+    /// Whether the run still waits on it: a process not yet exited, or an
+    /// attached node still running.
+    fn live(&self) -> bool {
+        match self.attached {
+            Some(_) => self.running(),
+            None => self.child.is_some() && self.exit.is_none(),
+        }
+    }
+
+    /// An attached node that said it was done, or reached its last round
+    /// (its API closes as it exits, often before a read sees "done").
+    fn attached_done(&self) -> bool {
+        self.line.state == "done" || (self.line.rounds > 0 && self.line.round >= self.line.rounds)
+    }
+
     fn running(&self) -> bool {
-        self.child.is_some() && self.exit.is_none() && self.down.is_none()
+        match self.attached {
+            Some(heard) => {
+                self.down.is_none() && !self.attached_done() && heard.elapsed() < ATTACHED_SILENCE
+            }
+            None => self.child.is_some() && self.exit.is_none() && self.down.is_none(),
+        }
     }
 }
 
@@ -200,6 +301,32 @@ fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))
+}
+
+/// The nodes in the order their topology places them (by peer id, as
+/// every node orders its roster; `peers[i]` is node i's), and each
+/// position's degree.
+fn topology_order(plan: &Plan, peers: Vec<PeerId>) -> Result<(Vec<usize>, Vec<usize>), String> {
+    let mut by_peer: Vec<(PeerId, usize)> = peers.into_iter().zip(0..).collect();
+    by_peer.sort();
+    let t = Topology::new(&plan.topology, by_peer.len(), plan.seed).map_err(|e| e.to_string())?;
+    let degree = (0..by_peer.len()).map(|p| t.out_neighbours(p, 0).len()).collect();
+    Ok((by_peer.into_iter().map(|(_, i)| i).collect(), degree))
+}
+
+/// The plan's relays for a run in `dir`. A degree selection needs the
+/// nodes' peer ids before they start: their keys are made here, in the
+/// directories the nodes will run in, and the nodes load them.
+fn relay_nodes(plan: &Plan, dir: &Path) -> Result<BTreeSet<usize>, CliError> {
+    let Some(sel) = &plan.relays else { return Ok(BTreeSet::new()) };
+    let mut peers = Vec::with_capacity(plan.nodes);
+    for i in 0..plan.nodes {
+        let key = identity::load_or_create(&dir.join(format!("node-{i}")))
+            .map_err(|e| CliError::failed(format!("node {i}'s key: {e}")))?;
+        peers.push(key.public().to_peer_id());
+    }
+    let (order, degree) = topology_order(plan, peers).map_err(CliError::failed)?;
+    Ok(sel.resolve(plan.nodes, &order, &degree, &BTreeSet::new(), plan.seed))
 }
 
 /// Runs the plan's cluster in `dir`, with its events when `events`.
@@ -219,7 +346,21 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
         token = Some(ApiToken::new(&text).map_err(CliError::failed)?);
         run_options.api_token_file = Some(path);
     }
-    cluster::write_config(&config, &plan.train, &run_options)?;
+    if let Some(apis) = &plan.attach {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::failed(format!("cannot start a runtime: {e}")))?;
+        let runner = Runner::attach(plan, dir, apis, plan.token.clone());
+        return Ok(drive(runner, &rt, events, &BTreeSet::new()));
+    }
+    let mut train = plan.train.clone();
+    let relays = relay_nodes(plan, dir)?;
+    if !relays.is_empty() {
+        println!("relays (no data, no local steps): {relays:?}");
+        train.relays = Some(relays.iter().map(|&i| i as i64).collect());
+    }
+    cluster::write_config(&config, &train, &run_options)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -228,7 +369,19 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
         true => Some(Hosts::create(plan.nodes).map_err(CliError::failed)?),
         false => None,
     };
-    let mut runner = Runner::start(plan, dir, &config, hosts, token)?;
+    let runner = Runner::start(plan, dir, &config, hosts, token)?;
+    Ok(drive(runner, &rt, events, &relays))
+}
+
+/// Samples the nodes and fires the plan's events (when `events`) until
+/// every node has ended; what the run recorded.
+fn drive(
+    mut runner: Runner<'_>,
+    rt: &tokio::runtime::Runtime,
+    events: bool,
+    relays: &BTreeSet<usize>,
+) -> RunRecord {
+    let plan = runner.plan;
     let started = Instant::now();
     let mut last_print = Instant::now();
     let mut last_sample = Instant::now();
@@ -265,7 +418,7 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
             runner.applied.push(applied);
             next += 1;
         }
-        if !runner.procs.iter().any(|p| p.child.is_some() && p.exit.is_none()) {
+        if !runner.procs.iter().any(Proc::live) {
             break;
         }
         if last_print.elapsed() > Duration::from_secs(10) {
@@ -287,7 +440,11 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
             outcome: "not reached: every node had ended".into(),
         });
     }
-    Ok(runner.finish(started))
+    let mut record = runner.finish(started);
+    for n in &mut record.nodes {
+        n.relay = relays.contains(&n.index);
+    }
+    record
 }
 
 struct Runner<'a> {
@@ -341,6 +498,29 @@ impl<'a> Runner<'a> {
         })
     }
 
+    /// Watches the nodes running at `apis` (their lines come from their
+    /// statuses alone).
+    fn attach(
+        plan: &'a Plan,
+        dir: &'a Path,
+        apis: &[String],
+        token: Option<ApiToken>,
+    ) -> Runner<'a> {
+        let (tx, lines) = mpsc::channel();
+        Runner {
+            plan,
+            dir,
+            config: dir,
+            procs: apis.iter().map(|a| Proc::attached(a)).collect(),
+            hosts: None,
+            token,
+            lines,
+            tx,
+            samples: Vec::new(),
+            applied: Vec::new(),
+        }
+    }
+
     /// Takes the progress lines that arrive within `wait` (at least one
     /// if any comes), then those already queued.
     fn read_lines(&mut self, wait: Duration) {
@@ -370,8 +550,16 @@ impl<'a> Runner<'a> {
                 .ok();
             }
             let Some(client) = p.client.as_mut() else { continue };
-            let Ok(Ok(s)) = tokio::time::timeout(PATIENCE, client.status()).await else { continue };
+            let Ok(Ok(s)) = tokio::time::timeout(PATIENCE, client.status()).await else {
+                // A connection that failed once is made afresh next time.
+                p.client = None;
+                continue;
+            };
             p.line.take_status(&s);
+            if p.attached.is_some() {
+                p.attached = Some(Instant::now());
+                p.line.peer.clone_from(&s.peer_id);
+            }
             let traffic = s.traffic.unwrap_or_default();
             self.samples.push(Sample {
                 t: started.elapsed().as_secs_f64(),
@@ -436,20 +624,15 @@ impl<'a> Runner<'a> {
         Ok(sel.resolve(self.procs.len(), &order, &degree, &down, self.plan.seed))
     }
 
-    /// The nodes in the order their topology places them (by peer id, as
-    /// every node orders its roster), and each position's degree.
+    /// The nodes in their topology's order, and each position's degree.
     fn topology_order(&self) -> Result<(Vec<usize>, Vec<usize>), String> {
-        let mut by_peer = Vec::new();
+        let mut peers = Vec::new();
         for (i, p) in self.procs.iter().enumerate() {
-            let peer: PeerId =
-                p.line.peer.parse().map_err(|_| format!("node {i}'s peer id is not known yet"))?;
-            by_peer.push((peer, i));
+            peers.push(
+                p.line.peer.parse().map_err(|_| format!("node {i}'s peer id is not known yet"))?,
+            );
         }
-        by_peer.sort();
-        let t = Topology::new(&self.plan.topology, by_peer.len(), self.plan.seed)
-            .map_err(|e| e.to_string())?;
-        let degree = (0..by_peer.len()).map(|p| t.out_neighbours(p, 0).len()).collect();
-        Ok((by_peer.into_iter().map(|(_, i)| i).collect(), degree))
+        topology_order(self.plan, peers)
     }
 
     async fn apply(&mut self, k: usize, started: Instant) -> Applied {
@@ -506,6 +689,17 @@ impl<'a> Runner<'a> {
                     let _ = c.kill();
                     let _ = c.wait().map(|s| p.exit = Some(s.code()));
                 }
+                Ok(())
+            }
+            Action::Stop(_) if self.procs[i].attached.is_some() => {
+                let c = self.client(i).await?;
+                tokio::time::timeout(PATIENCE * 4, c.shutdown())
+                    .await
+                    .map_err(|_| "Shutdown timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                let p = &mut self.procs[i];
+                p.down = Some("stopped");
+                p.line.state = "stopping".into();
                 Ok(())
             }
             Action::Stop(_) => {
@@ -681,11 +875,21 @@ impl<'a> Runner<'a> {
                     state: match (p.down, p.exit) {
                         (Some(d), _) => d.to_string(),
                         (None, Some(Some(0))) => "finished".into(),
+                        // An attached node that said it was done finished;
+                        // one that fell silent is not known to have.
+                        (None, None) if p.attached.is_some() && p.attached_done() => {
+                            "finished".into()
+                        }
+                        (None, None) if p.attached.is_some() => "unreachable".into(),
                         _ => "failed".into(),
                     },
                     exit_status: p.exit.flatten(),
                     starts: p.starts,
                     round: p.line.round,
+                    relay: false,
+                    accuracy: summary["final"]["eval_accuracy"]
+                        .as_f64()
+                        .or(p.attached.and(p.line.accuracy)),
                     communication_seconds: summary["timing"]["communication_seconds"].as_f64(),
                     bytes_sent: summary["bytes"]["bytes_sent"].as_u64(),
                     bytes_received: summary["bytes"]["bytes_received"].as_u64(),

@@ -31,6 +31,11 @@
 //! (`rate = "off"` lifts it), `cut` sets the link down and `restore` sets
 //! it up; a partition there is an nftables drop, not the injector's.
 //!
+//! With `[attach] apis = ["host:port", ...]` instead of `[cluster]`, the
+//! nodes are already running elsewhere and only what their APIs offer is
+//! allowed (`ATTACHED_ACTIONS`). `relays = "hubs:2"` at the top makes
+//! nodes of a started cluster data-less relays.
+//!
 //! Selections by degree (`hubs:K`, `leaves:K`) read the topology the nodes
 //! build over their first members, which they order by peer id: they are
 //! resolved once the nodes' ids are known (`Selection::resolve`), and the
@@ -53,9 +58,15 @@ pub struct ScenarioFile {
     /// murmur cluster's options (the keys of its --config TOML).
     #[serde(default)]
     pub cluster: toml::Table,
+    /// Nodes already running elsewhere, reached through their APIs only
+    /// (instead of a [cluster] started here).
+    pub attach: Option<AttachFile>,
     /// One network namespace per node (needs root; see `netns`).
     #[serde(default)]
     pub netns: bool,
+    /// Nodes that hold no data and only mix (`murmur run --relays`), chosen
+    /// like an event's nodes: a list, "hubs:K", "leaves:K" or "random:K".
+    pub relays: Option<toml::Value>,
     #[serde(default, rename = "event")]
     pub events: Vec<EventFile>,
     #[serde(default)]
@@ -78,6 +89,21 @@ pub struct EventFile {
     /// A name for the event's window in the report.
     pub label: Option<String>,
 }
+
+/// Running nodes to act on, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AttachFile {
+    /// Their gRPC API addresses (host:port), node 0 first.
+    pub apis: Vec<String>,
+    /// The token their APIs want (a file holding it).
+    pub api_token_file: Option<std::path::PathBuf>,
+    /// The CA certificate their APIs' TLS is checked against.
+    pub api_tls_cert: Option<std::path::PathBuf>,
+}
+
+/// What the runner may do to a node it did not start: what its API offers.
+pub const ATTACHED_ACTIONS: &str = "fault, clear, partition, heal and stop";
 
 /// What the run must show; `murmur chaos` exits non-zero when it does not.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -133,6 +159,17 @@ pub enum Selection {
     Random(usize),
     /// The nodes down now (by an earlier kill or stop).
     Down,
+}
+
+impl Selection {
+    /// How many nodes it names, where that is known before the run.
+    pub fn count(&self) -> Option<usize> {
+        match self {
+            Selection::Nodes(s) => Some(s.len()),
+            Selection::Hubs(k) | Selection::Leaves(k) | Selection::Random(k) => Some(*k),
+            Selection::All | Selection::Down => None,
+        }
+    }
 }
 
 impl fmt::Display for Selection {
@@ -260,7 +297,13 @@ pub struct Event {
 #[derive(Debug, Clone)]
 pub struct Scenario {
     pub description: String,
+    /// Running nodes to act on through their APIs; `None`: a [cluster]
+    /// started here.
+    pub attach: Option<AttachFile>,
     pub netns: bool,
+    /// The data-less relays, resolved when the nodes' ids are known (a
+    /// degree selection reads the topology over them).
+    pub relays: Option<Selection>,
     pub events: Vec<Event>,
     pub expect: Expect,
 }
@@ -272,13 +315,18 @@ pub fn parse(
     nodes: impl FnOnce(&toml::Table) -> Result<usize, String>,
 ) -> Result<Scenario, String> {
     let file: ScenarioFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
-    let n = nodes(&file.cluster)?;
+    let n = match &file.attach {
+        Some(a) => attached(&file, a)?,
+        None => nodes(&file.cluster)?,
+    };
+    let attach = file.attach.is_some();
     let events = file
         .events
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            event(e, n, file.netns).map_err(|m| format!("event {} ({}): {m}", i + 1, e.action))
+            event(e, n, file.netns, attach)
+                .map_err(|m| format!("event {} ({}): {m}", i + 1, e.action))
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (key, v) in [("min_accuracy", file.expect.min_accuracy), ("max_drop", file.expect.max_drop)]
@@ -290,10 +338,72 @@ pub fn parse(
     if file.netns && n > super::netns::MAX_HOSTS {
         return Err(format!("netns: {n} nodes do not fit (at most {})", super::netns::MAX_HOSTS));
     }
-    Ok(Scenario { description: file.description, netns: file.netns, events, expect: file.expect })
+    let relays = file.relays.as_ref().map(|v| relays(v, n)).transpose()?;
+    Ok(Scenario {
+        description: file.description,
+        attach: file.attach,
+        netns: file.netns,
+        relays,
+        events,
+        expect: file.expect,
+    })
 }
 
-fn event(e: &EventFile, n: usize, netns: bool) -> Result<Event, String> {
+/// Checks an [attach] scenario: what it may not have (a cluster to start,
+/// namespaces, relays, expectations on the final models it cannot read),
+/// and its addresses. The number of nodes.
+fn attached(file: &ScenarioFile, a: &AttachFile) -> Result<usize, String> {
+    let refuse = |what: &str| {
+        Err(format!(
+            "[attach] acts on running nodes through their APIs: {what} needs a cluster started here ([cluster])"
+        ))
+    };
+    if !file.cluster.is_empty() {
+        return refuse("[cluster]");
+    }
+    if file.netns {
+        return refuse("netns");
+    }
+    if file.relays.is_some() {
+        return refuse("relays");
+    }
+    if file.expect.min_accuracy.is_some() || file.expect.max_drop.is_some() {
+        return refuse("expect.min_accuracy or max_drop (the final models)");
+    }
+    if a.apis.is_empty() {
+        return Err("[attach] apis = [] names no node".into());
+    }
+    let mut seen = BTreeSet::new();
+    for api in &a.apis {
+        let port = api.rsplit_once(':').and_then(|(h, p)| (!h.is_empty()).then_some(p));
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+            return Err(format!("[attach] apis: {api:?} is not host:port"));
+        }
+        if !seen.insert(api) {
+            return Err(format!("[attach] apis: {api} is listed twice"));
+        }
+    }
+    Ok(a.apis.len())
+}
+
+/// The relays' selection: nodes known before the run starts, and at least
+/// one node left to hold the data.
+fn relays(v: &toml::Value, n: usize) -> Result<Selection, String> {
+    let sel = selection(v, n).map_err(|m| format!("relays: {m}"))?;
+    let Some(count) = sel.count() else {
+        return Err(format!(
+            "relays = {v}: relays are chosen before the run, as a list, \"hubs:K\", \"leaves:K\" or \"random:K\""
+        ));
+    };
+    if count >= n {
+        return Err(format!(
+            "relays = {v} makes all {n} nodes relays; at least one must hold the data"
+        ));
+    }
+    Ok(sel)
+}
+
+fn event(e: &EventFile, n: usize, netns: bool, attach: bool) -> Result<Event, String> {
     let when = match (e.round, e.secs) {
         (Some(r), None) if r >= 0 => When::Round(r as u64),
         (Some(r), None) => return Err(format!("round must be >= 0 (got {r})")),
@@ -306,12 +416,24 @@ fn event(e: &EventFile, n: usize, netns: bool) -> Result<Event, String> {
     };
     let nodes = || -> Result<Selection, String> {
         let v = e.nodes.as_ref().ok_or("needs nodes = [..] or \"all\", \"hubs:K\", ...")?;
-        selection(v, n)
+        let s = selection(v, n)?;
+        if attach && matches!(s, Selection::Hubs(_) | Selection::Leaves(_)) {
+            return Err(format!(
+                "nodes = {v}: the topology of attached nodes is not known here; name them by index"
+            ));
+        }
+        Ok(s)
     };
     let unused = |key: &str, given: bool| {
         if given { Err(format!("{key} is not an option of {}", e.action)) } else { Ok(()) }
     };
     let action = match e.action.as_str() {
+        "kill" | "restart" | "link" | "cut" | "restore" if attach => {
+            return Err(format!(
+                "{} needs a node's process or link; with [attach] murmur chaos reaches the nodes through their APIs: {ATTACHED_ACTIONS}",
+                e.action
+            ));
+        }
         "link" | "cut" | "restore" if !netns => {
             return Err(format!(
                 "{} acts on real links between namespaces: set netns = true at the top of the scenario (or run with --netns)",
@@ -512,6 +634,7 @@ mod tests {
         let s = parse(
             r#"
             description = "d"
+            relays = "hubs:2"
             [cluster]
             nodes = 8
             [[event]]
@@ -542,6 +665,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.events.len(), 5);
+        assert_eq!(s.relays, Some(Selection::Hubs(2)));
         assert_eq!(s.events[0].action, Action::Kill(Selection::Hubs(2)));
         assert_eq!(s.events[1].when, When::After(Duration::from_millis(1500)));
         assert_eq!(s.events[1].label, "fault drop:0.3 on [1, 2]");
@@ -635,6 +759,10 @@ mod tests {
                 "only selects for restart",
             ),
             ("[[event]]\nround = 1\naction = \"kill\"\nwhom = [1]", "unknown field `whom`"),
+            ("relays = \"all\"", "relays are chosen before the run"),
+            ("relays = \"killed\"", "relays are chosen before the run"),
+            ("relays = \"hubs:8\"", "makes all 8 nodes relays"),
+            ("relays = [0, 9]", "relays: node 9 is not one of 0..8"),
             ("[expect]\nmin_accuracy = 3.0", "expect.min_accuracy must be within 0..1 (got 3)"),
             ("[[event]]\nround = 1\naction = \"cut\"\nnodes = [1]", "set netns = true"),
             ("netns = true\n[[event]]\nround = 1\naction = \"link\"\nnodes = [1]", "needs loss"),
@@ -654,6 +782,50 @@ mod tests {
         for (text, want) in cases {
             let got = err(text);
             assert!(got.contains(want), "{text:?}: {got:?} does not contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn attached_nodes_take_what_their_apis_offer_only() {
+        let s = parse(
+            r#"
+            [attach]
+            apis = ["127.0.0.1:7070", "10.0.0.2:7070", "node-2:7070"]
+            [[event]]
+            round = 3
+            action = "fault"
+            nodes = [1]
+            fault = "drop:0.3"
+            [[event]]
+            round = 6
+            action = "stop"
+            nodes = "random:1"
+            "#,
+            |_| Err("an attached scenario has no [cluster] to read".into()),
+        )
+        .unwrap();
+        assert_eq!(s.attach.map(|a| a.apis.len()), Some(3));
+        assert_eq!(s.events[1].action, Action::Stop(Selection::Random(1)));
+        let attach = "[attach]\napis = [\"127.0.0.1:7070\", \"127.0.0.1:7071\"]\n";
+        let cases = [
+            ("[[event]]\nround = 1\naction = \"kill\"\nnodes = [1]", "kill needs a node's process"),
+            ("[[event]]\nround = 1\naction = \"restart\"\nnodes = [1]", "fault, clear, partition"),
+            ("[[event]]\nround = 1\naction = \"stop\"\nnodes = \"hubs:1\"", "name them by index"),
+            ("[[event]]\nround = 1\naction = \"stop\"\nnodes = [2]", "node 2 is not one of 0..2"),
+            ("[expect]\nmin_accuracy = 0.5", "expect.min_accuracy or max_drop"),
+            ("[cluster]\nnodes = 2", "[cluster] needs a cluster started here"),
+        ];
+        for (text, want) in cases {
+            let got = parse(&format!("{attach}{text}"), eight).unwrap_err();
+            assert!(got.contains(want), "{text:?}: {got:?} does not contain {want:?}");
+        }
+        for (apis, want) in [
+            ("[]", "names no node"),
+            ("[\"7070\"]", "\"7070\" is not host:port"),
+            ("[\"a:1\", \"a:1\"]", "a:1 is listed twice"),
+        ] {
+            let got = parse(&format!("[attach]\napis = {apis}"), eight).unwrap_err();
+            assert!(got.contains(want), "{apis}: {got:?}");
         }
     }
 
