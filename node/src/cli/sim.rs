@@ -415,13 +415,8 @@ fn outer(args: &SimArgs) -> Result<Option<OuterSettings>, CliError> {
 /// itself refuses (a topology that cannot be built for `--nodes`, fragments
 /// that do not divide the local steps...).
 fn check_strategy(s: &Settings) -> Result<(), CliError> {
-    if s.training.as_ref().is_some_and(|t| !t.relays.is_empty())
-        && s.strategy != StrategyKind::Gossip
-    {
-        return Err(CliError::usage(format!(
-            "--relays take part in gossip only (the strategy is {}): a relay's untrained model would be averaged in as if it had trained",
-            s.strategy
-        )));
+    if let Some(t) = &s.training {
+        crate::daemon::config::relays_fit(t, s.strategy).map_err(CliError::usage)?;
     }
     match s.strategy {
         StrategyKind::Gossip

@@ -303,15 +303,7 @@ impl RunOptions {
             .parse()
             .map_err(|e| bad(format!("--encoding: {e}")))?;
         let kind = self.strategy.unwrap_or_default();
-        if !train.relays.is_empty() && kind != StrategyKind::Gossip {
-            // Every other strategy averages what each member trained as if
-            // it had trained: a relay's untouched model (merge, the
-            // coordinator's mean) or its zero pseudo-gradient (diloco)
-            // would pull the result back.
-            return Err(bad(format!(
-                "--relays take part in gossip only (the strategy is {kind}): a relay's untrained model would be averaged in as if it had trained"
-            )));
-        }
+        relays_fit(train, kind).map_err(bad)?;
         let outer = self.outer(kind)?;
         let swarm_key = self.swarm_key.as_deref().map(read_swarm_key).transpose().map_err(bad)?;
         let allowlist = self.allow_peer.as_deref().map(parse_allowlist).transpose().map_err(bad)?;
@@ -479,6 +471,20 @@ impl RunOptions {
             .factor();
         Ok((aggregator, norm_bound))
     }
+}
+
+/// Whether `train`'s relays (if any) can take part in strategy `kind`.
+/// Gossip only: every other strategy averages what each member trained as
+/// if it had trained, and a relay's untouched model (merge, the
+/// coordinator's mean) or its zero pseudo-gradient (diloco) would pull the
+/// result back.
+pub fn relays_fit(train: &TrainConfig, kind: StrategyKind) -> Result<(), String> {
+    if train.relays.is_empty() || kind == StrategyKind::Gossip {
+        return Ok(());
+    }
+    Err(format!(
+        "--relays take part in gossip only (the strategy is {kind}): a relay's untrained model would be averaged in as if it had trained"
+    ))
 }
 
 #[cfg(test)]

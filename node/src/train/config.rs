@@ -330,12 +330,12 @@ impl TrainOptions {
                 "{flag} is an option of --optimizer {other}, and the optimizer is {this}; set --optimizer {other} or drop {flag}"
             )));
         }
-        let wd_default = match self.optimizer.unwrap_or(OptimizerKind::Adamw) {
+        let wd_default = match kind {
             OptimizerKind::Adamw => 0.01,
             OptimizerKind::Sgd => 0.0,
         };
         let weight_decay = non_negative("--weight-decay", self.weight_decay.unwrap_or(wd_default))?;
-        Ok(match self.optimizer.unwrap_or(OptimizerKind::Adamw) {
+        Ok(match kind {
             OptimizerKind::Sgd => OptimizerSpec::Sgd {
                 momentum: unit("--momentum", self.momentum.unwrap_or(0.9))?,
                 nesterov: self.nesterov.unwrap_or(false),

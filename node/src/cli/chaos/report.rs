@@ -129,12 +129,11 @@ fn check(
             },
         ));
     }
-    let acc = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
     if let Some(min) = e.min_accuracy {
         out.push((
             format!("accuracy at least {:.2}%", min * 100.0),
             Some(run.accuracy.is_some_and(|a| a >= min)),
-            format!("average of the final models: {}", acc(run.accuracy)),
+            format!("average of the final models: {}", pct(run.accuracy)),
         ));
     }
     if let Some(max) = e.max_drop {
@@ -143,12 +142,26 @@ fn check(
             Some(b) => out.push((
                 name,
                 Some(matches!((run.accuracy, b.accuracy), (Some(r), Some(b)) if r >= b - max)),
-                format!("{} against {}", acc(run.accuracy), acc(b.accuracy)),
+                format!("{} against {}", pct(run.accuracy), pct(b.accuracy)),
             )),
             None => out.push((name, None, "not checked: run with --baseline".into())),
         }
     }
     out
+}
+
+/// An accuracy as a percentage, "-" when there is none.
+fn pct(a: Option<f64>) -> String {
+    a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0))
+}
+
+/// A run's outcome as report.json and comparison.json give it.
+fn outcome_json(o: &Outcome) -> serde_json::Value {
+    json!({
+        "eval_accuracy": o.accuracy, "eval_loss": o.loss, "consensus_distance": o.consensus,
+        "node_mean_accuracy": o.node_mean, "node_worst_accuracy": o.node_worst,
+        "finished": o.finished, "wall_seconds": o.wall,
+    })
 }
 
 /// What a written report found.
@@ -177,13 +190,6 @@ pub fn write(
     let base = baseline.map(|b| outcome(plan, split.as_ref(), b));
     let bands = windows(&rec.applied, rec.last_round);
     let checks = check(s, rec, &run, base.as_ref());
-    let entry = |o: &Outcome| {
-        json!({
-            "eval_accuracy": o.accuracy, "eval_loss": o.loss, "consensus_distance": o.consensus,
-            "node_mean_accuracy": o.node_mean, "node_worst_accuracy": o.node_worst,
-            "finished": o.finished, "wall_seconds": o.wall,
-        })
-    };
     let doc = json!({
         "description": s.description,
         "nodes": plan.nodes,
@@ -192,8 +198,8 @@ pub fn write(
         "events": rec.applied,
         "windows": bands.iter().map(|b| json!({"from_round": b.from, "to_round": b.to, "label": b.label})).collect::<Vec<_>>(),
         "node_ends": rec.nodes,
-        "result": entry(&run),
-        "baseline": base.as_ref().map(entry),
+        "result": outcome_json(&run),
+        "baseline": base.as_ref().map(outcome_json),
         "expectations": checks.iter().map(|(n, ok, d)| json!({"name": n, "held": ok, "measured": d})).collect::<Vec<_>>(),
         "samples": rec.samples,
         "baseline_samples": baseline.map(|b| &b.samples),
@@ -217,7 +223,6 @@ pub fn write(
 /// Several scenarios side by side: comparison.md and comparison.json in
 /// `out`, one row per scenario (each one's own report is in its folder).
 pub fn compare(out: &Path, results: &[(&str, &Scenario, Written)]) -> Result<(), CliError> {
-    let pct = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
     let mut m = String::from("# Chaos comparison\n\n");
     for (name, s, _) in results {
         let _ = writeln!(m, "- **{name}**: {}", s.description);
@@ -239,19 +244,12 @@ pub fn compare(out: &Path, results: &[(&str, &Scenario, Written)]) -> Result<(),
             pct(w.base.as_ref().and_then(|b| b.accuracy)),
         );
     }
-    let entry = |o: &Outcome| {
-        json!({
-            "eval_accuracy": o.accuracy, "node_mean_accuracy": o.node_mean,
-            "node_worst_accuracy": o.node_worst, "consensus_distance": o.consensus,
-            "finished": o.finished, "wall_seconds": o.wall,
-        })
-    };
     let doc: Vec<_> = results
         .iter()
         .map(|(name, s, w)| {
             json!({
-                "scenario": name, "description": s.description, "result": entry(&w.run),
-                "baseline": w.base.as_ref().map(entry), "missed": w.missed,
+                "scenario": name, "description": s.description, "result": outcome_json(&w.run),
+                "baseline": w.base.as_ref().map(outcome_json), "missed": w.missed,
             })
         })
         .collect();
@@ -389,7 +387,6 @@ fn markdown(
     if rec.nodes.iter().any(|n| n.ip.is_some()) {
         m.push_str(&links(rec, baseline_nodes));
     }
-    let pct = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
     let num = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.4}"));
     let b = |f: &dyn Fn(&Outcome) -> String| base.map_or("-".into(), f);
     m.push_str("\n## Result\n\n| | scenario | baseline (no events) |\n|---|---|---|\n");

@@ -103,9 +103,7 @@ impl Plan {
             run,
         })
     }
-}
 
-impl Plan {
     /// A plan for nodes already running at `a.apis`: no cluster, so no
     /// topology, rounds or model known here (the nodes' statuses say
     /// their rounds).
@@ -230,11 +228,11 @@ struct Proc {
 impl Proc {
     /// A node just started (its `starts`-th time).
     fn started(child: Child, line: NodeLine, starts: u32) -> Proc {
-        Proc { line, starts, ..Proc::started_as(Some(child)) }
+        Proc { line, starts, ..Proc::new(Some(child)) }
     }
 
     /// A node with `child` (if the runner started it), nothing known yet.
-    fn started_as(child: Option<Child>) -> Proc {
+    fn new(child: Option<Child>) -> Proc {
         Proc {
             child,
             line: NodeLine::default(),
@@ -260,7 +258,7 @@ impl Proc {
             },
             starts: 0,
             attached: Some(Instant::now()),
-            ..Proc::started_as(None)
+            ..Proc::new(None)
         }
     }
 
@@ -333,6 +331,14 @@ fn relay_nodes(plan: &Plan, dir: &Path) -> Result<BTreeSet<usize>, CliError> {
 pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| CliError::failed(format!("cannot create {}: {e}", dir.display())))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(format!("cannot start a runtime: {e}")))?;
+    if let Some(apis) = &plan.attach {
+        let runner = Runner::attach(plan, dir, apis);
+        return Ok(drive(runner, &rt, events));
+    }
     let config = dir.join("cluster.toml");
     let mut run_options = plan.run.clone();
     let mut token = plan.token.clone();
@@ -346,14 +352,6 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
         token = Some(ApiToken::new(&text).map_err(CliError::failed)?);
         run_options.api_token_file = Some(path);
     }
-    if let Some(apis) = &plan.attach {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| CliError::failed(format!("cannot start a runtime: {e}")))?;
-        let runner = Runner::attach(plan, dir, apis, plan.token.clone());
-        return Ok(drive(runner, &rt, events, &BTreeSet::new()));
-    }
     let mut train = plan.train.clone();
     let relays = relay_nodes(plan, dir)?;
     if !relays.is_empty() {
@@ -361,26 +359,17 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
         train.relays = Some(relays.iter().map(|&i| i as i64).collect());
     }
     cluster::write_config(&config, &train, &run_options)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::failed(format!("cannot start a runtime: {e}")))?;
     let hosts = match plan.netns {
         true => Some(Hosts::create(plan.nodes).map_err(CliError::failed)?),
         false => None,
     };
-    let runner = Runner::start(plan, dir, &config, hosts, token)?;
-    Ok(drive(runner, &rt, events, &relays))
+    let runner = Runner::start(Runner::new(plan, dir, &config, hosts, token, relays))?;
+    Ok(drive(runner, &rt, events))
 }
 
 /// Samples the nodes and fires the plan's events (when `events`) until
 /// every node has ended; what the run recorded.
-fn drive(
-    mut runner: Runner<'_>,
-    rt: &tokio::runtime::Runtime,
-    events: bool,
-    relays: &BTreeSet<usize>,
-) -> RunRecord {
+fn drive(mut runner: Runner<'_>, rt: &tokio::runtime::Runtime, events: bool) -> RunRecord {
     let plan = runner.plan;
     let started = Instant::now();
     let mut last_print = Instant::now();
@@ -440,11 +429,7 @@ fn drive(
             outcome: "not reached: every node had ended".into(),
         });
     }
-    let mut record = runner.finish(started);
-    for n in &mut record.nodes {
-        n.relay = relays.contains(&n.index);
-    }
-    record
+    runner.finish(started)
 }
 
 struct Runner<'a> {
@@ -455,6 +440,8 @@ struct Runner<'a> {
     hosts: Option<Hosts>,
     /// What control calls present: the run's token, or one made for netns.
     token: Option<ApiToken>,
+    /// The data-less relays among the nodes.
+    relays: BTreeSet<usize>,
     lines: cluster::Lines,
     tx: mpsc::Sender<(usize, Value)>,
     samples: Vec<Sample>,
@@ -462,63 +449,61 @@ struct Runner<'a> {
 }
 
 impl<'a> Runner<'a> {
-    /// Starts every node: node 0 first, the others bootstrapping from it.
-    fn start(
+    /// A runner with no node yet.
+    fn new(
         plan: &'a Plan,
         dir: &'a Path,
         config: &'a Path,
         hosts: Option<Hosts>,
         token: Option<ApiToken>,
-    ) -> Result<Runner<'a>, CliError> {
-        let (tx, lines) = mpsc::channel();
-        let mut procs = Vec::with_capacity(plan.nodes);
-        let mut boot: Option<String> = None;
-        for i in 0..plan.nodes {
-            let place = hosts.as_ref().map_or(Place::Loopback, |h| h.place(i));
-            let (child, first) =
-                cluster::spawn_node(dir, config, i, &place, boot.as_deref(), &[], &tx)?;
-            if let Some(v) = first {
-                boot = v["addrs"][0].as_str().map(str::to_string);
-                let _ = tx.send((i, v));
-            }
-            let line = NodeLine { state: "starting".into(), ..Default::default() };
-            procs.push(Proc::started(child, line, 1));
-        }
-        Ok(Runner {
-            plan,
-            dir,
-            config,
-            procs,
-            hosts,
-            token,
-            lines,
-            tx,
-            samples: Vec::new(),
-            applied: Vec::new(),
-        })
-    }
-
-    /// Watches the nodes running at `apis` (their lines come from their
-    /// statuses alone).
-    fn attach(
-        plan: &'a Plan,
-        dir: &'a Path,
-        apis: &[String],
-        token: Option<ApiToken>,
+        relays: BTreeSet<usize>,
     ) -> Runner<'a> {
         let (tx, lines) = mpsc::channel();
         Runner {
             plan,
             dir,
-            config: dir,
-            procs: apis.iter().map(|a| Proc::attached(a)).collect(),
-            hosts: None,
+            config,
+            procs: Vec::with_capacity(plan.nodes),
+            hosts,
             token,
+            relays,
             lines,
             tx,
             samples: Vec::new(),
             applied: Vec::new(),
         }
+    }
+
+    /// Starts every node: node 0 first, the others bootstrapping from it.
+    fn start(mut self) -> Result<Runner<'a>, CliError> {
+        let mut boot: Option<String> = None;
+        for i in 0..self.plan.nodes {
+            let place = self.hosts.as_ref().map_or(Place::Loopback, |h| h.place(i));
+            let (child, first) = cluster::spawn_node(
+                self.dir,
+                self.config,
+                i,
+                &place,
+                boot.as_deref(),
+                &[],
+                &self.tx,
+            )?;
+            if let Some(v) = first {
+                boot = v["addrs"][0].as_str().map(str::to_string);
+                let _ = self.tx.send((i, v));
+            }
+            let line = NodeLine { state: "starting".into(), ..Default::default() };
+            self.procs.push(Proc::started(child, line, 1));
+        }
+        Ok(self)
+    }
+
+    /// Watches the nodes running at `apis` (their lines come from their
+    /// statuses alone; there is no config file, `dir` stands for it).
+    fn attach(plan: &'a Plan, dir: &'a Path, apis: &[String]) -> Runner<'a> {
+        let mut r = Runner::new(plan, dir, dir, None, plan.token.clone(), BTreeSet::new());
+        r.procs = apis.iter().map(|a| Proc::attached(a)).collect();
+        r
     }
 
     /// Takes the progress lines that arrive within `wait` (at least one
@@ -886,7 +871,7 @@ impl<'a> Runner<'a> {
                     exit_status: p.exit.flatten(),
                     starts: p.starts,
                     round: p.line.round,
-                    relay: false,
+                    relay: self.relays.contains(&index),
                     accuracy: summary["final"]["eval_accuracy"]
                         .as_f64()
                         .or(p.attached.and(p.line.accuracy)),
