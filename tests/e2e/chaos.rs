@@ -71,6 +71,10 @@ fn every_shipped_scenario_checks_and_bad_ones_name_the_bad_value() {
             "set netns = true",
         ),
         (
+            "[cluster]\nnodes = 4\n[[event]]\nround = 3\naction = \"join\"\nnodes = \"all\"",
+            "join needs a list of node indices",
+        ),
+        (
             "netns = true\n[cluster]\nnodes = 4\n[[event]]\nround = 3\naction = \"link\"\nnodes = [1]\nrate = \"fast\"",
             "\"fast\"",
         ),
@@ -159,10 +163,10 @@ fn churn_every_node_comes_back_and_finishes() {
     let _machine = crate::harness::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let r = chaos("churn.toml", tmp.path(), &[]);
-    assert_eq!(ends(&r, "finished").len(), 6, "{}", r["node_ends"]);
+    assert_eq!(ends(&r, "finished").len(), 7, "{}", r["node_ends"]);
     let starts: Vec<u64> =
         r["node_ends"].as_array().unwrap().iter().map(|n| n["starts"].as_u64().unwrap()).collect();
-    assert_eq!(starts, [1, 2, 2, 2, 2, 1]);
+    assert_eq!(starts, [1, 2, 2, 2, 2, 1, 1]);
     for (round, outcome) in took_effect(&r) {
         assert_eq!(outcome, "\"ok\"", "at round {round}");
     }
@@ -170,7 +174,33 @@ fn churn_every_node_comes_back_and_finishes() {
     // A restarted node resumed: its summary counts its rounds from the run's
     // start, not from its restart.
     let summary = read_json(&tmp.path().join("run/node-2/summary.json"));
-    assert_eq!(summary["rounds"], 60, "{}", summary["rounds"]);
+    assert_eq!(summary["rounds"], 80, "{}", summary["rounds"]);
+    // Every node that came back, and the newcomer, entered at the run's
+    // round with the coordinate-wise median of three or more members' states:
+    // honest members of this ring lie too far apart for a pairwise check.
+    for i in [1, 2, 3, 4, 6] {
+        let s = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
+        let pull =
+            ["pulled_from", "pulled_round", "pull_witnessed", "pulled_median_of", "pull_disagreed"]
+                .map(|k| format!("{k} {}", s[k]))
+                .join(", ");
+        assert!(s["pulled_from"].is_string(), "node {i} took no state: {pull}");
+        assert!(s["pulled_median_of"].as_u64() >= Some(3), "node {i}: {pull}");
+    }
+    // The newcomer entered the run under way, not at round 0 on a model of
+    // its own, and ended with the others.
+    let joined = read_json(&tmp.path().join("run/node-6/summary.json"));
+    let entered = joined["pulled_round"].as_u64().unwrap();
+    assert!((45..80).contains(&entered), "entered at round {entered}");
+    assert_eq!(joined["rounds"], 80);
+    assert!(joined["resumed_from_round"].is_null(), "{}", joined["resumed_from_round"]);
+    // Its own model is as good as the others': at least the worst of the
+    // nodes that started the run, less 5 points (their spread is ~10).
+    let acc = |s: &serde_json::Value| s["final"]["eval_accuracy"].as_f64().unwrap();
+    let worst = (0..6)
+        .map(|i| acc(&read_json(&tmp.path().join(format!("run/node-{i}/summary.json")))))
+        .fold(f64::INFINITY, f64::min);
+    assert!(acc(&joined) > worst - 0.05, "{} against the worst other node's {worst}", acc(&joined));
 }
 
 /// The disaster study's three arms in one invocation: a Barabási–Albert

@@ -99,6 +99,14 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_MIN_MEMBERS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_members: Option<i64>,
+    /// Start training once this many members (this node included) have joined, not all --nodes; the others may join later (--join-running) [default: --nodes]
+    #[arg(long, env = "MURMUR_START_MEMBERS", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_members: Option<i64>,
+    /// Join a run already under way: enter at the run's round with a member's state (as a resumed node does, with nothing saved), not at round 0 [default: false]
+    #[arg(long, env = "MURMUR_JOIN_RUNNING", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_running: Option<bool>,
     /// How parameters travel: f32, bf16, f16, int8[:BLOCK]; diloco's deltas also topk:K (the K largest, with error feedback) [default: f32]
     #[arg(long, env = "MURMUR_ENCODING")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,6 +211,11 @@ pub struct RunConfig {
     /// Members (this node included) below which the node gives up after
     /// the join timeout instead of training with too few.
     pub min_members: usize,
+    /// Members (this node included) the node waits for at start.
+    pub start_members: usize,
+    /// The node joins a run under way (`--join-running`): it enters at the
+    /// run's round with a member's state, as a resumed node does.
+    pub join_running: bool,
     /// The most members the node counts (others' heartbeats are refused).
     pub max_members: usize,
     pub listen: Vec<Multiaddr>,
@@ -344,6 +357,16 @@ impl RunOptions {
         };
         strategy.check_coordinator().map_err(|e| bad(e.to_string()))?;
         let min_members = positive("--min-members", self.min_members.unwrap_or(1))? as usize;
+        let start_members = positive(
+            "--start-members",
+            self.start_members.unwrap_or(i64::try_from(train.nodes).unwrap_or(i64::MAX)),
+        )? as usize;
+        if start_members > train.nodes {
+            return Err(bad(format!(
+                "--start-members {start_members} is more than --nodes {}",
+                train.nodes
+            )));
+        }
         if min_members > train.nodes {
             return Err(bad(format!(
                 "--min-members {min_members} is more than --nodes {}: the run could never start",
@@ -370,6 +393,8 @@ impl RunOptions {
             run_id,
             join_timeout: millis("--join-timeout-ms", self.join_timeout_ms.unwrap_or(60_000))?,
             min_members,
+            start_members,
+            join_running: self.join_running.unwrap_or(false),
             max_members,
             listen,
             bootstrap,
@@ -570,6 +595,8 @@ mod tests {
             (RunOptions { straggler_grace: Some("-0.1".into()), ..Default::default() }, "-0.1"),
             (RunOptions { security: Some("tls,ssl".into()), ..Default::default() }, "\"ssl\""),
             (RunOptions { exchange_prob: Some(1.5), ..Default::default() }, "1.5"),
+            (RunOptions { start_members: Some(0), ..Default::default() }, "--start-members"),
+            (RunOptions { start_members: Some(99), ..Default::default() }, "--start-members 99"),
             (
                 RunOptions { encoding: Some("topk:10".into()), ..Default::default() },
                 "--encoding topk:10 needs error feedback on a delta, which gossip does not send",

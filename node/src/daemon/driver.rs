@@ -29,7 +29,7 @@ use super::config::RunConfig;
 use super::events::{Event, Inputs, JOIN_POLL, Wait};
 use super::launch::{NodeError, Resume};
 use super::record::{EvalFor, Record};
-use super::rejoin::{self, Pull, PullServer};
+use super::rejoin::{self, PullServer, Pulls, Settled};
 use super::report::{FinalMetrics, Reporter};
 use super::round_end;
 use super::shutdown::StopReason;
@@ -56,8 +56,11 @@ const MAX_BACKLOG: usize = 1024;
 const MAX_BACKLOG_MODELS: usize = 8;
 
 /// How long a resuming node keeps waiting for members once it has seen
-/// the run go on without it: two heartbeats and a dial.
-const REJOIN_SETTLE: Duration = Duration::from_secs(3);
+/// the run go on without it: a heartbeat. The rejoin then watches the
+/// run's rounds (`rejoin::RATE_WINDOW`), which lets the other live members
+/// show up before the ones to ask are picked; a run going at several
+/// rounds a second would otherwise leave a joiner behind while it waits.
+const REJOIN_SETTLE: Duration = Duration::from_secs(1);
 
 /// What the driver is built from.
 pub struct Parts {
@@ -179,6 +182,12 @@ impl Driver {
 
     /// The whole run: join, rejoin when resuming, train and mix, finish.
     pub async fn run(mut self, resume: Option<Resume>) -> Result<NodeSummary, NodeError> {
+        let resumed = resume.as_ref().map(|r| r.round);
+        // Joining a run under way is a rejoin with nothing saved: enter at
+        // the run's round with a member's state, from round 0 when there
+        // is no member to ask.
+        let resume =
+            resume.or_else(|| self.run.join_running.then_some(Resume { round: 0, state: None }));
         self.join(resume.as_ref().map(|r| r.round)).await?;
         let (start_round, state) = match &resume {
             Some(r) if self.stop.is_none() => self.rejoin(r).await?,
@@ -206,7 +215,7 @@ impl Driver {
             }
         }
         let ending = self.run_strategy(mixer.as_mut()).await?;
-        self.finish(mixer.as_mut(), resume.map(|r| r.round), ending).await
+        self.finish(mixer.as_mut(), resumed, ending).await
     }
 
     /// The live run members that train the same model in `round` (a
@@ -266,8 +275,9 @@ impl Driver {
         self.submit(Job::Checkpoint { dir, options, strategy: state }, Pending::Checkpoint(why))
     }
 
-    /// Waits (up to `--join-timeout-ms`) for `--nodes` members. A node
-    /// resuming from round `resumed` waits only `REJOIN_SETTLE` more once
+    /// Waits (up to `--join-timeout-ms`) for `--start-members` members
+    /// (`--nodes` unless told). A node resuming from round `resumed`, or
+    /// joining a run under way, waits only `REJOIN_SETTLE` more once
     /// it sees a member of its run further on: the run went on without it,
     /// some of the others may be gone for good, and it rejoins whoever is
     /// live (the settle lets the live ones connect). A whole cluster
@@ -275,7 +285,8 @@ impl Driver {
     async fn join(&mut self, resumed: Option<u64>) -> Result<(), NodeError> {
         let mut deadline = Instant::now() + self.run.join_timeout;
         let mut settling = false;
-        while self.members_in(self.board.round()).len() < self.train.nodes && self.stop.is_none() {
+        let wanted = self.run.start_members;
+        while self.members_in(self.board.round()).len() < wanted && self.stop.is_none() {
             if !settling && resumed.is_some_and(|r| self.run_went_on(r)) {
                 settling = true;
                 deadline = deadline.min(Instant::now() + REJOIN_SETTLE);
@@ -289,8 +300,7 @@ impl Driver {
                 if found < self.run.min_members {
                     return Err(self.too_few_members(found));
                 }
-                let msg =
-                    format!("join timeout: starting with {found} of {} members", self.train.nodes);
+                let msg = format!("join timeout: starting with {found} of {wanted} members");
                 warn!("{msg}");
                 self.board.update(|s| s.last_error = msg);
                 return Ok(());
@@ -351,14 +361,20 @@ impl Driver {
         }
     }
 
-    /// A resumed node pulls the current state from the member furthest
-    /// ahead; returns the round to start at and the state to take.
+    /// Where no member trains this model, a resumed node continues from
+    /// its checkpoint (a joining one from round 0).
+    async fn rejoin_alone(&mut self, saved: &Resume) -> (u64, Option<StrategyState>) {
+        self.network.set_role(Role::Node, saved.round).await;
+        (saved.round, saved.state.clone())
+    }
+
+    /// A resumed or joining node pulls the run's state from its members
+    /// (`rejoin`'s module says how); returns the round to start at and the
+    /// state to take.
     async fn rejoin(&mut self, saved: &Resume) -> Result<(u64, Option<StrategyState>), NodeError> {
         let view = self.network.view();
-        let Some((source, r0)) = rejoin::pick_source(&view.members, self.me, &self.fingerprint)
-        else {
-            self.network.set_role(Role::Node, saved.round).await;
-            return Ok((saved.round, saved.state.clone()));
+        let Some((_, r0)) = rejoin::pick_source(&view.members, self.me, &self.fingerprint) else {
+            return Ok(self.rejoin_alone(saved).await);
         };
         // The parts this node's strategy keeps, from a strategy built only to ask.
         let names = {
@@ -373,11 +389,17 @@ impl Driver {
             probe.set_start_params(&self.initial);
             probe.snapshot().map(|s| s.names()).unwrap_or_default()
         };
-        // Watch the run's rounds go by, then pick the round to enter at.
+        // Watch the run's rounds go by, then pick the round to enter at,
+        // and the members to ask, from those training now: one seen before
+        // may have stopped meanwhile, or restarted and be pulling itself.
         let watched = Instant::now();
         self.idle_until(watched + rejoin::RATE_WINDOW).await?;
-        let ahead = self.network.view().members.iter().find(|m| m.peer == source).map(|m| m.round);
-        let ahead = ahead.unwrap_or(r0);
+        let members = self.network.view().members;
+        let Some((source, ahead)) = rejoin::pick_source(&members, self.me, &self.fingerprint)
+        else {
+            return Ok(self.rejoin_alone(saved).await);
+        };
+        let ahead = ahead.max(r0);
         // Within the run: a heartbeat announcing a round past its end is
         // refused, and a member that has finished answers at once.
         let last = self.run.strategy.rounds.saturating_sub(1);
@@ -386,53 +408,42 @@ impl Driver {
         // a few exchanges more.
         let patience = self.run.join_timeout.max(3 * self.run.strategy.timeout);
         let until = Instant::now() + patience;
-        // The source, and a witness to check it against where there is one
-        // (picked after the watch, which lets members show up meanwhile).
-        let members = self.network.view().members;
-        let witness = rejoin::pick_witness(&members, self.me, &self.fingerprint, source, ahead);
-        let mut pulls: Vec<(Pull, Option<StrategyState>)> = [Some(source), witness]
-            .into_iter()
-            .flatten()
-            .map(|peer| (Pull::new(peer, names.clone()), None))
-            .collect();
-        for (pull, _) in &pulls {
-            self.outbox.send(rejoin::request(pull.from, entry), patience);
+        // The source, and witnesses to check it against where there are some.
+        let mut pulls = Pulls::new(names, &members, self.me, &self.fingerprint, source, ahead);
+        for peer in pulls.asked() {
+            self.outbox.send(rejoin::request(*peer, entry), patience);
         }
         let mut ask_again = Instant::now() + rejoin::PULL_RETRY;
         self.network.set_role(Role::Node, entry).await;
-        info!(%source, ?witness, round = ahead, entry, "pulling the run's state to rejoin");
-        loop {
-            if self.stop.is_some() || pulls.iter().all(|(_, got)| got.is_some()) {
-                break;
-            }
+        info!(asked = ?pulls.asked(), round = ahead, entry, "pulling the run's state to rejoin");
+        while self.stop.is_none() && !pulls.done() {
             let wait = Wait { deadline: Some(ask_again.min(until)), network: true, paused: false };
             match self.inputs.next(&mut self.outbox, wait).await {
                 Event::Net(NetEvent::Payload { from, payload }) => {
                     let Some(m) = to_message(from, payload) else { continue };
-                    let Some((pull, got)) = pulls.iter_mut().find(|(p, _)| p.answers(&m)) else {
-                        self.keep(m);
-                        continue;
-                    };
-                    match pull.offer(m) {
-                        Ok(Some(state)) => *got = Some(state),
-                        Ok(None) => {}
-                        Err(reason) => warn!(%from, reason, "a pulled part was not taken"),
+                    match pulls.offer(m.clone()) {
+                        None => self.keep(m),
+                        Some(Ok(Some((from, round)))) => {
+                            info!(%from, round, "a member's state arrived")
+                        }
+                        Some(Ok(None)) => {}
+                        Some(Err(reason)) => warn!(%from, reason, "a pulled part was not taken"),
                     }
                 }
                 Event::Deadline if Instant::now() < until => {
-                    // Members that left (their run ended, or they died)
-                    // will not answer: stop waiting once all asked have.
+                    // Members that stopped training (they left, died, or
+                    // restarted and pull themselves) will not answer: ask
+                    // others in their place.
                     let members = self.network.view().members;
-                    let waiting = pulls.iter().filter(|(_, got)| got.is_none());
-                    if waiting.clone().all(|(p, _)| members.iter().all(|m| m.peer != p.from)) {
-                        warn!(%source, "the members asked for the run's state have left");
-                        break;
+                    let more = pulls.refresh(&members, self.me, &self.fingerprint);
+                    if !more.is_empty() {
+                        info!(?more, "asking other members: some asked stopped training");
                     }
                     // A member refuses a request from a peer it does not
                     // list yet (its heartbeat may not have arrived): ask
                     // again; a request it holds already is not counted twice.
-                    for (pull, _) in pulls.iter().filter(|(_, got)| got.is_none()) {
-                        self.outbox.send(rejoin::request(pull.from, entry), rejoin::PULL_RETRY);
+                    for peer in pulls.waiting() {
+                        self.outbox.send(rejoin::request(peer, entry), rejoin::PULL_RETRY);
                     }
                     ask_again = Instant::now() + rejoin::PULL_RETRY;
                 }
@@ -441,35 +452,40 @@ impl Driver {
                 other => self.common(other, None)?,
             }
         }
-        let mut got = pulls.into_iter().map(|(_, got)| got);
-        let (pulled, checked) = match (got.next().flatten(), got.next()) {
-            (None, _) => {
-                warn!(%source, "no answer to the state pull; continuing from the checkpoint");
-                (None, None)
+        let asked = pulls.asked().len();
+        let answers = pulls.answers();
+        let answered = answers.len();
+        let settled = match rejoin::settle(answers, last) {
+            Ok(settled) => settled,
+            Err(why) => {
+                warn!(%why, "the pulled states disagree; continuing from the checkpoint");
+                self.record.pull_disagreed = Some(why);
+                None
             }
-            (Some(state), None) => (Some(state), None),
-            (Some(state), Some(None)) => {
-                warn!(%source, ?witness, "the witness did not answer; taking the source's state unchecked");
-                (Some(state), Some(false))
-            }
-            (Some(state), Some(Some(seen))) => match rejoin::agree(&state, &seen) {
-                Ok(()) => (Some(state), Some(true)),
-                Err(why) => {
-                    warn!(%source, ?witness, %why, "the source's state disagrees with the witness's; continuing from the checkpoint");
-                    self.record.pull_disagreed = Some(why);
-                    (None, Some(false))
-                }
-            },
         };
-        self.record.pull_witnessed = checked;
-        match pulled {
-            Some(state) => {
+        // Witnessed: whether answers confirmed each other (absent where
+        // there was no second member to ask).
+        self.record.pull_witnessed = (asked > 1)
+            .then_some(matches!(settled, Some(Settled::Median(..) | Settled::Witnessed(..))));
+        if settled.is_none() && answered == 0 {
+            warn!(asked, "no answer to the state pull; continuing from the checkpoint");
+        } else if asked > 1 && matches!(settled, Some(Settled::Unchecked(..))) {
+            warn!(
+                asked,
+                answered, "too few members answered to check the state; taking it unchecked"
+            );
+        }
+        if let Some(Settled::Median(_, _, of)) = &settled {
+            self.record.pulled_median_of = Some(*of);
+        }
+        match settled.map(Settled::into_state) {
+            Some((from, state)) => {
                 let round = state.round;
-                self.record.pulled_from = Some(source);
+                self.record.pulled_from = Some(from);
                 self.record.pulled = Some((state.names(), round));
                 self.reporter.emit(
-                    serde_json::json!({"event": "rejoined", "round": round, "from": source.to_string()}),
-                    || format!("rejoined at round {round} with the state of {source}"),
+                    serde_json::json!({"event": "rejoined", "round": round, "from": from.to_string()}),
+                    || format!("rejoined at round {round} with the state of {from}"),
                 );
                 Ok((round, Some(state)))
             }
@@ -981,6 +997,7 @@ impl Driver {
             pulled_parts: self.record.pulled.as_ref().map(|(p, _)| p.clone()).unwrap_or_default(),
             pulled_round: self.record.pulled.as_ref().map(|(_, r)| *r),
             pull_witnessed: self.record.pull_witnessed,
+            pulled_median_of: self.record.pulled_median_of,
             pull_disagreed: self.record.pull_disagreed.clone(),
             members_at_start: self.record.members_at_start,
             interrupted,

@@ -112,8 +112,10 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.expect.encoding = run.strategy.encoding;
     net_cfg.member_limits =
         MemberLimits { max_members: run.max_members, max_round: run.strategy.rounds };
-    // A resuming node takes no part in exchanges until it has the run's state.
-    net_cfg.role = if setup.resume.is_some() { Role::Joining } else { Role::Node };
+    // A resuming node, or one joining a run under way, takes no part in
+    // exchanges until it has the run's state.
+    let joining = setup.resume.is_some() || run.join_running;
+    net_cfg.role = if joining { Role::Joining } else { Role::Node };
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;
     if let (Some(addr), Some(c)) = (&run.coordinator_at, run.strategy.coordinator.as_mut()) {
         c.coordinator = find_coordinator(&network, addr, run.join_timeout).await?;

@@ -37,11 +37,13 @@ pub struct Record {
     pub pulled_from: Option<PeerId>,
     /// The parts of the pulled state, and the round it was for.
     pub pulled: Option<(Vec<String>, u64)>,
-    /// Whether a second member's state confirmed the pulled one (`None`:
+    /// Whether other members' states confirmed the pulled one (`None`:
     /// there was no second member to ask).
     pub pull_witnessed: Option<bool>,
-    /// How the source's state differed from the witness's, when it did.
+    /// How the pulled states differed, when they did.
     pub pull_disagreed: Option<String>,
+    /// How many members' states the taken one is the coordinate-wise median of.
+    pub pulled_median_of: Option<usize>,
     /// Members (this node included) when training started.
     pub members_at_start: usize,
 }

@@ -13,10 +13,14 @@
 //! (the parameters to continue from, then what the strategy carries across
 //! rounds, such as DiLoCo's theta and outer momentum), each part a
 //! `PullReply` message; [`Pull`] assembles and checks them. So the joiner
-//! trains that round with everyone, in everyone's exchanges. Where another
-//! member trains the same model, the joiner asks it too ([`pick_witness`])
-//! and takes the source's state only if the two agree ([`agree`]): one
-//! member cannot hand a joiner a model of its own. It asks again every
+//! trains that round with everyone, in everyone's exchanges. Where other
+//! members train the same model, the joiner asks up to four of them too
+//! ([`Pulls`]) and [`settle`]s the answers: of three or more, it takes the
+//! coordinate-wise median, which lies between honest members' values in
+//! every coordinate while fewer than half of them lie, however far apart
+//! honest members are (a sparse topology with nodes down leaves them 40%
+//! apart); of two, it takes the source's state only if the two agree
+//! ([`agree`]). So one member cannot hand a joiner a model of its own. It asks again every
 //! [`PULL_RETRY`] until the state comes (a request that arrives before the
 //! joiner's first heartbeat is refused); if none comes by the deadline it
 //! continues from its checkpoint.
@@ -27,11 +31,13 @@
 //! snapshot at the next round end, never by asking the trainer.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-use crate::mix::mixer::{Message, MsgKind, StrategyState};
+use crate::mix::aggregate::Aggregator;
+use crate::mix::mixer::{Message, MsgKind, StatePart, StrategyState};
 use crate::net::membership::{Member, Role};
 
 /// Pull requests waiting for a round end, over all peers.
@@ -54,30 +60,202 @@ pub fn pick_source(members: &[Member], me: PeerId, fingerprint: &str) -> Option<
     live.get(live.len().checked_sub(1)? / 2).map(|m| (m.peer, m.round))
 }
 
-/// The live members other than `me` that train this model (`fingerprint`).
+/// The live members other than `me` that train this model (`fingerprint`)
+/// and have entered the run: a member that announced its entry round but
+/// has not reached it (it is pulling the state itself, and its heartbeat
+/// still says the round its process started at) has no state to give.
 fn trainers<'a>(
     members: &'a [Member],
     me: PeerId,
     fingerprint: &'a str,
 ) -> impl Iterator<Item = &'a Member> {
-    members
-        .iter()
-        .filter(move |m| m.peer != me && m.role == Role::Node && m.fingerprint == fingerprint)
+    members.iter().filter(move |m| {
+        m.peer != me
+            && m.role == Role::Node
+            && m.fingerprint == fingerprint
+            && m.round >= m.entry_round
+    })
 }
 
-/// A second member to check the source's state against: of the other live
-/// trainers of this model, the one whose round is nearest `round`.
-pub fn pick_witness(
+/// How many answers a joiner takes the coordinate-wise median of: three,
+/// the fewest whose median one liar cannot move outside the honest
+/// members' values.
+pub const PULL_QUORUM: usize = 3;
+/// How many members a joiner asks, where that many train its model: more
+/// than the quorum, since under churn a member asked may stop or restart
+/// before it answers (with five, two liars are outvoted too).
+pub const PULL_ASK: usize = 5;
+
+/// Up to `k` members to ask besides those `asked`: of the live trainers of
+/// this model, those whose rounds are nearest `round`.
+pub fn pick_witnesses(
     members: &[Member],
     me: PeerId,
     fingerprint: &str,
-    source: PeerId,
+    asked: &[PeerId],
     round: u64,
-) -> Option<PeerId> {
-    trainers(members, me, fingerprint)
-        .filter(|m| m.peer != source)
-        .min_by_key(|m| (m.round.abs_diff(round), m.peer))
-        .map(|m| m.peer)
+    k: usize,
+) -> Vec<PeerId> {
+    let mut others: Vec<&Member> =
+        trainers(members, me, fingerprint).filter(|m| !asked.contains(&m.peer)).collect();
+    others.sort_by_key(|m| (m.round.abs_diff(round), m.peer));
+    others.into_iter().take(k).map(|m| m.peer).collect()
+}
+
+/// The pulls a joiner has out: whom it asked and what came back. A member
+/// asked that stops training before it answers (it stopped, died, or
+/// restarted and is pulling itself) is dropped and another asked instead,
+/// so the joiner keeps a quorum where the run has one.
+#[derive(Debug)]
+pub struct Pulls {
+    names: Vec<String>,
+    /// How many answers the joiner wants: `PULL_ASK`, or the trainers
+    /// there were when it started.
+    wanted: usize,
+    asked: Vec<PeerId>,
+    open: Vec<(Pull, Option<StrategyState>)>,
+    /// The round the members to ask are picked near.
+    round: u64,
+}
+
+impl Pulls {
+    /// Asks `source` and up to `PULL_ASK - 1` witnesses near `round` for
+    /// the parts `names`.
+    pub fn new(
+        names: Vec<String>,
+        members: &[Member],
+        me: PeerId,
+        fingerprint: &str,
+        source: PeerId,
+        round: u64,
+    ) -> Pulls {
+        let witnesses = pick_witnesses(members, me, fingerprint, &[source], round, PULL_ASK - 1);
+        let asked: Vec<PeerId> = std::iter::once(source).chain(witnesses).collect();
+        let open = asked.iter().map(|p| (Pull::new(*p, names.clone()), None)).collect();
+        Pulls { names, wanted: asked.len(), asked, open, round }
+    }
+
+    /// Every member asked, in the order asked.
+    pub fn asked(&self) -> &[PeerId] {
+        &self.asked
+    }
+
+    /// The members asked that have not answered.
+    pub fn waiting(&self) -> Vec<PeerId> {
+        self.open.iter().filter(|(_, got)| got.is_none()).map(|(p, _)| p.from).collect()
+    }
+
+    /// Whether every member still asked has answered.
+    pub fn done(&self) -> bool {
+        self.open.iter().all(|(_, got)| got.is_some())
+    }
+
+    /// Takes `m` if it answers a pull (`None`: it does not, keep it):
+    /// whether it completed a state, or why the part was not taken.
+    pub fn offer(&mut self, m: Message) -> Option<Result<Option<(PeerId, u64)>, &'static str>> {
+        let (pull, got) = self.open.iter_mut().find(|(p, _)| p.answers(&m))?;
+        Some(pull.offer(m).map(|state| {
+            let state = state?;
+            let done = (pull.from, state.round);
+            *got = Some(state);
+            Some(done)
+        }))
+    }
+
+    /// Drops the unanswered pulls of members no longer training and asks
+    /// others in their place; returns the newly asked.
+    pub fn refresh(&mut self, members: &[Member], me: PeerId, fingerprint: &str) -> Vec<PeerId> {
+        let live: Vec<PeerId> = trainers(members, me, fingerprint).map(|m| m.peer).collect();
+        self.open.retain(|(p, got)| got.is_some() || live.contains(&p.from));
+        let missing = self.wanted.saturating_sub(self.open.len());
+        let more = pick_witnesses(members, me, fingerprint, &self.asked, self.round, missing);
+        for p in &more {
+            self.asked.push(*p);
+            self.open.push((Pull::new(*p, self.names.clone()), None));
+        }
+        more
+    }
+
+    /// The answers, in the order asked.
+    pub fn answers(self) -> Vec<Answer> {
+        self.open.into_iter().filter_map(|(p, got)| Some((p.from, got?))).collect()
+    }
+}
+
+/// What a joiner takes from the answers to its pull: a state, and the
+/// member whose answer it is (of a median, the first voter's).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    /// The coordinate-wise median of this many answers of one shape.
+    Median(PeerId, StrategyState, usize),
+    /// The first of two answers that agree (the source's, when it answered).
+    Witnessed(PeerId, StrategyState),
+    /// The only answer: nothing to check it against.
+    Unchecked(PeerId, StrategyState),
+}
+
+impl Settled {
+    pub fn into_state(self) -> (PeerId, StrategyState) {
+        match self {
+            Settled::Median(p, s, _) | Settled::Witnessed(p, s) | Settled::Unchecked(p, s) => {
+                (p, s)
+            }
+        }
+    }
+}
+
+/// One member's answer to a pull.
+pub type Answer = (PeerId, StrategyState);
+
+/// Settles the `answers` to a pull (the source's first where it answered):
+/// the median of the largest group of one shape (parts and lengths) when it
+/// holds at least `PULL_QUORUM`, else the first two checked against each other
+/// ([`agree`]), else the only one. The round taken is the lower median of
+/// the voters' rounds (of two, the lower), at most `last_round`: a member
+/// past the entry round answers at its own, and a liar's round is outvoted
+/// or capped.
+pub fn settle(answers: Vec<Answer>, last_round: u64) -> Result<Option<Settled>, String> {
+    let shape = |s: &StrategyState| -> Vec<(String, usize)> {
+        s.parts.iter().map(|p| (p.name.clone(), p.values.len())).collect()
+    };
+    let mut groups: Vec<Vec<&Answer>> = Vec::new();
+    for a in &answers {
+        match groups.iter_mut().find(|g| shape(&g[0].1) == shape(&a.1)) {
+            Some(g) => g.push(a),
+            None => groups.push(vec![a]),
+        }
+    }
+    // The largest group; of equal ones, the first formed (the source's).
+    let largest = groups.iter().rev().max_by_key(|g| g.len()).cloned().unwrap_or_default();
+    let capped = |mut s: StrategyState, voters: &[&Answer]| {
+        let mut r: Vec<u64> = voters.iter().map(|(_, a)| a.round).collect();
+        r.sort_unstable();
+        s.round = r[(r.len() - 1) / 2].min(last_round);
+        s
+    };
+    if largest.len() >= PULL_QUORUM {
+        let voters = &largest[..];
+        let first = &voters[0].1;
+        let parts = (0..first.parts.len())
+            .map(|i| {
+                let others: Vec<(&[f32], f64)> =
+                    voters[1..].iter().map(|(_, s)| (s.parts[i].values.as_slice(), 1.0)).collect();
+                let median = Aggregator::Median.aggregate(&first.parts[i].values, 1.0, &others);
+                StatePart { name: first.parts[i].name.clone(), values: Arc::new(median) }
+            })
+            .collect();
+        let state = capped(StrategyState { round: 0, parts }, voters);
+        return Ok(Some(Settled::Median(voters[0].0, state, voters.len())));
+    }
+    let pair = if largest.len() == 2 { largest } else { answers.iter().take(2).collect() };
+    match pair[..] {
+        [] => Ok(None),
+        [only] => Ok(Some(Settled::Unchecked(only.0, capped(only.1.clone(), &[only])))),
+        [a, b, ..] => {
+            agree(&a.1, &b.1)?;
+            Ok(Some(Settled::Witnessed(a.0, capped(a.1.clone(), &[a, b]))))
+        }
+    }
 }
 
 /// How far apart two members' parameters may be, relative to the
@@ -313,8 +491,8 @@ mod tests {
     }
 
     #[test]
-    fn the_witness_is_another_trainer_of_this_model_nearest_the_source() {
-        let ids: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+    fn the_witnesses_are_two_other_trainers_of_this_model_nearest_the_source() {
+        let ids: Vec<PeerId> = (0..6).map(|_| PeerId::random()).collect();
         let (me, source) = (ids[0], ids[1]);
         let members = [
             member(me, 50, Role::Node, "fp"),
@@ -322,9 +500,114 @@ mod tests {
             member(ids[2], 30, Role::Node, "fp"),
             member(ids[3], 11, Role::Joining, "fp"),
             member(ids[4], 12, Role::Node, "other"),
+            member(ids[5], 9, Role::Node, "fp"),
         ];
-        assert_eq!(pick_witness(&members, me, "fp", source, 10), Some(ids[2]));
-        assert_eq!(pick_witness(&members[..2], me, "fp", source, 10), None);
+        let pick = |m: &[Member]| pick_witnesses(m, me, "fp", &[source], 10, 2);
+        assert_eq!(pick(&members), vec![ids[5], ids[2]]);
+        assert_eq!(pick(&members[..3]), vec![ids[2]]);
+        assert!(pick(&members[..2]).is_empty());
+        // A member that announced entry at round 40 and has not reached it
+        // (a restarted process still pulling, at round 0) is neither.
+        let mut pulling = members.to_vec();
+        pulling[5].entry_round = 40;
+        pulling[2] = Member { round: 0, entry_round: 40, ..pulling[2].clone() };
+        assert!(pick(&pulling).is_empty());
+        let mut all_pulling = pulling.clone();
+        all_pulling[1].entry_round = 40;
+        assert_eq!(pick_source(&all_pulling, me, "fp"), None);
+    }
+
+    #[test]
+    fn a_member_asked_that_stops_training_is_replaced_by_another() {
+        let ids: Vec<PeerId> = (0..9).map(|_| PeerId::random()).collect();
+        let me = ids[0];
+        let rounds = [0, 20, 21, 22, 23, 24, 25, 40, 50];
+        let mut members: Vec<Member> =
+            ids.iter().zip(rounds).map(|(p, r)| member(*p, r, Role::Node, "fp")).collect();
+        let names = vec!["params".to_string()];
+        let mut pulls = Pulls::new(names, &members, me, "fp", ids[3], 22);
+        assert_eq!(pulls.asked()[0], ids[3], "the source first");
+        let mut asked = pulls.asked().to_vec();
+        asked.sort();
+        let mut near: Vec<PeerId> = ids[1..6].to_vec();
+        near.sort();
+        assert_eq!(asked, near, "then the four nearest its round");
+        // ids[3] answers; ids[1] restarts (joining again) and ids[2] dies.
+        let state = StrategyState::new(22, vec![("params", vec![1.0])]);
+        let reply = reply(ids[3], &state).remove(0);
+        assert_eq!(pulls.offer(reply), Some(Ok(Some((ids[3], 22)))));
+        let stranger = Message::new(ids[8], MsgKind::PullReply, 22, Arc::new(vec![1.0]));
+        assert_eq!(pulls.offer(stranger), None, "not asked: kept for the strategy");
+        members[1].role = Role::Joining;
+        members.remove(2);
+        // In their place, the nearest round 22 of the others: 25, then 40.
+        assert_eq!(pulls.refresh(&members, me, "fp"), vec![ids[6], ids[7]]);
+        let mut waiting = pulls.waiting();
+        waiting.sort();
+        let mut want = vec![ids[4], ids[5], ids[6], ids[7]];
+        want.sort();
+        assert_eq!(waiting, want);
+        assert!(!pulls.done());
+        // With nobody left to ask, the pulls still out are dropped: done.
+        members.truncate(3);
+        assert!(pulls.refresh(&members, me, "fp").is_empty());
+        assert!(pulls.done());
+        assert_eq!(pulls.answers(), vec![(ids[3], state)]);
+    }
+
+    fn answer(round: u64, x: Vec<f32>) -> Answer {
+        (PeerId::random(), StrategyState::new(round, vec![("params", x)]))
+    }
+
+    #[test]
+    fn three_answers_settle_on_their_median_which_one_liar_cannot_move() {
+        // Honest members 40% apart (too far for the pairwise tolerance),
+        // and a liar with a model of its own and a round at the end.
+        let a = answer(20, vec![1.0, -2.0, 3.0]);
+        let b = answer(21, vec![1.4, -1.2, 4.2]);
+        let liar = answer(u64::MAX, vec![1e30, 1e30, -1e30]);
+        assert!(agree(&a.1, &b.1).is_err(), "the pair alone is refused");
+        for order in [[&liar, &a, &b], [&a, &liar, &b], [&a, &b, &liar]] {
+            let got = settle(order.map(|s| s.clone()).to_vec(), 99).unwrap().unwrap();
+            let Settled::Median(from, m, 3) = got else { panic!("{got:?}") };
+            assert_eq!(from, order[0].0, "named by the first voter");
+            // Every coordinate between the honest two; the round theirs.
+            assert_eq!(*m.parts[0].values, vec![1.4, -1.2, 3.0]);
+            assert_eq!(m.round, 21);
+        }
+        let c = answer(22, vec![1.2, -1.6, 3.6]);
+        let (_, m) = settle(vec![a, b, c], 99).unwrap().unwrap().into_state();
+        assert_eq!((m.parts[0].values.to_vec(), m.round), (vec![1.2, -1.6, 3.6], 21));
+        // A round past the run is capped at its last one.
+        let late = |r| answer(r, vec![1.0, -2.0, 3.0]);
+        let got = settle(vec![late(500), late(600), late(700)], 99).unwrap().unwrap();
+        assert_eq!(got.into_state().1.round, 99);
+    }
+
+    #[test]
+    fn fewer_answers_or_shapes_fall_back_to_the_pair_and_the_single_answer() {
+        let honest = answer(7, vec![1.0, 2.0, 3.0]);
+        let near = answer(5, vec![1.1, 2.0, 2.9]);
+        assert_eq!(settle(vec![], 99), Ok(None));
+        let only = settle(vec![honest.clone()], 99);
+        assert_eq!(only, Ok(Some(Settled::Unchecked(honest.0, honest.1.clone()))));
+        // Two that agree: the first's values at the lower round.
+        let got = settle(vec![honest.clone(), near.clone()], 99).unwrap().unwrap();
+        let at_5 = StrategyState { round: 5, ..honest.1.clone() };
+        assert_eq!(got, Settled::Witnessed(honest.0, at_5));
+        let own = answer(7, vec![-1.0, 2.0, 3.0]);
+        let refused = settle(vec![own, honest.clone()], 99).unwrap_err();
+        assert!(refused.contains("from the witness's"), "{refused}");
+        // A liar of another shape is left out of three; the two left agree.
+        let short = answer(7, vec![9.0, 9.0]);
+        let got = settle(vec![short.clone(), honest.clone(), near], 99).unwrap().unwrap();
+        assert!(
+            matches!(got, Settled::Witnessed(p, s) if p == honest.0 && s.parts == honest.1.parts)
+        );
+        // Three shapes: the first two are compared, and differ.
+        let other = StrategyState::new(7, vec![("params", vec![1.0; 3]), ("m", vec![0.0; 3])]);
+        let all = settle(vec![honest, short, (PeerId::random(), other)], 99).unwrap_err();
+        assert!(all.contains("values against"), "{all}");
     }
 
     #[test]

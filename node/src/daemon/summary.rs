@@ -32,9 +32,13 @@ pub struct NodeSummary {
     /// second member to ask).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pull_witnessed: Option<bool>,
-    /// Why the source's state was refused: how it differed from the witness's.
+    /// Why the pulled states were refused: how they differed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pull_disagreed: Option<String>,
+    /// Of how many members' states the taken one is the coordinate-wise
+    /// median (absent: one state was taken as sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled_median_of: Option<usize>,
     /// Members (this node included) when training started.
     pub members_at_start: usize,
     pub interrupted: bool,

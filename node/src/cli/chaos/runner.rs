@@ -55,6 +55,8 @@ pub struct Plan {
     /// The data-less relays, chosen when a run starts (`relay_nodes`).
     pub relays: Option<Selection>,
     pub events: Vec<Event>,
+    /// Nodes a `join` event starts (all start at once in the baseline).
+    pub late: BTreeSet<usize>,
     pub train_cfg: TrainConfig,
     train: TrainOptions,
     run: RunOptions,
@@ -96,6 +98,7 @@ impl Plan {
             attach: None,
             relays: s.relays.clone(),
             events: s.events.clone(),
+            late: s.late.clone(),
             token: run_cfg.api_token.clone(),
             ca: run.api_tls_cert.clone(),
             train_cfg,
@@ -125,6 +128,7 @@ impl Plan {
             attach: Some(a.apis.clone()),
             relays: None,
             events: s.events.clone(),
+            late: BTreeSet::new(),
             token,
             ca: a.api_tls_cert.clone(),
             train_cfg,
@@ -358,12 +362,17 @@ pub fn run(plan: &Plan, dir: &Path, events: bool) -> Result<RunRecord, CliError>
         println!("relays (no data, no local steps): {relays:?}");
         train.relays = Some(relays.iter().map(|&i| i as i64).collect());
     }
+    let late = if events { plan.late.clone() } else { BTreeSet::new() };
+    if !late.is_empty() {
+        // The run starts without the nodes a join event starts later.
+        run_options.start_members = Some((plan.nodes - late.len()) as i64);
+    }
     cluster::write_config(&config, &train, &run_options)?;
     let hosts = match plan.netns {
         true => Some(Hosts::create(plan.nodes).map_err(CliError::failed)?),
         false => None,
     };
-    let runner = Runner::start(Runner::new(plan, dir, &config, hosts, token, relays))?;
+    let runner = Runner::start(Runner::new(plan, dir, &config, hosts, token, relays), &late)?;
     Ok(drive(runner, &rt, events))
 }
 
@@ -474,10 +483,16 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Starts every node: node 0 first, the others bootstrapping from it.
-    fn start(mut self) -> Result<Runner<'a>, CliError> {
+    /// Starts every node but the `late` ones (held back for a join
+    /// event): the first first, the others bootstrapping from it.
+    fn start(mut self, late: &BTreeSet<usize>) -> Result<Runner<'a>, CliError> {
         let mut boot: Option<String> = None;
         for i in 0..self.plan.nodes {
+            if late.contains(&i) {
+                let line = NodeLine { state: "not joined".into(), ..Default::default() };
+                self.procs.push(Proc { line, starts: 0, ..Proc::new(None) });
+                continue;
+            }
             let place = self.hosts.as_ref().map_or(Place::Loopback, |h| h.place(i));
             let (child, first) = cluster::spawn_node(
                 self.dir,
@@ -639,6 +654,7 @@ impl<'a> Runner<'a> {
                     BTreeSet::new()
                 }
             },
+            Action::Join(nodes) => nodes.clone(),
             Action::Partition(groups) => groups.iter().flatten().copied().collect(),
             Action::Heal => (0..self.procs.len()).collect(),
         };
@@ -703,6 +719,7 @@ impl<'a> Runner<'a> {
                 Ok(())
             }
             Action::Restart(_) => self.restart(i),
+            Action::Join(_) => self.join(i),
             // Links are there whether the node runs or not.
             Action::Link(_, change) => self.reshape(i, change),
             Action::Cut(_) | Action::Restore(_) => {
@@ -798,6 +815,32 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
+    /// Starts a held-back node into the run under way (--join-running),
+    /// bootstrapping from a running node.
+    fn join(&mut self, i: usize) -> Result<(), String> {
+        if self.procs[i].starts > 0 {
+            return Err("already started".into());
+        }
+        let boot = self.boot_addr()?;
+        let place = self.hosts.as_ref().map_or(Place::Loopback, |h| h.place(i));
+        let extra = ["--join-running".to_string()];
+        let (child, _) =
+            cluster::spawn_node(self.dir, self.config, i, &place, Some(&boot), &extra, &self.tx)
+                .map_err(|e| e.to_string())?;
+        let line = NodeLine { state: "joining".into(), ..Default::default() };
+        self.procs[i] = Proc::started(child, line, 1);
+        Ok(())
+    }
+
+    /// A running node's address, for a starting node to bootstrap from.
+    fn boot_addr(&self) -> Result<String, String> {
+        self.procs
+            .iter()
+            .filter(|p| p.running())
+            .find_map(|p| p.addr.clone())
+            .ok_or_else(|| "no running node to bootstrap from".into())
+    }
+
     /// Starts node `i` again with --resume, bootstrapping from a running node.
     fn restart(&mut self, i: usize) -> Result<(), String> {
         if self.procs[i].running() {
@@ -810,12 +853,10 @@ impl<'a> Runner<'a> {
                     .into(),
             );
         }
-        let boot = self
-            .procs
-            .iter()
-            .filter(|p| p.running())
-            .find_map(|p| p.addr.clone())
-            .ok_or("no running node to bootstrap from")?;
+        if self.procs[i].starts == 0 {
+            return Err("not joined yet".into());
+        }
+        let boot = self.boot_addr()?;
         let p = &mut self.procs[i];
         if let Some(mut c) = p.child.take() {
             // A stopped node may still be saving its checkpoint.
@@ -858,6 +899,7 @@ impl<'a> Runner<'a> {
                     index,
                     peer_id: p.line.peer.clone(),
                     state: match (p.down, p.exit) {
+                        _ if p.starts == 0 && p.attached.is_none() => "never joined".into(),
                         (Some(d), _) => d.to_string(),
                         (None, Some(Some(0))) => "finished".into(),
                         // An attached node that said it was done finished;

@@ -10,7 +10,7 @@
 //!
 //! [[event]]
 //! round = 10                # or: secs = 4.5, after the first round ends
-//! action = "kill"           # kill | stop | restart | fault | clear | partition | heal
+//! action = "kill"           # kill | stop | restart | join | fault | clear | partition | heal
 //!                           # with netns = true also: link | cut | restore
 //! nodes = "random:4"        # [0, 3], "all", "hubs:K", "leaves:K", "random:K"
 //!
@@ -24,6 +24,9 @@
 //! min_accuracy = 0.8        # the average of the final models, held out
 //! max_drop = 0.05           # against --baseline, in accuracy
 //! ```
+//!
+//! A node named by a `join` event is not started with the others: the event
+//! starts it, and it joins the run under way (`murmur run --join-running`).
 //!
 //! With `netns = true` (or `murmur chaos --netns`) every node runs in a
 //! network namespace of its own, and three more actions act on its link:
@@ -197,6 +200,8 @@ pub enum Action {
     Stop(Selection),
     /// Start again with --resume (a node that is down).
     Restart(Selection),
+    /// Start nodes held back from the start: they join the run under way.
+    Join(BTreeSet<usize>),
     /// An injector fault, through the API.
     Fault(Selection, FaultSpec),
     /// Clear the faults earlier events injected on these nodes.
@@ -252,6 +257,7 @@ impl Action {
             Action::Kill(_) => "kill",
             Action::Stop(_) => "stop",
             Action::Restart(_) => "restart",
+            Action::Join(_) => "join",
             Action::Fault(..) => "fault",
             Action::Clear(_) => "clear",
             Action::Partition(_) => "partition",
@@ -281,6 +287,7 @@ impl fmt::Display for Action {
                 write!(f, "partition {}", g.join(" | "))
             }
             Action::Heal => f.write_str("heal"),
+            Action::Join(nodes) => write!(f, "join {}", Selection::Nodes(nodes.clone())),
             Action::Link(s, change) => write!(f, "link {change} on {s}"),
         }
     }
@@ -304,6 +311,8 @@ pub struct Scenario {
     /// The data-less relays, resolved when the nodes' ids are known (a
     /// degree selection reads the topology over them).
     pub relays: Option<Selection>,
+    /// The nodes a `join` event starts; not started with the others.
+    pub late: BTreeSet<usize>,
     pub events: Vec<Event>,
     pub expect: Expect,
 }
@@ -339,14 +348,61 @@ pub fn parse(
         return Err(format!("netns: {n} nodes do not fit (at most {})", super::netns::MAX_HOSTS));
     }
     let relays = file.relays.as_ref().map(|v| relays(v, n)).transpose()?;
+    let late = late_nodes(&events, n)?;
     Ok(Scenario {
         description: file.description,
         attach: file.attach,
         netns: file.netns,
         relays,
+        late,
         events,
         expect: file.expect,
     })
+}
+
+/// The nodes `join` events start, checked: each joins once, at least one
+/// node starts with the run, and no event before a node's join names it.
+fn late_nodes(events: &[Event], n: usize) -> Result<BTreeSet<usize>, String> {
+    let mut late = BTreeSet::new();
+    for (k, e) in events.iter().enumerate() {
+        if let Action::Join(nodes) = &e.action {
+            for &i in nodes {
+                if !late.insert(i) {
+                    return Err(format!("event {} (join): node {i} joins twice", k + 1));
+                }
+            }
+        }
+    }
+    if late.len() == n {
+        return Err(format!("every node joins later: at least one of the {n} must start the run"));
+    }
+    let mut joined = BTreeSet::new();
+    for (k, e) in events.iter().enumerate() {
+        let named: Vec<usize> = match &e.action {
+            Action::Join(nodes) => {
+                joined.extend(nodes.iter().copied());
+                continue;
+            }
+            Action::Kill(Selection::Nodes(s))
+            | Action::Stop(Selection::Nodes(s))
+            | Action::Restart(Selection::Nodes(s))
+            | Action::Fault(Selection::Nodes(s), _)
+            | Action::Clear(Selection::Nodes(s))
+            | Action::Link(Selection::Nodes(s), _)
+            | Action::Cut(Selection::Nodes(s))
+            | Action::Restore(Selection::Nodes(s)) => s.iter().copied().collect(),
+            Action::Partition(groups) => groups.iter().flatten().copied().collect(),
+            _ => Vec::new(),
+        };
+        if let Some(i) = named.into_iter().find(|i| late.contains(i) && !joined.contains(i)) {
+            return Err(format!(
+                "event {} ({}): node {i} has not joined yet (a later join starts it)",
+                k + 1,
+                e.action.name()
+            ));
+        }
+    }
+    Ok(late)
 }
 
 /// Checks an [attach] scenario: what it may not have (a cluster to start,
@@ -428,7 +484,7 @@ fn event(e: &EventFile, n: usize, netns: bool, attach: bool) -> Result<Event, St
         if given { Err(format!("{key} is not an option of {}", e.action)) } else { Ok(()) }
     };
     let action = match e.action.as_str() {
-        "kill" | "restart" | "link" | "cut" | "restore" if attach => {
+        "kill" | "restart" | "join" | "link" | "cut" | "restore" if attach => {
             return Err(format!(
                 "{} needs a node's process or link; with [attach] murmur chaos reaches the nodes through their APIs: {ATTACHED_ACTIONS}",
                 e.action
@@ -462,6 +518,17 @@ fn event(e: &EventFile, n: usize, netns: bool, attach: bool) -> Result<Event, St
             unused("groups", e.groups.is_some())?;
             let s = nodes()?;
             if e.action == "cut" { Action::Cut(s) } else { Action::Restore(s) }
+        }
+        "join" => {
+            unused("groups", e.groups.is_some())?;
+            match nodes()? {
+                Selection::Nodes(set) => Action::Join(set),
+                other => {
+                    return Err(format!(
+                        "nodes = \"{other}\": join needs a list of node indices, as in [4, 5]"
+                    ));
+                }
+            }
         }
         "kill" | "stop" | "restart" | "clear" | "fault" => {
             unused("groups", e.groups.is_some())?;
@@ -500,7 +567,7 @@ fn event(e: &EventFile, n: usize, netns: bool, attach: bool) -> Result<Event, St
         }
         other => {
             return Err(format!(
-                "unknown action {other:?} (expected kill, stop, restart, fault, clear, partition, heal, link, cut or restore)"
+                "unknown action {other:?} (expected kill, stop, restart, join, fault, clear, partition, heal, link, cut or restore)"
             ));
         }
     };
@@ -676,6 +743,42 @@ mod tests {
     }
 
     #[test]
+    fn joiners_start_late_and_nothing_names_them_before_their_join() {
+        let s = parse(
+            r#"
+            [[event]]
+            round = 5
+            action = "kill"
+            nodes = [1]
+            [[event]]
+            round = 10
+            action = "join"
+            nodes = [6, 7]
+            [[event]]
+            round = 12
+            action = "fault"
+            nodes = [7]
+            fault = "drop:0.3"
+            "#,
+            eight,
+        )
+        .unwrap();
+        assert_eq!(s.late, BTreeSet::from([6, 7]));
+        assert_eq!(s.events[1].action, Action::Join(BTreeSet::from([6, 7])));
+        assert_eq!(s.events[1].label, "join [6, 7]");
+        let early = "[[event]]\nround = 2\naction = \"stop\"\nnodes = [6]\n\
+                     [[event]]\nround = 4\naction = \"join\"\nnodes = [6]";
+        assert!(err(early).contains("event 1 (stop): node 6 has not joined yet"), "{}", err(early));
+        let twice = "[[event]]\nround = 2\naction = \"join\"\nnodes = [6]\n\
+                     [[event]]\nround = 4\naction = \"join\"\nnodes = [6]";
+        assert!(err(twice).contains("event 2 (join): node 6 joins twice"), "{}", err(twice));
+        let random = "[[event]]\nround = 2\naction = \"join\"\nnodes = \"random:2\"";
+        assert!(err(random).contains("nodes = \"random:2\": join needs a list"), "{}", err(random));
+        let all = "[[event]]\nround = 2\naction = \"join\"\nnodes = [0, 1, 2, 3, 4, 5, 6, 7]";
+        assert!(err(all).contains("at least one of the 8 must start"), "{}", err(all));
+    }
+
+    #[test]
     fn link_events_parse_with_netns() {
         let s = parse(
             r#"
@@ -810,6 +913,7 @@ mod tests {
         let cases = [
             ("[[event]]\nround = 1\naction = \"kill\"\nnodes = [1]", "kill needs a node's process"),
             ("[[event]]\nround = 1\naction = \"restart\"\nnodes = [1]", "fault, clear, partition"),
+            ("[[event]]\nround = 1\naction = \"join\"\nnodes = [1]", "join needs a node's process"),
             ("[[event]]\nround = 1\naction = \"stop\"\nnodes = \"hubs:1\"", "name them by index"),
             ("[[event]]\nround = 1\naction = \"stop\"\nnodes = [2]", "node 2 is not one of 0..2"),
             ("[expect]\nmin_accuracy = 0.5", "expect.min_accuracy or max_drop"),
