@@ -175,23 +175,37 @@ fn churn_every_node_comes_back_and_finishes() {
     // start, not from its restart.
     let summary = read_json(&tmp.path().join("run/node-2/summary.json"));
     assert_eq!(summary["rounds"], 80, "{}", summary["rounds"]);
-    // Every node that came back, and the newcomer, entered at the run's
-    // round with the coordinate-wise median of three or more members' states:
-    // honest members of this ring lie too far apart for a pairwise check.
-    for i in [1, 2, 3, 4, 6] {
+    // Every node that came back asked the run's members for their state
+    // and took it only checked: the coordinate-wise median of three or more
+    // answers, or two that agree. Under churn this fast a member asked may
+    // stop before it answers, leaving two that disagree (honest ring
+    // members lie far apart); the node then continues from its checkpoint
+    // and says why. The newcomer joins when the restarted nodes are back,
+    // and takes a median.
+    let pull = |i: usize| {
         let s = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
-        let pull =
+        let said =
             ["pulled_from", "pulled_round", "pull_witnessed", "pulled_median_of", "pull_disagreed"]
                 .map(|k| format!("{k} {}", s[k]))
                 .join(", ");
-        assert!(s["pulled_from"].is_string(), "node {i} took no state: {pull}");
-        assert!(s["pulled_median_of"].as_u64() >= Some(3), "node {i}: {pull}");
+        (s, said)
+    };
+    for i in [1, 2, 3, 4] {
+        let (s, said) = pull(i);
+        match s["pulled_from"].is_string() {
+            true => assert_eq!(s["pull_witnessed"], true, "node {i}: {said}"),
+            false => assert!(s["pull_disagreed"].is_string(), "node {i}: {said}"),
+        }
     }
+    let (s, said) = pull(6);
+    assert!(s["pulled_median_of"].as_u64() >= Some(3), "node 6: {said}");
     // The newcomer entered the run under way, not at round 0 on a model of
     // its own, and ended with the others.
     let joined = read_json(&tmp.path().join("run/node-6/summary.json"));
+    // At the median round of the members it asked (some restarted ones
+    // behind the furthest node, whose round 45 fired the join).
     let entered = joined["pulled_round"].as_u64().unwrap();
-    assert!((45..80).contains(&entered), "entered at round {entered}");
+    assert!((25..80).contains(&entered), "entered at round {entered}");
     assert_eq!(joined["rounds"], 80);
     assert!(joined["resumed_from_round"].is_null(), "{}", joined["resumed_from_round"]);
     // Its own model is as good as the others': at least the worst of the
@@ -245,11 +259,20 @@ fn the_disaster_study_losing_hubs_hurts_more_than_losing_leaves() {
     let relay: Vec<u64> =
         nodes.iter().filter(|n| n["relay"] == true).map(|n| n["index"].as_u64().unwrap()).collect();
     assert_eq!(relay, ends(&relay_report, "killed"), "the killed hubs are the relays");
-    let samples = relay_report["samples"].as_array().unwrap();
+    // They mixed before they died: their neighbours received from them (a
+    // status sample of the relay itself may all come before its first
+    // send, the kill being at round 5 of fast rounds).
+    let run = tmp.path().join("disaster-relays/run");
+    let received_from = |peer: &serde_json::Value| -> u64 {
+        ends(&relay_report, "finished")
+            .iter()
+            .map(|j| read_json(&run.join(format!("node-{j}/summary.json"))))
+            .filter_map(|s| s["traffic_by_peer"][peer.as_str()?]["bytes_received"].as_u64())
+            .sum()
+    };
     for i in relay {
-        let sent =
-            samples.iter().filter(|x| x["node"] == i).filter_map(|x| x["bytes_sent"].as_u64());
-        assert!(sent.max() > Some(0), "relay {i} sent nothing before it was killed");
+        let peer = &nodes.iter().find(|n| n["index"] == i).unwrap()["peer_id"];
+        assert!(received_from(peer) > 0, "nobody received from relay {i} ({peer})");
     }
 }
 
