@@ -100,9 +100,6 @@ pub struct Gossip {
     local_phase: Duration,
     /// When the last exchange mixed (or the node started).
     last_mix: Option<Instant>,
-    /// The slot the last exchange mixed, and when it last heard an answer:
-    /// a message for it arriving later says how late its sender was.
-    last_exchange: Option<(u64, Instant)>,
     norm_bound: NormBound,
     /// x right after the last mix; kept only while the norm bound is on.
     last_mixed: Option<Vec<f32>>,
@@ -141,7 +138,6 @@ impl Gossip {
             training_since: None,
             local_phase: Duration::ZERO,
             last_mix: None,
-            last_exchange: None,
             norm_bound,
             last_mixed: None,
             update_norm: None,
@@ -228,9 +224,7 @@ impl Gossip {
         let reason = if now >= deadline { "missing_at_deadline" } else { "missing_after_grace" };
         self.drops.add_many(reason, waiting.len() as u64);
         // What waiting cost each peer beyond the grace, and who was in time.
-        let grace = self.patience.grace_for(&waiting, self.local_phase);
-        let unanswered = now.saturating_duration_since(last_heard + grace);
-        self.last_exchange = Some((slot, last_heard));
+        let unanswered = now.saturating_duration_since(last_heard + self.grace());
         let took = self.last_mix.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         self.last_mix = Some(now);
         for p in &expect {
@@ -273,12 +267,11 @@ impl Gossip {
     }
 
     /// When the exchange stops waiting for `waiting`: the grace after the
-    /// last answer (unless they all missed their last exchange), then the
-    /// largest credit among them, never past the deadline.
+    /// last answer, then the largest credit among them, never past the
+    /// deadline.
     fn wait_limit(&self, waiting: &[PeerId], last_heard: Instant, deadline: Instant) -> Instant {
         let credit = waiting.iter().map(|p| self.patience.allowance(p)).max().unwrap_or_default();
-        let grace = self.patience.grace_for(waiting, self.local_phase);
-        (last_heard + grace + credit).min(deadline)
+        (last_heard + self.grace() + credit).min(deadline)
     }
 
     /// Combines x with the expected messages of `slot` that pass the norm
@@ -370,13 +363,6 @@ impl Gossip {
         };
         if let Some(r) = reason {
             self.drops.add(r);
-            if let Some((slot, heard)) = self.last_exchange
-                && r == "stale_slot"
-                && m.slot == slot
-            {
-                let late = now.saturating_duration_since(heard);
-                self.patience.arrived_late(&m.peer, late, self.local_phase);
-            }
             return Vec::new();
         }
         self.heard(m.peer, m.slot, now);
@@ -534,7 +520,6 @@ impl Mixer for Gossip {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mix::patience::MIN_GRACE;
 
     fn peers(n: usize) -> Vec<PeerId> {
         let mut p: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
@@ -682,17 +667,10 @@ mod tests {
         let mut at = done;
         while acts.is_empty() {
             let tick = g.deadline().unwrap();
-            (at, acts) = match arrival {
-                Some(a) if a < tick => {
-                    arrival = None;
-                    (a, g.handle(params(ids[2], slot, 6.0), a))
-                }
+            (at, acts) = match arrival.take() {
+                Some(a) if a < tick => (a, g.handle(params(ids[2], slot, 6.0), a)),
                 _ => (tick, g.handle(Input::Tick, tick)),
             };
-        }
-        // Too late for the mix: it arrives in the next local phase.
-        if let Some(a) = arrival.filter(|a| *a < at + local) {
-            assert!(g.handle(params(ids[2], slot, 6.0), a).is_empty());
         }
         let Action::SetParams(x) = &acts[0] else { panic!("{acts:?}") };
         (at, x[0])
@@ -703,7 +681,7 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_member_costs_its_credit_and_one_grace_then_nothing() {
+    fn a_silent_member_costs_its_credit_once_then_only_the_grace() {
         let ids = peers(3);
         let mut g = Gossip::new(cfg("complete", 100), ids[0], ids.clone()).unwrap();
         let local = ms(500);
@@ -713,21 +691,16 @@ mod tests {
         // is waited out; 900 ms of it spent beyond the 100 ms grace.
         let (t1, _) = round_with(&mut g, &ids, t0, local, None);
         assert_eq!(t1, t0 + local + ms(1000));
-        // Having missed, no free grace (0.2 x 500 ms): MIN_GRACE and the
-        // 100 ms left, then MIN_GRACE alone.
+        // The grace (0.2 x 500 ms) and the 100 ms left, then the grace alone.
         let (t2, x) = round_with(&mut g, &ids, t1, local, None);
-        assert_eq!((t2, x), (t1 + local + MIN_GRACE + ms(100), 1.5), "mixed with node 1 alone");
+        assert_eq!((t2, x), (t1 + local + ms(200), 1.5), "mixed with node 1 alone");
         let (t3, x) = round_with(&mut g, &ids, t2, local, Some(ms(300)));
-        assert_eq!((t3, x), (t2 + local + MIN_GRACE, 1.5), "300 ms late is too late now");
+        assert_eq!((t3, x), (t2 + local + ms(100), 1.5), "300 ms late is too late now");
         assert_eq!(g.drops.get("missing_at_deadline"), 1);
         assert_eq!(g.drops.get("missing_after_grace"), 2);
-        // 60 ms late is too late as well, but it would have made the grace:
-        // the next exchange gives it again.
-        let (t, x) = round_with(&mut g, &ids, t3, local, Some(ms(60)));
-        assert_eq!((t, x), (t3 + local + MIN_GRACE, 1.5));
         // Within the grace it is mixed, and each answer in time earns it
         // 0.2 x 560 ms: after 9, a deadline's worth.
-        let mut t = t;
+        let mut t = t3;
         for _ in 0..9 {
             let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(60)));
             assert_eq!((next, x), (t + local + ms(60), 3.0));
@@ -756,18 +729,15 @@ mod tests {
         // Grace: max(0.2 x 200 ms, MIN_GRACE) = 40 ms; no credit yet.
         let (t1, x) = round_with(&mut g, &ids, t0, local, Some(ms(300)));
         assert_eq!((t1, x), (t0 + local + ms(40), 1.5));
-        // Having missed, MIN_GRACE; 30 ms late shows the grace would do.
-        let (t2, x) = round_with(&mut g, &ids, t1, local, Some(ms(30)));
-        assert_eq!((t2, x), (t1 + local + MIN_GRACE, 1.5));
         // Each answer in time earns 0.2 x 230 ms; 15 of them, 690 ms.
-        let mut t = t2;
+        let mut t = t1;
         for i in 0..15 {
             let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(30)));
             assert_eq!((next, x), (t + local + ms(30), 3.0), "round {i}");
             t = next;
         }
-        let (t3, x) = round_with(&mut g, &ids, t, local, Some(ms(700)));
-        assert_eq!((t3, x), (t + local + ms(700), 3.0), "earned: waited for");
+        let (t2, x) = round_with(&mut g, &ids, t, local, Some(ms(700)));
+        assert_eq!((t2, x), (t + local + ms(700), 3.0), "earned: waited for");
     }
 
     #[test]

@@ -14,21 +14,14 @@
 //!   (local phase included), up to one deadline; members at the start begin
 //!   with a full deadline of credit, members that join later with none.
 //!
-//! - the grace is free only where a neighbour waited for answered its last
-//!   exchange in time, or has since shown that it would have (a late
-//!   message that came within the grace of the last answer heard then): a
-//!   neighbour that missed gets `MIN_GRACE` until it does.
-//!
-//! A silent member thus costs one exchange the grace, then nothing beyond
-//! its credit; one that answers in time only to go silent again can spend no
-//! more than it earned and one grace, and the cheapest way back in is to
-//! answer in time (measured before the last rule, a member sending a beat
-//! behind cost each exchange the grace and its credit: 0.71-0.92x). An honest neighbour that
+//! A silent member thus costs each exchange the grace, and one that answers
+//! in time only to go silent again can spend no more than it earned: either
+//! way about `fraction` of the node's time at most. An honest neighbour that
 //! runs a little slow is waited for out of what it earns each round, so a
 //! swarm whose nodes differ by less than `fraction` stays in step; one on a
 //! lossy link is mixed whenever its message arrives within what it has.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -62,9 +55,6 @@ pub struct Patience {
     fraction: Option<f64>,
     deadline: Duration,
     credit: BTreeMap<PeerId, Duration>,
-    /// Neighbours that missed their last exchange and have not shown since
-    /// that they would have made it within the grace.
-    missed: BTreeSet<PeerId>,
 }
 
 impl Patience {
@@ -72,8 +62,7 @@ impl Patience {
     /// phase is the grace; `None` waits the full `deadline` for everyone.
     pub fn new(fraction: Option<f64>, deadline: Duration, members: &[PeerId]) -> Patience {
         let credit = members.iter().map(|p| (*p, deadline)).collect();
-        let fraction = fraction.filter(|f| f.is_finite() && *f >= 0.0);
-        Patience { fraction, deadline, credit, missed: BTreeSet::new() }
+        Patience { fraction: fraction.filter(|f| f.is_finite() && *f >= 0.0), deadline, credit }
     }
 
     /// How long after the grace the exchange may wait for `peer`.
@@ -90,35 +79,10 @@ impl Patience {
         local.mul_f64(f).max(MIN_GRACE).min(self.deadline)
     }
 
-    /// The grace an exchange still `waiting` for these neighbours gives
-    /// them: `grace`, unless every one of them missed its last exchange
-    /// (then `MIN_GRACE`).
-    pub fn grace_for(&self, waiting: &[PeerId], local: Duration) -> Duration {
-        let on_probation = !waiting.is_empty() && waiting.iter().all(|p| self.missed.contains(p));
-        match self.fraction {
-            Some(_) if on_probation => MIN_GRACE.min(self.deadline),
-            _ => self.grace(local),
-        }
-    }
-
-    /// A message of `peer` came too late for the exchange it was for,
-    /// `late` after the last answer heard then: within the grace of a local
-    /// phase of `local`, it would have been mixed had the grace been given.
-    pub fn arrived_late(&mut self, peer: &PeerId, late: Duration, local: Duration) {
-        if late <= self.grace(local) {
-            self.missed.remove(peer);
-        }
-    }
-
     /// What an exchange that came `took` after the last one cost and saw of
     /// `peer`: `waited` beyond the grace, and whether its message came in time.
     pub fn settle(&mut self, peer: PeerId, waited: Duration, in_time: bool, took: Duration) {
         let Some(f) = self.fraction else { return };
-        if in_time {
-            self.missed.remove(&peer);
-        } else {
-            self.missed.insert(peer);
-        }
         let c = self.credit.entry(peer).or_default();
         *c = c.saturating_sub(waited);
         if in_time {
@@ -130,7 +94,6 @@ impl Patience {
     /// start without credit.
     pub fn set_members(&mut self, members: &[PeerId]) {
         self.credit.retain(|p, _| members.contains(p));
-        self.missed.retain(|p| members.contains(p));
         for p in members {
             self.credit.entry(*p).or_default();
         }
@@ -199,29 +162,6 @@ mod tests {
         }
         let share = waited.as_secs_f64() / (waited + trained).as_secs_f64();
         assert!(share < 0.2, "waiting took {share:.3} of the time");
-    }
-
-    #[test]
-    fn a_neighbour_that_missed_gets_the_grace_again_only_by_showing_it_would_have_made_it() {
-        let p = peers(2);
-        let mut pat = Patience::new(Some(0.2), D, &p);
-        let local = Duration::from_secs(1);
-        let grace = Duration::from_millis(200);
-        assert_eq!(pat.grace_for(&p[..1], local), grace);
-        pat.settle(p[0], D, false, local);
-        assert_eq!(pat.grace_for(&p[..1], local), MIN_GRACE, "missed: no free grace");
-        // Waiting for a neighbour in good standing as well: the grace.
-        assert_eq!(pat.grace_for(&p, local), grace);
-        // A message 300 ms after the last answer would not have made it.
-        pat.arrived_late(&p[0], Duration::from_millis(300), local);
-        assert_eq!(pat.grace_for(&p[..1], local), MIN_GRACE);
-        // One 150 ms after would have: the grace again.
-        pat.arrived_late(&p[0], Duration::from_millis(150), local);
-        assert_eq!(pat.grace_for(&p[..1], local), grace);
-        pat.settle(p[0], Duration::ZERO, false, local);
-        pat.settle(p[0], Duration::ZERO, true, local);
-        assert_eq!(pat.grace_for(&p[..1], local), grace, "in time: back in good standing");
-        assert_eq!(Patience::new(None, D, &p).grace_for(&p[..1], local), D, "off");
     }
 
     #[test]

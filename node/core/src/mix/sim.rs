@@ -1109,17 +1109,16 @@ mod tests {
     #[test]
     fn the_virtual_time_limit_stops_a_run() {
         // Every message lost: the first round waits out the 50 ms deadline
-        // (the 20 ms grace and 30 ms of the neighbours' credit); having
-        // missed, they get no free grace after: the second waits MIN_GRACE
-        // (5 ms) and the 20 ms of credit left, the next ones MIN_GRACE:
-        // rounds end at 0.15 s, 0.275 s, 0.38 s, ..., 0.905 s, 8 in the 1 s allowed.
+        // (the 20 ms grace and 30 ms of the neighbours' credit), the second
+        // the grace and the 20 ms of credit left, the next ones the grace:
+        // rounds end at 0.15 s, 0.29 s, 0.41 s, ..., 0.89 s, 7 in the 1 s allowed.
         let g = gossip_cfg("ring", 10);
         let cfg =
             SimConfig { loss: 1.0, time_limit: Duration::from_secs(1), ..SimConfig::default() };
         let r = run(cfg, gossip_nodes(&g, 4));
         assert_eq!(r.end, EndReason::TimeLimit);
         assert_eq!(r.virtual_seconds, 1.0);
-        assert_eq!(r.rounds.len(), 8, "rounds end at 0.15 s, 0.275 s, 0.38 s, ...");
+        assert_eq!(r.rounds.len(), 7, "rounds end at 0.15 s, 0.29 s, 0.41 s, ...");
         assert_eq!(r.messages.delivered, 0);
         assert!(r.node_reports.iter().all(|n| n.finished_seconds.is_none()));
     }
