@@ -639,24 +639,15 @@ impl<'a> Runner<'a> {
         let e = &self.plan.events[k];
         let round = self.frontier();
         let mut notes: Vec<String> = Vec::new();
-        let nodes: BTreeSet<usize> = match &e.action {
-            Action::Kill(s)
-            | Action::Stop(s)
-            | Action::Restart(s)
-            | Action::Fault(s, _)
-            | Action::Clear(s)
-            | Action::Link(s, _)
-            | Action::Cut(s)
-            | Action::Restore(s) => match self.resolve(s) {
-                Ok(n) => n,
-                Err(m) => {
-                    notes.push(m);
-                    BTreeSet::new()
-                }
-            },
-            Action::Join(nodes) => nodes.clone(),
-            Action::Partition(groups) => groups.iter().flatten().copied().collect(),
-            Action::Heal => (0..self.procs.len()).collect(),
+        let nodes: BTreeSet<usize> = match (&e.action, e.action.selection()) {
+            (_, Some(s)) => self.resolve(s).unwrap_or_else(|m| {
+                notes.push(m);
+                BTreeSet::new()
+            }),
+            (Action::Join(nodes), _) => nodes.clone(),
+            (Action::Partition(groups), _) => groups.iter().flatten().copied().collect(),
+            // Heal: every node.
+            _ => (0..self.procs.len()).collect(),
         };
         let node_rounds = nodes.iter().map(|&i| (i, self.procs[i].line.round)).collect();
         for &i in &nodes {

@@ -269,6 +269,24 @@ impl Action {
     }
 }
 
+impl Action {
+    /// The selection of nodes the action acts on (`None`: join, partition
+    /// and heal name theirs otherwise).
+    pub fn selection(&self) -> Option<&Selection> {
+        match self {
+            Action::Kill(s)
+            | Action::Stop(s)
+            | Action::Restart(s)
+            | Action::Fault(s, _)
+            | Action::Clear(s)
+            | Action::Link(s, _)
+            | Action::Cut(s)
+            | Action::Restore(s) => Some(s),
+            Action::Join(_) | Action::Partition(_) | Action::Heal => None,
+        }
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -378,20 +396,13 @@ fn late_nodes(events: &[Event], n: usize) -> Result<BTreeSet<usize>, String> {
     }
     let mut joined = BTreeSet::new();
     for (k, e) in events.iter().enumerate() {
-        let named: Vec<usize> = match &e.action {
-            Action::Join(nodes) => {
+        let named: Vec<usize> = match (&e.action, e.action.selection()) {
+            (Action::Join(nodes), _) => {
                 joined.extend(nodes.iter().copied());
                 continue;
             }
-            Action::Kill(Selection::Nodes(s))
-            | Action::Stop(Selection::Nodes(s))
-            | Action::Restart(Selection::Nodes(s))
-            | Action::Fault(Selection::Nodes(s), _)
-            | Action::Clear(Selection::Nodes(s))
-            | Action::Link(Selection::Nodes(s), _)
-            | Action::Cut(Selection::Nodes(s))
-            | Action::Restore(Selection::Nodes(s)) => s.iter().copied().collect(),
-            Action::Partition(groups) => groups.iter().flatten().copied().collect(),
+            (Action::Partition(groups), _) => groups.iter().flatten().copied().collect(),
+            (_, Some(Selection::Nodes(s))) => s.iter().copied().collect(),
             _ => Vec::new(),
         };
         if let Some(i) = named.into_iter().find(|i| late.contains(i) && !joined.contains(i)) {
