@@ -96,3 +96,29 @@ fn a_simulated_coordinator_joins_rings_and_its_options_need_one() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// A simulated node costs its own state (O(its degree)), not a copy of the
+/// swarm's roster and topology: 10,000 nodes finish 20 rounds of averaging
+/// on each topology whose neighbours differ in kind (a ring, an exponential
+/// graph, one peer per round) in well under a gigabyte. With a roster and a
+/// topology per node a 10,000-node ring took 13.4 GB.
+#[test]
+fn ten_thousand_simulated_nodes_average_in_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    // How far each topology brings the consensus distance down in 20 rounds
+    // (measured: 0.28, 5e-4 and 2.9e-3 of the start).
+    for (topology, gain) in [("ring", 0.5), ("exponential", 1e-2), ("one-peer-exp", 0.02)] {
+        let out = tmp.path().join(topology);
+        let args = ["sim", "--nodes", "10000", "--topology", topology, "--rounds", "20"];
+        let stdout = ok(&murmur(&[&args[..], &["--out", s(&out)]].concat()));
+        let report = read_json(&out.join("sim.json"));
+        assert_eq!(report["end"], "all_finished", "{topology}: {stdout}");
+        assert_eq!(report["rounds"].as_array().unwrap().len(), 20, "{topology}");
+        let initial = report["initial_consensus_distance"].as_f64().unwrap();
+        let last = report["final_consensus_distance"].as_f64().unwrap();
+        assert!(last < initial * gain, "{topology}: {initial} -> {last}");
+        let peak = report["process"]["peak_rss_bytes"].as_f64().unwrap();
+        assert!(peak < 1e9, "{topology}: peak memory {peak} bytes for 10,000 nodes");
+        assert!(stdout.contains("peak memory"), "{stdout}");
+    }
+}

@@ -258,9 +258,38 @@ struct Summary<'a> {
     settings: &'a Settings,
     #[serde(flatten)]
     report: &'a SimReport,
+    process: Process,
+}
+
+/// What the simulation cost this machine: how far it scales is a question a
+/// user asks of `murmur sim`, so the answer is in its report.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Process {
+    /// From the start of `murmur sim` to the end of the run.
+    wall_seconds: f64,
+    /// The process's peak resident memory (`VmHWM`), where Linux tells it.
+    peak_rss_bytes: Option<u64>,
+}
+
+impl Process {
+    fn since(start: std::time::Instant) -> Process {
+        let peak_rss_bytes = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+            let kb = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+            kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
+        });
+        Process { wall_seconds: start.elapsed().as_secs_f64(), peak_rss_bytes }
+    }
+
+    fn line(&self) -> String {
+        let memory = self
+            .peak_rss_bytes
+            .map_or(String::new(), |b| format!(", peak memory {:.0} MB", b as f64 / 1e6));
+        format!("ran {:.1} s of wall time{memory}", self.wall_seconds)
+    }
 }
 
 pub fn run(args: SimArgs) -> Result<(), CliError> {
+    let start = std::time::Instant::now();
     let settings = settings(&args)?;
     let Local { update: mut local, init, layers } = local_update(&settings)?;
     let elements = init.first().map_or(0, Vec::len);
@@ -280,8 +309,10 @@ pub fn run(args: SimArgs) -> Result<(), CliError> {
         .run_observed(local.as_mut(), |s| println!("{}", round_line(s, rounds, metric)))
         .map_err(CliError::failed)?;
     println!("{}", summary_line(&report));
+    let process = Process::since(start);
+    println!("{}", process.line());
     if let Some(out) = &args.out {
-        write_report(&out.join("sim.json"), &settings, &report)?;
+        write_report(&out.join("sim.json"), &settings, &report, process)?;
     }
     Ok(())
 }
@@ -585,11 +616,13 @@ fn strategies(
     let spec = spec(s);
     let len = init.first().map_or(0, Vec::len);
     spec.check(s.nodes, layers, len).map_err(CliError::usage)?;
+    // One roster and topology for all: a node costs its own state.
+    let swarm = strategy::Swarm::new(&spec, ids[0], ids.clone()).map_err(CliError::usage)?;
     ids.iter()
         .zip(init)
         .map(|(&id, params)| {
             let mixer: Box<dyn Mixer> =
-                strategy::build(&spec, id, ids.clone(), 0, layers, len).map_err(CliError::usage)?;
+                strategy::build_in(&spec, &swarm, &id, 0, layers, len).map_err(CliError::usage)?;
             Ok(SimNode { id, mixer, params })
         })
         .collect()
@@ -665,8 +698,9 @@ fn write_report(
     path: &std::path::Path,
     settings: &Settings,
     report: &SimReport,
+    process: Process,
 ) -> Result<(), CliError> {
-    let summary = Summary { murmur_version: env!("CARGO_PKG_VERSION"), settings, report };
+    let summary = Summary { murmur_version: env!("CARGO_PKG_VERSION"), settings, report, process };
     let json = serde_json::to_vec_pretty(&summary).map_err(CliError::failed)?;
     std::fs::write(path, json)
         .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display())))?;

@@ -23,7 +23,7 @@ use crate::net::encoding::Encoding;
 use super::mixer::{
     Action, Drops, Input, Message, Mixer, MsgKind, Roster, StateError, StrategyState,
 };
-use super::patience::Patience;
+use super::patience::{Awaiting, Patience};
 use super::topology::{Topology, TopologyError, TopologySpec};
 
 /// How far ahead of the current exchange a message may be and still be kept.
@@ -70,13 +70,17 @@ enum Phase {
     Exchanging {
         step: u64,
         deadline: Instant,
+        /// Sorted.
         expect: Vec<PeerId>,
+        /// Those of `expect` that have not answered yet.
+        awaiting: Awaiting,
         /// When the exchange began or last heard an expected peer: while
         /// neighbours keep arriving the wait is free, a silent one never does.
         last_heard: Instant,
-        /// What waiting for each peer that answered cost beyond the grace
-        /// after the answer before it (see `patience`).
-        charged: BTreeMap<PeerId, Duration>,
+        /// What waiting for each peer of `expect` that answered in this
+        /// exchange cost beyond the grace after the answer before it (see
+        /// `patience`).
+        charged: Vec<Option<Duration>>,
     },
     Done,
 }
@@ -117,14 +121,23 @@ impl Gossip {
         me: PeerId,
         members: Vec<PeerId>,
     ) -> Result<Gossip, TopologyError> {
-        let patience = Patience::new(cfg.straggler_grace, cfg.timeout, &members);
         let roster = Roster::new(me, members);
-        let topology = Some(Topology::new(&cfg.topology, roster.len(), cfg.seed)?);
+        let topology = Topology::new(&cfg.topology, roster.len(), cfg.seed)?;
+        Ok(Gossip::in_swarm(cfg, roster, topology))
+    }
+
+    /// The node `roster.me` of a swarm whose member list and `topology`
+    /// (built from `cfg` for `roster`'s members) other nodes share: what the
+    /// simulator builds for each of its nodes, at the cost of this node's
+    /// own state, not of the swarm's size.
+    pub fn in_swarm(cfg: GossipConfig, roster: Roster, topology: Topology) -> Gossip {
+        let patience = Patience::new(cfg.straggler_grace, cfg.timeout);
+        let topology = Some(topology);
         let norm_bound = NormBound::new(cfg.norm_bound).unwrap_or_else(|e| {
             tracing::warn!(%e, "gossip norm bound disabled");
             NormBound::default()
         });
-        Ok(Gossip {
+        Gossip {
             round: cfg.start_round,
             cfg,
             roster,
@@ -142,7 +155,7 @@ impl Gossip {
             last_mixed: None,
             update_norm: None,
             last_neighbour_distance: None,
-        })
+        }
     }
 
     fn slot(&self, step: u64) -> u64 {
@@ -194,13 +207,17 @@ impl Gossip {
                 })
             })
             .collect();
-        let expect = ins.iter().map(|&j| self.roster.members[j]).collect();
+        let mut expect: Vec<PeerId> = ins.iter().map(|&j| self.roster.members[j]).collect();
+        expect.sort_unstable();
+        let awaiting = Awaiting::new(&self.patience, &expect, |p| self.answered(p, slot));
+        let charged = vec![None; expect.len()];
         self.phase = Phase::Exchanging {
             step,
             deadline: now + self.cfg.timeout,
             expect,
+            awaiting,
             last_heard: now,
-            charged: BTreeMap::new(),
+            charged,
         };
         actions.extend(self.try_mix(now, false));
         actions
@@ -209,28 +226,29 @@ impl Gossip {
     /// Mixes if every expected message arrived, if the peers still missing
     /// have used up their patience, or `force` (deadline passed).
     fn try_mix(&mut self, now: Instant, force: bool) -> Vec<Action> {
-        let Phase::Exchanging { step, expect, deadline, last_heard, .. } = &self.phase else {
+        let Phase::Exchanging { step, awaiting, deadline, last_heard, .. } = &self.phase else {
             return Vec::new();
         };
         let (step, deadline, last_heard) = (*step, *deadline, *last_heard);
         let slot = self.slot(step);
-        let waiting = self.waiting(expect, slot);
-        if !waiting.is_empty() && !force && now < self.wait_limit(&waiting, last_heard, deadline) {
+        if !awaiting.is_empty() && !force && now < self.wait_limit(awaiting, last_heard, deadline) {
             return Vec::new();
         }
         // Mixing: copied once per exchange, not on every message that waits.
-        let Phase::Exchanging { expect, charged, .. } = &self.phase else { return Vec::new() };
-        let (expect, charged) = (expect.clone(), charged.clone());
+        let Phase::Exchanging { expect, charged, awaiting, .. } = &self.phase else {
+            return Vec::new();
+        };
+        let (expect, charged, awaiting) = (expect.clone(), charged.clone(), awaiting.clone());
         let reason = if now >= deadline { "missing_at_deadline" } else { "missing_after_grace" };
-        self.drops.add_many(reason, waiting.len() as u64);
+        self.drops.add_many(reason, awaiting.len() as u64);
         // What waiting cost each peer beyond the grace, and who was in time.
         let unanswered = now.saturating_duration_since(last_heard + self.grace());
         let took = self.last_mix.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         self.last_mix = Some(now);
-        for p in &expect {
-            let waited = match waiting.contains(p) {
+        for (pos, p) in expect.iter().enumerate() {
+            let waited = match awaiting.contains(pos) {
                 true => unanswered,
-                false => charged.get(p).copied().unwrap_or_default(),
+                false => charged[pos].unwrap_or_default(),
             };
             let in_time = self.inbox.get(&slot).is_some_and(|m| m.contains_key(p));
             self.patience.settle(*p, waited, in_time, took);
@@ -249,35 +267,38 @@ impl Gossip {
         self.patience.grace(self.local_phase)
     }
 
-    /// Expected peers that have not answered `slot`. Each counts once,
-    /// whether its message arrived, was refused, or both: a
-    /// refused-plus-valid pair must not stand in for an honest neighbour
-    /// still on its way.
-    fn waiting(&self, expect: &[PeerId], slot: u64) -> Vec<PeerId> {
-        let inbox = self.inbox.get(&slot);
-        let refused = self.refused.get(&slot);
-        expect
-            .iter()
-            .filter(|p| {
-                !(inbox.is_some_and(|m| m.contains_key(p))
-                    || refused.is_some_and(|r| r.contains(p)))
-            })
-            .copied()
-            .collect()
+    /// Whether `peer` answered `slot`: its message arrived, was refused,
+    /// or both. Each peer counts once: a refused-plus-valid pair must not
+    /// stand in for an honest neighbour still on its way.
+    fn answered(&self, peer: &PeerId, slot: u64) -> bool {
+        self.inbox.get(&slot).is_some_and(|m| m.contains_key(peer))
+            || self.refused.get(&slot).is_some_and(|r| r.contains(peer))
     }
 
-    /// When the exchange stops waiting for `waiting`: the grace after the
+    /// Where `peer` is in the exchange under way's expected peers, if that
+    /// exchange is `slot`'s and expects it.
+    fn expected(&self, peer: &PeerId, slot: u64) -> Option<usize> {
+        match &self.phase {
+            Phase::Exchanging { expect, .. } if slot == self.current_slot() => {
+                expect.binary_search(peer).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// When the exchange stops waiting for `awaiting`: the grace after the
     /// last answer, then the largest credit among them, never past the
     /// deadline.
-    fn wait_limit(&self, waiting: &[PeerId], last_heard: Instant, deadline: Instant) -> Instant {
-        let credit = waiting.iter().map(|p| self.patience.allowance(p)).max().unwrap_or_default();
-        (last_heard + self.grace() + credit).min(deadline)
+    fn wait_limit(&self, awaiting: &Awaiting, last_heard: Instant, deadline: Instant) -> Instant {
+        (last_heard + self.grace() + awaiting.max_credit()).min(deadline)
     }
 
     /// Combines x with the expected messages of `slot` that pass the norm
     /// bound, with the configured aggregator.
     fn mix(&mut self, expect: &[PeerId], mut msgs: BTreeMap<PeerId, Message>, slot: u64) {
-        for p in msgs.keys().filter(|p| !expect.contains(p)).copied().collect::<Vec<_>>() {
+        for p in
+            msgs.keys().filter(|p| expect.binary_search(p).is_err()).copied().collect::<Vec<_>>()
+        {
             msgs.remove(&p);
             self.drops.add("unexpected_sender");
         }
@@ -327,8 +348,10 @@ impl Gossip {
         }
         self.round += 1;
         // Slots of rounds that did not communicate (`--comm every:K`) are
-        // never mixed: forget what came for them.
-        let current = self.current_slot();
+        // never mixed: forget what came for them. Not `current_slot()`: the
+        // phase still names the last step, which would also forget what
+        // came early for the next round's first steps.
+        let current = self.slot(0);
         self.inbox = self.inbox.split_off(&current);
         self.refused = self.refused.split_off(&current);
         if self.round >= self.cfg.rounds {
@@ -344,6 +367,7 @@ impl Gossip {
 
     fn receive(&mut self, m: Message, now: Instant) -> Vec<Action> {
         let current = self.current_slot();
+        let expected = self.expected(&m.peer, m.slot);
         let reason = if m.kind != MsgKind::Params {
             Some("wrong_kind")
         } else if !self.x.is_empty() && m.values.len() != self.x.len() {
@@ -352,7 +376,7 @@ impl Gossip {
             Some("stale_slot")
         } else if m.slot > current + MAX_SLOTS_AHEAD {
             Some("far_future_slot")
-        } else if !self.is_in_neighbour(&m.peer, m.slot) {
+        } else if expected.is_none() && !self.is_in_neighbour(&m.peer, m.slot) {
             Some("not_a_neighbour")
         } else if self.inbox.get(&m.slot).is_some_and(|b| b.contains_key(&m.peer)) {
             Some("duplicate")
@@ -365,31 +389,33 @@ impl Gossip {
             self.drops.add(r);
             return Vec::new();
         }
-        self.heard(m.peer, m.slot, now);
+        if let Some(pos) = expected {
+            self.heard(pos, now);
+        }
         self.inbox.entry(m.slot).or_default().insert(m.peer, m);
         self.try_mix(now, false)
     }
 
-    /// Notes an answer of `peer` for `slot` at `now`, if that is the
-    /// exchange under way.
-    fn heard(&mut self, peer: PeerId, slot: u64, now: Instant) {
-        let (current, grace) = (self.current_slot(), self.grace());
-        if let Phase::Exchanging { last_heard, charged, expect, .. } = &mut self.phase
-            && slot == current
-            && expect.contains(&peer)
-            && !charged.contains_key(&peer)
-        {
-            charged.insert(peer, now.saturating_duration_since(*last_heard + grace));
-            *last_heard = now;
+    /// Notes an answer at `now` of the peer at `pos` of the exchange under
+    /// way: it is no longer awaited, and its first answer in this exchange
+    /// is charged what waiting for it cost beyond the grace.
+    fn heard(&mut self, pos: usize, now: Instant) {
+        let grace = self.grace();
+        if let Phase::Exchanging { last_heard, charged, awaiting, .. } = &mut self.phase {
+            awaiting.answered(pos);
+            if charged[pos].is_none() {
+                charged[pos] = Some(now.saturating_duration_since(*last_heard + grace));
+                *last_heard = now;
+            }
         }
     }
 
     /// Whether `peer` sends to this node in `slot` (only those messages are
     /// kept: anyone else's would only take memory).
     fn is_in_neighbour(&mut self, peer: &PeerId, slot: u64) -> bool {
-        let Some(j) = self.roster.members.iter().position(|p| p == peer) else { return false };
+        let Some(j) = self.roster.index_of(peer) else { return false };
         let me = self.roster.me;
-        self.topology().is_some_and(|t| t.in_neighbours(me, slot).contains(&j))
+        self.topology().is_some_and(|t| t.sends_to(j, me, slot))
     }
 
     /// Messages from `peer` held for slots after the current one.
@@ -468,7 +494,9 @@ impl Mixer for Gossip {
             Input::Refused { peer, kind: MsgKind::Params, slot } => {
                 let current = self.current_slot();
                 if slot >= current && slot <= current + MAX_SLOTS_AHEAD {
-                    self.heard(peer, slot, now);
+                    if let Some(pos) = self.expected(&peer, slot) {
+                        self.heard(pos, now);
+                    }
                     self.refused.entry(slot).or_default().insert(peer);
                 }
                 self.try_mix(now, false)
@@ -478,15 +506,21 @@ impl Mixer for Gossip {
                 // Not waited for in the exchange under way (a later one
                 // waits again: the connection may come back).
                 let current = self.current_slot();
-                if matches!(&self.phase, Phase::Exchanging { expect, .. } if expect.contains(&peer))
+                if let Some(pos) = self.expected(&peer, current)
+                    && let Phase::Exchanging { awaiting, .. } = &mut self.phase
                 {
+                    awaiting.answered(pos);
                     self.refused.entry(current).or_default().insert(peer);
                 }
                 self.try_mix(now, false)
             }
             Input::Members(members) => {
-                self.patience.set_members(&members);
-                self.roster = Roster::new(self.roster.me(), members);
+                let roster = Roster::new(self.roster.me(), members);
+                self.patience.set_members(&self.roster, &roster);
+                if let Phase::Exchanging { awaiting, expect, .. } = &mut self.phase {
+                    awaiting.left(expect, &roster);
+                }
+                self.roster = roster;
                 Vec::new()
             }
             Input::Tick if self.deadline().is_some_and(|d| now >= d) => self.try_mix(now, true),
@@ -496,9 +530,8 @@ impl Mixer for Gossip {
 
     fn deadline(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Exchanging { step, expect, deadline, last_heard, .. } => {
-                let waiting = self.waiting(expect, self.slot(*step));
-                Some(self.wait_limit(&waiting, *last_heard, *deadline))
+            Phase::Exchanging { awaiting, deadline, last_heard, .. } => {
+                Some(self.wait_limit(awaiting, *last_heard, *deadline))
             }
             _ => None,
         }
@@ -782,6 +815,34 @@ mod tests {
         }
         g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
         assert!(g.inbox.keys().all(|&slot| slot >= 3), "{:?}", g.inbox.keys());
+    }
+
+    #[test]
+    fn a_message_early_for_the_next_rounds_first_step_is_kept() {
+        // Two gossip steps a round: slots 0 and 1, then 2 and 3.
+        let ids = peers(2);
+        let mut c = cfg("complete", 3);
+        c.gossip_steps = 2;
+        let mut g = Gossip::new(c, ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        g.handle(params(ids[1], 0, 2.0), t0);
+        // The neighbour's slot 2 overtakes its slot 1.
+        g.handle(params(ids[1], 2, 4.0), t0);
+        let acts = g.handle(params(ids[1], 1, 2.0), t0);
+        assert!(acts.contains(&Action::Train { steps: 5 }), "{acts:?}");
+        // Round 1's first step mixes at once with what came early.
+        let acts = g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        let sent: Vec<u64> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(m) => Some(m.slot),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [2, 3], "{acts:?}");
+        assert_eq!(g.drops.get("missing_after_grace") + g.drops.get("missing_at_deadline"), 0);
     }
 
     fn params(peer: PeerId, slot: u64, v: f32) -> Input {

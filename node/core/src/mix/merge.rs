@@ -115,6 +115,11 @@ pub struct Merge {
 impl Merge {
     /// Fails if the exchange probability is outside [0, 1].
     pub fn new(cfg: MergeConfig, me: PeerId, members: Vec<PeerId>) -> Result<Merge, MergeError> {
+        Merge::in_swarm(cfg, Roster::new(me, members))
+    }
+
+    /// The node `roster.me`, sharing the roster's member list with others.
+    pub fn in_swarm(cfg: MergeConfig, roster: Roster) -> Result<Merge, MergeError> {
         if let Exchange::Random(p) = cfg.exchange
             && !(0.0..=1.0).contains(&p)
         {
@@ -128,7 +133,7 @@ impl Merge {
         Ok(Merge {
             round: cfg.start_round,
             cfg,
-            roster: Roster::new(me, members),
+            roster,
             phase: Phase::Training,
             x: Vec::new(),
             inbox: BTreeMap::new(),

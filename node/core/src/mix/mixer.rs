@@ -312,22 +312,30 @@ pub struct OuterStatus {
 }
 
 /// Sorted members and this node's index among them.
+///
+/// The member list is shared (`Arc`): the simulator gives one list to every
+/// node's strategy, so a node costs its index, not a copy of the swarm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roster {
-    pub members: Vec<PeerId>,
+    pub members: Arc<[PeerId]>,
     pub me: usize,
 }
 
 impl Roster {
     /// The roster for `members` (any order; this node added if missing).
     pub fn new(me: PeerId, mut members: Vec<PeerId>) -> Roster {
-        if !members.contains(&me) {
-            members.push(me);
-        }
+        members.push(me);
         members.sort();
         members.dedup();
-        let idx = members.iter().position(|p| *p == me).unwrap_or(0);
-        Roster { members, me: idx }
+        let idx = members.binary_search(&me).unwrap_or(0);
+        Roster { members: members.into(), me: idx }
+    }
+
+    /// The same members seen from `peer`, sharing the list (`None` if
+    /// `peer` is not one of them).
+    pub fn of(&self, peer: &PeerId) -> Option<Roster> {
+        let me = self.index_of(peer)?;
+        Some(Roster { members: self.members.clone(), me })
     }
 
     pub fn len(&self) -> usize {

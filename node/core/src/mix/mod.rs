@@ -11,6 +11,7 @@ pub mod compress;
 pub mod consensus;
 pub mod coordinated;
 pub mod diloco;
+pub mod event_queue;
 pub mod gossip;
 pub mod merge;
 pub mod mixer;

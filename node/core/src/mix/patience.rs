@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 
+use super::mixer::Roster;
+
 /// The grace, and the credit earned, as a fraction of the training time,
 /// unless told otherwise: a member that does not keep pace costs at most
 /// about a fifth of it.
@@ -49,6 +51,10 @@ pub fn parse_grace(s: &str) -> Result<Option<f64>, String> {
 }
 
 /// Every in-neighbour's credit, and the grace.
+///
+/// Only neighbours that have been settled, or joined after the start, have
+/// an entry; a member from the start without one has a full deadline of
+/// credit. So a node's patience costs its in-neighbours, not the swarm.
 #[derive(Debug, Clone)]
 pub struct Patience {
     /// `None`: every neighbour gets the full deadline, always.
@@ -58,19 +64,23 @@ pub struct Patience {
 }
 
 impl Patience {
-    /// `members` start with a deadline of credit. `fraction` of the local
-    /// phase is the grace; `None` waits the full `deadline` for everyone.
-    pub fn new(fraction: Option<f64>, deadline: Duration, members: &[PeerId]) -> Patience {
-        let credit = members.iter().map(|p| (*p, deadline)).collect();
-        Patience { fraction: fraction.filter(|f| f.is_finite() && *f >= 0.0), deadline, credit }
+    /// Members at the start have a deadline of credit. `fraction` of the
+    /// local phase is the grace; `None` waits the full `deadline` for everyone.
+    pub fn new(fraction: Option<f64>, deadline: Duration) -> Patience {
+        let fraction = fraction.filter(|f| f.is_finite() && *f >= 0.0);
+        Patience { fraction, deadline, credit: BTreeMap::new() }
     }
 
     /// How long after the grace the exchange may wait for `peer`.
     pub fn allowance(&self, peer: &PeerId) -> Duration {
         match self.fraction {
             None => self.deadline,
-            Some(_) => self.credit.get(peer).copied().unwrap_or_default(),
+            Some(_) => self.credit(peer),
         }
+    }
+
+    fn credit(&self, peer: &PeerId) -> Duration {
+        self.credit.get(peer).copied().unwrap_or(self.deadline)
     }
 
     /// How long every neighbour is waited for, after a local phase of `local`.
@@ -83,20 +93,87 @@ impl Patience {
     /// `peer`: `waited` beyond the grace, and whether its message came in time.
     pub fn settle(&mut self, peer: PeerId, waited: Duration, in_time: bool, took: Duration) {
         let Some(f) = self.fraction else { return };
-        let c = self.credit.entry(peer).or_default();
-        *c = c.saturating_sub(waited);
+        let mut c = self.credit(&peer).saturating_sub(waited);
         if in_time {
-            *c = (*c + took.mul_f64(f)).min(self.deadline);
+            c = (c + took.mul_f64(f)).min(self.deadline);
+        }
+        self.credit.insert(peer, c);
+    }
+
+    /// The members changed from `before` to `after`: forgets peers that left;
+    /// members new to this node start without credit.
+    pub fn set_members(&mut self, before: &Roster, after: &Roster) {
+        self.credit.retain(|p, _| after.index_of(p).is_some());
+        for p in after.members.iter().filter(|p| before.index_of(p).is_none()) {
+            self.credit.insert(*p, Duration::ZERO);
+        }
+    }
+}
+
+/// The in-neighbours an exchange still waits for, by their place in the
+/// exchange's sorted list of expected peers, each with the credit it had
+/// when the exchange began. Positions, not peer ids: the simulator delivers
+/// millions of messages, and each answer then costs one lookup in that list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Awaiting {
+    /// `None` once answered.
+    credit: Vec<Option<Duration>>,
+    left: usize,
+}
+
+impl Awaiting {
+    /// Awaits every peer of `expect` that has not `answered` yet, with the
+    /// allowance `patience` gives it now.
+    pub fn new(
+        patience: &Patience,
+        expect: &[PeerId],
+        answered: impl Fn(&PeerId) -> bool,
+    ) -> Awaiting {
+        let credit: Vec<Option<Duration>> =
+            expect.iter().map(|p| (!answered(p)).then(|| patience.allowance(p))).collect();
+        let left = credit.iter().flatten().count();
+        Awaiting { credit, left }
+    }
+
+    /// The peer at `pos` answered: no longer awaited.
+    pub fn answered(&mut self, pos: usize) {
+        if let Some(c) = self.credit.get_mut(pos)
+            && c.take().is_some()
+        {
+            self.left -= 1;
         }
     }
 
-    /// Forgets peers that are no longer members; members new to this node
-    /// start without credit.
-    pub fn set_members(&mut self, members: &[PeerId]) {
-        self.credit.retain(|p, _| members.contains(p));
-        for p in members {
-            self.credit.entry(*p).or_default();
+    /// Whether the peer at `pos` is still awaited.
+    pub fn contains(&self, pos: usize) -> bool {
+        self.credit.get(pos).is_some_and(Option::is_some)
+    }
+
+    /// Awaited peers of `expect` (the list this was made from) that are no
+    /// longer members of `roster` are waited for only the grace, as a member
+    /// without credit.
+    pub fn left(&mut self, expect: &[PeerId], roster: &Roster) {
+        for (c, p) in self.credit.iter_mut().zip(expect) {
+            if let Some(c) = c.as_mut()
+                && roster.index_of(p).is_none()
+            {
+                *c = Duration::ZERO;
+            }
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.left
+    }
+
+    /// The largest credit among the awaited peers (zero if none): a scan of
+    /// a few neighbours' durations, kept in one small vector.
+    pub fn max_credit(&self) -> Duration {
+        self.credit.iter().flatten().max().copied().unwrap_or_default()
     }
 }
 
@@ -111,12 +188,17 @@ mod tests {
         (0..n).map(|_| PeerId::random()).collect()
     }
 
+    fn roster(members: &[PeerId]) -> Roster {
+        Roster::new(members[0], members.to_vec())
+    }
+
     #[test]
     fn members_at_the_start_have_a_deadline_of_credit_and_later_ones_earn_it() {
         let p = peers(3);
-        let mut pat = Patience::new(Some(0.2), D, &p[..2]);
+        let mut pat = Patience::new(Some(0.2), D);
         assert_eq!(pat.allowance(&p[0]), D);
-        pat.set_members(&p);
+        pat.set_members(&roster(&p[..2]), &roster(&p));
+        assert_eq!(pat.allowance(&p[1]), D);
         assert_eq!(pat.allowance(&p[2]), Duration::ZERO);
         pat.settle(p[2], Duration::ZERO, true, ROUND);
         assert_eq!(pat.allowance(&p[2]), Duration::from_millis(20));
@@ -130,7 +212,7 @@ mod tests {
     #[test]
     fn waiting_spends_credit_and_a_miss_earns_nothing() {
         let p = peers(1)[0];
-        let mut pat = Patience::new(Some(0.2), D, &[p]);
+        let mut pat = Patience::new(Some(0.2), D);
         pat.settle(p, D, false, ROUND);
         assert_eq!(pat.allowance(&p), Duration::ZERO);
         // A slow neighbour: waited 15 ms beyond the grace a round, earns 20 ms.
@@ -146,7 +228,7 @@ mod tests {
     #[test]
     fn a_neighbour_that_goes_silent_whenever_it_can_costs_a_bounded_share() {
         let p = peers(1)[0];
-        let mut pat = Patience::new(Some(0.2), D, &[p]);
+        let mut pat = Patience::new(Some(0.2), D);
         // With a second of credit it goes silent (spending all of it),
         // otherwise it answers at once.
         let (mut waited, mut trained) = (Duration::ZERO, Duration::ZERO);
@@ -166,11 +248,11 @@ mod tests {
 
     #[test]
     fn the_grace_is_a_fraction_of_the_local_phase_within_bounds() {
-        let pat = Patience::new(Some(0.2), D, &[]);
+        let pat = Patience::new(Some(0.2), D);
         assert_eq!(pat.grace(Duration::from_secs(1)), Duration::from_millis(200));
         assert_eq!(pat.grace(Duration::from_millis(10)), MIN_GRACE);
         assert_eq!(pat.grace(Duration::from_secs(60)), D);
-        assert_eq!(Patience::new(None, D, &[]).grace(Duration::from_millis(10)), D);
+        assert_eq!(Patience::new(None, D).grace(Duration::from_millis(10)), D);
     }
 
     #[test]
@@ -186,7 +268,7 @@ mod tests {
     #[test]
     fn off_waits_the_deadline_for_everyone_always() {
         let p = peers(1)[0];
-        let mut pat = Patience::new(None, D, &[]);
+        let mut pat = Patience::new(None, D);
         pat.settle(p, D, false, ROUND);
         assert_eq!(pat.allowance(&p), D);
     }
@@ -194,8 +276,47 @@ mod tests {
     #[test]
     fn former_members_are_forgotten() {
         let p = peers(3);
-        let mut pat = Patience::new(Some(0.2), D, &p);
-        pat.set_members(&p[..1]);
+        let mut pat = Patience::new(Some(0.2), D);
+        for q in &p {
+            pat.settle(*q, D, false, ROUND);
+        }
+        pat.set_members(&roster(&p), &roster(&p[..1]));
         assert_eq!(pat.credit.len(), 1);
+        // One that comes back is new again: no credit.
+        pat.set_members(&roster(&p[..1]), &roster(&p));
+        assert_eq!(pat.allowance(&p[2]), Duration::ZERO);
+    }
+
+    #[test]
+    fn awaiting_keeps_the_largest_credit_of_those_not_yet_answered() {
+        let p = peers(4);
+        let mut pat = Patience::new(Some(0.2), D);
+        pat.settle(p[1], D - Duration::from_secs(1), false, ROUND);
+        pat.settle(p[2], D, false, ROUND);
+        // p[3] answered before the exchange began.
+        let mut a = Awaiting::new(&pat, &p, |q| *q == p[3]);
+        assert_eq!((a.len(), a.max_credit()), (3, D));
+        assert!(!a.contains(3));
+        a.answered(0);
+        assert_eq!(a.max_credit(), Duration::from_secs(1));
+        assert!(!a.contains(0) && a.contains(1));
+        a.answered(0);
+        a.answered(1);
+        assert_eq!((a.len(), a.max_credit()), (1, Duration::ZERO));
+        a.answered(2);
+        a.answered(9);
+        assert!(a.is_empty());
+        assert_eq!(a.max_credit(), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_awaited_peer_that_left_keeps_no_credit() {
+        let p = peers(2);
+        let pat = Patience::new(Some(0.2), D);
+        let mut a = Awaiting::new(&pat, &p, |_| false);
+        a.left(&p, &roster(&p[..1]));
+        assert_eq!((a.len(), a.max_credit()), (2, D));
+        a.answered(0);
+        assert_eq!((a.len(), a.max_credit()), (1, Duration::ZERO));
     }
 }

@@ -40,8 +40,7 @@
 //! This module owns the event loop and the report; it must not know any one
 //! strategy's internals, and it never touches sockets, threads or the clock.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -54,6 +53,7 @@ use serde::Serialize;
 
 pub use super::consensus::{consensus_distance, mean};
 
+use super::event_queue::EventQueue;
 use super::mixer::{Action, Input, Message, Mixer};
 use crate::net::encoding;
 
@@ -405,34 +405,6 @@ enum Event {
     Members,
 }
 
-#[derive(Debug)]
-struct Scheduled {
-    at: Duration,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Scheduled {}
-
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Scheduled {
-    /// Reversed, so that `BinaryHeap` pops the earliest (time, seq) first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 struct NodeState {
     id: PeerId,
     mixer: Box<dyn Mixer>,
@@ -447,6 +419,8 @@ struct NodeState {
     crash_round: Option<u64>,
     crashed_at_round: Option<u64>,
     finished_at: Option<Duration>,
+    /// Its strategy's `round()` as `Simulator::at_round` counts it.
+    round: u64,
 }
 
 impl NodeState {
@@ -460,10 +434,14 @@ pub struct Simulator {
     cfg: SimConfig,
     base: Instant,
     now: Duration,
-    seq: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: EventQueue<Event>,
     rng: ChaCha8Rng,
     nodes: Vec<NodeState>,
+    /// How many live nodes are in each round (no zero counts), and how many
+    /// live nodes have not finished: kept as events happen, so that an
+    /// event costs its node, not a scan of the swarm.
+    at_round: BTreeMap<u64, usize>,
+    unfinished: usize,
     index: HashMap<PeerId, usize>,
     initial: Vec<Vec<f32>>,
     next_boundary: u64,
@@ -512,17 +490,20 @@ impl Simulator {
                 crash_round: cfg.crashes.iter().filter(|c| c.node == i).map(|c| c.round).min(),
                 crashed_at_round: None,
                 finished_at: None,
+                round: 0,
             });
         }
         let initial = states.iter().map(|n| n.params.clone()).collect();
+        let (at_round, unfinished) = (BTreeMap::from([(0, states.len())]), states.len());
         Ok(Simulator {
             cfg,
             base: Instant::now(),
             now: Duration::ZERO,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             rng,
             nodes: states,
+            at_round,
+            unfinished,
             index,
             initial,
             next_boundary: 0,
@@ -555,20 +536,23 @@ impl Simulator {
         self.hub_step(local)?;
         self.boundaries(local, &mut on_round)?;
         let end = loop {
-            if !self.nodes.iter().any(NodeState::live) {
+            if self.at_round.is_empty() {
                 break EndReason::AllCrashed;
             }
-            if self.nodes.iter().all(|n| !n.live() || n.finished_at.is_some()) {
+            if self.unfinished == 0 {
                 break EndReason::AllFinished;
             }
-            let Some(next) = self.queue.pop() else { break EndReason::Stalled };
-            if next.at > self.cfg.time_limit {
-                self.queue.push(next);
-                self.now = self.cfg.time_limit;
-                break EndReason::TimeLimit;
+            match self.queue.peek_time() {
+                None => break EndReason::Stalled,
+                Some(at) if at > self.cfg.time_limit => {
+                    self.now = self.cfg.time_limit;
+                    break EndReason::TimeLimit;
+                }
+                Some(_) => {}
             }
-            self.now = next.at;
-            self.dispatch(next.event, local)?;
+            let Some((at, event)) = self.queue.pop() else { break EndReason::Stalled };
+            self.now = at;
+            self.dispatch(event, local)?;
             self.hub_step(local)?;
             self.boundaries(local, &mut on_round)?;
         };
@@ -595,8 +579,7 @@ impl Simulator {
     }
 
     fn schedule(&mut self, at: Duration, event: Event) {
-        self.seq += 1;
-        self.queue.push(Scheduled { at, seq: self.seq, event });
+        self.queue.push(at, event);
     }
 
     fn dispatch(&mut self, event: Event, local: &mut dyn LocalUpdate) -> Result<(), SimError> {
@@ -675,6 +658,7 @@ impl Simulator {
         actions: Vec<Action>,
         local: &mut dyn LocalUpdate,
     ) -> Result<(), SimError> {
+        self.track_round(node);
         let n = &self.nodes[node];
         if n.crash_round.is_some_and(|r| n.mixer.round() >= r) {
             self.crash(node);
@@ -715,7 +699,10 @@ impl Simulator {
             }
             Action::Finish => {
                 let n = &mut self.nodes[node];
-                n.finished_at.get_or_insert(self.now);
+                if n.finished_at.is_none() {
+                    n.finished_at = Some(self.now);
+                    self.unfinished -= 1;
+                }
             }
         }
         Ok(())
@@ -792,8 +779,14 @@ impl Simulator {
         if !n.live() {
             return;
         }
-        n.crashed_at_round = Some(n.mixer.round());
-        tracing::debug!(node, round = n.mixer.round(), "simulated crash");
+        let round = n.mixer.round();
+        n.crashed_at_round = Some(round);
+        let (counted, finished) = (n.round, n.finished_at.is_some());
+        self.uncount(counted);
+        if !finished {
+            self.unfinished -= 1;
+        }
+        tracing::debug!(node, round, "simulated crash");
         if let Some(d) = self.cfg.membership_delay {
             self.schedule(self.now.saturating_add(d), Event::Members);
         }
@@ -819,10 +812,7 @@ impl Simulator {
         local: &mut dyn LocalUpdate,
         on_round: &mut impl FnMut(&RoundStat),
     ) -> Result<(), SimError> {
-        let Some(slowest) = self.nodes.iter().filter(|n| n.live()).map(|n| n.mixer.round()).min()
-        else {
-            return Ok(());
-        };
+        let Some(&slowest) = self.at_round.keys().next() else { return Ok(()) };
         while self.next_boundary < slowest {
             let round = self.next_boundary;
             let live = self.live_params();
@@ -841,6 +831,27 @@ impl Simulator {
             self.next_boundary += 1;
         }
         Ok(())
+    }
+
+    /// Moves a live `node` to its strategy's round in `at_round`.
+    fn track_round(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let (before, now) = (n.round, n.mixer.round());
+        if !n.live() || before == now {
+            return;
+        }
+        n.round = now;
+        self.uncount(before);
+        *self.at_round.entry(now).or_default() += 1;
+    }
+
+    fn uncount(&mut self, round: u64) {
+        if let Some(c) = self.at_round.get_mut(&round) {
+            *c -= 1;
+            if *c == 0 {
+                self.at_round.remove(&round);
+            }
+        }
     }
 
     fn live_params(&self) -> Vec<&[f32]> {
@@ -880,7 +891,7 @@ impl Simulator {
         let in_flight = self
             .queue
             .iter()
-            .filter(|s| matches!(s.event, Event::Deliver { .. } | Event::ToHub { .. }))
+            .filter(|e| matches!(e, Event::Deliver { .. } | Event::ToHub { .. }))
             .count();
         let initial: Vec<&[f32]> = self.initial.iter().map(Vec::as_slice).collect();
         Ok(SimReport {

@@ -16,8 +16,8 @@ use super::coordinated::{Coordinated, CoordinatedConfig};
 use super::diloco::{Diloco, DilocoConfig, DilocoError, OuterSync};
 use super::gossip::{Gossip, GossipConfig};
 use super::merge::{Exchange, Merge, MergeConfig, MergeError};
-use super::mixer::Mixer;
-use super::topology::{TopologyError, TopologySpec};
+use super::mixer::{Mixer, Roster};
+use super::topology::{Topology, TopologyError, TopologySpec};
 use crate::net::encoding::Encoding;
 
 /// Which mixing strategy a node runs.
@@ -225,7 +225,7 @@ impl StrategySpec {
         self.check_coordinator()?;
         match self.kind {
             StrategyKind::Gossip | StrategyKind::Semidec => {
-                super::topology::Topology::new(&self.topology, nodes.max(1), self.seed)?;
+                Topology::new(&self.topology, nodes.max(1), self.seed)?;
             }
             StrategyKind::Merge | StrategyKind::Fedavg => {}
             StrategyKind::Diloco => self.diloco(0, layers).check(len)?,
@@ -283,6 +283,52 @@ pub fn build(
     layers: &[Range<usize>],
     len: usize,
 ) -> Result<Box<dyn Mixer>, StrategyError> {
+    build_in(spec, &Swarm::new(spec, me, members)?, &me, start_round, layers, len)
+}
+
+/// What the strategies of a swarm's members can share, built once: the
+/// sorted member list and the gossip topology over it. The simulator builds
+/// one for all its nodes, so that a node costs its own state (O(degree)),
+/// not a copy of the swarm's.
+#[derive(Debug, Clone)]
+pub struct Swarm {
+    roster: Roster,
+    /// `None` for strategies that do not gossip.
+    topology: Option<Topology>,
+}
+
+impl Swarm {
+    /// The swarm of `members` (and `me`, added if missing).
+    pub fn new(
+        spec: &StrategySpec,
+        me: PeerId,
+        members: Vec<PeerId>,
+    ) -> Result<Swarm, StrategyError> {
+        let roster = Roster::new(me, members);
+        let topology = match spec.kind {
+            StrategyKind::Gossip | StrategyKind::Semidec | StrategyKind::Fedavg => {
+                Some(Topology::new(&spec.topology, roster.len(), spec.seed)?)
+            }
+            StrategyKind::Merge | StrategyKind::Diloco => None,
+        };
+        Ok(Swarm { roster, topology })
+    }
+}
+
+/// The strategy of member `me` of `swarm` (built from the same `spec`); see
+/// [`build`].
+pub fn build_in(
+    spec: &StrategySpec,
+    swarm: &Swarm,
+    me: &PeerId,
+    start_round: u64,
+    layers: &[Range<usize>],
+    len: usize,
+) -> Result<Box<dyn Mixer>, StrategyError> {
+    let roster = swarm
+        .roster
+        .of(me)
+        .ok_or_else(|| StrategyError::Option(format!("{me} is not a member of the swarm")))?;
     Ok(match spec.kind {
         StrategyKind::Gossip | StrategyKind::Semidec | StrategyKind::Fedavg => {
             let cfg = GossipConfig {
@@ -300,7 +346,11 @@ pub fn build(
                 encoding: spec.encoding,
                 straggler_grace: spec.straggler_grace,
             };
-            let gossip = Box::new(Gossip::new(cfg, me, members)?);
+            let topology = match &swarm.topology {
+                Some(t) => t.clone(),
+                None => Topology::new(&spec.topology, roster.len(), spec.seed)?,
+            };
+            let gossip = Box::new(Gossip::in_swarm(cfg, roster, topology));
             match &spec.coordinator {
                 Some(c) if spec.kind.coordinated() => Box::new(Coordinated::new(gossip, c.clone())),
                 _ => gossip,
@@ -324,10 +374,11 @@ pub fn build(
                 norm_bound: NormBound::new(spec.norm_bound).unwrap_or_default(),
                 encoding: spec.encoding,
             };
-            Box::new(Merge::new(cfg, me, members)?)
+            Box::new(Merge::in_swarm(cfg, roster)?)
         }
         StrategyKind::Diloco => {
-            Box::new(Diloco::new(spec.diloco(start_round, layers), me, members, len)?)
+            let members = roster.members.to_vec();
+            Box::new(Diloco::new(spec.diloco(start_round, layers), *me, members, len)?)
         }
     })
 }

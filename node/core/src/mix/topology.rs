@@ -23,6 +23,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -172,7 +173,8 @@ pub struct Topology {
 
 #[derive(Debug, Clone)]
 enum Shape {
-    Static(Graph),
+    /// Shared by every clone: the simulator's nodes hold one graph.
+    Static(Arc<Graph>),
     OnePeerExp,
     RegularPerRound(usize),
 }
@@ -196,33 +198,35 @@ impl Topology {
             return Err(TopologyError::NoMembers);
         }
         let shape = if n == 1 {
-            Shape::Static(Graph::from_edges(1, []))
+            Shape::Static(Arc::new(Graph::from_edges(1, [])))
         } else {
             match spec {
-                TopologySpec::Ring => Shape::Static(circulant(n, &[1])),
-                TopologySpec::Torus => Shape::Static(torus(n)),
+                TopologySpec::Ring => Shape::Static(Arc::new(circulant(n, &[1]))),
+                TopologySpec::Torus => Shape::Static(Arc::new(torus(n))),
                 TopologySpec::Exponential => {
                     let max_k = usize::BITS - 1 - (n - 1).leading_zeros();
                     let offsets: Vec<usize> = (0..=max_k).map(|k| 1 << k).collect();
-                    Shape::Static(circulant(n, &offsets))
+                    Shape::Static(Arc::new(circulant(n, &offsets)))
                 }
                 TopologySpec::Regular(d) => {
                     check_regular(spec, n, *d)?;
                     if *d == 1 && n > 2 {
                         return Err(TopologyError::Matching { n });
                     }
-                    Shape::Static(random_regular(n, *d, true, &mut rng(seed, 0)))
+                    Shape::Static(Arc::new(random_regular(n, *d, true, &mut rng(seed, 0))))
                 }
-                TopologySpec::ErdosRenyi(p) => Shape::Static(erdos_renyi(n, *p, &mut rng(seed, 0))),
+                TopologySpec::ErdosRenyi(p) => {
+                    Shape::Static(Arc::new(erdos_renyi(n, *p, &mut rng(seed, 0))))
+                }
                 TopologySpec::BarabasiAlbert(m) => {
                     if *m >= n {
                         return Err(TopologyError::BarabasiAlbert { n, m: *m });
                     }
-                    Shape::Static(barabasi_albert(n, *m, &mut rng(seed, 0)))
+                    Shape::Static(Arc::new(barabasi_albert(n, *m, &mut rng(seed, 0))))
                 }
-                TopologySpec::Complete => Shape::Static(complete(n)),
-                TopologySpec::Rings(c) => Shape::Static(rings(n, *c)),
-                TopologySpec::File(path) => Shape::Static(read_edge_list(path, n)?),
+                TopologySpec::Complete => Shape::Static(Arc::new(complete(n))),
+                TopologySpec::Rings(c) => Shape::Static(Arc::new(rings(n, *c))),
+                TopologySpec::File(path) => Shape::Static(Arc::new(read_edge_list(path, n)?)),
                 TopologySpec::OnePeerExp => Shape::OnePeerExp,
                 TopologySpec::RegularPerRound(d) => {
                     check_regular(spec, n, *d)?;
@@ -256,6 +260,15 @@ impl Topology {
         match self.graph(round) {
             Some(g) => g.adj[i].clone(),
             None => vec![(i + self.n - self.hop(round)) % self.n],
+        }
+    }
+
+    /// Whether `j` sends to `i` in `round` (`in_neighbours(i, round)`
+    /// contains `j`), without building the list. Panics if `i >= n`.
+    pub fn sends_to(&self, j: usize, i: usize, round: u64) -> bool {
+        match self.graph(round) {
+            Some(g) => g.adj[i].binary_search(&j).is_ok(),
+            None => i != j && (i + self.n - self.hop(round)) % self.n == j,
         }
     }
 
@@ -294,7 +307,7 @@ impl Topology {
     /// The undirected graph of `round`, or `None` for `one-peer-exp`.
     fn graph(&self, round: u64) -> Option<Cow<'_, Graph>> {
         match &self.shape {
-            Shape::Static(g) => Some(Cow::Borrowed(g)),
+            Shape::Static(g) => Some(Cow::Borrowed(&**g)),
             Shape::RegularPerRound(d) => {
                 Some(Cow::Owned(random_regular(self.n, *d, false, &mut rng(self.seed, round))))
             }
@@ -584,6 +597,26 @@ mod tests {
 
     fn build(spec: &str, n: usize, seed: u64) -> Result<Topology, TopologyError> {
         Topology::new(&spec.parse().unwrap(), n, seed)
+    }
+
+    #[test]
+    fn sends_to_agrees_with_the_in_neighbour_lists() {
+        let specs = ["ring", "exponential", "one-peer-exp", "regular-per-round:2", "torus"];
+        for spec in specs.into_iter().chain(STATIC) {
+            for n in [1, 2, 7, 16] {
+                let Ok(t) = build(spec, n, 3) else { continue };
+                for (round, i, j) in
+                    (0..5).flat_map(|r| (0..n).flat_map(move |i| (0..n).map(move |j| (r, i, j))))
+                {
+                    let listed = t.in_neighbours(i, round).contains(&j);
+                    assert_eq!(
+                        t.sends_to(j, i, round),
+                        listed,
+                        "{spec} n={n} round {round}: {j} -> {i}"
+                    );
+                }
+            }
+        }
     }
 
     fn assert_doubly_stochastic(w: &[Vec<f64>], what: &str) {
