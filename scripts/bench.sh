@@ -168,6 +168,15 @@ if [ "${MURMUR_BENCH_CHAOS:-1}" != 0 ]; then
   python3 scripts/bench_chaos.py --murmur target/release/murmur --out target/bench
 fi
 
+# Decentralized SGD against the same algorithm hand-written on gloo
+# (scripts/bench_dsgd.py, run with this venv's torch): 8 processes, ring,
+# lenet on MNIST, 100 rounds; communication and compute per round, peak RSS,
+# accuracy and wall time side by side with the ratios; writes
+# target/bench/dsgd.{json,md}. Set MURMUR_BENCH_DSGD=0 to skip it.
+if [ "${MURMUR_BENCH_DSGD:-1}" != 0 ]; then
+  "$venv/bin/python" scripts/bench_dsgd.py --murmur target/release/murmur --python "$venv/bin/python" --out target/bench
+fi
+
 # How far `murmur sim` scales (scripts/bench_sim.py, stdlib only): pure
 # averaging, 20 rounds, ring, exponential and one-peer-exp at 1,000, 10,000
 # and 100,000 nodes, wall time and peak memory per node against the

@@ -1,0 +1,241 @@
+"""Decentralized SGD: `murmur cluster` against the same algorithm written by hand on gloo.
+
+Both sides: 8 processes on this machine, one torch thread each, a ring
+(Metropolis-Hastings weights, 1/3 each), murmur's `lenet` (117,066
+parameters) on MNIST (the 10,000 images of `MURMUR_DATA_DIR/mnist`, 2,000
+held out, 1,000 per node, IID), SGD lr 0.01 momentum 0.9, batch 32, 10 local
+steps then one gossip step per round, 100 rounds. The gloo side is the
+script a researcher would write: `torch.distributed` with the gloo backend,
+each round `isend`/`irecv` of the flattened parameters with both ring
+neighbours, then the average.
+
+Per side: compute and communication per round (compute: the local steps;
+communication: from the end of the local steps to the next round's start,
+sending, receiving and averaging), the round, peak RSS per process (the
+largest process), held-out accuracy of the average model, and wall time from
+launch to the last exit. The ratios (murmur / gloo) are what the performance
+issue's targets are about: communication at most 1.0x, the whole round at
+most 0.9x, peak RSS at most 0.35x.
+
+Run by `make bench` with the bench venv's python (torch 2.13.0) as
+--python. Writes <out>/dsgd.json and <out>/dsgd.md.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NODES, ROUNDS, LOCAL, BATCH, LR, MOMENTUM = 8, 100, 10, 32, 0.01, 0.9
+TIMEOUT_S = 900
+
+# The gloo side, one process per rank: argv = rank, world, port, mnist dir,
+# rounds. Prints one JSON line.
+WORKER = r'''
+import gzip, json, resource, sys, time
+import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+
+rank, world, port, mnist, rounds, local, batch, lr, momentum = sys.argv[1:10]
+rank, world, rounds, local, batch = int(rank), int(world), int(rounds), int(local), int(batch)
+lr, momentum = float(lr), float(momentum)
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+def idx(name):
+    raw = gzip.open(f"{mnist}/{name}", "rb").read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
+
+images = ((idx("t10k-images-idx3-ubyte.gz").float() / 255 - 0.1307) / 0.3081).unsqueeze(1)
+labels = idx("t10k-labels-idx1-ubyte.gz").long()
+order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+held, train = order[:2000], order[2000:]
+shard = train[rank::world]
+xs, ys = images[shard], labels[shard]
+
+class LeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 5, padding=2), nn.Conv2d(16, 32, 5)
+        self.fc1, self.fc2 = nn.Linear(800, 128), nn.Linear(128, 10)
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+torch.manual_seed(rank)
+model = LeNet()
+params = list(model.parameters())
+opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+left, right = (rank - 1) % world, (rank + 1) % world
+g = torch.Generator().manual_seed(rank)
+perm, at = torch.randperm(len(ys), generator=g), 0
+compute, comm = [], []
+bufs = [torch.empty(sum(p.numel() for p in params)) for _ in range(2)]
+dist.barrier()
+start = time.monotonic()
+for r in range(rounds):
+    t0 = time.monotonic()
+    for _ in range(local):
+        if at + batch > len(ys):
+            perm, at = torch.randperm(len(ys), generator=g), 0
+        b = perm[at:at + batch]
+        at += batch
+        opt.zero_grad()
+        F.cross_entropy(model(xs[b]), ys[b]).backward()
+        opt.step()
+    t1 = time.monotonic()
+    flat = nn.utils.parameters_to_vector(params).detach()
+    reqs = [dist.isend(flat, right), dist.isend(flat, left), dist.irecv(bufs[0], left), dist.irecv(bufs[1], right)]
+    for q in reqs:
+        q.wait()
+    nn.utils.vector_to_parameters((flat + bufs[0] + bufs[1]) / 3, params)
+    t2 = time.monotonic()
+    compute.append(t1 - t0)
+    comm.append(t2 - t1)
+loop = time.monotonic() - start
+flat = nn.utils.parameters_to_vector(params).detach()
+dist.all_reduce(flat)
+nn.utils.vector_to_parameters(flat / world, params)
+with torch.no_grad():
+    accuracy = (model(images[held]).argmax(1) == labels[held]).float().mean().item()
+print(json.dumps({"rank": rank, "compute": compute, "comm": comm, "loop_seconds": loop, "accuracy": accuracy,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "parameters": flat.numel()}))
+dist.destroy_process_group()
+'''
+
+
+def mnist_dir():
+    root = Path(os.environ.get("MURMUR_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = root / "mnist"
+    if not (path / "t10k-images-idx3-ubyte.gz").exists():
+        sys.exit(f"bench_dsgd: MNIST not found in {path}; set MURMUR_DATA_DIR")
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo(args, mnist):
+    port = free_port()
+    cmd = lambda rank: [args.python, "-W", "ignore", "-c", WORKER, str(rank), str(NODES), str(port), str(mnist),
+                        str(args.rounds), str(LOCAL), str(BATCH), str(LR), str(MOMENTUM)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.monotonic()
+    procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(NODES)]
+    outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    wall = time.monotonic() - start
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:
+            raise RuntimeError(f"gloo rank {r} failed ({p.returncode}): {err.strip()[-2000:]}")
+    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    compute = [statistics.fmean(r["compute"]) for r in ranks]
+    comm = [statistics.fmean(r["comm"]) for r in ranks]
+    return {
+        "side": "gloo",
+        "parameters": ranks[0]["parameters"],
+        "compute_seconds_per_round": statistics.fmean(compute),
+        "communication_seconds_per_round": statistics.fmean(comm),
+        "communication_median_seconds": statistics.median(c for r in ranks for c in r["comm"]),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+        "accuracy": ranks[0]["accuracy"],
+        "wall_seconds": wall,
+    }
+
+
+def murmur(args, mnist):
+    out = Path(args.out) / "dsgd" / "murmur"
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [args.murmur, "cluster", "--nodes", str(NODES), "--strategy", "gossip", "--topology", "ring",
+           "--model", "lenet", "--data", f"mnist:{mnist}", "--partition", "iid", "--optimizer", "sgd",
+           "--lr", str(LR), "--momentum", str(MOMENTUM), "--batch-size", str(BATCH), "--local-steps", str(LOCAL),
+           "--rounds", str(args.rounds), "--eval-every", "0", "--out", str(out)]
+    print(f"bench_dsgd: murmur {' '.join(cmd[1:])}", file=sys.stderr)
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    wall = time.monotonic() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"murmur cluster failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    cluster = json.loads((out / "cluster.json").read_text())
+    summary = json.loads((out / "node-0" / "summary.json").read_text())
+    nodes = cluster["nodes"]
+    rounds = args.rounds
+    return {
+        "side": "murmur",
+        "parameters": summary["parameters"],
+        "compute_seconds_per_round": statistics.fmean(n["timing"]["compute_seconds"] / rounds for n in nodes),
+        "communication_seconds_per_round": statistics.fmean(n["timing"]["communication_seconds"] / rounds for n in nodes),
+        # The nodes are the cluster's children: the largest one's peak.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "accuracy": (cluster.get("average") or {}).get("eval_accuracy"),
+        "wall_seconds": wall,
+    }
+
+
+def report(m, g):
+    round_m = m["compute_seconds_per_round"] + m["communication_seconds_per_round"]
+    round_g = g["compute_seconds_per_round"] + g["communication_seconds_per_round"]
+    ratios = {
+        "communication": m["communication_seconds_per_round"] / g["communication_seconds_per_round"],
+        "round": round_m / round_g,
+        "peak_rss": m["peak_rss_bytes"] / g["peak_rss_bytes"],
+        "wall": m["wall_seconds"] / g["wall_seconds"],
+    }
+    targets = {"communication": 1.0, "round": 0.9, "peak_rss": 0.35}
+    ms = lambda s: f"{s * 1000:.1f} ms"
+    acc = lambda a: "n/a" if a is None else f"{a * 100:.2f}%"
+    rows = [
+        ("compute per round", ms(m["compute_seconds_per_round"]), ms(g["compute_seconds_per_round"]),
+         m["compute_seconds_per_round"] / g["compute_seconds_per_round"], None),
+        ("communication per round", ms(m["communication_seconds_per_round"]),
+         ms(g["communication_seconds_per_round"]) + f" (median {ms(g['communication_median_seconds'])})",
+         ratios["communication"], targets["communication"]),
+        ("round", ms(round_m), ms(round_g), ratios["round"], targets["round"]),
+        ("peak RSS per process", f"{m['peak_rss_bytes'] / 2**20:.0f} MiB", f"{g['peak_rss_bytes'] / 2**20:.0f} MiB",
+         ratios["peak_rss"], targets["peak_rss"]),
+        ("held-out accuracy, average model", acc(m["accuracy"]), acc(g["accuracy"]), None, None),
+        ("wall time, launch to exit", f"{m['wall_seconds']:.1f} s", f"{g['wall_seconds']:.1f} s", ratios["wall"], None),
+    ]
+    lines = [f"# D-SGD: murmur against a gloo script ({NODES} processes, ring, lenet on MNIST, {ROUNDS} rounds)", "",
+             "| | murmur | gloo | murmur / gloo | target | met |", "|---|---|---|---|---|---|"]
+    for name, a, b, ratio, target in rows:
+        r = "" if ratio is None else f"{ratio:.2f}x"
+        t = "" if target is None else f"<= {target}x"
+        met = "" if target is None else ("yes" if ratio <= target else "no")
+        lines.append(f"| {name} | {a} | {b} | {r} | {t} | {met} |")
+    return ratios, "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--murmur", default="target/release/murmur")
+    p.add_argument("--python", default=sys.executable, help="a python with torch 2.13.0 (the bench venv's)")
+    p.add_argument("--out", default="target/bench")
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+    args = p.parse_args()
+    mnist = mnist_dir()
+    m = murmur(args, mnist)
+    g = gloo(args, mnist)
+    ratios, md = report(m, g)
+    out = Path(args.out)
+    (out / "dsgd.json").write_text(json.dumps({"murmur": m, "gloo": g, "ratios": ratios}, indent=2))
+    (out / "dsgd.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
