@@ -346,10 +346,12 @@ pub fn build_in(
                 encoding: spec.encoding,
                 straggler_grace: spec.straggler_grace,
             };
-            let topology = match &swarm.topology {
-                Some(t) => t.clone(),
-                None => Topology::new(&spec.topology, roster.len(), spec.seed)?,
-            };
+            let topology = swarm.topology.clone().ok_or_else(|| {
+                StrategyError::Option(format!(
+                    "the swarm was built for another strategy than {}",
+                    spec.kind
+                ))
+            })?;
             let gossip = Box::new(Gossip::in_swarm(cfg, roster, topology));
             match &spec.coordinator {
                 Some(c) if spec.kind.coordinated() => Box::new(Coordinated::new(gossip, c.clone())),
