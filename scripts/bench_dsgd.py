@@ -15,7 +15,13 @@ sending, receiving and averaging), the round, peak RSS per process (the
 largest process), held-out accuracy of the average model, and wall time from
 launch to the last exit. The ratios (murmur / gloo) are what the performance
 issue's targets are about: communication at most 1.0x, the whole round at
-most 0.9x, peak RSS at most 0.35x.
+most 0.9x, peak RSS at most 0.35x. Peak PSS per process (sampled every 2
+s) is reported beside it: RSS counts the pages of libtorch that all
+processes share once per process, PSS splits them.
+
+Then (--many-nodes, 64 by default) a 20-round gossip run of that many lenet
+nodes on this machine: how many finished, wall time, the largest node's peak
+RSS, the machine's memory in use at its peak, the sum of the nodes' PSS.
 
 Run by `make bench` with the bench venv's python (torch 2.13.0) as
 --python. Writes <out>/dsgd.json and <out>/dsgd.md.
@@ -30,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +129,108 @@ def mnist_dir():
     return path
 
 
+def children(pid):
+    """Pids whose parent is `pid`."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def pss_bytes(pid):
+    """Proportional set size of `pid` (shared pages split among their users), or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class PssSampler:
+    """Samples the PSS of the processes `pids()` names, every `every` seconds, in a thread: what N
+    processes really take of the machine's memory (RSS counts libtorch's shared pages once per
+    process). Keeps each process's largest sample, and the machine's largest use of memory
+    (MemTotal - MemAvailable). Reading a process's smaps costs the kernel a walk of its page
+    tables (a few ms), so the interval is long enough to stay out of the measurement."""
+
+    def __init__(self, pids, every=2.0):
+        self.pids, self.every, self.peak, self.stop = pids, every, {}, threading.Event()
+        self.machine_peak = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.wait(self.every):
+            self.machine_peak = max(self.machine_peak, machine_used_bytes())
+            for pid in self.pids():
+                b = pss_bytes(pid)
+                if b is not None:
+                    self.peak[pid] = max(b, self.peak.get(pid, 0))
+
+    def finish(self):
+        """The largest process's peak PSS."""
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak.values(), default=None)
+
+
+def machine_used_bytes():
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    kb = lambda k: int(info[k].split()[0]) * 1024
+    return kb("MemTotal") - kb("MemAvailable")
+
+
+def many_nodes(args, mnist):
+    """`murmur cluster` with --many-nodes lenet nodes, a 20-round gossip run: does it finish on
+    this machine, and what does it take of it."""
+    n, rounds = args.many_nodes, 20
+    out = Path(args.out) / "dsgd" / f"murmur-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [args.murmur, "cluster", "--nodes", str(n), "--model", "lenet", "--data", f"mnist:{mnist}",
+           "--partition", "iid", "--rounds", str(rounds), "--local-steps", "5", "--eval-every", "0", "--out", str(out)]
+    print(f"bench_dsgd: murmur {' '.join(cmd[1:])}", file=sys.stderr)
+    before = machine_used_bytes()
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pss = PssSampler(lambda: children(proc.pid), every=5.0)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    wall = time.monotonic() - start
+    pss.finish()
+    result = {"nodes": n, "rounds": rounds, "exit_status": proc.returncode, "wall_seconds": wall,
+              "machine_memory_bytes": pss.machine_peak - before,
+              "sum_of_peak_pss_bytes": sum(pss.peak.values()) if pss.peak else None}
+    cluster_json = out / "cluster.json"
+    if not cluster_json.exists():
+        print(f"bench_dsgd: {n} nodes: no cluster.json ({proc.returncode}): {stderr[-2000:]}", file=sys.stderr)
+        return {**result, "finished": 0}
+    nodes = json.loads(cluster_json.read_text())["nodes"]
+    peaks = [x["peak_rss_bytes"] for x in nodes if x.get("peak_rss_bytes")]
+    cluster = json.loads(cluster_json.read_text())
+    return {**result,
+            "finished": sum(1 for x in nodes if x["exit_status"] == 0 and x["rounds"] == rounds),
+            "peak_rss_bytes_max": max(peaks, default=None),
+            "accuracy": (cluster.get("average") or {}).get("eval_accuracy")}
+
+
+def many_nodes_report(r):
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.1f} GiB"
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+    acc = "n/a" if r.get("accuracy") is None else f"{r['accuracy'] * 100:.2f}%"
+    return "\n".join([
+        f"## {r['nodes']} lenet nodes on this machine ({r['rounds']}-round gossip run, 5 local steps, MNIST IID)", "",
+        "| finished | wall time | peak RSS, largest node | machine memory used (peak, sampled) | sum of the nodes' peak PSS | average model accuracy |",
+        "|---|---|---|---|---|---|",
+        f"| {r['finished']} of {r['nodes']} | {r['wall_seconds']:.0f} s | {mib(r.get('peak_rss_bytes_max'))} | "
+        f"{gib(r['machine_memory_bytes'])} | {gib(r['sum_of_peak_pss_bytes'])} | {acc} |", ""])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,8 +245,10 @@ def gloo(args, mnist):
     start = time.monotonic()
     procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(NODES)]
+    pss = PssSampler(lambda: [p.pid for p in procs])
     outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
     wall = time.monotonic() - start
+    peak_pss = pss.finish()
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
         if p.returncode != 0:
             raise RuntimeError(f"gloo rank {r} failed ({p.returncode}): {err.strip()[-2000:]}")
@@ -151,6 +262,7 @@ def gloo(args, mnist):
         "communication_seconds_per_round": statistics.fmean(comm),
         "communication_median_seconds": statistics.median(c for r in ranks for c in r["comm"]),
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+        "peak_pss_bytes": peak_pss,
         "accuracy": ranks[0]["accuracy"],
         "wall_seconds": wall,
     }
@@ -166,10 +278,13 @@ def murmur(args, mnist):
            "--rounds", str(args.rounds), "--eval-every", "0", "--out", str(out)]
     print(f"bench_dsgd: murmur {' '.join(cmd[1:])}", file=sys.stderr)
     start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    cluster_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pss = PssSampler(lambda: children(cluster_proc.pid))
+    stdout, stderr = cluster_proc.communicate(timeout=TIMEOUT_S)
     wall = time.monotonic() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"murmur cluster failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    peak_pss = pss.finish()
+    if cluster_proc.returncode != 0:
+        raise RuntimeError(f"murmur cluster failed ({cluster_proc.returncode}): {stdout[-2000:]}{stderr[-2000:]}")
     cluster = json.loads((out / "cluster.json").read_text())
     summary = json.loads((out / "node-0" / "summary.json").read_text())
     nodes = cluster["nodes"]
@@ -179,8 +294,9 @@ def murmur(args, mnist):
         "parameters": summary["parameters"],
         "compute_seconds_per_round": statistics.fmean(n["timing"]["compute_seconds"] / rounds for n in nodes),
         "communication_seconds_per_round": statistics.fmean(n["timing"]["communication_seconds"] / rounds for n in nodes),
-        # The nodes are the cluster's children: the largest one's peak.
+        # The cluster and its nodes (its children): the largest one's peak.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_pss_bytes": peak_pss,
         "accuracy": (cluster.get("average") or {}).get("eval_accuracy"),
         "wall_seconds": wall,
     }
@@ -198,6 +314,7 @@ def report(m, g, rounds):
     targets = {"communication": 1.0, "round": 0.9, "peak_rss": 0.35}
     ms = lambda s: f"{s * 1000:.1f} ms"
     acc = lambda a: "n/a" if a is None else f"{a * 100:.2f}%"
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
     rows = [
         ("compute per round", ms(m["compute_seconds_per_round"]), ms(g["compute_seconds_per_round"]),
          m["compute_seconds_per_round"] / g["compute_seconds_per_round"], None),
@@ -207,6 +324,8 @@ def report(m, g, rounds):
         ("round", ms(round_m), ms(round_g), ratios["round"], targets["round"]),
         ("peak RSS per process", f"{m['peak_rss_bytes'] / 2**20:.0f} MiB", f"{g['peak_rss_bytes'] / 2**20:.0f} MiB",
          ratios["peak_rss"], targets["peak_rss"]),
+        ("peak PSS per process (sampled)", mib(m["peak_pss_bytes"]), mib(g["peak_pss_bytes"]),
+         None if None in (m["peak_pss_bytes"], g["peak_pss_bytes"]) else m["peak_pss_bytes"] / g["peak_pss_bytes"], None),
         ("held-out accuracy, average model", acc(m["accuracy"]), acc(g["accuracy"]), None, None),
         ("wall time, launch to exit", f"{m['wall_seconds']:.1f} s", f"{g['wall_seconds']:.1f} s", ratios["wall"], None),
     ]
@@ -226,6 +345,7 @@ def main():
     p.add_argument("--python", default=sys.executable, help="a python with torch 2.13.0 (the bench venv's)")
     p.add_argument("--out", default="target/bench")
     p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--many-nodes", type=int, default=64, help="then a 20-round run of this many lenet nodes (0: skip)")
     args = p.parse_args()
     mnist = mnist_dir()
     # murmur first: its nodes' peak RSS is read from RUSAGE_CHILDREN, which
@@ -233,8 +353,11 @@ def main():
     m = murmur(args, mnist)
     g = gloo(args, mnist)
     ratios, md = report(m, g, args.rounds)
+    many = many_nodes(args, mnist) if args.many_nodes > 0 else None
+    if many:
+        md += "\n" + many_nodes_report(many)
     out = Path(args.out)
-    (out / "dsgd.json").write_text(json.dumps({"murmur": m, "gloo": g, "ratios": ratios}, indent=2))
+    (out / "dsgd.json").write_text(json.dumps({"murmur": m, "gloo": g, "ratios": ratios, "many_nodes": many}, indent=2))
     (out / "dsgd.md").write_text(md)
     print(md)
 

@@ -11,5 +11,6 @@ pub use murmur_core::{api, fault, mix, net, status};
 
 pub mod cli;
 pub mod daemon;
+pub mod memory;
 pub mod params;
 pub mod train;

@@ -23,7 +23,7 @@ use crate::api::client::NodeClient;
 use crate::daemon::config::{RunOptions, START_COORDINATOR};
 use crate::fault::{CRASH_EXIT_CODE, FaultKind, FaultSpec};
 use crate::mix::consensus;
-use crate::train::config::TrainOptions;
+use crate::train::config::{TrainConfig, TrainOptions};
 use crate::train::eval::EvalMetrics;
 use crate::train::load;
 use crate::train::trainer::Trainer;
@@ -136,6 +136,10 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
         }
         None => None,
     };
+    // What evaluates the average at the end: a trainer holds the held-out
+    // set as a tensor, so the data as loaded need not stay for the whole run.
+    let evaluator = Trainer::new(TrainConfig { threads: 1, ..train_cfg.clone() }, &split).ok();
+    drop(split);
     let config_path = args.out.join("cluster.toml");
     write_config(&config_path, &train, &run)?;
     let started = Instant::now();
@@ -145,9 +149,7 @@ pub fn run(args: ClusterArgs) -> Result<(), CliError> {
         watch(children, lines, n, run.api_tls_cert.clone(), coordinator);
     let wall = started.elapsed().as_secs_f64();
     let evaluate_average = |avg: &[f32]| -> Option<EvalMetrics> {
-        let mut cfg = train_cfg.clone();
-        cfg.threads = 1;
-        let mut t = Trainer::new(cfg, &split).ok()?;
+        let mut t = evaluator?;
         t.set_flat(avg).ok()?;
         Some(t.evaluate())
     };
@@ -675,6 +677,7 @@ fn report(
                 "bytes_received": s["bytes"]["bytes_received"],
                 "rounds": s["rounds"],
                 "wall_seconds": s["wall_seconds"],
+                "peak_rss_bytes": s["peak_rss_bytes"],
                 "timing": s["timing"],
                 "outer": s["outer"],
                 "bytes_per_outer_step": s["bytes_per_outer_step"],
@@ -772,12 +775,16 @@ fn charts(summaries: &[Option<Value>]) -> String {
     ])
 }
 
+fn nodes_of(doc: &Value) -> impl Iterator<Item = &Value> {
+    doc["nodes"].as_array().into_iter().flatten()
+}
+
 fn print_table(doc: &Value) {
     println!(
         "{:<5} {:<14} {:>6} {:>10} {:>10} {:>11} {:>11}",
         "node", "peer", "exit", "loss", "accuracy", "sent", "received"
     );
-    for n in doc["nodes"].as_array().into_iter().flatten() {
+    for n in nodes_of(doc) {
         let peer = n["peer_id"].as_str().unwrap_or("-");
         let b =
             |k: &str| n[k].as_u64().map(crate::daemon::human_bytes).unwrap_or_else(|| "-".into());
@@ -807,6 +814,11 @@ fn print_table(doc: &Value) {
         "consensus distance: {}",
         doc["consensus_distance"].as_f64().map(|d| format!("{d:.6}")).unwrap_or_else(|| "-".into())
     );
+    let peaks: Vec<u64> = nodes_of(doc).filter_map(|n| n["peak_rss_bytes"].as_u64()).collect();
+    if let (Some(lo), Some(hi)) = (peaks.iter().min(), peaks.iter().max()) {
+        let mb = |b: &u64| *b as f64 / 1e6;
+        println!("peak memory per node: {:.0} to {:.0} MB (RSS)", mb(lo), mb(hi));
+    }
     if let Some(d) = doc.get("diloco") {
         println!(
             "diloco: {} outer steps, outer lr {}, {} sent per outer step by each node",

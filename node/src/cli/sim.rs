@@ -273,10 +273,7 @@ struct Process {
 
 impl Process {
     fn since(start: std::time::Instant) -> Process {
-        let peak_rss_bytes = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-            let kb = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-            kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
-        });
+        let peak_rss_bytes = crate::memory::peak_rss_bytes();
         Process { wall_seconds: start.elapsed().as_secs_f64(), peak_rss_bytes }
     }
 

@@ -1002,6 +1002,7 @@ impl Driver {
             members_at_start: self.record.members_at_start,
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),
+            peak_rss_bytes: crate::memory::peak_rss_bytes(),
             parameters: self.parameters,
             fingerprint: self.fingerprint.clone(),
             bytes: acc.total(),

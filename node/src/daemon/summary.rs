@@ -43,6 +43,8 @@ pub struct NodeSummary {
     pub members_at_start: usize,
     pub interrupted: bool,
     pub wall_seconds: f64,
+    /// The process's peak resident memory (`VmHWM`), where Linux tells it.
+    pub peak_rss_bytes: Option<u64>,
     pub parameters: usize,
     pub fingerprint: String,
     pub bytes: Counts,

@@ -52,11 +52,23 @@ impl ClassData {
         }
     }
 
-    /// Examples `[0, at)` and `[at, len)`.
-    pub fn split_at(&self, at: usize) -> (ClassData, ClassData) {
-        let head: Vec<usize> = (0..at).collect();
-        let tail: Vec<usize> = (at..self.len()).collect();
-        (self.select(&head), self.select(&tail))
+    /// Examples `[0, at)` and `[at, len)`. Consumes the data: the head keeps
+    /// its buffer and only the tail is copied, so splitting MNIST does not
+    /// hold the whole set twice at a node's start.
+    pub fn split_at(mut self, at: usize) -> (ClassData, ClassData) {
+        let at = at.min(self.len());
+        let mut features = self.features.split_off(at * self.sample_len());
+        let labels = self.labels.split_off(at);
+        self.features.shrink_to_fit();
+        self.labels.shrink_to_fit();
+        features.shrink_to_fit();
+        let tail = ClassData {
+            features,
+            sample_shape: self.sample_shape.clone(),
+            labels,
+            num_classes: self.num_classes,
+        };
+        (self, tail)
     }
 }
 
@@ -209,7 +221,7 @@ mod tests {
         assert_eq!(s.features, vec![2.0, 2.1, 0.0, 0.1]);
         assert_eq!(s.labels, vec![2, 0]);
         let (a, b) = c.split_at(1);
-        assert_eq!(a.labels, vec![0]);
-        assert_eq!(b.labels, vec![1, 2]);
+        assert_eq!((a.labels, a.features), (vec![0], vec![0.0, 0.1]));
+        assert_eq!((b.labels, b.features), (vec![1, 2], vec![1.0, 1.1, 2.0, 2.1]));
     }
 }

@@ -86,7 +86,7 @@ mod tests {
         test: usize,
         predict: impl Fn(&ClassData, &[f32]) -> i64,
     ) -> f64 {
-        let (train, held) = data.split_at(data.len() - test);
+        let (train, held) = data.clone().split_at(data.len() - test);
         let correct = (0..held.len())
             .filter(|&i| {
                 predict(&train, &held.features[i * FEATURES..(i + 1) * FEATURES]) == held.labels[i]
