@@ -278,7 +278,10 @@ def murmur(args, mnist):
            "--rounds", str(args.rounds), "--eval-every", "0", "--out", str(out)]
     print(f"bench_dsgd: murmur {' '.join(cmd[1:])}", file=sys.stderr)
     start = time.monotonic()
-    cluster_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The nodes log each step of every exchange (debug events, a dozen lines a
+    # round) as JSON: the timeline below is read from node-I.log.
+    env = dict(os.environ, MURMUR_LOG="warn,murmur=debug,murmur_core::net::service=debug", MURMUR_LOG_FORMAT="json")
+    cluster_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     pss = PssSampler(lambda: children(cluster_proc.pid))
     stdout, stderr = cluster_proc.communicate(timeout=TIMEOUT_S)
     wall = time.monotonic() - start
@@ -294,12 +297,74 @@ def murmur(args, mnist):
         "parameters": summary["parameters"],
         "compute_seconds_per_round": statistics.fmean(n["timing"]["compute_seconds"] / rounds for n in nodes),
         "communication_seconds_per_round": statistics.fmean(n["timing"]["communication_seconds"] / rounds for n in nodes),
+        "communication_split_seconds_per_round": {
+            part: statistics.fmean(n["timing"][f"{part}_seconds"] / rounds for n in nodes)
+            for part in ("handoff", "exchange", "resume")},
+        "timeline": timeline(out, cluster),
         # The cluster and its nodes (its children): the largest one's peak.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "peak_pss_bytes": peak_pss,
         "accuracy": (cluster.get("average") or {}).get("eval_accuracy"),
         "wall_seconds": wall,
     }
+
+
+def timeline(out, cluster):
+    """Where an exchange's time goes, from the nodes' debug events (JSON logs on one machine, so
+    their timestamps compare across processes). Per node and round (the first and last left out):
+    from its local phase's end to the mixed parameters going to its trainer, and how much of that
+    was waiting for a ring neighbour that ended its own phase later; per payload, from the
+    sender's phase end to the receiver having read it, split into the sender's hand-over to its
+    network thread, the write, and the receiver's hand-over to its driver. Seconds: mean, median."""
+    from collections import defaultdict
+    from datetime import datetime
+
+    index = {n["peer_id"]: n["index"] for n in cluster["nodes"]}
+    n = len(index)
+    ended, mixed, read, arrived = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    opened, written = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
+    for i in range(n):
+        for line in (out / f"node-{i}.log").read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            f, t = e.get("fields", {}), datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+            m, peer = f.get("message"), index.get(f.get("peer"))
+            if m == "local phase ended":
+                ended[i][f["round"]] = t
+            elif m == "mixed parameters to the trainer":
+                mixed[i][f["round"]] = t
+            elif m == "payload read" and peer is not None:
+                read[i][(peer, f["slot"])] = t
+            elif m == "payload arrived" and peer is not None:
+                arrived[i][(peer, f["slot"])] = t
+            elif m == "opening a payload stream" and peer is not None:
+                opened[i][peer].append(t)
+            elif m == "payload written" and peer is not None:
+                written[i][peer].append(t)
+    rounds = min((len(ended[i]) for i in range(n)), default=0)
+    parts = defaultdict(list)
+    for j in range(n):
+        ring = [(j - 1) % n, (j + 1) % n]
+        for r in range(1, rounds - 1):
+            if r not in mixed[j] or r not in ended[j] or any(r not in ended[i] for i in ring):
+                continue
+            later = max(ended[i][r] for i in ring)
+            parts["exchange"].append(mixed[j][r] - ended[j][r])
+            parts["waiting_for_a_later_neighbour"].append(max(0.0, later - ended[j][r]))
+            parts["after_both_ended"].append(mixed[j][r] - max(ended[j][r], later))
+            for i in ring:
+                if (i, r) in read[j]:
+                    parts["payload_sender_end_to_read"].append(read[j][(i, r)] - ended[i][r])
+                    parts["payload_read_to_driver"].append(arrived[j][(i, r)] - read[j][(i, r)])
+                # The r-th stream a node opened to a peer carries round r.
+                if r < len(opened[i][j]):
+                    parts["payload_sender_end_to_stream"].append(opened[i][j][r] - ended[i][r])
+                    if r < len(written[i][j]):
+                        parts["payload_write"].append(written[i][j][r] - opened[i][j][r])
+    return {k: {"mean": statistics.fmean(v), "median": statistics.median(v), "samples": len(v)}
+            for k, v in parts.items() if v}
 
 
 def report(m, g, rounds):
@@ -336,6 +401,24 @@ def report(m, g, rounds):
         t = "" if target is None else f"<= {target}x"
         met = "" if target is None else ("yes" if ratio <= target else "no")
         lines.append(f"| {name} | {a} | {b} | {r} | {t} | {met} |")
+    split = m["communication_split_seconds_per_round"]
+    lines += ["", "Where murmur's communication goes (summary.json `timing`, per round): "
+              f"handoff {ms(split['handoff'])}, exchange {ms(split['exchange'])}, resume {ms(split['resume'])}. "
+              "From the nodes' debug events (mean / median):", "",
+              "| | mean | median |", "|---|---|---|"]
+    names = {
+        "exchange": "local phase end to mixed parameters handed to the trainer",
+        "waiting_for_a_later_neighbour": "of which waiting for a neighbour that ended later",
+        "after_both_ended": "of which after both had ended",
+        "payload_sender_end_to_read": "a payload: sender's phase end to the receiver having read it",
+        "payload_sender_end_to_stream": "  sender's driver to its network thread opening the stream",
+        "payload_write": "  writing it (TLS, yamux)",
+        "payload_read_to_driver": "  receiver's network thread to its driver",
+    }
+    for key, name in names.items():
+        t = m["timeline"].get(key)
+        if t:
+            lines.append(f"| {name} | {ms(t['mean'])} | {ms(t['median'])} |")
     return ratios, "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use murmur_proto::v1::Phase;
 use tokio::sync::oneshot;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::config::RunConfig;
 use super::events::{Event, Inputs, JOIN_POLL, Wait};
@@ -531,6 +531,7 @@ impl Driver {
                 let done = self.on_trainer(reply)?;
                 if let (Some(done), Some(mixer)) = (done, mixer) {
                     let before = mixer.round();
+                    debug!(round = before, steps = done.steps_done, "local phase ended");
                     let input = Input::LocalDone { params: done.params, samples: done.samples };
                     let actions = mixer.handle(input, Instant::now());
                     self.execute(mixer, actions, before)?;
@@ -581,7 +582,7 @@ impl Driver {
         };
         match done {
             (Pending::Train, Done::Trained(phase)) => {
-                self.record.timing.phase(phase.started, phase.seconds);
+                self.record.timing.phase(phase.started, phase.seconds, Instant::now());
                 self.on_phase_done(&phase);
                 if self.finished || self.stop.is_some() {
                     return Ok(None);
@@ -657,6 +658,9 @@ impl Driver {
             };
             let event = self.inputs.next(&mut self.outbox, wait).await;
             let before = mixer.round();
+            // What the node logs while it handles this event carries the
+            // round (and, for a payload, the peer in the event's fields).
+            let _round = tracing::info_span!("round", round = before).entered();
             let now = Instant::now();
             let actions = match event {
                 Event::Net(ev) => match self.on_net(ev, mixer) {
@@ -726,6 +730,7 @@ impl Driver {
                     }
                     MsgKind::PullReply => None,
                     _ => {
+                        debug!(peer = %from, slot = m.slot, kind = m.kind.label(), "payload arrived");
                         self.in_use.push(m.values.clone());
                         Some(Input::Received(m))
                     }
@@ -765,7 +770,11 @@ impl Driver {
         for a in actions {
             match a {
                 Action::Send(m) => self.outbox.send(m, self.run.strategy.timeout),
-                Action::SetParams(v) => self.set_params(v)?,
+                Action::SetParams(v) => {
+                    debug!(round = round_before, "mixed parameters to the trainer");
+                    self.record.timing.mixed(Instant::now());
+                    self.set_params(v)?
+                }
                 Action::Train { steps } => {
                     // Round-end work sees the mixed model: it is queued
                     // after the new parameters and before the next phase.

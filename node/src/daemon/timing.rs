@@ -3,27 +3,58 @@
 //! start of the next (the exchange and the mix: communication). Trainer
 //! work between phases that the node chose to do (evaluation, checkpoint)
 //! is in neither bucket.
+//!
+//! Communication is split where the node's threads hand the round on, so
+//! that a slow round says which part was slow:
+//! - handoff: the trainer thread ended its phase; the driver takes the
+//!   parameters (a thread wake-up, longer on a busy machine);
+//! - exchange: the driver sends, waits for its peers and mixes, until it
+//!   hands the mixed parameters to the trainer (for a round that does not
+//!   communicate, until the next phase is asked for);
+//! - resume: the trainer sets them and starts the next phase.
 
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PhaseTiming {
     pub compute_seconds: f64,
+    /// handoff + exchange + resume.
     pub communication_seconds: f64,
-    /// When the last local phase ended, until the next one starts.
+    pub handoff_seconds: f64,
+    pub exchange_seconds: f64,
+    pub resume_seconds: f64,
+    /// The between-phases stretch under way: when the last local phase
+    /// ended, when the driver took it, when it handed back mixed parameters.
     #[serde(skip)]
-    mixing_since: Option<Instant>,
+    between: Option<Between>,
     /// Trainer work since then that was not a local phase.
     #[serde(skip)]
     side_work: f64,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Between {
+    ended: Instant,
+    taken: Instant,
+    mixed: Option<Instant>,
+}
+
 impl PhaseTiming {
-    /// A local phase ran on the trainer from `started` for `seconds`.
-    pub fn phase(&mut self, started: Instant, seconds: f64) {
+    /// A local phase ran on the trainer from `started` for `seconds`; the
+    /// driver took its result at `taken`.
+    pub fn phase(&mut self, started: Instant, seconds: f64, taken: Instant) {
         self.close(started);
         self.compute_seconds += seconds;
-        self.mixing_since = Some(started + Duration::from_secs_f64(seconds.max(0.0)));
+        let ended = started + Duration::from_secs_f64(seconds.max(0.0));
+        self.between = Some(Between { ended, taken: taken.max(ended), mixed: None });
+    }
+
+    /// The driver handed the trainer mixed parameters at `now` (the first
+    /// time between two phases counts).
+    pub fn mixed(&mut self, now: Instant) {
+        if let Some(b) = self.between.as_mut().filter(|b| b.mixed.is_none()) {
+            b.mixed = Some(now.max(b.taken));
+        }
     }
 
     /// The trainer spent `seconds` between phases on something else.
@@ -37,11 +68,23 @@ impl PhaseTiming {
     }
 
     fn close(&mut self, until: Instant) {
-        if let Some(t) = self.mixing_since.take() {
-            let between = until.saturating_duration_since(t).as_secs_f64();
-            self.communication_seconds += (between - self.side_work).max(0.0);
-        }
-        self.side_work = 0.0;
+        let side = std::mem::take(&mut self.side_work);
+        let Some(b) = self.between.take() else { return };
+        let secs = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64();
+        let handoff = secs(b.ended, b.taken);
+        let (mut exchange, mut resume) = match b.mixed {
+            Some(m) => (secs(b.taken, m), secs(m, until)),
+            None => (secs(b.taken, until), 0.0),
+        };
+        // Side work (a round-end evaluation, a checkpoint) is queued after
+        // the mixed parameters, so it sits in the resume part first.
+        let from_resume = side.min(resume);
+        resume -= from_resume;
+        exchange = (exchange - (side - from_resume)).max(0.0);
+        self.handoff_seconds += handoff;
+        self.exchange_seconds += exchange;
+        self.resume_seconds += resume;
+        self.communication_seconds += handoff + exchange + resume;
     }
 }
 
@@ -54,12 +97,32 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut t = PhaseTiming::default();
-        t.phase(at(0), 0.3);
-        // 100 ms between phases, 50 of them an evaluation.
-        t.side_work(0.05);
-        t.phase(at(400), 0.2);
+        // Phase 0-300 ms, taken at 310, mixed at 360; 50 ms of the rest an
+        // evaluation; the next phase starts at 400.
+        t.phase(at(0), 0.3, at(310));
+        t.mixed(at(360));
+        t.mixed(at(380));
+        t.side_work(0.02);
+        t.phase(at(400), 0.2, at(600));
         t.finished(at(650));
-        assert!((t.compute_seconds - 0.5).abs() < 1e-9);
-        assert!((t.communication_seconds - 0.1).abs() < 1e-9, "{}", t.communication_seconds);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(t.compute_seconds, 0.5));
+        assert!(close(t.handoff_seconds, 0.01), "{t:?}");
+        assert!(close(t.exchange_seconds, 0.05 + 0.05), "{t:?}");
+        assert!(close(t.resume_seconds, 0.02), "{t:?}");
+        assert!(close(t.communication_seconds, 0.13), "{t:?}");
+    }
+
+    #[test]
+    fn side_work_beyond_the_resume_comes_out_of_the_exchange() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut t = PhaseTiming::default();
+        t.phase(at(0), 0.1, at(100));
+        t.side_work(0.05);
+        t.phase(at(200), 0.1, at(300));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(t.exchange_seconds, 0.05) && close(t.resume_seconds, 0.0), "{t:?}");
+        assert!(close(t.communication_seconds, 0.05), "{t:?}");
     }
 }

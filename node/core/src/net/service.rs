@@ -507,6 +507,7 @@ async fn transfer(
     if let Some(d) = frame.delay {
         tokio::time::sleep(d).await;
     }
+    debug!(%peer, bytes = frame.body.len(), "opening a payload stream");
     let mut stream = control
         .open_stream(peer, StreamProtocol::new(wire::PROTOCOL))
         .await
@@ -523,8 +524,10 @@ async fn transfer(
         }
     }
     stream.flush().await.map_err(io)?;
+    debug!(%peer, "payload written");
     let mut ack = [0u8; 1];
     stream.read_exact(&mut ack).await.map_err(io)?;
+    debug!(%peer, ack = ack[0], "payload acknowledged");
     let _ = stream.close().await;
     match ack[0] {
         ACK_OK => Ok(()),
@@ -712,6 +715,7 @@ impl Reader {
                 let kind = kind_label(payload.header.kind);
                 let len = wire::frame_len(&payload.header) as u64;
                 self.accounting.record(&peer, kind, Direction::Received, len);
+                debug!(%peer, slot = payload.header.round, kind, bytes = len, "payload read");
                 let _ = self.events.send(NetEvent::Payload { from: peer, payload }).await;
                 ACK_OK
             }

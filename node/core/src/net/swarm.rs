@@ -202,7 +202,16 @@ pub fn build(
         .map_err(|e| SwarmError::Build(e.to_string()))?
         .with_behaviour(|_| behaviour)
         .map_err(|e| SwarmError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        // Every payload opens a stream. With multistream-select's plain V1
+        // the opener waits for the listener to confirm the protocol before
+        // its first byte: a round trip per payload, between two network
+        // threads that each wait their turn on a busy machine. Lazy V1
+        // sends the payload right behind the proposal; a peer that does not
+        // speak the protocol still refuses it (the write or the verdict fails).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(idle)
+                .with_substream_upgrade_protocol_override(Version::V1Lazy)
+        })
         .build();
     Ok((swarm, queue))
 }
