@@ -508,27 +508,51 @@ async fn transfer(
         tokio::time::sleep(d).await;
     }
     debug!(%peer, bytes = frame.body.len(), "opening a payload stream");
-    let mut stream = control
+    let stream = control
         .open_stream(peer, StreamProtocol::new(wire::PROTOCOL))
         .await
         .map_err(|e| SendError::Open { peer, reason: e.to_string() })?;
     let io = |source| SendError::Io { peer, source };
-    stream.write_all(&frame.head).await.map_err(io)?;
-    match &frame.pacing {
-        None => stream.write_all(&frame.body).await.map_err(io)?,
-        Some((pacer, rate)) => {
-            for piece in frame.body.chunks(PACED_PIECE) {
-                pacer.wait(piece.len(), *rate).await;
-                stream.write_all(piece).await.map_err(io)?;
+    // The verdict is read while the frame is written: a receiver refuses a
+    // sender it does not (yet) count as a member after the first bytes and
+    // stops reading, so a payload larger than the stream's window (256 KiB)
+    // would wait for credit that never comes, until the transfer timeout
+    // (10 s), and the whole ring with it. An early verdict ends the write.
+    let (mut reader, mut writer) = stream.split();
+    let mut ack = [0u8; 1];
+    let early = {
+        let write = async {
+            writer.write_all(&frame.head).await?;
+            match &frame.pacing {
+                None => writer.write_all(&frame.body).await?,
+                Some((pacer, rate)) => {
+                    for piece in frame.body.chunks(PACED_PIECE) {
+                        pacer.wait(piece.len(), *rate).await;
+                        writer.write_all(piece).await?;
+                    }
+                }
+            }
+            writer.flush().await
+        };
+        let verdict = reader.read_exact(&mut ack);
+        futures::pin_mut!(write, verdict);
+        match futures::future::select(write, verdict).await {
+            futures::future::Either::Left((written, verdict)) => {
+                written.map_err(io)?;
+                debug!(%peer, "payload written");
+                verdict.await.map_err(io)?;
+                false
+            }
+            futures::future::Either::Right((verdict, _)) => {
+                verdict.map_err(io)?;
+                true
             }
         }
+    };
+    debug!(%peer, ack = ack[0], early, "payload acknowledged");
+    if !early {
+        let _ = writer.close().await;
     }
-    stream.flush().await.map_err(io)?;
-    debug!(%peer, "payload written");
-    let mut ack = [0u8; 1];
-    stream.read_exact(&mut ack).await.map_err(io)?;
-    debug!(%peer, ack = ack[0], "payload acknowledged");
-    let _ = stream.close().await;
     match ack[0] {
         ACK_OK => Ok(()),
         ACK_NOT_A_MEMBER => Err(SendError::NotAMember { peer }),

@@ -415,6 +415,26 @@ async fn payloads_from_a_peer_that_is_not_a_member_are_refused_unread() {
     assert_eq!((from, payload.values), (c.local_peer, values));
 }
 
+/// A refusal reaches the sender while it is still writing: a payload larger
+/// than a stream's window (256 KiB) used to wait for credit the refusing
+/// receiver never gave, until the transfer timed out (and a gossip ring
+/// with it, for every round the sender was not yet a member).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_payload_from_a_non_member_is_refused_while_it_is_written() {
+    const ELEMENTS: usize = 200_000;
+    let mut acfg = config(ELEMENTS);
+    acfg.swarm.inbound.members_only = true;
+    let (a, _arx) = start(acfg).await;
+    let mut bcfg = config(ELEMENTS);
+    bcfg.heartbeat_every = Duration::from_secs(3600);
+    let (b, _brx) = connected_to(&a, bcfg).await;
+    let (h, body) = header(&b, &vec![1.0f32; ELEMENTS], Encoding::F32);
+    let started = Instant::now();
+    let err = b.send(a.local_peer, &h, &body).await.unwrap_err();
+    assert!(matches!(err, super::service::SendError::NotAMember { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "refused after {:?}", started.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_by_name_without_a_peer_id_is_dialled_and_its_peer_learned() {
     let (a, _arx) = start(config(4)).await;
