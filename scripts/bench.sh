@@ -170,9 +170,11 @@ fi
 
 # Decentralized SGD against the same algorithm hand-written on gloo
 # (scripts/bench_dsgd.py, run with this venv's torch): 8 processes, ring,
-# lenet on MNIST, 100 rounds; communication and compute per round, peak RSS,
-# accuracy and wall time side by side with the ratios; writes
-# target/bench/dsgd.{json,md}. Set MURMUR_BENCH_DSGD=0 to skip it.
+# lenet on MNIST, 100 rounds; communication and compute per round, peak RSS
+# and PSS, accuracy and wall time side by side with the ratios, where
+# murmur's exchange time goes (its nodes' debug events), then a 20-round run
+# of 64 lenet nodes; writes target/bench/dsgd.{json,md}. Set
+# MURMUR_BENCH_DSGD=0 to skip it.
 if [ "${MURMUR_BENCH_DSGD:-1}" != 0 ]; then
   "$venv/bin/python" scripts/bench_dsgd.py --murmur target/release/murmur --python "$venv/bin/python" --out target/bench
 fi
