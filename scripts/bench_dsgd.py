@@ -210,9 +210,9 @@ def many_nodes(args, mnist):
     if not cluster_json.exists():
         print(f"bench_dsgd: {n} nodes: no cluster.json ({proc.returncode}): {stderr[-2000:]}", file=sys.stderr)
         return {**result, "finished": 0}
-    nodes = json.loads(cluster_json.read_text())["nodes"]
-    peaks = [x["peak_rss_bytes"] for x in nodes if x.get("peak_rss_bytes")]
     cluster = json.loads(cluster_json.read_text())
+    nodes = cluster["nodes"]
+    peaks = [x["peak_rss_bytes"] for x in nodes if x.get("peak_rss_bytes")]
     return {**result,
             "finished": sum(1 for x in nodes if x["exit_status"] == 0 and x["rounds"] == rounds),
             "peak_rss_bytes_max": max(peaks, default=None),

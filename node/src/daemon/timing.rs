@@ -92,10 +92,18 @@ impl PhaseTiming {
 mod tests {
     use super::*;
 
+    /// `ms` milliseconds after a fixed start.
+    fn at(ms: u64) -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now) + Duration::from_millis(ms)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
     #[test]
     fn phases_split_into_compute_and_communication() {
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
         let mut t = PhaseTiming::default();
         // Phase 0-300 ms, taken at 310, mixed at 360; 50 ms of the rest an
         // evaluation; the next phase starts at 400.
@@ -105,7 +113,6 @@ mod tests {
         t.side_work(0.02);
         t.phase(at(400), 0.2, at(600));
         t.finished(at(650));
-        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(t.compute_seconds, 0.5));
         assert!(close(t.handoff_seconds, 0.01), "{t:?}");
         assert!(close(t.exchange_seconds, 0.05 + 0.05), "{t:?}");
@@ -115,13 +122,10 @@ mod tests {
 
     #[test]
     fn side_work_beyond_the_resume_comes_out_of_the_exchange() {
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
         let mut t = PhaseTiming::default();
         t.phase(at(0), 0.1, at(100));
         t.side_work(0.05);
         t.phase(at(200), 0.1, at(300));
-        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(t.exchange_seconds, 0.05) && close(t.resume_seconds, 0.0), "{t:?}");
         assert!(close(t.communication_seconds, 0.05), "{t:?}");
     }

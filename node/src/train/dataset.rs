@@ -57,11 +57,10 @@ impl ClassData {
     /// hold the whole set twice at a node's start.
     pub fn split_at(mut self, at: usize) -> (ClassData, ClassData) {
         let at = at.min(self.len());
-        let mut features = self.features.split_off(at * self.sample_len());
+        let features = self.features.split_off(at * self.sample_len());
         let labels = self.labels.split_off(at);
         self.features.shrink_to_fit();
         self.labels.shrink_to_fit();
-        features.shrink_to_fit();
         let tail = ClassData {
             features,
             sample_shape: self.sample_shape.clone(),
