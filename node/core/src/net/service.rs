@@ -1150,14 +1150,26 @@ fn listen_error_reason(e: &ListenError) -> &'static str {
 /// connection that broke during its handshake (another swarm key, another
 /// security protocol, or a peer that refused this node).
 fn dial_reason(errors: &[(Multiaddr, libp2p::TransportError<std::io::Error>)]) -> &'static str {
-    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut};
     let unreachable = errors.iter().all(|(_, e)| match e {
-        libp2p::TransportError::Other(io) => {
-            matches!(io.kind(), ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable)
-        }
+        libp2p::TransportError::Other(io) => unanswered(io),
         libp2p::TransportError::MultiaddrNotSupported(_) => true,
     });
     if unreachable { "dial_unreachable" } else { "dial_handshake_failed" }
+}
+
+/// Whether a dial's error comes from a socket that nobody answered
+/// (refused, timed out, no route). The transport stack (DNS, the choice of
+/// TCP or QUIC, the upgrade) wraps the socket's error in several layers of
+/// kind `Other`, and its `Either` layers forward their inner error's
+/// source rather than the inner error, so neither the kind at the top nor
+/// the source chain reaches the socket's: its debug form names every
+/// layer's kind.
+fn unanswered(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut};
+    let layers = format!("{e:?}");
+    [ConnectionRefused, TimedOut, HostUnreachable, NetworkUnreachable]
+        .iter()
+        .any(|kind| layers.contains(&format!("kind: {kind:?}")))
 }
 
 /// Which behaviour turned a connection down.

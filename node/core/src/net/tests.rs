@@ -180,6 +180,25 @@ async fn a_dial_to_the_wrong_peer_id_is_dropped_after_the_tls_handshake() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_to_a_port_nobody_listens_on_counts_as_unreachable() {
+    // A peer that has left: its port refuses the connection. That is no
+    // handshake failure (which would point at a key or a security mismatch).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let gone = PeerId::from(Keypair::generate_ed25519().public());
+    let mut cfg = config(4);
+    cfg.bootstrap = vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{gone}").parse().unwrap()];
+    let (b, _brx) = start(cfg).await;
+    wait_until("the dial to fail", Duration::from_secs(20), || {
+        let r = b.accounting();
+        r.refusals("dial_unreachable") + r.refusals("dial_handshake_failed") >= 1
+    })
+    .await;
+    assert_eq!(b.accounting().refusals("dial_handshake_failed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_the_wrong_swarm_key_cannot_connect() {
     let key = |b: u8| PreSharedKey::new([b; 32]);
     let mut cfg = config(4);
