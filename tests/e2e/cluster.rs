@@ -234,3 +234,22 @@ fn sigterm_stops_a_node_gracefully_with_checkpoint_and_summary() {
     let meta = read_json(&dir.join("checkpoint/meta.json"));
     assert_eq!(meta["step"], summary["steps"]);
 }
+
+#[test]
+fn a_relay_reports_no_loss_rather_than_nan() {
+    // A relay's steps train on nothing and report NaN: its status says it
+    // has no loss (a node whose training diverged still shows NaN).
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--data", "synthetic", "--relays", "1", "--rounds", "400", "--local-steps", "5"];
+    let nodes = crate::swarm::start_swarm(tmp.path(), 2, &args);
+    let started = Instant::now();
+    while nodes[1].status()["round"].as_u64().unwrap_or(0) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the relay made no rounds");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let relay = ok(&murmur(&["status", &nodes[1].api]));
+    let trained = ok(&murmur(&["status", &nodes[0].api]));
+    assert!(!relay.contains("NaN"), "{relay}");
+    assert!(nodes[1].status()["train_loss"].is_null(), "{}", nodes[1].status());
+    assert!(nodes[0].status()["train_loss"].as_f64().is_some_and(f64::is_finite), "{trained}");
+}

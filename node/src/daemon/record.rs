@@ -102,13 +102,16 @@ impl Record {
         bytes: Counts,
         (reporter, board): (&Reporter, &StatusBoard),
     ) {
-        self.last_loss = Some(done.loss);
+        // A relay trains on no examples: it has no loss (its steps report
+        // NaN), unlike a node whose training diverged, whose NaN shows.
+        let loss = (done.samples > 0).then_some(done.loss);
+        self.last_loss = loss;
         self.steps_done = done.steps_done;
         let hash = model_hash(&done.params);
         board.update(|s| {
             s.phase = Phase::Mixing;
             s.step = done.steps_done;
-            s.train_loss = Some(done.loss);
+            s.train_loss = loss;
             s.samples_seen += done.samples;
             s.model_hash = hash;
         });
