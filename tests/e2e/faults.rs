@@ -61,8 +61,12 @@ fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peer
     );
     let nodes = c["nodes"].as_array().unwrap();
     let dropped = count(&nodes[1]["fault_effects"], "dropped_out");
-    // 30 rounds x 2 neighbours x 0.3 = 18 expected.
-    assert!((6..=32).contains(&dropped), "node 1 dropped {dropped} of 60");
+    // Each attempt draws: 30 rounds x 2 neighbours, and the retries of
+    // sends a peer refused or that failed (more on a loaded machine: one
+    // run beside the whole suite dropped 40). Measured here: 24-27 of 60-62.
+    let attempts = dropped + count(&summary(tmp.path(), 1)["bytes"], "messages_sent");
+    let fraction = dropped as f64 / attempts as f64;
+    assert!((0.1..=0.55).contains(&fraction), "node 1 dropped {dropped} of {attempts}");
     let missed: u64 = [0, 2].iter().map(|&i| missing(&nodes[i]["strategy_drops"])).sum();
     assert!(missed >= dropped, "peers missed {missed}, node 1 dropped {dropped}");
 }
@@ -148,9 +152,15 @@ fn nan_messages_are_refused_by_every_honest_peer_whose_model_stays_finite() {
     let nodes = c["nodes"].as_array().unwrap();
     assert!(count(&nodes[3]["fault_effects"], "corrupted") >= 15 * 3);
     for n in &nodes[..3] {
-        // Every round's NaN message refused by the wire, and not waited for.
+        // Every round's NaN message refused by the wire, and not waited for
+        // (waiting would cost a deadline in each of the 15 rounds). A node
+        // whose start lagged (its first heartbeats from a peer came relayed
+        // before the connection, `heartbeat_not_connected`, so it refused
+        // that peer's first payloads) can wait out a few deadlines for
+        // honest peers that ran ahead: measured up to 3, in 1 of 25 runs
+        // with three clusters at once.
         assert!(count(&n["refusals"], "non_finite") >= 14, "{n}");
-        assert!(count(&n["strategy_drops"], "missing_at_deadline") <= 1, "{n}");
+        assert!(count(&n["strategy_drops"], "missing_at_deadline") <= 4, "{n}");
         let loss = n["final"]["eval_loss"].as_f64().unwrap();
         assert!(loss.is_finite() && loss < 1.0, "{n}");
     }

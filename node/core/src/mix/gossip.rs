@@ -387,12 +387,6 @@ impl Gossip {
         };
         if let Some(r) = reason {
             self.drops.add(r);
-            // The neighbour sent for that slot and will not send again:
-            // when this (lagging) node gets there, waiting for it until
-            // the deadline would only make it lag further.
-            if r == "too_far_ahead" {
-                self.refused.entry(m.slot).or_default().insert(m.peer);
-            }
             return Vec::new();
         }
         if let Some(pos) = expected {
@@ -791,29 +785,6 @@ mod tests {
         assert!(g.handle(params(ids[1], 0, 3.0), t0).is_empty(), "still waits for the third");
         let acts = g.handle(params(ids[2], 0, 6.0), t0);
         assert_eq!(acts, vec![Action::SetParams(vec![3.0]), Action::Train { steps: 5 }]);
-    }
-
-    #[test]
-    fn a_lagging_node_does_not_wait_for_a_message_it_dropped_as_too_far_ahead() {
-        let ids = peers(2);
-        let mut g = Gossip::new(cfg("complete", 5), ids[0], ids.clone()).unwrap();
-        let t0 = Instant::now();
-        g.start(t0);
-        // The neighbour runs three exchanges ahead: the third is dropped.
-        for slot in [1, 2, 3] {
-            assert!(g.handle(params(ids[1], slot, 1.0), t0).is_empty());
-        }
-        assert_eq!(g.drops.get("too_far_ahead"), 1);
-        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
-        g.handle(params(ids[1], 0, 1.0), t0);
-        // Rounds 1 and 2 mix what is held; round 3 mixes at once too, with
-        // the node's own values only, rather than wait for what it dropped.
-        for round in [1, 2, 3] {
-            let acts = g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
-            assert_eq!(acts.last(), Some(&Action::Train { steps: 5 }), "round {round}: {acts:?}");
-        }
-        assert_eq!(g.round(), 4);
-        assert_eq!(g.drops.get("missing_at_deadline") + g.drops.get("missing_after_grace"), 0);
     }
 
     #[test]

@@ -322,6 +322,8 @@ impl Network {
             named: HashMap::new(),
             naming,
             expect: expect.clone(),
+            greet: false,
+            last_heartbeat: None,
         };
         let network = Network {
             local_peer,
@@ -785,7 +787,23 @@ struct SwarmDriver {
     naming: HashMap<ConnectionId, Multiaddr>,
     /// The model heartbeats announce (what payloads must match).
     expect: Arc<RwLock<Arc<Expectation>>>,
+    /// A peer subscribed to the run's topic since the last heartbeat: the
+    /// next one comes early (see `GREET_AFTER`).
+    greet: bool,
+    /// When the last heartbeat was published.
+    last_heartbeat: Option<Instant>,
 }
+
+/// How soon a heartbeat follows a new subscriber to the run's topic, and
+/// at most how often such early heartbeats go out. Without them a node that
+/// joins hears of a member only at that member's next beat (up to
+/// `heartbeat_every` later), and refuses its payloads meanwhile as from a
+/// non-member: the member's first exchange waits on retries, and the
+/// joiner starts behind. The floor keeps a peer that subscribes and
+/// unsubscribes in a loop from making this node publish more than ten
+/// times a second.
+const GREET_AFTER: Duration = Duration::from_millis(20);
+const GREET_EVERY: Duration = Duration::from_millis(100);
 
 /// The first heartbeat sequence number: microseconds since the epoch, so a
 /// restarted node's heartbeats are newer than its last life's (members
@@ -803,7 +821,14 @@ impl SwarmDriver {
         let mut faults = self.faults.subscribe();
         loop {
             tokio::select! {
-                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                event = self.swarm.select_next_some() => {
+                    self.on_swarm_event(event).await;
+                    if std::mem::take(&mut self.greet) {
+                        let since = self.last_heartbeat.map(|t| t.elapsed());
+                        let wait = GREET_EVERY.saturating_sub(since.unwrap_or(GREET_EVERY));
+                        heartbeat.reset_after(wait.max(GREET_AFTER));
+                    }
+                }
                 _ = heartbeat.tick() => {
                     self.apply_partitions();
                     // A paused node is silent: its peers see it go quiet.
@@ -907,6 +932,7 @@ impl SwarmDriver {
     }
 
     fn publish_heartbeat(&mut self) {
+        self.last_heartbeat = Some(Instant::now());
         self.seq += 1;
         let hb = Heartbeat {
             run_id: self.cfg.swarm.run_id.clone(),
@@ -1051,8 +1077,15 @@ impl SwarmDriver {
     }
 
     async fn on_gossip(&mut self, ev: gossipsub::Event) {
-        let gossipsub::Event::Message { message, propagation_source, message_id } = ev else {
-            return;
+        let (message, propagation_source, message_id) = match ev {
+            gossipsub::Event::Message { message, propagation_source, message_id } => {
+                (message, propagation_source, message_id)
+            }
+            gossipsub::Event::Subscribed { topic, .. } if topic == self.topic.hash() => {
+                self.greet = true;
+                return;
+            }
+            _ => return,
         };
         let len = message.data.len() as u64;
         self.accounting.record(&propagation_source, "heartbeat", Direction::Received, len);

@@ -39,6 +39,15 @@ fn dial_addr(n: &Network) -> Multiaddr {
     addr.with(libp2p::multiaddr::Protocol::P2p(n.local_peer))
 }
 
+/// A peer whose heartbeats are for another run: connected, never a member
+/// of `RUN`. (Slow heartbeats no longer make one: a node greets every new
+/// subscriber to its run's topic with an early heartbeat.)
+fn stranger(elements: usize) -> NetConfig {
+    let mut cfg = config(elements);
+    cfg.swarm.run_id = "another-run".into();
+    cfg
+}
+
 /// A node started with `cfg`, bootstrapped from `a`, once `a` sees it connected.
 async fn connected_to(a: &Network, mut cfg: NetConfig) -> (Network, mpsc::Receiver<NetEvent>) {
     cfg.bootstrap = vec![dial_addr(a)];
@@ -177,6 +186,21 @@ async fn a_dial_to_the_wrong_peer_id_is_dropped_after_the_tls_handshake() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(b.view().connected.is_empty(), "connected to {:?}", b.view().connected);
     assert!(a.view().members.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_peer_is_a_member_long_before_the_next_regular_heartbeat() {
+    // Heartbeats once an hour: only the greeting of a new subscriber to the
+    // run's topic can make either node the other's member in time.
+    let mut slow = config(4);
+    slow.heartbeat_every = Duration::from_secs(3600);
+    let (a, _arx) = start(slow.clone()).await;
+    let (b, _brx) = connected_to(&a, slow).await;
+    wait_until("each to count the other a member", Duration::from_secs(5), || {
+        a.view().members.iter().any(|m| m.peer == b.local_peer)
+            && b.view().members.iter().any(|m| m.peer == a.local_peer)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,11 +432,9 @@ async fn a_stream_that_stalls_is_timed_out_and_frees_its_read() {
 async fn payloads_from_a_peer_that_is_not_a_member_are_refused_unread() {
     let mut acfg = config(64);
     acfg.swarm.inbound.members_only = true;
-    // A's heartbeats are slow: B is not yet its member when B sends.
+    // B announces itself in another run only: it is never A's member.
     let (a, mut arx) = start(acfg).await;
-    let mut bcfg = config(64);
-    bcfg.heartbeat_every = Duration::from_secs(3600);
-    let (b, _brx) = connected_to(&a, bcfg).await;
+    let (b, _brx) = connected_to(&a, stranger(64)).await;
     let values = vec![1.0f32; 64];
     let (h, body) = header(&b, &values, Encoding::F32);
     let err = b.send(a.local_peer, &h, &body).await.unwrap_err();
@@ -444,9 +466,7 @@ async fn a_large_payload_from_a_non_member_is_refused_while_it_is_written() {
     let mut acfg = config(ELEMENTS);
     acfg.swarm.inbound.members_only = true;
     let (a, _arx) = start(acfg).await;
-    let mut bcfg = config(ELEMENTS);
-    bcfg.heartbeat_every = Duration::from_secs(3600);
-    let (b, _brx) = connected_to(&a, bcfg).await;
+    let (b, _brx) = connected_to(&a, stranger(ELEMENTS)).await;
     let (h, body) = header(&b, &vec![1.0f32; ELEMENTS], Encoding::F32);
     let started = Instant::now();
     let err = b.send(a.local_peer, &h, &body).await.unwrap_err();
