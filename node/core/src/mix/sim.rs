@@ -599,18 +599,17 @@ impl Simulator {
             }
             Event::Tick { node } => {
                 let now = self.now;
-                let deadline = self.deadline(node);
                 let n = &mut self.nodes[node];
                 if !n.live() || n.tick_at != Some(now) {
                     return Ok(());
                 }
                 n.tick_at = None;
-                if deadline.is_some_and(|d| d > now) {
+                if self.deadline(node).is_some_and(|d| d > now) {
                     // Answers moved the deadline on since this was set.
                     self.reschedule_tick(node);
                     return Ok(());
                 }
-                n.ticked_at = Some(now);
+                self.nodes[node].ticked_at = Some(now);
                 self.handle(node, Input::Tick, local)
             }
             Event::ToHub { msg } => {

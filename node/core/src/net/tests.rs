@@ -59,6 +59,13 @@ async fn connected_to(a: &Network, mut cfg: NetConfig) -> (Network, mpsc::Receiv
     (b, brx)
 }
 
+/// Waits until `a` and `b` each count the other a member.
+async fn each_a_member_of_the_other(a: &Network, b: &Network, deadline: Duration) {
+    let member =
+        |n: &Network, of: &Network| n.view().members.iter().any(|m| m.peer == of.local_peer);
+    wait_until("each to count the other a member", deadline, || member(a, b) && member(b, a)).await;
+}
+
 async fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -196,11 +203,7 @@ async fn a_new_peer_is_a_member_long_before_the_next_regular_heartbeat() {
     slow.heartbeat_every = Duration::from_secs(3600);
     let (a, _arx) = start(slow.clone()).await;
     let (b, _brx) = connected_to(&a, slow).await;
-    wait_until("each to count the other a member", Duration::from_secs(5), || {
-        a.view().members.iter().any(|m| m.peer == b.local_peer)
-            && b.view().members.iter().any(|m| m.peer == a.local_peer)
-    })
-    .await;
+    each_a_member_of_the_other(&a, &b, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,11 +498,7 @@ async fn a_bootstrap_by_name_without_a_peer_id_is_dialled_and_its_peer_learned()
     assert_eq!(b.peer_at(&by_name), Some(a.local_peer));
     assert!(b.view().connected.contains(&a.local_peer));
     // Membership follows as with a peer id.
-    wait_until("each to count the other", Duration::from_secs(20), || {
-        a.view().members.iter().any(|m| m.peer == b.local_peer)
-            && b.view().members.iter().any(|m| m.peer == a.local_peer)
-    })
-    .await;
+    each_a_member_of_the_other(&a, &b, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
