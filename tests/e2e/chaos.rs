@@ -382,6 +382,22 @@ fn a_robust_aggregator_holds_against_two_sign_flippers_where_the_mean_does_not()
     assert!(acc(&mean) < clean - 0.20, "the plain mean should break: {} vs {clean}", acc(&mean));
 }
 
+/// Each node's round, second by second, from a report's status samples.
+fn rounds_by_second(report: &serde_json::Value) -> String {
+    let mut by_second =
+        std::collections::BTreeMap::<u64, std::collections::BTreeMap<u64, u64>>::new();
+    for s in report["samples"].as_array().into_iter().flatten() {
+        let (Some(t), Some(node), Some(round)) =
+            (s["t"].as_f64(), s["node"].as_u64(), s["round"].as_u64())
+        else {
+            continue;
+        };
+        by_second.entry(t as u64).or_default().insert(node, round);
+    }
+    let lines: Vec<String> = by_second.iter().map(|(t, r)| format!("{t}s {r:?}")).collect();
+    lines.join(", ")
+}
+
 /// Why the netns scenario cannot run here, if it cannot: it needs root and
 /// the ip, tc and nft commands (`scripts/setup-netns.sh` installs them).
 fn netns_unavailable() -> Option<String> {
@@ -439,11 +455,26 @@ fn lossy_links_between_namespaces_and_a_cut_node_comes_back() {
     assert!(slow > 1.5 * base, "communication s/round: {slow:.3} with faults vs {base:.3}");
     // The cut was felt (node 2 went without its neighbours' messages) and
     // the run held together: node 2 mixed back in, its model ends near the
-    // others' and the models near each other (45-56 when nodes race apart).
+    // others' and the models near each other. Runs that held in step from
+    // start to end measured 0.2-3.3 (40 runs, some beside other tests);
+    // runs whose nodes raced apart 19.6-56.
     let summary = read_json(&tmp.path().join("run/node-2/summary.json"));
     assert!(missing(&summary["strategy_drops"]) > 0, "{}", summary["strategy_drops"]);
     let distance = r["result"]["consensus_distance"].as_f64().unwrap();
-    assert!(distance < 2.0, "consensus distance {distance} (baseline {})", r["baseline"]);
+    // Should it fail: how the nodes moved and what each went without.
+    let drops: Vec<String> = (0..5)
+        .map(|i| {
+            let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
+            format!("node {i}: {}", summary["strategy_drops"])
+        })
+        .collect();
+    assert!(
+        distance < 8.0,
+        "consensus distance {distance} (baseline {}); {drops:?}; events {}; rounds {}",
+        r["baseline"],
+        r["events"],
+        rounds_by_second(&r)
+    );
     let acc = |i: usize| {
         let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
         summary["final"]["eval_accuracy"].as_f64().unwrap()
