@@ -49,7 +49,9 @@ TIMEOUT_S = 180
 
 def murmur_pair(args, encoding, raw, fresh=False, security=None):
     """Runs both ends of `murmur bench-transfer`; returns receiver and sender records."""
+    # Both ends name the encoding: a receiver accepts only its run's and f32.
     common = ["bench-transfer", "--mib", str(args.mib), "--repeat", str(args.repeat), "--threads", str(args.threads)]
+    common += ["--encoding", encoding]
     common += ["--raw-tcp"] if raw else []
     common += ["--security", security] if security else []
     fresh_args = ["--fresh-buffer"] if fresh else []
@@ -61,7 +63,7 @@ def murmur_pair(args, encoding, raw, fresh=False, security=None):
         if not first:
             raise RuntimeError(f"receiver exited early: {recv.stderr.read().strip()}")
         addr = json.loads(first)
-        send_args = ["--role", "send", "--peer", addr, "--encoding", encoding, "--shards", str(args.shards)]
+        send_args = ["--role", "send", "--peer", addr, "--shards", str(args.shards)]
         sent = subprocess.run([args.murmur, *common, *send_args], capture_output=True, text=True, timeout=TIMEOUT_S)
         if sent.returncode != 0:
             raise RuntimeError(f"sender failed ({sent.returncode}): {sent.stderr.strip()}")

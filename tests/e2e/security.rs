@@ -120,3 +120,37 @@ fn a_crafted_checkpoint_cannot_add_faults_move_the_api_or_end_the_run() {
         assert!(saved["options"]["run"].get(key).is_none(), "{key}: {}", saved["options"]);
     }
 }
+
+/// A receiver takes payloads in its run's encoding and f32, nothing else:
+/// `murmur bench-transfer` moves bf16 between two processes when both ends
+/// name it, and a receiver left at f32 refuses it and the sender says so.
+#[test]
+fn a_payload_moves_only_in_the_encodings_the_receiver_accepts() {
+    let transfer = |recv_encoding: &str| {
+        let common = ["bench-transfer", "--mib", "1", "--repeat", "2", "--threads", "1"];
+        let mut recv = Command::new(murmur_bin())
+            .args(common)
+            .args(["--role", "recv", "--encoding", recv_encoding])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        let mut lines = std::io::BufReader::new(recv.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut lines, &mut first).unwrap();
+        let addr: String = serde_json::from_str(first.trim()).unwrap();
+        let send_args = ["--role", "send", "--peer", &addr, "--encoding", "bf16"];
+        let sent = murmur(&common.iter().copied().chain(send_args).collect::<Vec<_>>());
+        let _ = recv.kill();
+        let _ = recv.wait();
+        sent
+    };
+    let sent = ok(&transfer("bf16"));
+    let records: Vec<serde_json::Value> =
+        sent.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // 1 MiB of f32 values, two bytes each in bf16.
+    assert!(records.iter().any(|r| r["body_bytes"] == (1 << 20) / 2), "{sent}");
+    let refused = transfer("f32");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("refused the payload"), "{err}");
+}

@@ -74,6 +74,7 @@ pub struct BenchTransferArgs {
     #[arg(long, default_value_t = 64)]
     mib: usize,
     /// How the sender encodes the values: f32, bf16, f16, int8[:BLOCK], topk:K
+    /// (both ends must agree: a receiver accepts only its own and f32)
     #[arg(long, default_value = "f32")]
     encoding: Encoding,
     /// Payloads to move (both ends must agree)
