@@ -753,8 +753,9 @@ impl Driver {
     fn members_changed(&mut self, mixer: &dyn Mixer) -> Option<Input> {
         let now = self.members_in(mixer.round() + 1);
         (now != self.members).then(|| {
-            self.members = now.clone();
-            Input::Members(now)
+            let before = std::mem::replace(&mut self.members, now.clone());
+            let joined = now.iter().filter(|p| before.binary_search(p).is_err()).copied().collect();
+            Input::Members { members: now.into(), joined }
         })
     }
 

@@ -68,6 +68,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -281,7 +282,7 @@ pub struct Diloco {
     roster: Roster,
     /// The live members as last told (the next round's roster, less the
     /// unreachable).
-    members: Vec<PeerId>,
+    members: Arc<[PeerId]>,
     round: u64,
     step: Step,
     fragments: Vec<Vec<Range<usize>>>,
@@ -319,7 +320,7 @@ impl Diloco {
         Ok(Diloco {
             fragments: fragment_ranges(&cfg.layers, len, p),
             roster: Roster::new(me, members.clone()),
-            members,
+            members: members.into(),
             round: cfg.start_round,
             step: Step::Train(0),
             theta: Vec::new(),
@@ -724,7 +725,7 @@ impl Mixer for Diloco {
                 actions.extend(self.try_apply(now));
                 actions
             }
-            Input::Members(members) => {
+            Input::Members { members, .. } => {
                 // A peer listed anew (back after it left, or trained again
                 // after rejoining) is reachable until its connection says not.
                 let before = std::mem::replace(&mut self.members, members);

@@ -181,8 +181,12 @@ impl Gossip {
     fn topology(&mut self) -> Option<&Topology> {
         let n = self.roster.len();
         if self.topology.as_ref().map(Topology::n) != Some(n) {
-            let t = Topology::new(&self.cfg.topology, n, self.cfg.seed)
-                .or_else(|_| Topology::new(&TopologySpec::Complete, n, self.cfg.seed));
+            let t = match &self.topology {
+                // Not a fallback's: the spec may fit the new count.
+                Some(t) if t.spec() == &self.cfg.topology => t.resized(n),
+                _ => Topology::new(&self.cfg.topology, n, self.cfg.seed),
+            };
+            let t = t.or_else(|_| Topology::new(&TopologySpec::Complete, n, self.cfg.seed));
             self.topology = t.ok();
         }
         self.topology.as_ref()
@@ -567,9 +571,9 @@ impl Mixer for Gossip {
                 }
                 self.try_mix(now, false)
             }
-            Input::Members(members) => {
-                let roster = Roster::new(self.roster.me(), members);
-                self.patience.set_members(&self.roster, &roster);
+            Input::Members { members, joined } => {
+                let roster = Roster::shared(self.roster.me(), members);
+                self.patience.set_members(&roster, &joined);
                 self.ahead.retain(|p, _| roster.index_of(p).is_some());
                 if let Phase::Exchanging { awaiting, expect, .. } = &mut self.phase {
                     awaiting.left(expect, &roster);
@@ -809,7 +813,8 @@ mod tests {
     fn a_member_that_joined_later_is_waited_for_only_the_grace_until_it_earns_more() {
         let ids = peers(3);
         let mut g = Gossip::new(cfg("complete", 100), ids[0], ids[..2].to_vec()).unwrap();
-        g.handle(Input::Members(ids.clone()), Instant::now());
+        let joined = vec![ids[2]];
+        g.handle(Input::Members { members: ids.clone().into(), joined }, Instant::now());
         let local = ms(200);
         let t0 = Instant::now();
         g.start(t0);

@@ -417,8 +417,8 @@ impl Mixer for Merge {
                 }
                 _ => Vec::new(),
             },
-            Input::Members(members) => {
-                self.roster = Roster::new(self.roster.me(), members);
+            Input::Members { members, .. } => {
+                self.roster = Roster::shared(self.roster.me(), members);
                 Vec::new()
             }
             Input::Tick => match &self.phase {
@@ -750,7 +750,8 @@ mod tests {
         let mut ns = nodes(&ids, Exchange::Random(1.0), 6);
         ns.truncate(3);
         for m in &mut ns {
-            m.handle(Input::Members(ids[..3].to_vec()), Instant::now());
+            let members = ids[..3].to_vec().into();
+            m.handle(Input::Members { members, joined: Vec::new() }, Instant::now());
         }
         let x0: Vec<Vec<f32>> = (0..3).map(|i| vec![i as f32]).collect();
         let (x, trace) = lockstep(&mut ns, x0, |_, _, x| x.to_vec());

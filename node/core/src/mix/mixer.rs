@@ -137,8 +137,12 @@ pub enum Input {
     /// bad checksum...): it will not come, so the strategy need not wait
     /// for it. It mixes nothing.
     Refused { peer: PeerId, kind: MsgKind, slot: u64 },
-    /// The live members of the run changed (sorted, including this node).
-    Members(Vec<PeerId>),
+    /// The live members of the run changed: `members` (sorted, without
+    /// duplicates, including this node), of whom `joined` were not members
+    /// before. Shared, and the change named: the simulator hands one list
+    /// to every node, which keeps it rather than a copy of the swarm each,
+    /// and no node need compare two lists of the whole swarm.
+    Members { members: Arc<[PeerId]>, joined: Vec<PeerId> },
     /// The last connection to this peer closed (a killed process, a cut
     /// link): what it has not sent to the exchanges under way will not
     /// come, so they need not wait for it. It stays a member until its
@@ -329,6 +333,15 @@ impl Roster {
         members.dedup();
         let idx = members.binary_search(&me).unwrap_or(0);
         Roster { members: members.into(), me: idx }
+    }
+
+    /// `members` (sorted, without duplicates) seen from `me`, sharing the
+    /// list when it holds `me` (else a copy with `me` added).
+    pub fn shared(me: PeerId, members: Arc<[PeerId]>) -> Roster {
+        match members.binary_search(&me) {
+            Ok(idx) => Roster { members, me: idx },
+            Err(_) => Roster::new(me, members.to_vec()),
+        }
     }
 
     /// The same members seen from `peer`, sharing the list (`None` if

@@ -100,11 +100,12 @@ impl Patience {
         self.credit.insert(peer, c);
     }
 
-    /// The members changed from `before` to `after`: forgets peers that left;
-    /// members new to this node start without credit.
-    pub fn set_members(&mut self, before: &Roster, after: &Roster) {
+    /// The members are now `after`, `joined` of them new: forgets peers
+    /// that left; the new ones start without credit. Costs the entries and
+    /// the newcomers, not the swarm.
+    pub fn set_members(&mut self, after: &Roster, joined: &[PeerId]) {
         self.credit.retain(|p, _| after.index_of(p).is_some());
-        for p in after.members.iter().filter(|p| before.index_of(p).is_none()) {
+        for p in joined {
             self.credit.insert(*p, Duration::ZERO);
         }
     }
@@ -197,7 +198,7 @@ mod tests {
         let p = peers(3);
         let mut pat = Patience::new(Some(0.2), D);
         assert_eq!(pat.allowance(&p[0]), D);
-        pat.set_members(&roster(&p[..2]), &roster(&p));
+        pat.set_members(&roster(&p), &p[2..]);
         assert_eq!(pat.allowance(&p[1]), D);
         assert_eq!(pat.allowance(&p[2]), Duration::ZERO);
         pat.settle(p[2], Duration::ZERO, true, ROUND);
@@ -280,10 +281,10 @@ mod tests {
         for q in &p {
             pat.settle(*q, D, false, ROUND);
         }
-        pat.set_members(&roster(&p), &roster(&p[..1]));
+        pat.set_members(&roster(&p[..1]), &[]);
         assert_eq!(pat.credit.len(), 1);
         // One that comes back is new again: no credit.
-        pat.set_members(&roster(&p[..1]), &roster(&p));
+        pat.set_members(&roster(&p), &p[1..]);
         assert_eq!(pat.allowance(&p[2]), Duration::ZERO);
     }
 

@@ -622,11 +622,15 @@ impl Simulator {
             }
             Event::HubTick => Ok(()),
             Event::Members => {
-                let live: Vec<PeerId> =
+                // One list for every node (a crash only takes members away).
+                let mut live: Vec<PeerId> =
                     self.nodes.iter().filter(|n| n.live()).map(|n| n.id).collect();
+                live.sort_unstable();
+                let live: std::sync::Arc<[PeerId]> = live.into();
                 for i in 0..self.nodes.len() {
                     if self.nodes[i].live() {
-                        self.handle(i, Input::Members(live.clone()), local)?;
+                        let members = Input::Members { members: live.clone(), joined: Vec::new() };
+                        self.handle(i, members, local)?;
                     }
                 }
                 Ok(())

@@ -168,7 +168,22 @@ pub struct Topology {
     n: usize,
     seed: u64,
     shape: Shape,
+    family: Arc<Family>,
 }
+
+/// The same spec and seed over the member counts asked for lately, shared
+/// by every clone. Why: after a membership change every node of the
+/// simulator asks for the topology of the new count, and a graph each (an
+/// exponential graph over 10,000 members is 2 MB) filled 24 GB before a
+/// crash's news had reached them all.
+#[derive(Debug)]
+struct Family {
+    spec: TopologySpec,
+    sizes: Mutex<VecDeque<(usize, Shape)>>,
+}
+
+/// Member counts kept: one change at a time, a few in flight.
+const RECENT_SIZES: usize = 4;
 
 #[derive(Debug, Clone)]
 enum Shape {
@@ -259,7 +274,35 @@ impl Topology {
                 }
             }
         };
-        Ok(Self { n, seed, shape })
+        let family = Arc::new(Family { spec: spec.clone(), sizes: Mutex::default() });
+        Ok(Self { n, seed, shape, family })
+    }
+
+    /// What this topology was built from.
+    pub fn spec(&self) -> &TopologySpec {
+        &self.family.spec
+    }
+
+    /// The same spec and seed over `n` members, built once for every clone
+    /// that asks (see `Family`).
+    pub fn resized(&self, n: usize) -> Result<Topology, TopologyError> {
+        if n == self.n {
+            return Ok(self.clone());
+        }
+        let family = self.family.clone();
+        // A poisoned lock only means a panic elsewhere mid-push.
+        let mut sizes = family.sizes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shape = match sizes.iter().find(|(m, _)| *m == n) {
+            Some((_, shape)) => shape.clone(),
+            None => {
+                let shape = Topology::new(&family.spec, n, self.seed)?.shape;
+                sizes.push_front((n, shape.clone()));
+                sizes.truncate(RECENT_SIZES);
+                shape
+            }
+        };
+        drop(sizes);
+        Ok(Topology { n, seed: self.seed, shape, family })
     }
 
     /// The number of members.
@@ -608,6 +651,23 @@ fn read_edge_list(path: &Path, n: usize) -> Result<Graph, TopologyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resized_topology_is_built_once_for_every_clone_and_equals_a_new_one() {
+        for spec in ["exponential", "regular:3", "one-peer-exp"] {
+            let spec: TopologySpec = spec.parse().unwrap();
+            let t = Topology::new(&spec, 64, 7).unwrap();
+            let (a, b) = (t.clone().resized(62).unwrap(), t.resized(62).unwrap());
+            if let (Shape::Static(ga), Shape::Static(gb)) = (&a.shape, &b.shape) {
+                assert!(Arc::ptr_eq(ga, gb), "{spec}: one graph for both");
+            }
+            let fresh = Topology::new(&spec, 62, 7).unwrap();
+            for round in 0..3 {
+                assert_eq!(a.matrix(round), fresh.matrix(round), "{spec} round {round}");
+            }
+            assert_eq!((a.n(), a.spec()), (62, &spec));
+        }
+    }
 
     const STATIC: [&str; 8] = [
         "ring",
