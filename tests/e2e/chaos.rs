@@ -432,24 +432,25 @@ fn lossy_links_between_namespaces_and_a_cut_node_comes_back() {
     assert_eq!(ends(&r, "finished").len(), 5, "{}", r["node_ends"]);
     held(&r);
     let nodes = r["node_ends"].as_array().unwrap();
-    let per_round = |dir: &str, i: usize| {
-        let summary = read_json(&tmp.path().join(format!("{dir}/node-{i}/summary.json")));
+    let summary =
+        |dir: &str, i: usize| read_json(&tmp.path().join(format!("{dir}/node-{i}/summary.json")));
+    // Every round, by its summary (the last status sample may be one round
+    // short of it).
+    let run: Vec<serde_json::Value> = (0..nodes.len()).map(|i| summary("run", i)).collect();
+    let per_round = |summary: &serde_json::Value| {
         let secs = summary["timing"]["communication_seconds"].as_f64().unwrap();
         secs / summary["rounds"].as_f64().unwrap()
     };
     let (mut slow, mut base) = (0.0, 0.0);
     for (i, n) in nodes.iter().enumerate() {
-        // Every round, by its summary (the last status sample may be one
-        // round short of it).
-        let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
-        assert_eq!(summary["rounds"], 80, "node {i}: {n}");
+        assert_eq!(run[i]["rounds"], 80, "node {i}: {n}");
         assert!(n["ip"].as_str().is_some_and(|ip| ip.starts_with("10.213.")), "{n}");
         // nftables dropped packets on every host's ingress, and the node
         // still exchanged its model across the bridge.
         assert!(n["drops"]["loss_packets"].as_u64() > Some(0), "node {i}: {n}");
         assert!(n["bytes_received"].as_u64() > Some(1_000_000), "node {i}: {n}");
-        slow += per_round("run", i);
-        base += per_round("baseline", i);
+        slow += per_round(&run[i]);
+        base += per_round(&summary("baseline", i));
     }
     // Loss (retransmits) and the rate cap show in the exchange times.
     assert!(slow > 1.5 * base, "communication s/round: {slow:.3} with faults vs {base:.3}");
@@ -458,16 +459,11 @@ fn lossy_links_between_namespaces_and_a_cut_node_comes_back() {
     // others' and the models near each other. Runs that held in step from
     // start to end measured 0.2-3.3 (40 runs, some beside other tests);
     // runs whose nodes raced apart 19.6-56.
-    let summary = read_json(&tmp.path().join("run/node-2/summary.json"));
-    assert!(missing(&summary["strategy_drops"]) > 0, "{}", summary["strategy_drops"]);
+    assert!(missing(&run[2]["strategy_drops"]) > 0, "{}", run[2]["strategy_drops"]);
     let distance = r["result"]["consensus_distance"].as_f64().unwrap();
     // Should it fail: how the nodes moved and what each went without.
-    let drops: Vec<String> = (0..5)
-        .map(|i| {
-            let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
-            format!("node {i}: {}", summary["strategy_drops"])
-        })
-        .collect();
+    let drops: Vec<String> =
+        run.iter().enumerate().map(|(i, s)| format!("node {i}: {}", s["strategy_drops"])).collect();
     assert!(
         distance < 8.0,
         "consensus distance {distance} (baseline {}); {drops:?}; events {}; rounds {}",
@@ -475,10 +471,7 @@ fn lossy_links_between_namespaces_and_a_cut_node_comes_back() {
         r["events"],
         rounds_by_second(&r)
     );
-    let acc = |i: usize| {
-        let summary = read_json(&tmp.path().join(format!("run/node-{i}/summary.json")));
-        summary["final"]["eval_accuracy"].as_f64().unwrap()
-    };
+    let acc = |i: usize| run[i]["final"]["eval_accuracy"].as_f64().unwrap();
     let others = [0, 1, 3, 4].map(acc);
     let mean = others.iter().sum::<f64>() / 4.0;
     assert!((acc(2) - mean).abs() < 0.05, "node 2 {} vs the others {others:?}", acc(2));

@@ -265,11 +265,14 @@ impl Gossip {
         }
         self.refused = self.refused.split_off(&(slot + 1));
         let mut msgs = self.inbox.remove(&slot).unwrap_or_default();
-        for p in &expect {
-            if !msgs.contains_key(p)
-                && let Some(m) = self.stand_in(p, slot)
-            {
-                msgs.insert(*p, m);
+        // Nobody ahead, as nearly always: nothing to look up per peer.
+        if !self.ahead.is_empty() {
+            for p in &expect {
+                if !msgs.contains_key(p)
+                    && let Some(m) = self.stand_in(p, slot)
+                {
+                    msgs.insert(*p, m);
+                }
             }
         }
         self.mix(&expect, msgs, slot);
@@ -434,8 +437,8 @@ impl Gossip {
         };
         if let Some(r) = reason {
             self.drops.add(r);
-            let newer = self.ahead.get(&m.peer).is_none_or(|held| held.slot < m.slot);
-            if r != "too_far_ahead" || !newer {
+            let older = |held: &Message| held.slot >= m.slot;
+            if r != "too_far_ahead" || self.ahead.get(&m.peer).is_some_and(older) {
                 return Vec::new();
             }
             let peer = m.peer;
@@ -691,10 +694,7 @@ mod tests {
 
     #[test]
     fn a_silent_neighbour_is_renormalised_away_at_the_deadline() {
-        let ids = peers(3);
-        let mut g = Gossip::new(cfg("complete", 2), ids[0], ids.clone()).unwrap();
-        let t0 = Instant::now();
-        g.start(t0);
+        let (ids, mut g, t0) = started(3, 2);
         let acts = g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
         assert_eq!(acts.iter().filter(|a| matches!(a, Action::Send(_))).count(), 2);
         assert_eq!(g.deadline(), Some(t0 + Duration::from_secs(1)));
@@ -721,10 +721,7 @@ mod tests {
 
     #[test]
     fn a_refused_message_is_not_waited_for_and_a_missing_one_is_counted() {
-        let ids = peers(3);
-        let mut g = Gossip::new(cfg("complete", 3), ids[0], ids.clone()).unwrap();
-        let t0 = Instant::now();
-        g.start(t0);
+        let (ids, mut g, t0) = started(3, 3);
         g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
         assert!(g.handle(params(ids[1], 0, 3.0), t0).is_empty());
         // The third node's message was refused (NaN): mix now, not at the deadline.
@@ -834,10 +831,7 @@ mod tests {
 
     #[test]
     fn a_peer_that_sends_a_refused_and_a_valid_message_is_counted_once() {
-        let ids = peers(3);
-        let mut g = Gossip::new(cfg("complete", 3), ids[0], ids.clone()).unwrap();
-        let t0 = Instant::now();
-        g.start(t0);
+        let (ids, mut g, t0) = started(3, 3);
         g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
         let refused = Input::Refused { peer: ids[1], kind: MsgKind::Params, slot: 0 };
         assert!(g.handle(refused, t0).is_empty());
@@ -848,10 +842,7 @@ mod tests {
 
     #[test]
     fn a_node_far_behind_its_neighbour_mixes_the_newest_model_without_waiting() {
-        let ids = peers(2);
-        let mut g = Gossip::new(cfg("complete", 8), ids[0], ids.clone()).unwrap();
-        let t0 = Instant::now();
-        g.start(t0);
+        let (ids, mut g, t0) = started(2, 8);
         // The neighbour is four slots ahead: 0 is current, 1 and 2 are kept
         // ahead, 3 and 4 are too far ahead; 4, the newest, stands in.
         for slot in 0..=4 {
@@ -876,10 +867,7 @@ mod tests {
 
     #[test]
     fn a_message_far_ahead_arriving_mid_exchange_ends_the_wait_for_its_sender() {
-        let ids = peers(2);
-        let mut g = Gossip::new(cfg("complete", 8), ids[0], ids.clone()).unwrap();
-        let t0 = Instant::now();
-        g.start(t0);
+        let (ids, mut g, t0) = started(2, 8);
         g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
         // Slot 0's message was lost; 1 and 2 are kept, 3 is the newest.
         for slot in 1..=2 {
@@ -945,6 +933,16 @@ mod tests {
             .collect();
         assert_eq!(sent, [2, 3], "{acts:?}");
         assert_eq!(g.drops.get("missing_after_grace") + g.drops.get("missing_at_deadline"), 0);
+    }
+
+    /// Node 0 of `n` on a complete graph for `rounds` rounds, started:
+    /// the members, its strategy and when it started.
+    fn started(n: usize, rounds: u64) -> (Vec<PeerId>, Gossip, Instant) {
+        let ids = peers(n);
+        let mut g = Gossip::new(cfg("complete", rounds), ids[0], ids.clone()).unwrap();
+        let t0 = Instant::now();
+        g.start(t0);
+        (ids, g, t0)
     }
 
     fn params(peer: PeerId, slot: u64, v: f32) -> Input {
