@@ -18,6 +18,7 @@ Writes <out>/attack.json and <out>/attack.md.
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def peak_rss(pid):
     return 0
 
 
-def start(murmur, root, i, boot):
+def start(murmur, root, i, boot, extra):
     d = root / f"node-{i}"
     cmd = [murmur, "run", "--data-dir", str(d), "--nodes", "3", "--node", str(i)]
     cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--progress", "json", "--data", "synthetic"]
@@ -62,6 +63,7 @@ def start(murmur, root, i, boot):
     cmd += ["--topology", "complete", "--round-timeout-ms", "3000", "--join-timeout-ms", "30000"]
     if boot:
         cmd += ["--bootstrap", boot]
+    cmd += extra
     log = open(root / f"node-{i}.log", "w")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, MURMUR_THREADS="1"))
     first = json.loads(p.stdout.readline())
@@ -73,10 +75,10 @@ def scenario(args, name, attack):
         root = Path(tmp)
         nodes = []
         try:
-            p0, first = start(args.murmur, root, 0, None)
+            p0, first = start(args.murmur, root, 0, None, args.node_arg)
             nodes.append((p0, first))
             for i in (1, 2):
-                nodes.append(start(args.murmur, root, i, first["addrs"][0]))
+                nodes.append(start(args.murmur, root, i, first["addrs"][0], args.node_arg))
             api = first["api"]
             deadline = time.time() + 60
             while (status(args.murmur, api).get("round") or 0) < 3:
@@ -85,11 +87,14 @@ def scenario(args, name, attack):
                 time.sleep(0.2)
             time.sleep(args.warmup)
             r0, t0 = status(args.murmur, api)["round"], time.time()
-            said = {}
+            said, attacker_cpu = {}, 0.0
             if attack:
                 cmd = [args.attacker, "--target", first["addrs"][0], "--elements", str(PARAMS)]
                 cmd += ["--secs", str(args.window), *attack]
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.window + 60)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                attacker_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
                 said = json.loads(done.stdout.strip() or "{}")
             else:
                 time.sleep(args.window)
@@ -103,6 +108,9 @@ def scenario(args, name, attack):
                 "refusals": st.get("refusals", {}),
                 "strategy_drops": st.get("strategy_drops", {}),
                 "attacker": said,
+                # CPU seconds the attacker process took from the cores it
+                # shares with the three nodes, per second of the window.
+                "attacker_cpu_share": attacker_cpu / (t1 - t0),
             }
         finally:
             for p, _ in nodes:
@@ -116,7 +124,7 @@ def scenario(args, name, attack):
     row["within_bound"] = row["peak_rss"] <= row["bound"]
     mb = lambda b: f"{b / 2**20:.0f} MiB"
     print(
-        f"{name}: {row['rounds_per_s']:.1f} rounds/s, peak {mb(row['peak_rss'])} (honest {mb(row['honest_peak_rss'])}, bound {mb(row['bound'])})",
+        f"{name}: {row['rounds_per_s']:.1f} rounds/s, attacker CPU {row['attacker_cpu_share']:.2f} cores, peak {mb(row['peak_rss'])} (honest {mb(row['honest_peak_rss'])}, bound {mb(row['bound'])})",
         file=sys.stderr,
         flush=True,
     )
@@ -132,17 +140,19 @@ def report(rows):
         f"complete graph; the attack hits node 0. Speed is node 0's rounds per second during the "
         f"attack window, against the run without one in this invocation (target {SPEED_TARGET}x). "
         f"Memory is node 0's peak RSS against an honest peer's plus the payload bound "
-        f"({BOUND_MODELS} x M = {BOUND_MODELS * MODEL_BYTES / 2**20:.0f} MiB).",
+        f"({BOUND_MODELS} x M = {BOUND_MODELS * MODEL_BYTES / 2**20:.0f} MiB). Attacker CPU is what the "
+        f"attacker process used, in cores, of the machine's {os.cpu_count()} that it shares with the nodes.",
         "",
-        "| scenario | rounds/s | ratio | peak RSS | honest peer | within bound | refusals and drops |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | rounds/s | ratio | attacker CPU | peak RSS | honest peer | within bound | refusals and drops |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         r["ratio"] = r["rounds_per_s"] / base if base else 0.0
         counts = {**r["refusals"], **r["strategy_drops"]}
         top = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:4])
         lines.append(
-            f"| {r['scenario']} | {r['rounds_per_s']:.1f} | {r['ratio']:.2f}x | {r['peak_rss'] / 2**20:.0f} MiB "
+            f"| {r['scenario']} | {r['rounds_per_s']:.1f} | {r['ratio']:.2f}x | {r['attacker_cpu_share']:.2f} cores "
+            f"| {r['peak_rss'] / 2**20:.0f} MiB "
             f"| {r['honest_peak_rss'] / 2**20:.0f} MiB | {'yes' if r['within_bound'] else 'NO'} | {top} |"
         )
     met = all(r["ratio"] >= SPEED_TARGET for r in rows) and all(r["within_bound"] for r in rows)
@@ -157,8 +167,11 @@ def main():
     ap.add_argument("--out", default="target/bench")
     ap.add_argument("--window", type=int, default=12, help="seconds each attack lasts")
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--node-arg", action="append", default=[], help="one more argument for every `murmur run` (repeatable), as in --node-arg=--straggler-grace --node-arg=0")
+    ap.add_argument("--only", action="append", default=[], help="run only the scenarios whose name contains this (repeatable; the baseline always runs)")
     args = ap.parse_args()
-    rows = [scenario(args, name, attack) for name, attack in SCENARIOS]
+    chosen = [(n, a) for n, a in SCENARIOS if a is None or not args.only or any(o in n for o in args.only)]
+    rows = [scenario(args, name, attack) for name, attack in chosen]
     text, met = report(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -219,7 +219,8 @@ impl Gossip {
             .collect();
         let mut expect: Vec<PeerId> = ins.iter().map(|&j| self.roster.members[j]).collect();
         expect.sort_unstable();
-        let awaiting = Awaiting::new(&self.patience, &expect, |p| self.answered(p, slot));
+        let awaiting =
+            Awaiting::new(&self.patience, &expect, self.local_phase, |p| self.answered(p, slot));
         let charged = vec![None; expect.len()];
         self.phase = Phase::Exchanging {
             step,
@@ -251,13 +252,12 @@ impl Gossip {
         let (expect, charged, awaiting) = (expect.clone(), charged.clone(), awaiting.clone());
         let reason = if now >= deadline { "missing_at_deadline" } else { "missing_after_grace" };
         self.drops.add_many(reason, awaiting.len() as u64);
-        // What waiting cost each peer beyond the grace, and who was in time.
-        let unanswered = now.saturating_duration_since(last_heard + self.grace());
+        // What waiting cost each peer beyond its grace, and who was in time.
         let took = self.last_mix.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         self.last_mix = Some(now);
         for (pos, p) in expect.iter().enumerate() {
             let waited = match awaiting.contains(pos) {
-                true => unanswered,
+                true => now.saturating_duration_since(last_heard + self.grace_for(p)),
                 false => charged[pos].unwrap_or_default(),
             };
             let in_time = self.inbox.get(&slot).is_some_and(|m| m.contains_key(p));
@@ -282,9 +282,10 @@ impl Gossip {
         self.finish_round(true, now)
     }
 
-    /// How long every neighbour is waited for (see `patience`).
-    fn grace(&self) -> Duration {
-        self.patience.grace(self.local_phase)
+    /// How long `peer` is waited for after the last answer, before its
+    /// credit (see `patience`).
+    fn grace_for(&self, peer: &PeerId) -> Duration {
+        self.patience.grace_for(peer, self.local_phase)
     }
 
     /// Whether `peer` answered `slot`: its message arrived, was refused,
@@ -336,11 +337,11 @@ impl Gossip {
         }
     }
 
-    /// When the exchange stops waiting for `awaiting`: the grace after the
-    /// last answer, then the largest credit among them, never past the
+    /// When the exchange stops waiting for `awaiting`: the longest grace
+    /// and credit among them after the last answer, never past the
     /// deadline.
     fn wait_limit(&self, awaiting: &Awaiting, last_heard: Instant, deadline: Instant) -> Instant {
-        (last_heard + self.grace() + awaiting.max_credit()).min(deadline)
+        (last_heard + awaiting.max_wait()).min(deadline)
     }
 
     /// Combines x with the expected messages of `slot` that pass the norm
@@ -460,7 +461,13 @@ impl Gossip {
     /// way: it is no longer awaited, and its first answer in this exchange
     /// is charged what waiting for it cost beyond the grace.
     fn heard(&mut self, pos: usize, now: Instant) {
-        let grace = self.grace();
+        let grace = match &self.phase {
+            Phase::Exchanging { expect, .. } => match expect.get(pos) {
+                Some(p) => self.grace_for(p),
+                None => return,
+            },
+            _ => return,
+        };
         if let Phase::Exchanging { last_heard, charged, awaiting, .. } = &mut self.phase {
             awaiting.answered(pos);
             if charged[pos].is_none() {
@@ -769,7 +776,7 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_member_costs_its_credit_once_then_only_the_grace() {
+    fn a_silent_member_costs_its_credit_once_then_mostly_the_shortest_grace() {
         let ids = peers(3);
         let mut g = Gossip::new(cfg("complete", 100), ids[0], ids.clone()).unwrap();
         let local = ms(500);
@@ -779,23 +786,27 @@ mod tests {
         // is waited out; 900 ms of it spent beyond the 100 ms grace.
         let (t1, _) = round_with(&mut g, &ids, t0, local, None);
         assert_eq!(t1, t0 + local + ms(1000));
-        // The grace (0.2 x 500 ms) and the 100 ms left, then the grace alone.
+        // Having missed, no grace, only the 100 ms of credit left; then not
+        // waited for at all, so 60 ms late is too late, until the fourth
+        // exchange since the miss (a probe) waits the grace (0.2 x 500 ms).
         let (t2, x) = round_with(&mut g, &ids, t1, local, None);
-        assert_eq!((t2, x), (t1 + local + ms(200), 1.5), "mixed with node 1 alone");
+        assert_eq!((t2, x), (t1 + local + ms(100), 1.5), "mixed with node 1 alone");
         let (t3, x) = round_with(&mut g, &ids, t2, local, Some(ms(300)));
-        assert_eq!((t3, x), (t2 + local + ms(100), 1.5), "300 ms late is too late now");
+        assert_eq!((t3, x), (t2 + local, 1.5), "300 ms late is too late now");
+        let (t4, x) = round_with(&mut g, &ids, t3, local, Some(ms(60)));
+        assert_eq!((t4, x), (t3 + local, 1.5), "so is 60 ms, but for a probe");
         assert_eq!(g.drops.get("missing_at_deadline"), 1);
-        assert_eq!(g.drops.get("missing_after_grace"), 2);
-        // Within the grace it is mixed, and each answer in time earns it
-        // 0.2 x 560 ms: after 9, a deadline's worth.
-        let mut t = t3;
+        assert_eq!(g.drops.get("missing_after_grace"), 3);
+        // The probe: within the grace it is mixed, and from then on each
+        // answer in time earns it 0.2 x 560 ms: after 9, a deadline's worth.
+        let mut t = t4;
         for _ in 0..9 {
             let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(60)));
             assert_eq!((next, x), (t + local + ms(60), 3.0));
             t = next;
         }
-        let (t4, x) = round_with(&mut g, &ids, t, local, Some(ms(900)));
-        assert_eq!((t4, x), (t + local + ms(900), 3.0), "waited for again");
+        let (t5, x) = round_with(&mut g, &ids, t, local, Some(ms(900)));
+        assert_eq!((t5, x), (t + local + ms(900), 3.0), "waited for again");
         // Off: every silence costs the deadline.
         let mut c = cfg("complete", 100);
         c.straggler_grace = None;
@@ -818,8 +829,15 @@ mod tests {
         // Grace: max(0.2 x 200 ms, MIN_GRACE) = 40 ms; no credit yet.
         let (t1, x) = round_with(&mut g, &ids, t0, local, Some(ms(300)));
         assert_eq!((t1, x), (t0 + local + ms(40), 1.5));
-        // Each answer in time earns 0.2 x 230 ms; 15 of them, 690 ms.
+        // Having missed, it is not waited for in three exchanges, then gets
+        // the grace again (a probe).
         let mut t = t1;
+        for i in 0..3 {
+            let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(30)));
+            assert_eq!((next, x), (t + local, 1.5), "exchange {i} after the miss");
+            t = next;
+        }
+        // Each answer in time earns 0.2 x 230 ms; 15 of them, 690 ms.
         for i in 0..15 {
             let (next, x) = round_with(&mut g, &ids, t, local, Some(ms(30)));
             assert_eq!((next, x), (t + local + ms(30), 3.0), "round {i}");

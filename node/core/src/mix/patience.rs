@@ -14,9 +14,14 @@
 //!   (local phase included), up to one deadline; members at the start begin
 //!   with a full deadline of credit, members that join later with none.
 //!
-//! A silent member thus costs each exchange the grace, and one that answers
-//! in time only to go silent again can spend no more than it earned: either
-//! way about `fraction` of the node's time at most. An honest neighbour that
+//! - a neighbour that missed its last exchange gets the grace only every
+//!   `PROBE_EVERY`th exchange until it answers in time again, and none in
+//!   between (only its credit): a member that never sends, or always a beat
+//!   late, would otherwise cost every exchange the whole grace (measured:
+//!   0.77x-0.80x of an unattacked node's speed).
+//!
+//! A silent member thus costs a `PROBE_EVERY`th of the grace an exchange, and one that answers in time only to go silent again can spend
+//! no more than it earned: either way under `fraction` of the node's time. An honest neighbour that
 //! runs a little slow is waited for out of what it earns each round, so a
 //! swarm whose nodes differ by less than `fraction` stays in step; one on a
 //! lossy link is mixed whenever its message arrives within what it has.
@@ -36,6 +41,13 @@ pub const DEFAULT_STRAGGLER_GRACE: f64 = 0.2;
 /// The shortest grace: scheduling noise between processes on one host.
 pub const MIN_GRACE: Duration = Duration::from_millis(5);
 
+/// A neighbour that keeps missing its exchanges gets the whole grace once
+/// in this many (a probe): often enough that an honest one a little behind
+/// (a slower host, a node back from a pause) gets back in within a few
+/// rounds and earns credit again; seldom enough that a silent one costs a
+/// quarter of what it would.
+pub const PROBE_EVERY: u32 = 4;
+
 /// `--straggler-grace`: `off` (wait the full deadline for everyone) or a
 /// fraction of the local phase, at least 0.
 pub fn parse_grace(s: &str) -> Result<Option<f64>, String> {
@@ -50,17 +62,26 @@ pub fn parse_grace(s: &str) -> Result<Option<f64>, String> {
     }
 }
 
-/// Every in-neighbour's credit, and the grace.
+/// Every in-neighbour's credit and record, and the grace.
 ///
 /// Only neighbours that have been settled, or joined after the start, have
 /// an entry; a member from the start without one has a full deadline of
-/// credit. So a node's patience costs its in-neighbours, not the swarm.
+/// credit and no misses. So a node's patience costs its in-neighbours, not
+/// the swarm.
 #[derive(Debug, Clone)]
 pub struct Patience {
     /// `None`: every neighbour gets the full deadline, always.
     fraction: Option<f64>,
     deadline: Duration,
-    credit: BTreeMap<PeerId, Duration>,
+    standing: BTreeMap<PeerId, Standing>,
+}
+
+/// What a neighbour has earned: credit, and how many exchanges in a row it
+/// missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Standing {
+    credit: Duration,
+    misses: u32,
 }
 
 impl Patience {
@@ -68,7 +89,7 @@ impl Patience {
     /// local phase is the grace; `None` waits the full `deadline` for everyone.
     pub fn new(fraction: Option<f64>, deadline: Duration) -> Patience {
         let fraction = fraction.filter(|f| f.is_finite() && *f >= 0.0);
-        Patience { fraction, deadline, credit: BTreeMap::new() }
+        Patience { fraction, deadline, standing: BTreeMap::new() }
     }
 
     /// How long after the grace the exchange may wait for `peer`.
@@ -79,59 +100,90 @@ impl Patience {
         }
     }
 
-    fn credit(&self, peer: &PeerId) -> Duration {
-        self.credit.get(peer).copied().unwrap_or(self.deadline)
+    fn standing(&self, peer: &PeerId) -> Standing {
+        let fresh = Standing { credit: self.deadline, misses: 0 };
+        self.standing.get(peer).copied().unwrap_or(fresh)
     }
 
-    /// How long every neighbour is waited for, after a local phase of `local`.
+    fn credit(&self, peer: &PeerId) -> Duration {
+        self.standing(peer).credit
+    }
+
+    /// The whole grace, after a local phase of `local`.
     pub fn grace(&self, local: Duration) -> Duration {
         let Some(f) = self.fraction else { return self.deadline };
         local.mul_f64(f).max(MIN_GRACE).min(self.deadline)
+    }
+
+    /// How long `peer` is waited for after the last answer, before its
+    /// credit: the grace, unless it missed its last exchange; then only on
+    /// every `PROBE_EVERY`th exchange since, and not at all in between.
+    pub fn grace_for(&self, peer: &PeerId, local: Duration) -> Duration {
+        match self.fraction.is_some() && !self.standing(peer).misses.is_multiple_of(PROBE_EVERY) {
+            true => Duration::ZERO,
+            false => self.grace(local),
+        }
     }
 
     /// What an exchange that came `took` after the last one cost and saw of
     /// `peer`: `waited` beyond the grace, and whether its message came in time.
     pub fn settle(&mut self, peer: PeerId, waited: Duration, in_time: bool, took: Duration) {
         let Some(f) = self.fraction else { return };
-        let mut c = self.credit(&peer).saturating_sub(waited);
+        let Standing { credit, misses } = self.standing(&peer);
+        let mut credit = credit.saturating_sub(waited);
         if in_time {
-            c = (c + took.mul_f64(f)).min(self.deadline);
+            credit = (credit + took.mul_f64(f)).min(self.deadline);
         }
-        self.credit.insert(peer, c);
+        let misses = if in_time { 0 } else { misses.saturating_add(1) };
+        self.standing.insert(peer, Standing { credit, misses });
     }
 
     /// The members are now `after`, `joined` of them new: forgets peers
     /// that left; the new ones start without credit. Costs the entries and
     /// the newcomers, not the swarm.
     pub fn set_members(&mut self, after: &Roster, joined: &[PeerId]) {
-        self.credit.retain(|p, _| after.index_of(p).is_some());
+        self.standing.retain(|p, _| after.index_of(p).is_some());
         for p in joined {
-            self.credit.insert(*p, Duration::ZERO);
+            self.standing.insert(*p, Standing { credit: Duration::ZERO, misses: 0 });
         }
     }
 }
 
 /// The in-neighbours an exchange still waits for, by their place in the
-/// exchange's sorted list of expected peers, each with the credit it had
-/// when the exchange began. Positions, not peer ids: the simulator delivers
-/// millions of messages, and each answer then costs one lookup in that list.
+/// exchange's sorted list of expected peers, each with the grace and credit
+/// it had when the exchange began. Positions, not peer ids: the simulator
+/// delivers millions of messages, and each answer then costs one lookup in
+/// that list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Awaiting {
     /// `None` once answered.
-    credit: Vec<Option<Duration>>,
+    credit: Vec<Option<Wait>>,
     left: usize,
+}
+
+/// How long an awaited peer is waited for after the last answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wait {
+    grace: Duration,
+    credit: Duration,
 }
 
 impl Awaiting {
     /// Awaits every peer of `expect` that has not `answered` yet, with the
-    /// allowance `patience` gives it now.
+    /// grace (after a local phase of `local`) and allowance `patience`
+    /// gives it now.
     pub fn new(
         patience: &Patience,
         expect: &[PeerId],
+        local: Duration,
         answered: impl Fn(&PeerId) -> bool,
     ) -> Awaiting {
-        let credit: Vec<Option<Duration>> =
-            expect.iter().map(|p| (!answered(p)).then(|| patience.allowance(p))).collect();
+        let wait = |p: &PeerId| Wait {
+            grace: patience.grace_for(p, local),
+            credit: patience.allowance(p),
+        };
+        let credit: Vec<Option<Wait>> =
+            expect.iter().map(|p| (!answered(p)).then(|| wait(p))).collect();
         let left = credit.iter().flatten().count();
         Awaiting { credit, left }
     }
@@ -158,7 +210,7 @@ impl Awaiting {
             if let Some(c) = c.as_mut()
                 && roster.index_of(p).is_none()
             {
-                *c = Duration::ZERO;
+                c.credit = Duration::ZERO;
             }
         }
     }
@@ -171,10 +223,10 @@ impl Awaiting {
         self.left
     }
 
-    /// The largest credit among the awaited peers (zero if none): a scan of
-    /// a few neighbours' durations, kept in one small vector.
-    pub fn max_credit(&self) -> Duration {
-        self.credit.iter().flatten().max().copied().unwrap_or_default()
+    /// The longest wait, grace and credit, among the awaited peers (zero if
+    /// none): a scan of a few neighbours' durations in one small vector.
+    pub fn max_wait(&self) -> Duration {
+        self.credit.iter().flatten().map(|w| w.grace + w.credit).max().unwrap_or_default()
     }
 }
 
@@ -247,6 +299,33 @@ mod tests {
         assert!(share < 0.2, "waiting took {share:.3} of the time");
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_neighbour_that_keeps_missing_gets_the_whole_grace_only_on_probes() {
+        let p = peers(2);
+        let mut pat = Patience::new(Some(0.2), D);
+        let local = Duration::from_secs(1);
+        let mut graces = Vec::new();
+        for _ in 0..9 {
+            graces.push(pat.grace_for(&p[0], local));
+            pat.settle(p[0], Duration::ZERO, false, ROUND);
+        }
+        let (whole, short) = (ms(200), Duration::ZERO);
+        let probes = [whole, short, short, short, whole, short, short, short, whole];
+        assert_eq!(graces, probes);
+        assert_eq!(pat.grace_for(&p[1], local), whole, "one that never missed");
+        // An answer in time restores it.
+        pat.settle(p[0], Duration::ZERO, true, ROUND);
+        assert_eq!(pat.grace_for(&p[0], local), whole);
+        // Off: the deadline, always.
+        let mut off = Patience::new(None, D);
+        off.settle(p[0], Duration::ZERO, false, ROUND);
+        assert_eq!(off.grace_for(&p[0], local), D);
+    }
+
     #[test]
     fn the_grace_is_a_fraction_of_the_local_phase_within_bounds() {
         let pat = Patience::new(Some(0.2), D);
@@ -282,7 +361,7 @@ mod tests {
             pat.settle(*q, D, false, ROUND);
         }
         pat.set_members(&roster(&p[..1]), &[]);
-        assert_eq!(pat.credit.len(), 1);
+        assert_eq!(pat.standing.len(), 1);
         // One that comes back is new again: no credit.
         pat.set_members(&roster(&p), &p[1..]);
         assert_eq!(pat.allowance(&p[2]), Duration::ZERO);
@@ -295,29 +374,30 @@ mod tests {
         pat.settle(p[1], D - Duration::from_secs(1), false, ROUND);
         pat.settle(p[2], D, false, ROUND);
         // p[3] answered before the exchange began.
-        let mut a = Awaiting::new(&pat, &p, |q| *q == p[3]);
-        assert_eq!((a.len(), a.max_credit()), (3, D));
+        // A grace of 20 ms; p[1] and p[2] missed, so they get none.
+        let mut a = Awaiting::new(&pat, &p, ROUND, |q| *q == p[3]);
+        assert_eq!((a.len(), a.max_wait()), (3, ms(20) + D));
         assert!(!a.contains(3));
         a.answered(0);
-        assert_eq!(a.max_credit(), Duration::from_secs(1));
+        assert_eq!(a.max_wait(), Duration::from_secs(1));
         assert!(!a.contains(0) && a.contains(1));
         a.answered(0);
         a.answered(1);
-        assert_eq!((a.len(), a.max_credit()), (1, Duration::ZERO));
+        assert_eq!((a.len(), a.max_wait()), (1, Duration::ZERO));
         a.answered(2);
         a.answered(9);
         assert!(a.is_empty());
-        assert_eq!(a.max_credit(), Duration::ZERO);
+        assert_eq!(a.max_wait(), Duration::ZERO);
     }
 
     #[test]
     fn an_awaited_peer_that_left_keeps_no_credit() {
         let p = peers(2);
         let pat = Patience::new(Some(0.2), D);
-        let mut a = Awaiting::new(&pat, &p, |_| false);
+        let mut a = Awaiting::new(&pat, &p, ROUND, |_| false);
         a.left(&p, &roster(&p[..1]));
-        assert_eq!((a.len(), a.max_credit()), (2, D));
+        assert_eq!((a.len(), a.max_wait()), (2, ms(20) + D));
         a.answered(0);
-        assert_eq!((a.len(), a.max_credit()), (1, Duration::ZERO));
+        assert_eq!((a.len(), a.max_wait()), (1, ms(20)), "the grace alone");
     }
 }

@@ -1165,15 +1165,17 @@ mod tests {
     fn the_virtual_time_limit_stops_a_run() {
         // Every message lost: the first round waits out the 50 ms deadline
         // (the 20 ms grace and 30 ms of the neighbours' credit), the second
-        // the grace and the 20 ms of credit left, the next ones the grace:
-        // rounds end at 0.15 s, 0.29 s, 0.41 s, ..., 0.89 s, 7 in the 1 s allowed.
+        // the 20 ms of credit left (no grace: they missed), the next ones
+        // nothing but the grace every fourth: rounds end at 0.15 s, 0.27 s,
+        // 0.37 s, 0.47 s, 0.59 s, ..., 0.89 s, 8 in the 1 s allowed (the
+        // ninth, a probe, would end at 1.01 s).
         let g = gossip_cfg("ring", 10);
         let cfg =
             SimConfig { loss: 1.0, time_limit: Duration::from_secs(1), ..SimConfig::default() };
         let r = run(cfg, gossip_nodes(&g, 4));
         assert_eq!(r.end, EndReason::TimeLimit);
         assert_eq!(r.virtual_seconds, 1.0);
-        assert_eq!(r.rounds.len(), 7, "rounds end at 0.15 s, 0.29 s, 0.41 s, ...");
+        assert_eq!(r.rounds.len(), 8, "rounds end at 0.15 s, 0.27 s, 0.37 s, ...");
         assert_eq!(r.messages.delivered, 0);
         assert!(r.node_reports.iter().all(|n| n.finished_seconds.is_none()));
     }
