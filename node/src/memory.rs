@@ -26,6 +26,28 @@ pub fn release_free_heap() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_free_heap() {}
 
+/// Keeps freed heap for reuse instead of handing it back: for `murmur sim`,
+/// whose millions of messages in flight are freed and allocated again every
+/// round. With glibc's defaults, the heap's top was trimmed and grown back
+/// over and over: with 100,000 nodes, a tenth of the run's time went to the
+/// kernel zeroing pages faulted in again (1.18 million minor faults in a
+/// 4-round run, 0.84 million without the trimming). The peak is unchanged:
+/// what is kept is reused. A no-op where the C library is not glibc.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn keep_freed_heap() {
+    // SAFETY: mallopt only sets the allocator's tunables, under its lock;
+    // a refused setting (it returns 0) leaves glibc's default in place.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn keep_freed_heap() {}
+
 /// The process's peak resident memory so far (`VmHWM`), where Linux tells it.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -287,6 +287,7 @@ impl Process {
 
 pub fn run(args: SimArgs) -> Result<(), CliError> {
     let start = std::time::Instant::now();
+    crate::memory::keep_freed_heap();
     let settings = settings(&args)?;
     let Local { update: mut local, init, layers } = local_update(&settings)?;
     let elements = init.first().map_or(0, Vec::len);

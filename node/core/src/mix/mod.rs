@@ -17,5 +17,6 @@ pub mod merge;
 pub mod mixer;
 pub mod patience;
 pub mod sim;
+pub mod slot_inbox;
 pub mod strategy;
 pub mod topology;
