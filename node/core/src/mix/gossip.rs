@@ -446,6 +446,9 @@ impl Gossip {
         };
         if let Some(r) = reason {
             self.drops.add(r);
+            if r == "stale_slot" {
+                self.patience.heard_late(&m.peer);
+            }
             let older = |held: &Message| held.slot >= m.slot;
             if r != "too_far_ahead" || self.ahead.get(&m.peer).is_some_and(older) {
                 return Vec::new();
@@ -838,6 +841,35 @@ mod tests {
         let (t1, _) = round_with(&mut g, &ids, t0, local, None);
         let (t2, _) = round_with(&mut g, &ids, t1, local, None);
         assert_eq!(t2, t1 + local + ms(1000));
+    }
+
+    #[test]
+    fn a_neighbour_a_round_behind_is_waited_the_grace_in_every_exchange_while_its_messages_come() {
+        let ids = peers(3);
+        let mut g = Gossip::new(cfg("complete", 100), ids[0], ids.clone()).unwrap();
+        let local = ms(500);
+        let t0 = Instant::now();
+        g.start(t0);
+        // Node 2 misses the first exchange (900 ms of its credit spent),
+        // then runs a round behind: its message for each slot comes after
+        // node 0 mixed it, early in node 0's next local phase. Alive and
+        // behind, it is waited the whole grace (0.2 x 500 ms) every time,
+        // never put on probation: that wait is how it catches up.
+        let (mut t, _) = round_with(&mut g, &ids, t0, local, None);
+        for i in 0..6 {
+            let just_mixed = g.round() - 1;
+            assert!(g.handle(params(ids[2], just_mixed, 6.0), t + ms(10)).is_empty());
+            let (next, x) = round_with(&mut g, &ids, t, local, None);
+            let waited = if i == 0 { ms(200) } else { ms(100) }; // first with its last 100 ms of credit
+            assert_eq!((next, x), (t + local + waited, 1.5), "exchange {i}");
+            t = next;
+        }
+        assert_eq!(g.drops.get("stale_slot"), 6);
+        // Silent again: probation (no grace) after one miss.
+        let (next, _) = round_with(&mut g, &ids, t, local, None);
+        assert_eq!(next, t + local + ms(100), "the grace of the exchange it missed");
+        let (last, _) = round_with(&mut g, &ids, next, local, None);
+        assert_eq!(last, next + local);
     }
 
     #[test]

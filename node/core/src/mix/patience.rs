@@ -16,9 +16,11 @@
 //!
 //! - a neighbour that missed its last exchange gets the grace only every
 //!   `PROBE_EVERY`th exchange until it answers in time again, and none in
-//!   between (only its credit): a member that never sends, or always a beat
-//!   late, would otherwise cost every exchange the whole grace (measured:
-//!   0.77x-0.80x of an unattacked node's speed).
+//!   between (only its credit): a member that never sends would otherwise
+//!   cost every exchange the whole grace (measured: 0.77x-0.80x of an
+//!   unattacked node's speed). A message of its for an exchange already
+//!   past ends that: a neighbour behind but alive is waited the grace
+//!   again, so that it can catch up (see `heard_late`).
 //!
 //! A silent member thus costs a `PROBE_EVERY`th of the grace an exchange, and one that answers in time only to go silent again can spend
 //! no more than it earned: either way under `fraction` of the node's time. An honest neighbour that
@@ -76,12 +78,13 @@ pub struct Patience {
     standing: BTreeMap<PeerId, Standing>,
 }
 
-/// What a neighbour has earned: credit, and how many exchanges in a row it
-/// missed.
+/// What a neighbour has earned: credit, how many exchanges in a row it
+/// missed, and whether a message of its came late since the last one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Standing {
     credit: Duration,
     misses: u32,
+    late: bool,
 }
 
 impl Patience {
@@ -101,7 +104,7 @@ impl Patience {
     }
 
     fn standing(&self, peer: &PeerId) -> Standing {
-        let fresh = Standing { credit: self.deadline, misses: 0 };
+        let fresh = Standing { credit: self.deadline, misses: 0, late: false };
         self.standing.get(peer).copied().unwrap_or(fresh)
     }
 
@@ -129,13 +132,26 @@ impl Patience {
     /// `peer`: `waited` beyond the grace, and whether its message came in time.
     pub fn settle(&mut self, peer: PeerId, waited: Duration, in_time: bool, took: Duration) {
         let Some(f) = self.fraction else { return };
-        let Standing { credit, misses } = self.standing(&peer);
+        let Standing { credit, misses, late } = self.standing(&peer);
         let mut credit = credit.saturating_sub(waited);
         if in_time {
             credit = (credit + took.mul_f64(f)).min(self.deadline);
         }
-        let misses = if in_time { 0 } else { misses.saturating_add(1) };
-        self.standing.insert(peer, Standing { credit, misses });
+        let misses = if in_time || late { 0 } else { misses.saturating_add(1) };
+        self.standing.insert(peer, Standing { credit, misses, late: false });
+    }
+
+    /// A message of `peer`'s came for an exchange already past: it is
+    /// alive and behind, and gets the whole grace again (no probation).
+    /// Waiting the grace is what lets a node behind catch up: nodes
+    /// started seconds apart (containers) never fell into step when the
+    /// one ahead waited for the others only on probes. Costs the entry of
+    /// a peer already known, never a new one.
+    pub fn heard_late(&mut self, peer: &PeerId) {
+        if let Some(s) = self.standing.get_mut(peer) {
+            s.misses = 0;
+            s.late = true;
+        }
     }
 
     /// The members are now `after`, `joined` of them new: forgets peers
@@ -144,7 +160,7 @@ impl Patience {
     pub fn set_members(&mut self, after: &Roster, joined: &[PeerId]) {
         self.standing.retain(|p, _| after.index_of(p).is_some());
         for p in joined {
-            self.standing.insert(*p, Standing { credit: Duration::ZERO, misses: 0 });
+            self.standing.insert(*p, Standing { credit: Duration::ZERO, misses: 0, late: false });
         }
     }
 }
@@ -348,6 +364,31 @@ mod tests {
         let mut off = Patience::new(None, D);
         off.settle(p[0], Duration::ZERO, false, ROUND);
         assert_eq!(off.grace_for(&p[0], local), D);
+    }
+
+    #[test]
+    fn a_neighbour_behind_whose_messages_come_late_keeps_the_whole_grace() {
+        let p = peers(2);
+        let mut pat = Patience::new(Some(0.2), D);
+        let local = Duration::from_secs(1);
+        let (whole, short) = (ms(200), Duration::ZERO);
+        // It misses, then its message for that exchange arrives after it:
+        // whether before the next exchange or before this one settles.
+        pat.settle(p[0], Duration::ZERO, false, ROUND);
+        assert_eq!(pat.grace_for(&p[0], local), short);
+        pat.heard_late(&p[0]);
+        assert_eq!(pat.grace_for(&p[0], local), whole);
+        for _ in 0..5 {
+            pat.heard_late(&p[0]);
+            pat.settle(p[0], Duration::ZERO, false, ROUND);
+            assert_eq!(pat.grace_for(&p[0], local), whole);
+        }
+        // Silent again: on probation after one miss.
+        pat.settle(p[0], Duration::ZERO, false, ROUND);
+        assert_eq!(pat.grace_for(&p[0], local), short);
+        // A peer with no entry gets none from a late message.
+        pat.heard_late(&p[1]);
+        assert!(!pat.standing.contains_key(&p[1]));
     }
 
     #[test]
