@@ -24,7 +24,7 @@ use super::mixer::{
     Action, Drops, Input, Message, Mixer, MsgKind, Roster, StateError, StrategyState,
 };
 use super::patience::{Awaiting, Patience};
-use super::slot_inbox::{SlotInbox, peer_key};
+use super::slot_inbox::{SlotInbox, find_peer, peer_key};
 use super::topology::{Topology, TopologyError, TopologySpec};
 
 /// How far ahead of the current exchange a message may be and still be kept.
@@ -339,8 +339,7 @@ impl Gossip {
     fn expected(&self, peer: &PeerId, slot: u64) -> Option<usize> {
         match &self.phase {
             Phase::Exchanging { expect, keys, .. } if slot == self.current_slot() => {
-                let key = peer_key(peer);
-                (0..keys.len()).find(|&i| keys[i] == key && expect[i] == *peer)
+                find_peer(keys, peer, |i| &expect[i])
             }
             _ => None,
         }
@@ -474,16 +473,9 @@ impl Gossip {
     fn heard(&mut self, pos: usize, now: Instant) {
         // The grace the exchange gave it, kept while it is awaited: a
         // lookup per message would cost the simulator a tenth of its time.
-        let grace = match &self.phase {
-            Phase::Exchanging { expect, awaiting, .. } => match awaiting.grace(pos) {
-                Some(g) => g,
-                None => match expect.get(pos) {
-                    Some(p) => self.grace_for(p),
-                    None => return,
-                },
-            },
-            _ => return,
-        };
+        let Phase::Exchanging { expect, awaiting, .. } = &self.phase else { return };
+        let grace = awaiting.grace(pos).or_else(|| expect.get(pos).map(|p| self.grace_for(p)));
+        let Some(grace) = grace else { return };
         if let Phase::Exchanging { last_heard, charged, awaiting, .. } = &mut self.phase {
             awaiting.answered(pos);
             if charged[pos].is_none() {
@@ -803,11 +795,8 @@ mod tests {
 
     #[test]
     fn a_silent_member_costs_its_credit_once_then_mostly_the_shortest_grace() {
-        let ids = peers(3);
-        let mut g = Gossip::new(cfg("complete", 100), ids[0], ids.clone()).unwrap();
+        let (ids, mut g, t0) = started(3, 100);
         let local = ms(500);
-        let t0 = Instant::now();
-        g.start(t0);
         // A member at the start has a deadline of credit: the first silence
         // is waited out; 900 ms of it spent beyond the 100 ms grace.
         let (t1, _) = round_with(&mut g, &ids, t0, local, None);
@@ -845,11 +834,8 @@ mod tests {
 
     #[test]
     fn a_neighbour_a_round_behind_is_waited_the_grace_in_every_exchange_while_its_messages_come() {
-        let ids = peers(3);
-        let mut g = Gossip::new(cfg("complete", 100), ids[0], ids.clone()).unwrap();
+        let (ids, mut g, t0) = started(3, 100);
         let local = ms(500);
-        let t0 = Instant::now();
-        g.start(t0);
         // Node 2 misses the first exchange (900 ms of its credit spent),
         // then runs a round behind: its message for each slot comes after
         // node 0 mixed it, early in node 0's next local phase. Alive and

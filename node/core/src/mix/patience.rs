@@ -173,7 +173,7 @@ impl Patience {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Awaiting {
     /// `None` once answered.
-    credit: Vec<Option<Wait>>,
+    waits: Vec<Option<Wait>>,
     left: usize,
     /// The longest wait among those awaited, kept as they answer: asked
     /// after every message, a scan each time cost the simulator 5%.
@@ -207,21 +207,21 @@ impl Awaiting {
             grace: patience.grace_for(p, local),
             credit: patience.allowance(p),
         };
-        let credit: Vec<Option<Wait>> =
+        let waits: Vec<Option<Wait>> =
             expect.iter().map(|p| (!answered(p)).then(|| wait(p))).collect();
-        let left = credit.iter().flatten().count();
-        let mut awaiting = Awaiting { credit, left, longest: Duration::ZERO };
+        let left = waits.iter().flatten().count();
+        let mut awaiting = Awaiting { waits, left, longest: Duration::ZERO };
         awaiting.longest = awaiting.scan_longest();
         awaiting
     }
 
     fn scan_longest(&self) -> Duration {
-        self.credit.iter().flatten().map(Wait::total).max().unwrap_or_default()
+        self.waits.iter().flatten().map(Wait::total).max().unwrap_or_default()
     }
 
     /// The peer at `pos` answered: no longer awaited.
     pub fn answered(&mut self, pos: usize) {
-        if let Some(c) = self.credit.get_mut(pos)
+        if let Some(c) = self.waits.get_mut(pos)
             && let Some(w) = c.take()
         {
             self.left -= 1;
@@ -233,19 +233,19 @@ impl Awaiting {
 
     /// The grace of the peer at `pos`, while it is awaited.
     pub fn grace(&self, pos: usize) -> Option<Duration> {
-        self.credit.get(pos).copied().flatten().map(|w| w.grace)
+        self.waits.get(pos).copied().flatten().map(|w| w.grace)
     }
 
     /// Whether the peer at `pos` is still awaited.
     pub fn contains(&self, pos: usize) -> bool {
-        self.credit.get(pos).is_some_and(Option::is_some)
+        self.waits.get(pos).is_some_and(Option::is_some)
     }
 
     /// Awaited peers of `expect` (the list this was made from) that are no
     /// longer members of `roster` are waited for only the grace, as a member
     /// without credit.
     pub fn left(&mut self, expect: &[PeerId], roster: &Roster) {
-        for (c, p) in self.credit.iter_mut().zip(expect) {
+        for (c, p) in self.waits.iter_mut().zip(expect) {
             if let Some(c) = c.as_mut()
                 && roster.index_of(p).is_none()
             {

@@ -22,6 +22,17 @@ pub fn peer_key(peer: &PeerId) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// The place among `keys` (each `peer_key` of `id(i)`) of `peer`: a scan
+/// of the small keys, each match confirmed on the full id.
+pub fn find_peer<'a>(
+    keys: &[u64],
+    peer: &PeerId,
+    id: impl Fn(usize) -> &'a PeerId,
+) -> Option<usize> {
+    let key = peer_key(peer);
+    (0..keys.len()).find(|&i| keys[i] == key && id(i) == peer)
+}
+
 /// One slot's messages by sender (`Message::peer`), in arrival order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotInbox {
@@ -32,8 +43,7 @@ pub struct SlotInbox {
 
 impl SlotInbox {
     fn position(&self, peer: &PeerId) -> Option<usize> {
-        let key = peer_key(peer);
-        (0..self.keys.len()).find(|&i| self.keys[i] == key && self.msgs[i].peer == *peer)
+        find_peer(&self.keys, peer, |i| &self.msgs[i].peer)
     }
 
     pub fn contains_key(&self, peer: &PeerId) -> bool {
