@@ -52,6 +52,26 @@ fn gossip_fedavg_and_merge_on_mnist_with_label_skew() {
     let gossip_nodes = nodes.iter().map(|n| n["final"]["eval_accuracy"].as_f64().unwrap());
     let gossip_node_acc = gossip_nodes.sum::<f64>() / nodes.len() as f64;
 
+    // Overlapped gossip on the same budget: each trainer runs its next
+    // phase while the exchange runs, so it stands idle between phases far
+    // less, and the model is as good.
+    let overlap = mnist_cluster(
+        &tmp.path().join("overlap"),
+        &["--strategy", "gossip", "--topology", "ring", "--overlap"],
+    );
+    let overlap_acc = overlap["average"]["eval_accuracy"].as_f64().unwrap();
+    let between = |c: &serde_json::Value| {
+        let nodes = c["nodes"].as_array().unwrap();
+        let secs = nodes.iter().map(|n| n["timing"]["communication_seconds"].as_f64().unwrap());
+        secs.sum::<f64>() / nodes.len() as f64
+    };
+    let (idle, idle_overlap) = (between(&gossip), between(&overlap));
+    eprintln!(
+        "overlap: accuracy {overlap_acc:.4} (gossip {gossip_acc:.4}); between phases {idle_overlap:.2} s (gossip {idle:.2} s)"
+    );
+    assert!(overlap_acc >= gossip_acc - 0.03, "overlap {overlap_acc} vs gossip {gossip_acc}");
+    assert!(idle_overlap < 0.7 * idle, "between phases: overlap {idle_overlap} s, gossip {idle} s");
+
     // Federated averaging on the same budget: a coordinator beside the
     // nodes, 4 of the 8 sampled every round, the average to all.
     let fedavg = mnist_cluster(

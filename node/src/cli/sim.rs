@@ -124,6 +124,9 @@ pub struct SimArgs {
     /// Gossip: wait for a neighbour this fraction of the local phase (at least 5 ms) after the last answer, and beyond that only as long as it earned by answering in time (this fraction of each round, up to the deadline); off = always the full deadline
     #[arg(long, env = "MURMUR_STRAGGLER_GRACE", default_value = "0.2")]
     straggler_grace: String,
+    /// Gossip: train the next local phase while the last one's exchange runs, and add the mix's change when that phase ends (CoCoD-SGD)
+    #[arg(long, env = "MURMUR_OVERLAP")]
+    overlap: bool,
     /// Stop at this much virtual time, in seconds [default: twice what every round timing out would take]
     #[arg(long, env = "MURMUR_SIM_TIME_LIMIT_S", allow_negative_numbers = true)]
     time_limit_s: Option<f64>,
@@ -171,6 +174,7 @@ struct Settings {
     step_jitter: f64,
     round_timeout_ms: u64,
     straggler_grace: Option<f64>,
+    overlap: bool,
     time_limit_s: f64,
     membership_delay_ms: Option<u64>,
     crashes: Vec<Crash>,
@@ -348,6 +352,7 @@ fn settings(args: &SimArgs) -> Result<Settings, CliError> {
         round_timeout_ms: at_least_one("--round-timeout-ms", args.round_timeout_ms)?,
         straggler_grace: crate::mix::patience::parse_grace(&args.straggler_grace)
             .map_err(CliError::usage)?,
+        overlap: args.overlap,
         time_limit_s: 0.0,
         membership_delay_ms: args.membership_delay_ms,
         crashes,
@@ -447,6 +452,7 @@ fn check_strategy(s: &Settings) -> Result<(), CliError> {
     if let Some(t) = &s.training {
         crate::daemon::config::relays_fit(t, s.strategy).map_err(CliError::usage)?;
     }
+    spec(s).check_overlap().map_err(|e| CliError::usage(e.to_string()))?;
     match s.strategy {
         StrategyKind::Gossip
         | StrategyKind::Diloco
@@ -589,6 +595,7 @@ fn spec(s: &Settings) -> StrategySpec {
         outer: s.outer.unwrap_or_default(),
         samples_per_step: s.training.as_ref().map_or(1, |t| t.batch_size as u64),
         straggler_grace: s.straggler_grace,
+        overlap: s.overlap,
         coordinator: s.coordinator.map(|_| CoordinatedConfig {
             coordinator: coordinator_peer(s.seed),
             wait: Duration::from_millis(s.round_timeout_ms),

@@ -87,6 +87,10 @@ pub struct RunOptions {
     #[arg(long, env = "MURMUR_STRAGGLER_GRACE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub straggler_grace: Option<String>,
+    /// Gossip: train the next local phase while the last one's exchange runs, and add the mix's change when that phase ends (CoCoD-SGD): the trainer does not wait for its neighbours [default: false]
+    #[arg(long, env = "MURMUR_OVERLAP", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<bool>,
     /// How long to wait at start for --nodes members, in milliseconds [default: 60000]
     #[arg(long, env = "MURMUR_JOIN_TIMEOUT_MS", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -353,9 +357,11 @@ impl RunOptions {
                 None => Some(crate::mix::patience::DEFAULT_STRAGGLER_GRACE),
                 Some(g) => crate::mix::patience::parse_grace(g).map_err(bad)?,
             },
+            overlap: self.overlap.unwrap_or(false),
             coordinator: coordinator.map(|(_, c)| c),
         };
         strategy.check_coordinator().map_err(|e| bad(e.to_string()))?;
+        strategy.check_overlap().map_err(|e| bad(e.to_string()))?;
         let min_members = positive("--min-members", self.min_members.unwrap_or(1))? as usize;
         let start_members = positive(
             "--start-members",
@@ -628,6 +634,22 @@ mod tests {
                     ..Default::default()
                 },
                 "--fragments must be >= 1 (got 0)",
+            ),
+            (
+                RunOptions {
+                    strategy: Some(StrategyKind::Diloco),
+                    overlap: Some(true),
+                    ..Default::default()
+                },
+                "--overlap is for --strategy gossip; diloco overlaps its outer step with --outer-sync eager",
+            ),
+            (
+                RunOptions {
+                    strategy: Some(StrategyKind::Merge),
+                    overlap: Some(true),
+                    ..Default::default()
+                },
+                "--overlap is for --strategy gossip (strategy is merge)",
             ),
             (
                 RunOptions { local_steps: Some(0), ..Default::default() },

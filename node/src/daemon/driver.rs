@@ -256,6 +256,17 @@ impl Driver {
         Ok(())
     }
 
+    /// Queues a mix's change on the trainer (`overlap`), under the same
+    /// guard as `set_params`.
+    fn shift_params(&mut self, delta: Vec<f32>) -> Result<(), NodeError> {
+        if let Some(at) = crate::net::wire::first_non_finite(&delta) {
+            self.non_finite_refused += 1;
+            warn!(index = at, value = delta[at], "mixed change not finite: not added");
+            return Ok(());
+        }
+        self.submit(Job::Shift(delta), Pending::SetParams)
+    }
+
     /// What a checkpoint keeps of the strategy: its state when it carries
     /// more than the parameters (DiLoCo's theta and momentum); otherwise
     /// the trainer's model is the whole story.
@@ -628,6 +639,10 @@ impl Driver {
             bytes,
             (&self.reporter, &self.board),
         );
+        // A phase queued behind this one (`overlap`) already runs.
+        if self.jobs.iter().any(|j| matches!(j, Pending::Train)) {
+            self.board.update(|s| s.phase = Phase::Training);
+        }
     }
 
     /// The strategy's stage: until it finishes or the node is told to stop.
@@ -775,6 +790,11 @@ impl Driver {
                     debug!(round = round_before, "mixed parameters to the trainer");
                     self.record.timing.mixed(Instant::now());
                     self.set_params(v)?
+                }
+                Action::Shift(delta) => {
+                    debug!(round = round_before, "mixed change queued on the trainer");
+                    self.record.timing.mixed(Instant::now());
+                    self.shift_params(delta)?
                 }
                 Action::Train { steps } => {
                     // Round-end work sees the mixed model: it is queued

@@ -71,10 +71,14 @@ impl PhaseTiming {
         let side = std::mem::take(&mut self.side_work);
         let Some(b) = self.between.take() else { return };
         let secs = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64();
-        let handoff = secs(b.ended, b.taken);
-        let (mut exchange, mut resume) = match b.mixed {
-            Some(m) => (secs(b.taken, m), secs(m, until)),
-            None => (secs(b.taken, until), 0.0),
+        // A phase queued before the driver took the last one's result
+        // (`overlap`) started before `taken` and `mixed`: only the time the
+        // trainer really stood between phases counts.
+        let taken = b.taken.min(until);
+        let handoff = secs(b.ended, taken);
+        let (mut exchange, mut resume) = match b.mixed.map(|m| m.clamp(taken, until.max(taken))) {
+            Some(m) => (secs(taken, m), secs(m, until)),
+            None => (secs(taken, until), 0.0),
         };
         // Side work (a round-end evaluation, a checkpoint) is queued after
         // the mixed parameters, so it sits in the resume part first.
@@ -128,5 +132,22 @@ mod tests {
         t.phase(at(200), 0.1, at(300));
         assert!(close(t.exchange_seconds, 0.05) && close(t.resume_seconds, 0.0), "{t:?}");
         assert!(close(t.communication_seconds, 0.05), "{t:?}");
+    }
+
+    #[test]
+    fn a_phase_queued_before_the_last_was_taken_counts_only_the_gap() {
+        let mut t = PhaseTiming::default();
+        // Overlap: phase 0 ends at 100, phase 1 (queued) starts at 101, the
+        // driver takes phase 0 at 104 and its mix is done at 150.
+        t.phase(at(0), 0.1, at(104));
+        t.mixed(at(150));
+        t.phase(at(101), 0.1, at(210));
+        // Phase 1's successor waited for a late mix: idle 201-260.
+        t.mixed(at(260));
+        t.phase(at(261), 0.1, at(370));
+        assert!(close(t.compute_seconds, 0.3), "{t:?}");
+        assert!(close(t.handoff_seconds, 0.001 + 0.009), "{t:?}");
+        assert!(close(t.exchange_seconds, 0.05), "{t:?}");
+        assert!(close(t.communication_seconds, 0.001 + 0.06), "{t:?}");
     }
 }

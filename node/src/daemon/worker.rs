@@ -34,6 +34,8 @@ pub enum Job {
     Train { steps: u64 },
     /// Replace the model's parameters.
     SetParams(Vec<f32>),
+    /// Add these values to the model's parameters (answered `ParamsSet`).
+    Shift(Vec<f32>),
     /// Held-out metrics of the current parameters.
     Evaluate,
     /// Write a checkpoint (with the strategy's state, when it keeps one).
@@ -145,6 +147,9 @@ fn serve(
             Job::Train { steps } => train(&mut trainer, steps, faults).map(Done::Trained),
             Job::SetParams(values) => {
                 trainer.set_flat(&values).map(|()| Done::ParamsSet).map_err(WorkerError::Params)
+            }
+            Job::Shift(delta) => {
+                trainer.shift_flat(&delta).map(|()| Done::ParamsSet).map_err(WorkerError::Params)
             }
             Job::Evaluate => {
                 let metrics = trainer.evaluate();

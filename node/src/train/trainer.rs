@@ -240,6 +240,20 @@ impl Trainer {
         self.model.set_params(&p)
     }
 
+    /// Adds `delta` to the parameters (an overlapped mix's change), in the
+    /// f32 additions the strategy makes to know the result.
+    pub fn shift_flat(&mut self, delta: &[f32]) -> Result<(), crate::params::ParamsError> {
+        let mut p = self.model.params()?;
+        if p.values.len() != delta.len() {
+            let (expected, got) = (p.values.len(), delta.len());
+            return Err(crate::params::ParamsError::LengthMismatch { expected, got });
+        }
+        for (v, d) in p.values.iter_mut().zip(delta) {
+            *v += d;
+        }
+        self.model.set_params(&p)
+    }
+
     /// Metrics on the held-out set.
     pub fn evaluate(&self) -> EvalMetrics {
         self.heldout.evaluate(&self.model)

@@ -876,7 +876,7 @@ mod tests {
                     }
                     Action::SetParams(p) => self.params[i] = p,
                     Action::Finish => self.finished[i] = true,
-                    Action::Train { .. } | Action::Evaluate { .. } => {}
+                    Action::Train { .. } | Action::Evaluate { .. } | Action::Shift(_) => {}
                 }
             }
         }

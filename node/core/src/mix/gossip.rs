@@ -503,6 +503,13 @@ impl Gossip {
         self.topology().is_some_and(|t| t.sends_to(j, me, slot))
     }
 
+    /// The local phase that ends next began at `at` (`overlap`: the
+    /// trainer started it before this strategy asked for it, so its own
+    /// clock would see only the part after the mix).
+    pub fn phase_began(&mut self, at: Instant) {
+        self.training_since = Some(at);
+    }
+
     /// Messages from `peer` held for slots after the current one.
     fn held_ahead(&self, peer: &PeerId) -> usize {
         let current = self.current_slot();
@@ -637,16 +644,16 @@ impl Mixer for Gossip {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn peers(n: usize) -> Vec<PeerId> {
+    pub(crate) fn peers(n: usize) -> Vec<PeerId> {
         let mut p: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
         p.sort();
         p
     }
 
-    fn cfg(topology: &str, rounds: u64) -> GossipConfig {
+    pub(crate) fn cfg(topology: &str, rounds: u64) -> GossipConfig {
         GossipConfig {
             topology: topology.parse().unwrap(),
             seed: 1,

@@ -159,6 +159,10 @@ pub enum Action {
     Send(Message),
     /// Replace the model's parameters.
     SetParams(Vec<f32>),
+    /// Add these values to the model's parameters once the local phase
+    /// under way (if any) ends (`overlap`: a mix's change, applied to
+    /// the phase that trained on the unmixed vector meanwhile).
+    Shift(Vec<f32>),
     /// Run `steps` local training steps, then report `LocalDone`.
     Train { steps: u64 },
     /// Record held-out metrics of the current parameters under `label`.

@@ -15,6 +15,7 @@ pub mod event_queue;
 pub mod gossip;
 pub mod merge;
 pub mod mixer;
+pub mod overlap;
 pub mod patience;
 pub mod sim;
 pub mod slot_inbox;

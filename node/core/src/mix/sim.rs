@@ -419,6 +419,12 @@ struct NodeState {
     phase: u64,
     /// Steps of the current local phase.
     pending_steps: u64,
+    /// A local phase is under way.
+    busy: bool,
+    /// What the strategy asked of the trainer behind the phase under way
+    /// (`overlap` queues the next phase and a mix's change during one),
+    /// carried out in order when it ends, as the daemon's trainer does.
+    queued: std::collections::VecDeque<Action>,
     crash_round: Option<u64>,
     crashed_at_round: Option<u64>,
     finished_at: Option<Duration>,
@@ -491,6 +497,8 @@ impl Simulator {
                 ticked_at: None,
                 phase: 0,
                 pending_steps: 0,
+                busy: false,
+                queued: std::collections::VecDeque::new(),
                 crash_round: cfg.crashes.iter().filter(|c| c.node == i).map(|c| c.round).min(),
                 crashed_at_round: None,
                 finished_at: None,
@@ -652,6 +660,12 @@ impl Simulator {
         let steps = n.pending_steps;
         let samples = local.train(node, &mut n.params, steps)?;
         let params = n.params.clone();
+        n.busy = false;
+        while !self.nodes[node].busy
+            && let Some(a) = self.nodes[node].queued.pop_front()
+        {
+            self.act(node, a, local)?;
+        }
         self.handle(node, Input::LocalDone { params, samples }, local)
     }
 
@@ -693,11 +707,24 @@ impl Simulator {
         action: Action,
         local: &mut dyn LocalUpdate,
     ) -> Result<(), SimError> {
+        let n = &mut self.nodes[node];
+        let behind_phase = matches!(action, Action::Shift(_) | Action::Train { .. })
+            || !n.queued.is_empty() && !matches!(action, Action::Send(_) | Action::Finish);
+        if n.busy && behind_phase {
+            n.queued.push_back(action);
+            return Ok(());
+        }
         match action {
             Action::Send(m) => self.send(Some(node), m),
             Action::SetParams(p) => self.nodes[node].params = p,
+            Action::Shift(d) => {
+                for (v, d) in self.nodes[node].params.iter_mut().zip(&d) {
+                    *v += d;
+                }
+            }
             Action::Train { steps } => {
                 let n = &mut self.nodes[node];
+                n.busy = true;
                 n.phase += 1;
                 n.pending_steps = steps;
                 let compute = n.step_time.as_secs_f64() * steps as f64;
@@ -797,6 +824,7 @@ impl Simulator {
         }
         let round = n.mixer.round();
         n.crashed_at_round = Some(round);
+        n.queued.clear();
         let (counted, finished) = (n.round, n.finished_at.is_some());
         self.uncount(counted);
         if !finished {
@@ -1295,5 +1323,71 @@ mod tests {
         assert_eq!(r.rounds[1].consensus_distance, r.initial_consensus_distance);
         assert!(r.final_consensus_distance < 1e-6, "{}", r.final_consensus_distance);
         assert!(r.mean_shift < 1e-6, "{}", r.mean_shift);
+    }
+
+    /// Each node's local steps pull it towards its own target (node i's is
+    /// i in every coordinate): the run's optimum is their mean.
+    struct PullToTarget;
+
+    impl LocalUpdate for PullToTarget {
+        fn train(&mut self, node: usize, params: &mut [f32], steps: u64) -> Result<u64, SimError> {
+            for _ in 0..steps {
+                params.iter_mut().for_each(|v| *v -= 0.02 * (*v - node as f32));
+            }
+            Ok(steps)
+        }
+
+        fn evaluate(&mut self, _node: usize, _params: &[f32]) -> Result<Option<f64>, SimError> {
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn overlapped_gossip_ends_where_blocking_does_in_less_time() {
+        // 16 nodes on a ring, 40 rounds of 10 steps of 10 ms, 20-40 ms
+        // delays. Blocking waits for its neighbours every round; overlap
+        // trains on, so its rounds are its local phases.
+        let run_with = |overlap: bool| {
+            let cfg = gossip_cfg("ring", 40);
+            let ids = peer_ids(16, 1);
+            let nodes = ids
+                .iter()
+                .map(|&id| {
+                    let gossip = Gossip::new(cfg.clone(), id, ids.clone()).unwrap();
+                    let mixer: Box<dyn Mixer> = if overlap {
+                        Box::new(crate::mix::overlap::Overlapped::new(gossip, cfg.rounds))
+                    } else {
+                        Box::new(gossip)
+                    };
+                    SimNode { id, mixer, params: vec![0.0; DIM] }
+                })
+                .collect();
+            let delay =
+                DelayRange { min: Duration::from_millis(20), max: Duration::from_millis(40) };
+            let sim = SimConfig { seed: 3, delay, ..SimConfig::default() };
+            Simulator::new(sim, nodes).unwrap().run(&mut PullToTarget).unwrap()
+        };
+        let (blocking, overlapped) = (run_with(false), run_with(true));
+        // How far the nodes' mean is from the optimum, 7.5.
+        let off = |r: &SimReport| {
+            let n = r.final_params.len() as f64;
+            (r.final_params.iter().map(|p| f64::from(p[0])).sum::<f64>() / n - 7.5).abs()
+        };
+        eprintln!(
+            "blocking {:.3} s, off {:.2e}, consensus {:.2e}; overlap {:.3} s, off {:.2e}, consensus {:.2e}",
+            blocking.virtual_seconds,
+            off(&blocking),
+            blocking.final_consensus_distance,
+            overlapped.virtual_seconds,
+            off(&overlapped),
+            overlapped.final_consensus_distance
+        );
+        assert!(overlapped.virtual_seconds < 0.95 * blocking.virtual_seconds);
+        // Measured: blocking 5.38 s, off 9e-2 (renormalised mixes of
+        // neighbours that missed the grace), spread 11.7; overlap 4.04 s,
+        // off 2e-3, spread 11.2.
+        assert!(off(&blocking) < 0.2 && off(&overlapped) < 0.05);
+        let (b, o) = (blocking.final_consensus_distance, overlapped.final_consensus_distance);
+        assert!(o < 1.5 * b + 1e-3, "overlap's spread {o} against blocking's {b}");
     }
 }

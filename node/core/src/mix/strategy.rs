@@ -17,6 +17,7 @@ use super::diloco::{Diloco, DilocoConfig, DilocoError, OuterSync};
 use super::gossip::{Gossip, GossipConfig};
 use super::merge::{Exchange, Merge, MergeConfig, MergeError};
 use super::mixer::{Mixer, Roster};
+use super::overlap::Overlapped;
 use super::topology::{Topology, TopologyError, TopologySpec};
 use crate::net::encoding::Encoding;
 
@@ -186,6 +187,9 @@ pub struct StrategySpec {
     /// Gossip's straggler grace, as a fraction of the training time; `None`
     /// waits the full deadline for everyone (see `patience`).
     pub straggler_grace: Option<f64>,
+    /// Gossip: train the next local phase while the last one's exchange
+    /// runs (see `overlap`).
+    pub overlap: bool,
     /// The coordinator a semidec or fedavg member answers.
     pub coordinator: Option<CoordinatedConfig>,
 }
@@ -209,6 +213,7 @@ impl StrategySpec {
             exchange_prob: 0.0,
             outer: OuterSettings::default(),
             straggler_grace: Some(super::patience::DEFAULT_STRAGGLER_GRACE),
+            overlap: false,
             samples_per_step: 1,
             coordinator: None,
         }
@@ -223,6 +228,7 @@ impl StrategySpec {
         len: usize,
     ) -> Result<(), StrategyError> {
         self.check_coordinator()?;
+        self.check_overlap()?;
         match self.kind {
             StrategyKind::Gossip | StrategyKind::Semidec => {
                 Topology::new(&self.topology, nodes.max(1), self.seed)?;
@@ -249,6 +255,20 @@ impl StrategySpec {
             (false, Some(_)) => Err(StrategyError::Option(format!(
                 "--coordinator is for --strategy semidec or fedavg (strategy is {})",
                 self.kind
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `--overlap` only with plain gossip: DiLoCo has its own overlapped
+    /// outer step, and the others mix through a coordinator or once.
+    pub fn check_overlap(&self) -> Result<(), StrategyError> {
+        match (self.overlap, self.kind) {
+            (true, StrategyKind::Diloco) => Err(StrategyError::Option(
+                "--overlap is for --strategy gossip; diloco overlaps its outer step with --outer-sync eager".into(),
+            )),
+            (true, kind) if kind != StrategyKind::Gossip => Err(StrategyError::Option(format!(
+                "--overlap is for --strategy gossip (strategy is {kind})"
             ))),
             _ => Ok(()),
         }
@@ -352,10 +372,13 @@ pub fn build_in(
                     spec.kind
                 ))
             })?;
-            let gossip = Box::new(Gossip::in_swarm(cfg, roster, topology));
+            let gossip = Gossip::in_swarm(cfg, roster, topology);
             match &spec.coordinator {
-                Some(c) if spec.kind.coordinated() => Box::new(Coordinated::new(gossip, c.clone())),
-                _ => gossip,
+                Some(c) if spec.kind.coordinated() => {
+                    Box::new(Coordinated::new(Box::new(gossip), c.clone()))
+                }
+                _ if spec.overlap => Box::new(Overlapped::new(gossip, spec.rounds)),
+                _ => Box::new(gossip),
             }
         }
         StrategyKind::Merge => {
