@@ -76,7 +76,7 @@ impl PhaseTiming {
         // trainer really stood between phases counts.
         let taken = b.taken.min(until);
         let handoff = secs(b.ended, taken);
-        let (mut exchange, mut resume) = match b.mixed.map(|m| m.clamp(taken, until.max(taken))) {
+        let (mut exchange, mut resume) = match b.mixed.map(|m| m.clamp(taken, until)) {
             Some(m) => (secs(taken, m), secs(m, until)),
             None => (secs(taken, until), 0.0),
         };

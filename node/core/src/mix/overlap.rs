@@ -94,11 +94,16 @@ impl Overlapped {
                 Action::SetParams(m) => match self.exchanging.as_deref() {
                     Some(q) if self.phases_out > 0 || self.held.is_some() => {
                         let delta: Vec<f32> = m.iter().zip(q).map(|(m, q)| m - q).collect();
-                        match self.held.as_mut() {
-                            Some((y, _)) => add(y, &delta),
-                            None => self.owed = Some(delta.clone()),
+                        // A non-finite change is never added (the daemon
+                        // refuses one): the trainer goes on from its own
+                        // vector, and so does the next q.
+                        if delta.iter().all(|v| v.is_finite()) {
+                            match self.held.as_mut() {
+                                Some((y, _)) => add(y, &delta),
+                                None => self.owed = Some(delta.clone()),
+                            }
+                            out.push(Action::Shift(delta));
                         }
-                        out.push(Action::Shift(delta));
                     }
                     // The last mix: no phase follows, the trainer is idle.
                     _ => out.push(Action::SetParams(m)),
@@ -281,6 +286,17 @@ mod tests {
         // The next mix has phase 3 to queue and the one after none.
         let acts = m.handle(from(other, 1, 2.25), t);
         assert_eq!(acts, vec![Action::Shift(vec![0.0]), Action::Train { steps: 5 }]);
+    }
+
+    #[test]
+    fn a_non_finite_mix_changes_nothing_and_the_next_vector_is_the_trainers() {
+        let (mut m, other) = pair(3);
+        let t = Instant::now();
+        m.start(t);
+        m.handle(done(1.0), t);
+        let acts = m.handle(from(other, 0, f32::INFINITY), t);
+        assert_eq!(acts, vec![Action::Train { steps: 5 }], "no change queued: {acts:?}");
+        assert_eq!(sent(&m.handle(done(1.5), t)), vec![1.5]);
     }
 
     #[test]

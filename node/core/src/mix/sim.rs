@@ -415,7 +415,8 @@ struct NodeState {
     /// The deadline the last `Tick` handed to the mixer was for: a
     /// deadline that does not move after its `Tick` gets no second one.
     ticked_at: Option<Duration>,
-    /// Bumped per `Train`, so that a superseded local phase never reports.
+    /// Bumped per `Train` as it starts: a `LocalDone` event names the
+    /// phase it ends.
     phase: u64,
     /// Steps of the current local phase.
     pending_steps: u64,
