@@ -256,6 +256,26 @@ fn sigterm_stops_a_node_gracefully_with_checkpoint_and_summary() {
 }
 
 #[test]
+fn a_stopping_node_ends_its_local_phase_at_the_next_step() {
+    // Overlapped, the trainer has a phase queued behind the one it runs;
+    // with 1,000-step phases a stop that waited for them would end on a
+    // multiple of 1,000 steps.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("solo");
+    let args = ["--data", "synthetic", "--rounds", "1000", "--local-steps", "1000", "--overlap"];
+    let mut node = LiveNode::start(&dir, 0, 1, None, &args);
+    node.wait_for("two rounds", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(2));
+    let pid = node.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 0);
+    let summary = read_json(&dir.join("summary.json"));
+    let steps = summary["steps"].as_u64().unwrap();
+    assert!(steps > 2000 && steps % 1000 != 0, "stopped after {steps} steps");
+    let meta = read_json(&dir.join("checkpoint/meta.json"));
+    assert_eq!(meta["step"], summary["steps"]);
+}
+
+#[test]
 fn a_relay_reports_no_loss_rather_than_nan() {
     // A relay's steps train on nothing and report NaN: its status says it
     // has no loss (a node whose training diverged still shows NaN).

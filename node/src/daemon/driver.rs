@@ -966,14 +966,16 @@ impl Driver {
         let interrupted = ending == Ending::Interrupted;
         self.finished = true;
         if interrupted {
-            // A stopping node drops its faults: a pause must not keep it
-            // from writing its checkpoint.
+            // A stopping node drops its faults (a pause must not keep it
+            // from writing its checkpoint) and trains no more steps.
             self.faults.clear(&[]);
+            self.worker.stop_training();
         }
         let round = mixer.round();
         self.serve_pulls(Some(mixer));
-        // An interrupt can leave a local phase running; the trainer ends it
-        // first, so the checkpoint says how many steps were really done.
+        // An interrupt can leave a local phase running (and, overlapped, one
+        // queued); the trainer ends them at the next step first, so the
+        // checkpoint says how many steps were really done.
         self.checkpoint(round, Self::checkpoint_state(Some(&*mixer)), CheckpointFor::Final)?;
         self.submit(Job::Evaluate, Pending::Evaluate(EvalFor::Final))?;
         let grace = Instant::now() + self.run.strategy.timeout;

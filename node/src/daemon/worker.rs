@@ -9,8 +9,14 @@
 //! Injected faults that act on training are carried out here, between
 //! steps: a pause holds the next step until it ends, and label-flip turns
 //! the trainer's labels over while it is active.
+//!
+//! A node told to stop asks for no more steps (`stop_training`): the phase
+//! under way ends at its next step and any phase queued behind it runs
+//! none, so the final checkpoint waits for one step, not for the phases
+//! an overlapped strategy asked for ahead.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -101,6 +107,8 @@ pub type Reply = Result<Done, WorkerError>;
 pub struct Worker {
     jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
+    /// Set once the node stops: local phases run no more steps.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -108,11 +116,19 @@ impl Worker {
     pub fn spawn(trainer: Trainer, faults: Arc<Faults>) -> (Worker, async_mpsc::Receiver<Reply>) {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let (reply_tx, reply_rx) = async_mpsc::channel(QUEUE);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("murmur-trainer".into())
-            .spawn(move || serve(trainer, rx, &reply_tx, &faults))
+            .spawn(move || serve(trainer, rx, &reply_tx, &faults, &stop))
             .ok();
-        (Worker { jobs: Some(tx), thread }, reply_rx)
+        (Worker { jobs: Some(tx), thread, stopping }, reply_rx)
+    }
+
+    /// No more local steps: the phase under way ends at its next step and
+    /// queued phases run none (each still answers, with what it did).
+    pub fn stop_training(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Queues `job`; never waits.
@@ -139,12 +155,13 @@ fn serve(
     jobs: mpsc::Receiver<Job>,
     replies: &async_mpsc::Sender<Reply>,
     faults: &Faults,
+    stopping: &AtomicBool,
 ) {
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
         let seconds = || started.elapsed().as_secs_f64();
         let reply = match job {
-            Job::Train { steps } => train(&mut trainer, steps, faults).map(Done::Trained),
+            Job::Train { steps } => train(&mut trainer, steps, faults, stopping).map(Done::Trained),
             Job::SetParams(values) => {
                 trainer.set_flat(&values).map(|()| Done::ParamsSet).map_err(WorkerError::Params)
             }
@@ -167,19 +184,25 @@ fn serve(
     }
 }
 
-fn train(trainer: &mut Trainer, steps: u64, faults: &Faults) -> Result<PhaseDone, WorkerError> {
+fn train(
+    trainer: &mut Trainer,
+    steps: u64,
+    faults: &Faults,
+    stopping: &AtomicBool,
+) -> Result<PhaseDone, WorkerError> {
     let started = Instant::now();
-    let mut loss = 0.0;
-    for _ in 0..steps {
+    let (mut loss, mut ran) = (0.0, 0);
+    while ran < steps && !stopping.load(Ordering::Relaxed) {
         sit_out_pause(faults);
         trainer.set_label_flip(faults.label_flip(Instant::now()));
         loss += trainer.step().map_err(WorkerError::Train)?.loss;
+        ran += 1;
     }
     let params = trainer.model.params().map_err(WorkerError::Params)?.values;
     Ok(PhaseDone {
         params,
-        loss: loss / steps.max(1) as f64,
-        samples: steps * trainer.examples_per_step(),
+        loss: loss / ran.max(1) as f64,
+        samples: ran * trainer.examples_per_step(),
         steps_done: trainer.steps_done(),
         started,
         seconds: started.elapsed().as_secs_f64(),
