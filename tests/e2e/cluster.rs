@@ -239,6 +239,18 @@ fn a_killed_node_resumes_and_rejoins_while_the_others_finish() {
     }
 }
 
+/// Sends SIGTERM to `node` (in `dir`), which must exit 0 with a checkpoint
+/// that holds the steps its summary counts; returns the summary.
+fn terminate(node: &mut LiveNode, dir: &Path) -> serde_json::Value {
+    let pid = node.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 0);
+    let summary = read_json(&dir.join("summary.json"));
+    let meta = read_json(&dir.join("checkpoint/meta.json"));
+    assert_eq!(meta["step"], summary["steps"]);
+    summary
+}
+
 #[test]
 fn sigterm_stops_a_node_gracefully_with_checkpoint_and_summary() {
     let tmp = tempfile::tempdir().unwrap();
@@ -247,15 +259,10 @@ fn sigterm_stops_a_node_gracefully_with_checkpoint_and_summary() {
     let mut node = LiveNode::start(&dir, 0, 1, None, &args);
     // Wait until it trains, then ask it to stop.
     node.wait_for("three rounds", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(3));
-    let pid = node.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    assert_eq!(node.wait_exit(Duration::from_secs(60)), 0);
-    let summary = read_json(&dir.join("summary.json"));
+    let summary = terminate(&mut node, &dir);
     assert_eq!(summary["interrupted"], true);
     let rounds = summary["rounds"].as_u64().unwrap();
     assert!((3..100000).contains(&rounds), "stopped at round {rounds}");
-    let meta = read_json(&dir.join("checkpoint/meta.json"));
-    assert_eq!(meta["step"], summary["steps"]);
 }
 
 #[test]
@@ -268,14 +275,8 @@ fn a_stopping_node_ends_its_local_phase_at_the_next_step() {
     let args = ["--data", "synthetic", "--rounds", "1000", "--local-steps", "1000", "--overlap"];
     let mut node = LiveNode::start(&dir, 0, 1, None, &args);
     node.wait_for("two rounds", Duration::from_secs(60), |st| st["round"].as_u64() >= Some(2));
-    let pid = node.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    assert_eq!(node.wait_exit(Duration::from_secs(60)), 0);
-    let summary = read_json(&dir.join("summary.json"));
-    let steps = summary["steps"].as_u64().unwrap();
+    let steps = terminate(&mut node, &dir)["steps"].as_u64().unwrap();
     assert!(steps > 2000 && !steps.is_multiple_of(1000), "stopped after {steps} steps");
-    let meta = read_json(&dir.join("checkpoint/meta.json"));
-    assert_eq!(meta["step"], summary["steps"]);
 }
 
 #[test]

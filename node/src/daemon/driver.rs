@@ -242,12 +242,18 @@ impl Driver {
         Ok(())
     }
 
+    /// The last guard on what peers shaped: a non-finite mix (or an
+    /// overlapped mix's change) never reaches the trainer, which goes on
+    /// from its own parameters.
+    fn refuse_non_finite(&mut self, values: &[f32], what: &str) -> bool {
+        let Some(at) = crate::net::wire::first_non_finite(values) else { return false };
+        self.non_finite_refused += 1;
+        warn!(index = at, value = values[at], "{what} not finite: not given to the trainer");
+        true
+    }
+
     fn set_params(&mut self, values: Vec<f32>) -> Result<(), NodeError> {
-        // The last guard on what peers shaped: a non-finite mix is never
-        // set; the trainer goes on from its own parameters.
-        if let Some(at) = crate::net::wire::first_non_finite(&values) {
-            self.non_finite_refused += 1;
-            warn!(index = at, value = values[at], "mixed parameters not finite: not set");
+        if self.refuse_non_finite(&values, "mixed parameters") {
             return Ok(());
         }
         let hash = model_hash(&values);
@@ -256,15 +262,17 @@ impl Driver {
         Ok(())
     }
 
-    /// Queues a mix's change on the trainer (`overlap`), under the same
-    /// guard as `set_params`.
+    /// Queues a mix's change on the trainer (`overlap`).
     fn shift_params(&mut self, delta: Vec<f32>) -> Result<(), NodeError> {
-        if let Some(at) = crate::net::wire::first_non_finite(&delta) {
-            self.non_finite_refused += 1;
-            warn!(index = at, value = delta[at], "mixed change not finite: not added");
+        if self.refuse_non_finite(&delta, "mixed change") {
             return Ok(());
         }
         self.submit(Job::Shift(delta), Pending::SetParams)
+    }
+
+    /// A local phase is under way or queued on the trainer.
+    fn training_queued(&self) -> bool {
+        self.jobs.iter().any(|j| matches!(j, Pending::Train))
     }
 
     /// What a checkpoint keeps of the strategy: its state when it carries
@@ -640,7 +648,7 @@ impl Driver {
             (&self.reporter, &self.board),
         );
         // A phase queued behind this one (`overlap`) already runs.
-        if self.jobs.iter().any(|j| matches!(j, Pending::Train)) {
+        if self.training_queued() {
             self.board.update(|s| s.phase = Phase::Training);
         }
     }
@@ -706,7 +714,7 @@ impl Driver {
             return;
         }
         self.paused = paused;
-        let training = self.jobs.iter().any(|j| matches!(j, Pending::Train));
+        let training = self.training_queued();
         let phase = match (paused, training) {
             (true, _) => Phase::Paused,
             (false, true) => Phase::Training,

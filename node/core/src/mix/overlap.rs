@@ -25,7 +25,7 @@
 use std::time::Instant;
 
 use super::gossip::Gossip;
-use super::mixer::{Action, Input, Mixer, OuterStatus, StateError, StrategyState};
+use super::mixer::{Action, Input, Mixer, StateError, StrategyState};
 
 /// Gossip whose exchanges run while the trainer trains.
 #[derive(Debug)]
@@ -199,10 +199,6 @@ impl Mixer for Overlapped {
 
     fn restore(&mut self, state: StrategyState) -> Result<Vec<f32>, StateError> {
         self.gossip.restore(state)
-    }
-
-    fn outer(&self) -> Option<OuterStatus> {
-        None
     }
 
     fn adopt(&mut self, params: &[f32]) {
