@@ -289,7 +289,11 @@ fn a_relay_reports_no_loss_rather_than_nan() {
     // 85% alone) while the relay took a minute to reach round 3.
     let _machine = crate::harness::exclusive();
     let tmp = tempfile::tempdir().unwrap();
-    let args = ["--data", "synthetic", "--relays", "1", "--rounds", "400", "--local-steps", "5"];
+    // Rounds enough never to end while it is read: alone the pair runs 400
+    // rounds in about 2 s, and with 400 node 0 once exited before its
+    // finite loss was read.
+    let args =
+        ["--data", "synthetic", "--relays", "1", "--rounds", "1000000", "--local-steps", "5"];
     let nodes = crate::swarm::start_swarm(tmp.path(), 2, &args);
     let started = Instant::now();
     while nodes[1].status()["round"].as_u64().unwrap_or(0) < 3 {

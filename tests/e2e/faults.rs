@@ -61,14 +61,24 @@ fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peer
     );
     let nodes = c["nodes"].as_array().unwrap();
     let dropped = count(&nodes[1]["fault_effects"], "dropped_out");
-    // Each attempt draws: 30 rounds x 2 neighbours, and the retries of
-    // sends a peer refused or that failed (more on a loaded machine: one
-    // run beside the whole suite dropped 40). Measured here: 24-27 of 60-62.
+    // Each attempt to a connected peer draws: 30 rounds x 2 neighbours,
+    // and the retries of sends a peer refused. Measured here: 24-27 of
+    // 62-65, alone and beside four busy loops.
     let attempts = dropped + count(&summary(tmp.path(), 1)["bytes"], "messages_sent");
     let fraction = dropped as f64 / attempts as f64;
     assert!((0.1..=0.55).contains(&fraction), "node 1 dropped {dropped} of {attempts}");
-    let missed: u64 = [0, 2].iter().map(|&i| missing(&nodes[i]["strategy_drops"])).sum();
-    assert!(missed >= dropped, "peers missed {missed}, node 1 dropped {dropped}");
+    // A dropped message is missed, or stood in for by node 1's newer model
+    // when node 1 is ahead. (Before drops were drawn only for connected
+    // peers, a run beside the whole suite counted 24 dropped against 18
+    // missed, most likely node 1, behind, retrying sends to peers that
+    // had finished.)
+    let drops = |i: usize| &nodes[i]["strategy_drops"];
+    let missed: u64 = [0, 2].iter().map(|&i| missing(drops(i))).sum();
+    let stood_in: u64 = [0, 2].iter().map(|&i| count(drops(i), "mixed_newest_ahead")).sum();
+    assert!(
+        missed + stood_in >= dropped && missed > 0,
+        "peers missed {missed} and stood in for {stood_in}, node 1 dropped {dropped}"
+    );
 }
 
 #[test]

@@ -373,7 +373,10 @@ impl Network {
         let timeout = self.transfer_timeout;
         let delay = self.faults.send_delay(now);
         let pacing = self.faults.bandwidth(now).map(|r| (self.pacer.clone(), r));
-        if self.faults.drop_outgoing(now) {
+        // Only a payload that could have gone is lost: one to a peer with
+        // no connection fails as it would without the fault, so it is not
+        // counted as dropped (each retry of it would draw again).
+        if self.is_connected(&peer) && self.faults.drop_outgoing(now) {
             return Ok(());
         }
         let frame = Frame { head, body: body.clone(), delay, pacing };
@@ -438,6 +441,11 @@ impl Network {
     /// Whether `peer` is a member in `role` now (without copying the view).
     pub fn has_member(&self, peer: &PeerId, role: Role) -> bool {
         self.view.lock().is_ok_and(|v| v.members.iter().any(|m| m.peer == *peer && m.role == role))
+    }
+
+    /// Whether the swarm holds a connection to `peer` (as of its last event).
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.view.lock().is_ok_and(|v| v.connected.contains(peer))
     }
 
     /// The peer found at `addr`, given without its id, once one answered there.

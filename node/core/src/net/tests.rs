@@ -144,6 +144,32 @@ async fn a_100_mb_payload_arrives_bit_exact() {
     assert!(payload.values.iter().zip(&values).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_fault_loses_payloads_to_connected_peers_and_counts_only_those() {
+    let (a, mut arx) = start(config(4)).await;
+    let mut cfg = config(4);
+    let faults = std::sync::Arc::new(crate::fault::Faults::new(0));
+    faults.inject("drop:1:out".parse().unwrap(), Instant::now()).unwrap();
+    cfg.faults = faults.clone();
+    cfg.transfer_timeout = Duration::from_secs(5);
+    let (b, _brx) = connected_to(&a, cfg).await;
+    wait_until("b to see a", Duration::from_secs(20), || {
+        b.view().connected.contains(&a.local_peer)
+    })
+    .await;
+    let (h, body) = header(&b, &[1.0, 2.0, 3.0, 4.0], Encoding::F32);
+    // Lost on the way: the sender believes it went, nothing arrives.
+    b.send(a.local_peer, &h, &body).await.unwrap();
+    let arrived = tokio::time::timeout(Duration::from_millis(500), next_payload(&mut arx)).await;
+    assert!(arrived.is_err(), "a dropped payload arrived");
+    assert_eq!(faults.effects()["dropped_out"], 1);
+    // A peer with no connection fails the send as without the fault, and
+    // is not counted (a retry of it would count again).
+    let nobody = PeerId::random();
+    assert!(b.send(nobody, &h, &body).await.is_err());
+    assert_eq!(faults.effects()["dropped_out"], 1);
+}
+
 /// A node that speaks only `offered`, bootstrapped from `boot`.
 async fn start_speaking(
     offered: &[Security],
