@@ -96,6 +96,7 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
     // data set as loaded (31 MB of floats for MNIST) is not needed again.
     drop(split);
     crate::memory::release_free_heap();
+    crate::memory::keep_freed_heap();
     let layout = trainer.model.layout();
     run.strategy.check(train.nodes, &layout.layers(), layout.total).map_err(CliError::usage)?;
     let resume = if resuming {

@@ -82,6 +82,7 @@ pub fn run(args: TrainArgs) -> Result<(), CliError> {
         CliError::failed(format!("cannot create --out {}: {e}", args.out.display()))
     })?;
     let saved_options = serde_json::to_value(&options).map_err(CliError::failed)?;
+    crate::memory::keep_freed_heap();
     train_loop(
         &mut trainer,
         &ck_dir,
