@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def benches(data_dir):
 
 
 def murmur_run(args, bench, steps, out):
-    """(wall_seconds, summary) of one `murmur train` run of `steps` steps."""
+    """(wall_seconds, summary, minor page faults) of one `murmur train` run of `steps` steps."""
     cmd = [
         args.murmur, "train", "--model", bench.name, *bench.murmur_args,
         "--steps", str(steps), "--batch-size", str(bench.batch), "--threads", str(args.threads),
@@ -148,15 +149,18 @@ def murmur_run(args, bench, steps, out):
     ]  # fmt: skip
     # Only the flags decide the run: no MURMUR_* settings from the caller's environment.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MURMUR_")}
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
     if done.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}{done.stdout}")
     summary = json.loads((out / "summary.json").read_text())
-    return summary["wall_seconds"], summary
+    return summary["wall_seconds"], summary, faults
 
 
 def torch_run(bench, steps, default_optimizer):
-    """Steps per second of PyTorch eager over `steps` steps after a warm-up."""
+    """(steps per second, parameters, minor page faults per step) of PyTorch
+    eager over `steps` steps after a warm-up."""
     model, next_batch = bench.model(), bench.batches(bench.batch)
     kwargs = {} if default_optimizer else {"foreach": False}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **kwargs)
@@ -172,10 +176,13 @@ def torch_run(bench, steps, default_optimizer):
 
     for _ in range(max(steps // 10, 2)):
         step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps / (time.perf_counter() - start), sum(p.numel() for p in model.parameters())
+    rate = steps / (time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    return rate, sum(p.numel() for p in model.parameters()), faults
 
 
 def default_adamw_impl():
@@ -191,12 +198,12 @@ def measure(args, bench, tmp):
     steps = max(int(bench.steps * args.scale), 2)
     runs = []
     for r in range(args.runs):
-        t1, _ = murmur_run(args, bench, steps, tmp / f"{bench.name}-{r}-n")
-        t2, summary = murmur_run(args, bench, 2 * steps, tmp / f"{bench.name}-{r}-2n")
+        t1, _, f1 = murmur_run(args, bench, steps, tmp / f"{bench.name}-{r}-n")
+        t2, summary, f2 = murmur_run(args, bench, 2 * steps, tmp / f"{bench.name}-{r}-2n")
         if t2 <= t1:
             sys.exit(f"bench: {bench.name}: a {2 * steps}-step run ({t2:.3f}s) was not slower than a {steps}-step one ({t1:.3f}s); raise the steps")
-        torch_sps, params = torch_run(bench, steps, default_optimizer=False)
-        default_sps, _ = torch_run(bench, steps, default_optimizer=True)
+        torch_sps, params, torch_faults = torch_run(bench, steps, default_optimizer=False)
+        default_sps, _, _ = torch_run(bench, steps, default_optimizer=True)
         if params != summary["parameters"]:
             sys.exit(f"bench: {bench.name}: PyTorch model has {params} parameters, murmur's {summary['parameters']}; the architectures differ")
         runs.append({
@@ -205,10 +212,15 @@ def measure(args, bench, tmp):
             "murmur_summary_steps_per_s": summary["steps_per_second"],
             "pytorch_steps_per_s": torch_sps,
             "pytorch_default_steps_per_s": default_sps,
+            # What the steps cost the kernel in pages faulted in (the same
+            # N/(2N-N) difference for murmur), so heap churn shows.
+            "murmur_faults_per_step": max(f2 - f1, 0) / steps,
+            "pytorch_faults_per_step": torch_faults,
         })  # fmt: skip
         print(f"  {bench.name} run {r + 1}/{args.runs}: murmur {runs[-1]['murmur_steps_per_s']:.1f}, "
               f"pytorch {torch_sps:.1f}, pytorch default {default_sps:.1f} steps/s", file=sys.stderr)  # fmt: skip
-    median = {k: statistics.median(run[k] for run in runs) for k in ("murmur_steps_per_s", "pytorch_steps_per_s", "pytorch_default_steps_per_s")}
+    keys = ("murmur_steps_per_s", "pytorch_steps_per_s", "pytorch_default_steps_per_s", "murmur_faults_per_step", "pytorch_faults_per_step")
+    median = {k: statistics.median(run[k] for run in runs) for k in keys}
     return {
         **median,
         "ratio": median["murmur_steps_per_s"] / max(median["pytorch_steps_per_s"], median["pytorch_default_steps_per_s"]),
@@ -232,7 +244,8 @@ def report(result):
     models, threads = result["models"], result["threads"]
     rows = [
         f"| {name} | {m['batch_size']} | {m['murmur_steps_per_s']:.1f} | {m['pytorch_steps_per_s']:.1f} | "
-        f"{m['pytorch_default_steps_per_s']:.1f} | {m['ratio']:.2f}x |"
+        f"{m['pytorch_default_steps_per_s']:.1f} | {m['ratio']:.2f}x | "
+        f"{m['murmur_faults_per_step']:.0f} / {m['pytorch_faults_per_step']:.0f} |"
         for name, m in models.items()
     ]
     met = [n for n, m in models.items() if m["ratio"] >= TARGET]
@@ -254,14 +267,15 @@ def report(result):
         f"{result['pytorch_default_adamw']}); runs alternate between the two. murmur's rate is N/(t(2N)-t(N)) from "
         f"`wall_seconds` of an N- and a 2N-step run, which leaves out start-up, data loading, the final evaluation and "
         f"the first, slower steps; PyTorch's is N steps timed after N/10 warm-up steps. Both include the per-step batch "
-        f"gather, loss read-back, zero_grad, backward and optimizer step."
+        f"gather, loss read-back, zero_grad, backward and optimizer step. Page faults per step are minor faults "
+        f"(pages the kernel maps and zeroes), medians, measured the same way as each side's rate."
     )
     load = result["machine"]["load_average_at_start"]
     if load > 0.5:
         paragraph += f" Other work was running (load average {load:.1f} at start), so these numbers are noisy."
     table = [
-        "| model | batch | murmur steps/s | PyTorch steps/s (foreach=False) | PyTorch steps/s (default) | ratio |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | murmur steps/s | PyTorch steps/s (foreach=False) | PyTorch steps/s (default) | ratio | page faults per step, murmur / PyTorch |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
     return "# Training throughput: murmur vs PyTorch eager\n\n" + "\n".join(table) + "\n\n" + paragraph + "\n"
