@@ -9,6 +9,11 @@ the report gives each size's cost per node as a ratio of it, which stays
 near 1 when a node costs O(its degree) and grows with n when something is
 kept or scanned per node for every other node.
 
+Every run takes `murmur sim`'s default, one thread per core (shards of at
+least 2,000 nodes, so the 1,000-node baseline runs on one); each topology's
+10,000-node run is repeated with `--workers 1`, and the report gives the
+speed-up of the threads in the same invocation.
+
 Targets (issue: performance): 100,000 nodes on each topology in under 5
 minutes and 8 GB on this machine; time and memory per node roughly flat.
 
@@ -27,10 +32,12 @@ ROUNDS, DIM = 20, 100
 LIMIT_S, LIMIT_BYTES = 300.0, 8e9
 
 
-def run(murmur, topology, nodes, work, timeout):
-    out = Path(work) / f"{topology}-{nodes}"
+def run(murmur, topology, nodes, work, timeout, workers=None):
+    out = Path(work) / f"{topology}-{nodes}-{workers or 'all'}"
     cmd = [murmur, "sim", "--nodes", str(nodes), "--topology", topology, "--rounds", str(ROUNDS),
            "--dim", str(DIM), "--out", str(out)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -42,6 +49,7 @@ def run(murmur, topology, nodes, work, timeout):
     row = {
         "topology": topology,
         "nodes": nodes,
+        "workers": report["workers"],
         "end": report["end"],
         "wall_s": process["wall_seconds"],
         "peak_rss_bytes": process["peak_rss_bytes"],
@@ -55,28 +63,38 @@ def run(murmur, topology, nodes, work, timeout):
     return row
 
 
-def report_md(rows, topologies, smallest):
+def report_md(rows, single, topologies, smallest):
     lines = [
         f"# `murmur sim` at scale: pure averaging, dim {DIM}, {ROUNDS} rounds", "",
         f"Per-node ratios are against the {smallest:,}-node run of the same topology in this invocation.", "",
-        "| topology | nodes | end | wall s | peak MB | µs/node | KB/node | µs/message | time/node ratio | memory/node ratio | within 5 min and 8 GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| topology | nodes | threads | end | wall s | peak MB | µs/node | KB/node | µs/message | time/node ratio | memory/node ratio | within 5 min and 8 GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for topology in topologies:
         base = next((r for r in rows if r["topology"] == topology and r["nodes"] == smallest and "error" not in r), None)
         for r in (r for r in rows if r["topology"] == topology):
             if "error" in r:
-                lines.append(f"| {topology} | {r['nodes']:,} | failed: {r['error'][:80]} | | | | | | | | no |")
+                lines.append(f"| {topology} | {r['nodes']:,} | | failed: {r['error'][:80]} | | | | | | | | no |")
                 continue
             t_ratio = r["us_per_node"] / base["us_per_node"] if base else float("nan")
             m_ratio = r["kb_per_node"] / base["kb_per_node"] if base else float("nan")
             ok = r["wall_s"] < LIMIT_S and r["peak_rss_bytes"] < LIMIT_BYTES and r["end"] == "all_finished"
             lines.append(
-                f"| {topology} | {r['nodes']:,} | {r['end']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} "
+                f"| {topology} | {r['nodes']:,} | {r['workers']} | {r['end']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} "
                 f"| {r['us_per_node']:.0f} | {r['kb_per_node']:.1f} | {r['us_per_message']:.2f} "
                 f"| {t_ratio:.2f}x | {m_ratio:.2f}x | {'yes' if ok else 'no'} |")
     lines += ["", "Memory per node includes the process's fixed part (libtorch's libraries, about 130 MB), "
               "which dominates at 1,000 nodes: the ratio falls below 1 as n grows when a node's own state is small."]
+    if single:
+        lines += ["", "Threads: the same run on one thread (`--workers 1`) and on the default, in this invocation.", "",
+                  "| topology | nodes | one thread, s | threads | all threads, s | speed-up |", "|---|---|---|---|---|---|"]
+        for one in single:
+            many = next((r for r in rows if r["topology"] == one["topology"] and r["nodes"] == one["nodes"]), None)
+            if "error" in one or many is None or "error" in many:
+                lines.append(f"| {one['topology']} | {one['nodes']:,} | failed | | | |")
+                continue
+            lines.append(f"| {one['topology']} | {one['nodes']:,} | {one['wall_s']:.1f} | {many['workers']} "
+                         f"| {many['wall_s']:.1f} | {one['wall_s'] / many['wall_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,17 +108,22 @@ def main():
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     topologies = args.topologies.split(",")
-    rows = []
+    rows, single = [], []
     with tempfile.TemporaryDirectory() as work:
         for topology in topologies:
             for nodes in sizes:
                 row = run(args.murmur, topology, nodes, work, args.timeout)
                 rows.append(row)
                 print(f"bench_sim: {json.dumps(row)}", file=sys.stderr)
+                if nodes == 10_000:
+                    row = run(args.murmur, topology, nodes, work, args.timeout, workers=1)
+                    single.append(row)
+                    print(f"bench_sim: one thread: {json.dumps(row)}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sim_scale.json").write_text(json.dumps({"dim": DIM, "rounds": ROUNDS, "runs": rows}, indent=2))
-    md = report_md(rows, topologies, sizes[0])
+    (out / "sim_scale.json").write_text(
+        json.dumps({"dim": DIM, "rounds": ROUNDS, "runs": rows, "one_thread": single}, indent=2))
+    md = report_md(rows, single, topologies, sizes[0])
     (out / "sim_scale.md").write_text(md)
     print(md)
 

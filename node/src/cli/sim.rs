@@ -133,6 +133,9 @@ pub struct SimArgs {
     /// Tell the survivors of a crash after this many virtual milliseconds [default: never; they time out on it]
     #[arg(long, env = "MURMUR_SIM_MEMBERSHIP_DELAY_MS", allow_negative_numbers = true)]
     membership_delay_ms: Option<u64>,
+    /// Threads that run the simulated nodes, each a shard of them [default: all cores]; pure averaging without a coordinator or --membership-delay-ms (training runs on one thread)
+    #[arg(long, env = "MURMUR_SIM_WORKERS", allow_negative_numbers = true)]
+    workers: Option<i64>,
     /// Crash node NODE when it reaches round ROUND, as NODE@ROUND; repeatable
     #[arg(long = "crash", value_name = "NODE@ROUND")]
     crashes: Vec<String>,
@@ -178,6 +181,8 @@ struct Settings {
     time_limit_s: f64,
     membership_delay_ms: Option<u64>,
     crashes: Vec<Crash>,
+    /// Threads asked for (`SimReport::workers` says how many ran).
+    workers: usize,
     seed: u64,
     /// Vector length of pure averaging; `None` when training.
     dim: Option<usize>,
@@ -281,11 +286,13 @@ impl Process {
         Process { wall_seconds: start.elapsed().as_secs_f64(), peak_rss_bytes }
     }
 
-    fn line(&self) -> String {
+    fn line(&self, workers: usize) -> String {
         let memory = self
             .peak_rss_bytes
             .map_or(String::new(), |b| format!(", peak memory {:.0} MB", b as f64 / 1e6));
-        format!("ran {:.1} s of wall time{memory}", self.wall_seconds)
+        let threads =
+            if workers == 1 { "1 thread".to_string() } else { format!("{workers} threads") };
+        format!("ran {:.1} s of wall time on {threads}{memory}", self.wall_seconds)
     }
 }
 
@@ -312,7 +319,7 @@ pub fn run(args: SimArgs) -> Result<(), CliError> {
         .map_err(CliError::failed)?;
     println!("{}", summary_line(&report));
     let process = Process::since(start);
-    println!("{}", process.line());
+    println!("{}", process.line(report.workers));
     if let Some(out) = &args.out {
         write_report(&out.join("sim.json"), &settings, &report, process)?;
     }
@@ -333,7 +340,7 @@ fn settings(args: &SimArgs) -> Result<Settings, CliError> {
     }
     let (dim, training) = training(args, &set, nodes)?;
     let crashes = crashes(&args.crashes, nodes as usize)?;
-    let s = Settings {
+    let mut s = Settings {
         strategy: args.strategy,
         topology: args.topology.parse().map_err(CliError::usage)?,
         nodes: nodes as usize,
@@ -356,12 +363,14 @@ fn settings(args: &SimArgs) -> Result<Settings, CliError> {
         time_limit_s: 0.0,
         membership_delay_ms: args.membership_delay_ms,
         crashes,
+        workers: 1,
         seed: args.options.seed.unwrap_or(0),
         dim,
         training,
         sim: SimConfig::default(),
     };
     check_strategy(&s)?;
+    s.workers = workers(&s, args.workers)?;
     with_sim_config(s, args)
 }
 
@@ -520,6 +529,7 @@ fn with_sim_config(mut s: Settings, args: &SimArgs) -> Result<Settings, CliError
         time_limit: Duration::from_secs_f64(s.time_limit_s),
         crashes: s.crashes.clone(),
         membership_delay: s.membership_delay_ms.map(Duration::from_millis),
+        workers: s.workers,
         // 0 evaluates at the last boundary only (and in the final metrics).
         eval_every: match (&s.training, args.eval_rounds) {
             (None, _) => 0,
@@ -528,6 +538,33 @@ fn with_sim_config(mut s: Settings, args: &SimArgs) -> Result<Settings, CliError
         },
     };
     Ok(s)
+}
+
+/// `--workers`: all cores unless given; more than one only where the
+/// nodes can run apart (the simulator takes fewer where the nodes are few).
+fn workers(s: &Settings, asked: Option<i64>) -> Result<usize, CliError> {
+    let Some(w) = asked else {
+        return Ok(std::thread::available_parallelism().map_or(1, usize::from));
+    };
+    let w = usize::try_from(w)
+        .ok()
+        .filter(|w| *w >= 1)
+        .ok_or_else(|| CliError::usage(format!("--workers must be at least 1 (got {w})")))?;
+    let alone = if s.training.is_some() {
+        Some("libtorch training runs every node on one thread")
+    } else if s.coordinator.is_some() {
+        Some("the simulated coordinator hears every node at every event")
+    } else if s.membership_delay_ms.is_some() {
+        Some("--membership-delay-ms tells every node at once")
+    } else {
+        None
+    };
+    match alone {
+        Some(why) if w > 1 => {
+            Err(CliError::usage(format!("--workers {w}: this run needs one thread ({why})")))
+        }
+        _ => Ok(w),
+    }
 }
 
 /// Twice the virtual time of a run in which every exchange waits out its
@@ -759,6 +796,22 @@ mod tests {
         assert_eq!((t.steps, t.threads, t.nodes), (100, 1, 16));
         assert_eq!(s.dim, None);
         assert_eq!(s.sim.eval_every, 1);
+    }
+
+    #[test]
+    fn workers_default_to_every_core_and_more_than_one_needs_nodes_that_run_apart() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(settings(&parse(&[])).unwrap().sim.workers, cores);
+        assert_eq!(settings(&parse(&["--workers", "3"])).unwrap().sim.workers, 3);
+        assert_eq!(usage(&["--workers", "0"]), "--workers must be at least 1 (got 0)");
+        assert_eq!(usage(&["--workers", "-2"]), "--workers must be at least 1 (got -2)");
+        let training = usage(&["--workers", "2", "--data", "synthetic"]);
+        assert!(training.starts_with("--workers 2: this run needs one thread"), "{training}");
+        let news = usage(&["--workers", "2", "--membership-delay-ms", "100"]);
+        assert!(news.contains("--membership-delay-ms"), "{news}");
+        // One is always fine, and training takes one by default.
+        let one = settings(&parse(&["--workers", "1", "--data", "synthetic"])).unwrap();
+        assert_eq!(one.sim.workers, 1);
     }
 
     #[test]

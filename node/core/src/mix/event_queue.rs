@@ -1,5 +1,11 @@
-//! The simulator's event queue: events by (virtual time, sequence number),
-//! earliest first, ties in the order they were pushed.
+//! The simulator's event queue: events by (virtual time, order), earliest
+//! first, ties by the `order` the caller gives.
+//!
+//! Why the caller orders ties, not the push: the simulator runs shards of
+//! nodes on threads, and the order in which events reach a shard's queue
+//! depends on when shards hand them over. An order the event carries (its
+//! origin and that origin's count) makes every queue's sequence, and so the
+//! run, the same whatever the shards are.
 //!
 //! Why not a `BinaryHeap` of the events themselves: with 100,000 simulated
 //! nodes millions of messages are in flight, and every push and pop moves
@@ -22,7 +28,7 @@ const BUCKET: u64 = 10_000;
 /// Emptied bucket heaps kept for reuse, at most.
 const SPARE: usize = 64;
 
-/// (time in nanoseconds << 64 | sequence number, slot).
+/// (time in nanoseconds << 64 | order, slot).
 type Heap = BinaryHeap<Reverse<(u128, usize)>>;
 
 #[derive(Debug)]
@@ -32,7 +38,6 @@ pub struct EventQueue<E> {
     spare: Vec<Heap>,
     slots: Vec<Option<E>>,
     free: Vec<usize>,
-    seq: u64,
     len: usize,
 }
 
@@ -43,16 +48,16 @@ impl<E> Default for EventQueue<E> {
             spare: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            seq: 0,
             len: 0,
         }
     }
 }
 
 impl<E> EventQueue<E> {
-    /// Queues `event` at `at` (times past 584 years count as that).
-    pub fn push(&mut self, at: Duration, event: E) {
-        self.seq += 1;
+    /// Queues `event` at `at` (times past 584 years count as that); events
+    /// at the same time come out by `order` (two events with the same time
+    /// and order come out in no set order: the caller keeps them apart).
+    pub fn push(&mut self, at: Duration, order: u64, event: E) {
         let nanos = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
         let slot = match self.free.pop() {
             Some(s) => {
@@ -64,7 +69,7 @@ impl<E> EventQueue<E> {
                 self.slots.len() - 1
             }
         };
-        let key = (u128::from(nanos) << 64) | u128::from(self.seq);
+        let key = (u128::from(nanos) << 64) | u128::from(order);
         let bucket = self.buckets.entry(nanos / BUCKET);
         bucket.or_insert_with(|| self.spare.pop().unwrap_or_default()).push(Reverse((key, slot)));
         self.len += 1;
@@ -111,18 +116,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn events_come_out_by_time_then_in_the_order_they_were_pushed() {
+    fn events_come_out_by_time_then_by_their_order() {
         let mut q = EventQueue::default();
         let ms = Duration::from_millis;
-        for (t, e) in [(5, 'a'), (1, 'b'), (5, 'c'), (3, 'd'), (1, 'e')] {
-            q.push(ms(t), e);
+        for (t, order, e) in [(5, 1, 'a'), (1, 9, 'e'), (5, 2, 'c'), (3, 0, 'd'), (1, 3, 'b')] {
+            q.push(ms(t), order, e);
         }
         assert_eq!(q.peek_time(), Some(ms(1)));
         let first: Vec<_> = (0..3).map(|_| q.pop().unwrap()).collect();
         assert_eq!(first, [(ms(1), 'b'), (ms(1), 'e'), (ms(3), 'd')]);
         // Freed slots are reused; order still holds.
-        q.push(ms(4), 'f');
-        q.push(ms(5), 'g');
+        q.push(ms(4), 0, 'f');
+        q.push(ms(5), 3, 'g');
         assert_eq!(q.len(), 4);
         let mut rest: Vec<char> = q.iter().copied().collect();
         rest.sort();
@@ -136,8 +141,8 @@ mod tests {
     #[test]
     fn times_beyond_the_key_saturate_and_sort_last() {
         let mut q = EventQueue::default();
-        q.push(Duration::MAX, 1);
-        q.push(Duration::from_secs(1), 2);
+        q.push(Duration::MAX, 0, 1);
+        q.push(Duration::from_secs(1), 0, 2);
         assert_eq!(q.pop(), Some((Duration::from_secs(1), 2)));
         assert_eq!(q.pop(), Some((Duration::from_nanos(u64::MAX), 1)));
     }
@@ -145,7 +150,7 @@ mod tests {
     #[test]
     fn events_spread_over_many_buckets_come_out_as_a_sorted_set_would_give_them() {
         let mut q = EventQueue::default();
-        // The model: (time, push order), earliest first.
+        // The model: (time, order), earliest first.
         let mut model = std::collections::BTreeSet::new();
         // A fixed pseudo-random walk of pushes and pops over 0..50 ms, with
         // ties, across hundreds of buckets.
@@ -153,7 +158,7 @@ mod tests {
         for i in 0..20_000u32 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let at = Duration::from_micros((x >> 33) % 50_000 / 7 * 7);
-            q.push(at, i);
+            q.push(at, u64::from(i), i);
             model.insert((at, i));
             if x.is_multiple_of(3) {
                 assert_eq!(q.pop(), model.pop_first());

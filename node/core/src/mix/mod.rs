@@ -18,6 +18,7 @@ pub mod mixer;
 pub mod overlap;
 pub mod patience;
 pub mod sim;
+mod sim_shard;
 pub mod slot_inbox;
 pub mod strategy;
 pub mod topology;

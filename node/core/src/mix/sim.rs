@@ -7,15 +7,17 @@
 //! the tests and backs `murmur sim`.
 //!
 //! Time is virtual: a base `Instant` plus offsets that only ever move forward
-//! to the next event; nothing sleeps. Events sit in a priority queue ordered
-//! by (time, sequence number), so ties break in the order they were
-//! scheduled and a run is a pure function of its inputs and `seed`:
+//! to the next event; nothing sleeps. Events sit in priority queues ordered
+//! by (time, origin, count): ties break by the node (or hub) that caused
+//! them, then in the order it caused them, and a run is a pure function of
+//! its inputs and `seed`:
 //! - a node's local phase completes `steps * step_time` after it was asked
 //!   for (each node's step time is jittered once, by seed, to make
 //!   stragglers); the training itself ([`LocalUpdate`]) runs at completion,
 //!   from the node's parameters at that moment;
 //! - every `Action::Send` is dropped with probability `loss`, else delivered
-//!   after a delay drawn uniformly from `[delay.min, delay.max]`, with
+//!   after a delay drawn uniformly from `[delay.min, delay.max]` (both drawn
+//!   from the seed, the sender and its count of sends), with
 //!   `Message::peer` rewritten from the destination to the sender and its
 //!   values rounded as its encoding would round them on the wire (whose
 //!   body bytes are counted);
@@ -29,16 +31,33 @@
 //! Global round boundary: round `r` is complete when every live (not crashed)
 //! node's strategy reports `round() > r`, i.e. when the slowest live node
 //! finishes it. The consensus distance `sqrt((1/n) sum_i ||x_i - x_bar||^2)`
-//! is taken at that moment over the live nodes' current parameters (which
-//! faster nodes may already have moved on from).
+//! is taken then over the live nodes' current parameters (which faster
+//! nodes may already have moved on from): at that event when the run goes
+//! one event at a time, else at the end of the window it falls in (below).
 //!
 //! A [`Hub`] (the coordinator) may take part too: it hears every live node's
 //! round at each event (as heartbeats would tell it, without their lag), its
 //! messages travel the same lossy, delayed network, and its deadline is an
 //! event like a node's.
 //!
-//! This module owns the event loop and the report; it must not know any one
-//! strategy's internals, and it never touches sockets, threads or the clock.
+//! **Windows and shards.** Nothing but a message carries one node's doing to
+//! another, and no message arrives sooner than `delay.min`. So, when no hub
+//! and no membership news (which see every node at once) take part and
+//! `delay.min > 0`, the run goes in windows of `delay.min` of virtual time:
+//! the nodes are split into shards (`sim_shard`), up to `workers` of them on
+//! their own threads, each handles its own nodes' events of the window in
+//! time order, and the messages between shards are handed over between
+//! windows, none of them due inside the window that sent it. Every node sees
+//! the same events in the same order as in a one-event-at-a-time run, so the
+//! final parameters, messages and node reports are the same to the last bit
+//! for any number of workers; only the round boundaries' consensus is taken
+//! at a window's end, at most `delay.min` after the boundary. With 100,000
+//! nodes a delivery costs memory latency on its receiver's cold state, and
+//! two threads on two cores ran a 20,000-node exponential graph 2.2x as fast
+//! as one.
+//!
+//! This module owns the event loops and the report; it must not know any one
+//! strategy's internals, and it never touches sockets or the clock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -53,9 +72,8 @@ use serde::Serialize;
 
 pub use super::consensus::{consensus_distance, mean};
 
-use super::event_queue::EventQueue;
-use super::mixer::{Action, Input, Message, Mixer};
-use crate::net::encoding;
+use super::mixer::{Input, Message, Mixer};
+use super::sim_shard::{self, Event, NodeState, Shard, Shared};
 
 /// Why a simulation could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +88,8 @@ pub enum SimError {
     Loss(f64),
     #[error("--step-jitter must be in [0, 1) (got {0})")]
     Jitter(f64),
+    #[error("--workers must be at least 1 (got 0)")]
+    Workers,
     #[error("--crash {node}@{round}: there is no node {node} (nodes are 0..{nodes})")]
     CrashNode { node: usize, round: u64, nodes: usize },
     #[error("node {node}: local training failed: {reason}")]
@@ -159,6 +179,9 @@ pub struct SimConfig {
     /// Evaluate every live node at every `eval_every`-th global round
     /// boundary (0: never); metrics only where the `LocalUpdate` has them.
     pub eval_every: u64,
+    /// Threads to run shards of nodes on, at most: used where the run goes
+    /// in windows and its `LocalUpdate` forks (see the module docs).
+    pub workers: usize,
 }
 
 impl Default for SimConfig {
@@ -173,6 +196,7 @@ impl Default for SimConfig {
             crashes: Vec::new(),
             membership_delay: None,
             eval_every: 0,
+            workers: 1,
         }
     }
 }
@@ -184,6 +208,9 @@ impl SimConfig {
         }
         if !(0.0..1.0).contains(&self.step_jitter) {
             return Err(SimError::Jitter(self.step_jitter));
+        }
+        if self.workers == 0 {
+            return Err(SimError::Workers);
         }
         if let Some(c) = self.crashes.iter().find(|c| c.node >= nodes) {
             return Err(SimError::CrashNode { node: c.node, round: c.round, nodes });
@@ -205,6 +232,12 @@ pub trait LocalUpdate {
     fn metric_name(&self) -> &'static str {
         "metric"
     }
+
+    /// An independent copy for another thread, if this update can run on
+    /// several at once (`None`: the run keeps to one thread).
+    fn fork(&self) -> Option<Box<dyn LocalUpdate + Send>> {
+        None
+    }
 }
 
 /// Pure averaging: training leaves the parameters as they are.
@@ -218,6 +251,10 @@ impl LocalUpdate for NoTraining {
 
     fn evaluate(&mut self, _node: usize, _params: &[f32]) -> Result<Option<f64>, SimError> {
         Ok(None)
+    }
+
+    fn fork(&self) -> Option<Box<dyn LocalUpdate + Send>> {
+        Some(Box::new(NoTraining))
     }
 }
 
@@ -328,6 +365,18 @@ pub struct MessageCounts {
     pub payload_bytes: u64,
 }
 
+impl MessageCounts {
+    fn add(&mut self, other: &MessageCounts) {
+        self.sent += other.sent;
+        self.dropped += other.dropped;
+        self.delivered += other.delivered;
+        self.to_crashed += other.to_crashed;
+        self.unknown_peer += other.unknown_peer;
+        self.in_flight += other.in_flight;
+        self.payload_bytes += other.payload_bytes;
+    }
+}
+
 /// An `Action::Evaluate` that produced a metric.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvalRecord {
@@ -365,6 +414,8 @@ pub struct SimReport {
     pub end: EndReason,
     pub virtual_seconds: f64,
     pub nodes: usize,
+    /// Threads the nodes ran on (shards; see the module docs).
+    pub workers: usize,
     pub dim: usize,
     /// Over all nodes' initial parameters.
     pub initial_consensus_distance: f64,
@@ -383,92 +434,37 @@ pub struct SimReport {
     pub final_params: Vec<Vec<f32>>,
 }
 
-#[derive(Debug)]
-enum Event {
-    /// Phase `phase` of `node`'s local training ends.
-    LocalDone {
-        node: usize,
-        phase: u64,
-    },
-    Deliver {
-        to: usize,
-        msg: Message,
-    },
-    Tick {
-        node: usize,
-    },
-    /// A message for the hub.
-    ToHub {
-        msg: Message,
-    },
-    HubTick,
-    Members,
-}
+/// Nodes a shard holds at least: below that, a window's work on another
+/// thread costs less than handing it over.
+const MIN_NODES_PER_SHARD: usize = 2_000;
 
-struct NodeState {
-    id: PeerId,
-    mixer: Box<dyn Mixer>,
-    params: Vec<f32>,
-    step_time: Duration,
-    /// When the earliest `Tick` still to come is; other ticks are stale.
-    tick_at: Option<Duration>,
-    /// The deadline the last `Tick` handed to the mixer was for: a
-    /// deadline that does not move after its `Tick` gets no second one.
-    ticked_at: Option<Duration>,
-    /// Bumped per `Train` as it starts: a `LocalDone` event names the
-    /// phase it ends.
-    phase: u64,
-    /// Steps of the current local phase.
-    pending_steps: u64,
-    /// A local phase is under way.
-    busy: bool,
-    /// What the strategy asked of the trainer behind the phase under way
-    /// (`overlap` queues the next phase and a mix's change during one),
-    /// carried out in order when it ends, as the daemon's trainer does.
-    queued: std::collections::VecDeque<Action>,
-    crash_round: Option<u64>,
-    crashed_at_round: Option<u64>,
-    finished_at: Option<Duration>,
-    /// Its strategy's `round()` as `Simulator::at_round` counts it.
-    round: u64,
-}
-
-impl NodeState {
-    fn live(&self) -> bool {
-        self.crashed_at_round.is_none()
-    }
-}
+/// Windows shorter than this hold too few events to pay for their threads.
+const MIN_PARALLEL_WINDOW: Duration = Duration::from_micros(100);
 
 /// The simulator: set it up with [`Simulator::new`], then [`Simulator::run`].
 pub struct Simulator {
-    cfg: SimConfig,
-    base: Instant,
+    /// The config, the node index and what else every shard reads.
+    shared: Shared,
+    /// Virtual time of the last event handled.
     now: Duration,
-    queue: EventQueue<Event>,
-    rng: ChaCha8Rng,
-    nodes: Vec<NodeState>,
-    /// How many live nodes are in each round (no zero counts), and how many
-    /// live nodes have not finished: kept as events happen, so that an
-    /// event costs its node, not a scan of the swarm.
-    at_round: BTreeMap<u64, usize>,
-    unfinished: usize,
-    index: HashMap<PeerId, usize>,
+    /// One shard of every node until `run` splits them (see `sim_shard`).
+    shards: Vec<Shard>,
     initial: Vec<Vec<f32>>,
     next_boundary: u64,
     rounds: Vec<RoundStat>,
-    messages: MessageCounts,
-    evaluations: Vec<EvalRecord>,
     hub: Option<Box<dyn Hub>>,
     /// The deadline a `HubTick` is scheduled for.
     hub_tick_at: Option<Duration>,
+    /// Events the hub has caused: its messages' fates and tie orders.
+    hub_caused: u64,
 }
 
 impl fmt::Debug for Simulator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Simulator")
-            .field("nodes", &self.nodes.len())
+            .field("nodes", &self.initial.len())
+            .field("shards", &self.shards.len())
             .field("now", &self.now)
-            .field("queued", &self.queue.len())
             .finish()
     }
 }
@@ -489,47 +485,28 @@ impl Simulator {
                 return Err(SimError::DuplicatePeer { node: i, peer: n.id });
             }
             let u: f64 = rng.random_range(-1.0..=1.0);
-            states.push(NodeState {
-                id: n.id,
-                mixer: n.mixer,
-                params: n.params,
-                step_time: cfg.step_time.mul_f64(1.0 + cfg.step_jitter * u),
-                tick_at: None,
-                ticked_at: None,
-                phase: 0,
-                pending_steps: 0,
-                busy: false,
-                queued: std::collections::VecDeque::new(),
-                crash_round: cfg.crashes.iter().filter(|c| c.node == i).map(|c| c.round).min(),
-                crashed_at_round: None,
-                finished_at: None,
-                round: 0,
-            });
+            let step_time = cfg.step_time.mul_f64(1.0 + cfg.step_jitter * u);
+            let crash = cfg.crashes.iter().filter(|c| c.node == i).map(|c| c.round).min();
+            states.push(NodeState::new(n.id, n.mixer, n.params, step_time, crash));
         }
-        let initial = states.iter().map(|n| n.params.clone()).collect();
-        let (at_round, unfinished) = (BTreeMap::from([(0, states.len())]), states.len());
+        let initial: Vec<Vec<f32>> = states.iter().map(|n| n.params.clone()).collect();
+        let per_shard = states.len().max(1);
         Ok(Simulator {
-            cfg,
-            base: Instant::now(),
+            shared: Shared { cfg, base: Instant::now(), index, hub: None, per_shard },
             now: Duration::ZERO,
-            queue: EventQueue::default(),
-            rng,
-            nodes: states,
-            at_round,
-            unfinished,
-            index,
+            shards: vec![Shard::new(0, states, 1)],
             initial,
             next_boundary: 0,
             rounds: Vec::new(),
-            messages: MessageCounts::default(),
-            evaluations: Vec::new(),
             hub: None,
             hub_tick_at: None,
+            hub_caused: 0,
         })
     }
 
     /// Adds a hub (a coordinator) to the run.
     pub fn with_hub(mut self, hub: Box<dyn Hub>) -> Simulator {
+        self.shared.hub = Some(hub.peer());
         self.hub = Some(hub);
         self
     }
@@ -545,318 +522,215 @@ impl Simulator {
         local: &mut dyn LocalUpdate,
         mut on_round: impl FnMut(&RoundStat),
     ) -> Result<SimReport, SimError> {
-        self.start(local)?;
-        self.hub_step(local)?;
+        let window = self.window();
+        let mut forks = match window {
+            Some(w) => self.split(w, local),
+            None => Vec::new(),
+        };
+        for shard in &mut self.shards {
+            shard.start(&self.shared, local)?;
+        }
+        self.hub_step()?;
         self.boundaries(local, &mut on_round)?;
-        let end = loop {
-            if self.at_round.is_empty() {
-                break EndReason::AllCrashed;
-            }
-            if self.unfinished == 0 {
-                break EndReason::AllFinished;
-            }
-            match self.queue.peek_time() {
-                None => break EndReason::Stalled,
-                Some(at) if at > self.cfg.time_limit => {
-                    self.now = self.cfg.time_limit;
-                    break EndReason::TimeLimit;
-                }
-                Some(_) => {}
-            }
-            let Some((at, event)) = self.queue.pop() else { break EndReason::Stalled };
-            self.now = at;
-            self.dispatch(event, local)?;
-            self.hub_step(local)?;
-            self.boundaries(local, &mut on_round)?;
+        let end = match window {
+            Some(w) => self.run_windows(w, &mut forks, local, &mut on_round)?,
+            None => self.run_events(local, &mut on_round)?,
         };
         self.report(end, local)
     }
 
-    fn start(&mut self, local: &mut dyn LocalUpdate) -> Result<(), SimError> {
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].crash_round == Some(0) {
-                self.crash(i);
-                continue;
-            }
-            let now = self.instant();
-            let n = &mut self.nodes[i];
-            n.mixer.set_start_params(&n.params);
-            let actions = n.mixer.start(now);
-            self.after(i, actions, local)?;
+    /// The window of virtual time shards run apart in, if this run can be
+    /// run in windows: its least network delay, when no hub and no
+    /// membership news (which see every node at once) take part.
+    fn window(&self) -> Option<Duration> {
+        let cfg = &self.shared.cfg;
+        let apart = self.hub.is_none() && cfg.membership_delay.is_none();
+        (apart && cfg.delay.min > Duration::ZERO).then_some(cfg.delay.min)
+    }
+
+    /// Splits the nodes into as many shards as `workers` asks, the nodes
+    /// allow and `local` can be forked for; returns the forks, one per
+    /// shard after the first (which uses `local` itself).
+    fn split(
+        &mut self,
+        window: Duration,
+        local: &mut dyn LocalUpdate,
+    ) -> Vec<Box<dyn LocalUpdate + Send>> {
+        let n = self.initial.len();
+        let mut count = self.shared.cfg.workers.min(n / MIN_NODES_PER_SHARD).max(1);
+        if window < MIN_PARALLEL_WINDOW {
+            count = 1;
         }
-        Ok(())
+        let forks: Option<Vec<_>> = (1..count).map(|_| local.fork()).collect();
+        let Some(forks) = forks else { return Vec::new() };
+        if count == 1 {
+            return forks;
+        }
+        let mut nodes = std::mem::take(&mut self.shards[0].nodes);
+        let per_shard = n.div_ceil(count);
+        self.shared.per_shard = per_shard;
+        let mut shards = Vec::with_capacity(count);
+        while !nodes.is_empty() {
+            let rest = nodes.split_off(per_shard.min(nodes.len()));
+            shards.push(Shard::new(shards.len() * per_shard, nodes, count));
+            nodes = rest;
+        }
+        self.shards = shards;
+        forks
     }
 
     fn instant(&self) -> Instant {
-        self.base + self.now
+        self.shared.base + self.now
     }
 
-    fn schedule(&mut self, at: Duration, event: Event) {
-        self.queue.push(at, event);
+    /// Why the run is over, if it is (before the time limit and the queue
+    /// are asked).
+    fn over(&self) -> Option<EndReason> {
+        if self.shards.iter().all(|s| s.at_round.is_empty()) {
+            return Some(EndReason::AllCrashed);
+        }
+        (self.shards.iter().map(|s| s.unfinished).sum::<usize>() == 0)
+            .then_some(EndReason::AllFinished)
     }
 
-    fn dispatch(&mut self, event: Event, local: &mut dyn LocalUpdate) -> Result<(), SimError> {
-        match event {
-            Event::LocalDone { node, phase } => self.local_done(node, phase, local),
-            Event::Deliver { to, msg } => {
-                if !self.nodes[to].live() {
-                    self.messages.to_crashed += 1;
-                    return Ok(());
-                }
-                self.messages.delivered += 1;
-                self.handle(to, Input::Received(msg), local)
+    /// One event at a time in one shard, the hub told after each.
+    fn run_events(
+        &mut self,
+        local: &mut dyn LocalUpdate,
+        on_round: &mut impl FnMut(&RoundStat),
+    ) -> Result<EndReason, SimError> {
+        loop {
+            if let Some(end) = self.over() {
+                return Ok(end);
             }
-            Event::Tick { node } => {
-                let now = self.now;
-                let n = &mut self.nodes[node];
-                if !n.live() || n.tick_at != Some(now) {
-                    return Ok(());
+            match self.shards[0].next_time() {
+                None => return Ok(EndReason::Stalled),
+                Some(at) if at > self.shared.cfg.time_limit => {
+                    self.now = self.shared.cfg.time_limit;
+                    return Ok(EndReason::TimeLimit);
                 }
-                n.tick_at = None;
-                if self.deadline(node).is_some_and(|d| d > now) {
-                    // Answers moved the deadline on since this was set.
-                    self.reschedule_tick(node);
-                    return Ok(());
-                }
-                self.nodes[node].ticked_at = Some(now);
-                self.handle(node, Input::Tick, local)
+                Some(_) => {}
             }
-            Event::ToHub { msg } => {
-                let now = self.instant();
-                self.messages.delivered += 1;
-                if let Some(hub) = self.hub.as_mut() {
-                    hub.receive(msg, now);
-                }
-                Ok(())
-            }
-            Event::HubTick => Ok(()),
-            Event::Members => {
-                // One list for every node (a crash only takes members away).
-                let mut live: Vec<PeerId> =
-                    self.nodes.iter().filter(|n| n.live()).map(|n| n.id).collect();
-                live.sort_unstable();
-                let live: std::sync::Arc<[PeerId]> = live.into();
-                for i in 0..self.nodes.len() {
-                    if self.nodes[i].live() {
-                        let members = Input::Members { members: live.clone(), joined: Vec::new() };
-                        self.handle(i, members, local)?;
+            let Some((at, event)) = self.shards[0].pop() else { return Ok(EndReason::Stalled) };
+            self.now = at;
+            match event {
+                Event::ToHub { msg } => {
+                    let now = self.instant();
+                    self.shards[0].messages.delivered += 1;
+                    if let Some(hub) = self.hub.as_mut() {
+                        hub.receive(msg, now);
                     }
                 }
-                Ok(())
+                Event::HubTick => {}
+                Event::Members => self.members(local)?,
+                event => self.shards[0].dispatch(event, &self.shared, local)?,
             }
+            self.hub_step()?;
+            self.boundaries(local, on_round)?;
         }
     }
 
-    /// Local phase `phase` of `node` ends now: train, then report it.
-    fn local_done(
+    /// Windows of virtual time in which every shard handles its events on
+    /// its own thread, their messages to each other handed over between.
+    fn run_windows(
         &mut self,
-        node: usize,
-        phase: u64,
+        window: Duration,
+        forks: &mut [Box<dyn LocalUpdate + Send>],
         local: &mut dyn LocalUpdate,
-    ) -> Result<(), SimError> {
-        let n = &mut self.nodes[node];
-        if !n.live() || n.phase != phase {
-            return Ok(());
-        }
-        let steps = n.pending_steps;
-        let samples = local.train(node, &mut n.params, steps)?;
-        let params = n.params.clone();
-        n.busy = false;
-        while !self.nodes[node].busy
-            && let Some(a) = self.nodes[node].queued.pop_front()
-        {
-            self.act(node, a, local)?;
-        }
-        self.handle(node, Input::LocalDone { params, samples }, local)
-    }
-
-    fn handle(
-        &mut self,
-        node: usize,
-        input: Input,
-        local: &mut dyn LocalUpdate,
-    ) -> Result<(), SimError> {
-        let now = self.instant();
-        let actions = self.nodes[node].mixer.handle(input, now);
-        self.after(node, actions, local)
-    }
-
-    /// Carries out `actions` of `node` unless they took it to its crash
-    /// round, then keeps its `Tick` in step with its deadline.
-    fn after(
-        &mut self,
-        node: usize,
-        actions: Vec<Action>,
-        local: &mut dyn LocalUpdate,
-    ) -> Result<(), SimError> {
-        self.track_round(node);
-        let n = &self.nodes[node];
-        if n.crash_round.is_some_and(|r| n.mixer.round() >= r) {
-            self.crash(node);
-            return Ok(());
-        }
-        for a in actions {
-            self.act(node, a, local)?;
-        }
-        self.reschedule_tick(node);
-        Ok(())
-    }
-
-    fn act(
-        &mut self,
-        node: usize,
-        action: Action,
-        local: &mut dyn LocalUpdate,
-    ) -> Result<(), SimError> {
-        let n = &mut self.nodes[node];
-        let behind_phase = matches!(action, Action::Shift(_) | Action::Train { .. })
-            || !n.queued.is_empty() && !matches!(action, Action::Send(_) | Action::Finish);
-        if n.busy && behind_phase {
-            n.queued.push_back(action);
-            return Ok(());
-        }
-        match action {
-            Action::Send(m) => self.send(Some(node), m),
-            Action::SetParams(p) => self.nodes[node].params = p,
-            Action::Shift(d) => {
-                for (v, d) in self.nodes[node].params.iter_mut().zip(&d) {
-                    *v += d;
+        on_round: &mut impl FnMut(&RoundStat),
+    ) -> Result<EndReason, SimError> {
+        loop {
+            self.hand_over();
+            if let Some(end) = self.over() {
+                if end == EndReason::AllFinished {
+                    // When the last node finished, not the window's end.
+                    let nodes = self.shards.iter().flat_map(|s| &s.nodes);
+                    self.now = nodes.filter_map(|n| n.finished_at).max().unwrap_or(self.now);
                 }
+                return Ok(end);
             }
-            Action::Train { steps } => {
-                let n = &mut self.nodes[node];
-                n.busy = true;
-                n.phase += 1;
-                n.pending_steps = steps;
-                let compute = n.step_time.as_secs_f64() * steps as f64;
-                let at = self
-                    .now
-                    .saturating_add(Duration::try_from_secs_f64(compute).unwrap_or(Duration::MAX));
-                let phase = n.phase;
-                self.schedule(at, Event::LocalDone { node, phase });
+            let Some(start) = self.shards.iter().filter_map(Shard::next_time).min() else {
+                return Ok(EndReason::Stalled);
+            };
+            if start > self.shared.cfg.time_limit {
+                self.now = self.shared.cfg.time_limit;
+                return Ok(EndReason::TimeLimit);
             }
-            Action::Evaluate { label } => {
-                if let Some(metric) = local.evaluate(node, &self.nodes[node].params)? {
-                    let round = self.nodes[node].mixer.round();
-                    self.evaluations.push(EvalRecord { node, round, label, metric });
-                }
-            }
-            Action::Finish => {
-                let n = &mut self.nodes[node];
-                if n.finished_at.is_none() {
-                    n.finished_at = Some(self.now);
-                    self.unfinished -= 1;
-                }
-            }
+            let limit = self.shared.cfg.time_limit.saturating_add(Duration::from_nanos(1));
+            let end = start.saturating_add(window).min(limit);
+            let ctx = &self.shared;
+            let (first, rest) = self.shards.split_first_mut().expect("a run has a shard");
+            std::thread::scope(|s| {
+                let others: Vec<_> = rest
+                    .iter_mut()
+                    .zip(forks.iter_mut())
+                    .map(|(shard, fork)| s.spawn(move || shard.run_until(end, ctx, fork.as_mut())))
+                    .collect();
+                let mine = first.run_until(end, ctx, local);
+                others.into_iter().fold(mine, |done, h| {
+                    let theirs = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    done.and(theirs)
+                })
+            })?;
+            self.now = self.shards.iter().map(|s| s.now).max().unwrap_or(self.now);
+            self.boundaries(local, on_round)?;
         }
-        Ok(())
     }
-}
 
-impl Simulator {
-    /// Drops `m` with probability `loss`, else delivers it after a random
-    /// delay, from node `from` (or the hub).
-    fn send(&mut self, from: Option<usize>, mut m: Message) {
-        self.messages.sent += 1;
-        let n = m.values.len();
-        let on_wire = m.encoding.fit(n);
-        self.messages.payload_bytes += on_wire.body_len(n).unwrap_or(0) as u64;
-        // What the receiver decodes: the encoding's rounding is simulated too.
-        if on_wire != encoding::Encoding::F32 {
-            m.values = std::sync::Arc::new(encoding::round_trip(&m.values, on_wire));
-        }
-        let to_hub = self.hub.as_ref().is_some_and(|h| h.peer() == m.peer);
-        let to = self.index.get(&m.peer).copied();
-        if to.is_none() && !to_hub {
-            self.messages.unknown_peer += 1;
+    /// Gives every shard what the others sent it.
+    fn hand_over(&mut self) {
+        if self.shards.len() < 2 {
             return;
         }
-        let Some(delay) = self.travel() else { return };
-        m.peer = match from {
-            Some(i) => self.nodes[i].id,
-            None => self.hub.as_ref().map_or(m.peer, |h| h.peer()),
-        };
-        let event = match to {
-            Some(to) => Event::Deliver { to, msg: m },
-            None => Event::ToHub { msg: m },
-        };
-        self.schedule(self.now.saturating_add(delay), event);
+        let outboxes: Vec<_> = self.shards.iter_mut().map(Shard::take_outbox).collect();
+        for outbox in outboxes {
+            for (to, events) in outbox.into_iter().enumerate() {
+                self.shards[to].receive(events);
+            }
+        }
     }
 
-    /// A message's fate: lost (`None`), or the delay it takes.
-    fn travel(&mut self) -> Option<Duration> {
-        let lost = self.rng.random::<f64>() < self.cfg.loss;
-        let DelayRange { min, max } = self.cfg.delay;
-        let delay = self.rng.random_range(min.as_nanos()..=max.as_nanos());
-        if lost {
-            self.messages.dropped += 1;
-            return None;
+    /// Every survivor learns the live members (one list for all; a crash
+    /// only takes members away).
+    fn members(&mut self, local: &mut dyn LocalUpdate) -> Result<(), SimError> {
+        let shard = &mut self.shards[0];
+        let mut live: Vec<PeerId> = shard.nodes.iter().filter(|n| n.live()).map(|n| n.id).collect();
+        live.sort_unstable();
+        let live: std::sync::Arc<[PeerId]> = live.into();
+        for i in 0..shard.nodes.len() {
+            if shard.nodes[i].live() {
+                let members = Input::Members { members: live.clone(), joined: Vec::new() };
+                shard.handle(i, members, &self.shared, local)?;
+            }
         }
-        Some(Duration::from_nanos(u64::try_from(delay).unwrap_or(u64::MAX)))
+        Ok(())
     }
 
     /// The hub hears every live node's round, says what to send, and gets
     /// a tick at its deadline.
-    fn hub_step(&mut self, _local: &mut dyn LocalUpdate) -> Result<(), SimError> {
+    fn hub_step(&mut self) -> Result<(), SimError> {
         let now = self.instant();
         let Some(hub) = self.hub.as_mut() else { return Ok(()) };
-        for n in self.nodes.iter().filter(|n| n.live() && n.finished_at.is_none()) {
+        let nodes = self.shards.iter().flat_map(|s| &s.nodes);
+        for n in nodes.filter(|n| n.live() && n.finished_at.is_none()) {
             hub.observe(n.id, n.mixer.round(), now);
         }
         let out = hub.tick(now);
         let deadline = hub.deadline();
+        let (origin, peer) = (self.initial.len(), hub.peer());
         for m in out {
-            self.send(None, m);
+            self.shards[0].send_from(origin, peer, self.hub_caused, m, &self.shared);
+            self.hub_caused += 1;
         }
         if let Some(d) = deadline {
-            let at = d.saturating_duration_since(self.base).max(self.now);
+            let at = d.saturating_duration_since(self.shared.base).max(self.now);
             if self.hub_tick_at != Some(at) {
                 self.hub_tick_at = Some(at);
-                self.schedule(at, Event::HubTick);
+                self.shards[0].push(at, sim_shard::order(origin, self.hub_caused), Event::HubTick);
+                self.hub_caused += 1;
             }
         }
         Ok(())
-    }
-
-    fn crash(&mut self, node: usize) {
-        let n = &mut self.nodes[node];
-        if !n.live() {
-            return;
-        }
-        let round = n.mixer.round();
-        n.crashed_at_round = Some(round);
-        n.queued.clear();
-        let (counted, finished) = (n.round, n.finished_at.is_some());
-        self.uncount(counted);
-        if !finished {
-            self.unfinished -= 1;
-        }
-        tracing::debug!(node, round, "simulated crash");
-        if let Some(d) = self.cfg.membership_delay {
-            self.schedule(self.now.saturating_add(d), Event::Members);
-        }
-    }
-
-    /// Makes sure a `Tick` comes by `node`'s deadline. Every answer of an
-    /// exchange moves the deadline later: a tick already set for earlier
-    /// stands, and when it comes, sets the next one if the deadline is not
-    /// yet due. One tick per answer would double the queue's traffic and
-    /// fill it with stale ticks (a node of a 100,000-node exponential graph
-    /// hears 34 answers an exchange).
-    fn reschedule_tick(&mut self, node: usize) {
-        let Some(at) = self.deadline(node) else { return };
-        let n = &mut self.nodes[node];
-        if n.ticked_at == Some(at) || n.tick_at.is_some_and(|pending| pending <= at) {
-            return;
-        }
-        n.tick_at = Some(at);
-        self.schedule(at, Event::Tick { node });
-    }
-
-    /// `node`'s mixer's deadline in simulated time (not before now).
-    fn deadline(&self, node: usize) -> Option<Duration> {
-        let deadline = self.nodes[node].mixer.deadline()?;
-        Some(deadline.saturating_duration_since(self.base).max(self.now))
     }
 
     /// Records every global round that the slowest live node has now left.
@@ -865,12 +739,13 @@ impl Simulator {
         local: &mut dyn LocalUpdate,
         on_round: &mut impl FnMut(&RoundStat),
     ) -> Result<(), SimError> {
-        let Some(&slowest) = self.at_round.keys().next() else { return Ok(()) };
+        let slowest = self.shards.iter().filter_map(|s| s.at_round.keys().next()).min();
+        let Some(&slowest) = slowest else { return Ok(()) };
         while self.next_boundary < slowest {
             let round = self.next_boundary;
             let live = self.live_params();
-            let evaluate =
-                self.cfg.eval_every > 0 && (round + 1).is_multiple_of(self.cfg.eval_every);
+            let every = self.shared.cfg.eval_every;
+            let evaluate = every > 0 && (round + 1).is_multiple_of(every);
             let mean_metric = if evaluate { self.mean_metric(local)? } else { None };
             let stat = RoundStat {
                 round,
@@ -886,35 +761,18 @@ impl Simulator {
         Ok(())
     }
 
-    /// Moves a live `node` to its strategy's round in `at_round`.
-    fn track_round(&mut self, node: usize) {
-        let n = &mut self.nodes[node];
-        let (before, now) = (n.round, n.mixer.round());
-        if !n.live() || before == now {
-            return;
-        }
-        n.round = now;
-        self.uncount(before);
-        *self.at_round.entry(now).or_default() += 1;
-    }
-
-    fn uncount(&mut self, round: u64) {
-        if let Some(c) = self.at_round.get_mut(&round) {
-            *c -= 1;
-            if *c == 0 {
-                self.at_round.remove(&round);
-            }
-        }
+    fn nodes(&self) -> impl Iterator<Item = &NodeState> {
+        self.shards.iter().flat_map(|s| &s.nodes)
     }
 
     fn live_params(&self) -> Vec<&[f32]> {
-        self.nodes.iter().filter(|n| n.live()).map(|n| n.params.as_slice()).collect()
+        self.nodes().filter(|n| n.live()).map(|n| n.params.as_slice()).collect()
     }
 
     /// The mean of the live nodes' metrics, if every one of them has one.
     fn mean_metric(&self, local: &mut dyn LocalUpdate) -> Result<Option<f64>, SimError> {
         let mut metrics = Vec::new();
-        for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.live()) {
+        for (i, n) in self.nodes().enumerate().filter(|(_, n)| n.live()) {
             match local.evaluate(i, &n.params)? {
                 Some(m) => metrics.push(m),
                 None => return Ok(None),
@@ -924,7 +782,7 @@ impl Simulator {
     }
 
     fn final_metrics(&self, local: &mut dyn LocalUpdate) -> Result<Option<FinalMetrics>, SimError> {
-        let Some(first) = self.nodes.iter().position(NodeState::live) else { return Ok(None) };
+        let Some(first) = self.nodes().position(NodeState::live) else { return Ok(None) };
         let Some(mean_node) = self.mean_metric(local)? else { return Ok(None) };
         let averaged: Vec<f32> = mean(&self.live_params()).iter().map(|v| *v as f32).collect();
         let Some(averaged_model) = local.evaluate(first, &averaged)? else { return Ok(None) };
@@ -935,32 +793,37 @@ impl Simulator {
         let final_metrics = self.final_metrics(local)?;
         let live = self.live_params();
         let initial_live: Vec<&[f32]> = self
-            .nodes
-            .iter()
+            .nodes()
             .zip(&self.initial)
             .filter(|(n, _)| n.live())
             .map(|(_, x)| x.as_slice())
             .collect();
-        let in_flight = self
-            .queue
-            .iter()
-            .filter(|e| matches!(e, Event::Deliver { .. } | Event::ToHub { .. }))
-            .count();
         let initial: Vec<&[f32]> = self.initial.iter().map(Vec::as_slice).collect();
+        let node_reports = self.nodes().map(node_report).collect();
+        let mut messages = MessageCounts::default();
+        for s in &self.shards {
+            messages.add(&s.messages);
+            messages.in_flight += s.in_flight() as u64;
+        }
+        let mut evaluations: Vec<EvalRecord> =
+            self.shards.iter().flat_map(|s| s.evaluations.iter().cloned()).collect();
+        // Shards record apart: one order whatever their number.
+        evaluations.sort_by_key(|e| (e.round, e.node));
         Ok(SimReport {
             end,
             virtual_seconds: self.now.as_secs_f64(),
-            nodes: self.nodes.len(),
+            nodes: self.initial.len(),
+            workers: self.shards.len(),
             dim: self.initial.first().map_or(0, Vec::len),
             initial_consensus_distance: consensus_distance(&initial),
             final_consensus_distance: consensus_distance(&live),
             mean_shift: l2_distance(&mean(&live), &mean(&initial_live)),
             rounds: self.rounds,
-            messages: MessageCounts { in_flight: in_flight as u64, ..self.messages },
-            node_reports: self.nodes.iter().map(node_report).collect(),
-            evaluations: self.evaluations,
+            messages,
+            node_reports,
+            evaluations,
             final_metrics,
-            final_params: self.nodes.into_iter().map(|n| n.params).collect(),
+            final_params: self.shards.into_iter().flat_map(|s| s.nodes).map(|n| n.params).collect(),
         })
     }
 }
@@ -1078,13 +941,13 @@ mod tests {
         let mut g = gossip_cfg("exponential", 30);
         g.timeout = Duration::from_secs(2);
         let mut sim = Simulator::new(SimConfig::default(), gossip_nodes(&g, 64)).unwrap();
-        sim.start(&mut NoTraining).unwrap();
+        let shard = &mut sim.shards[0];
+        shard.start(&sim.shared, &mut NoTraining).unwrap();
         let mut ticks = 0;
-        while sim.unfinished > 0 {
-            let (at, event) = sim.queue.pop().expect("the run stalled");
+        while shard.unfinished > 0 {
+            let (_, event) = shard.pop().expect("the run stalled");
             ticks += u64::from(matches!(event, Event::Tick { .. }));
-            sim.now = at;
-            sim.dispatch(event, &mut NoTraining).unwrap();
+            shard.dispatch(event, &sim.shared, &mut NoTraining).unwrap();
         }
         assert!(ticks <= 2 * 64, "{ticks} ticks for 64 nodes");
     }
@@ -1129,6 +992,64 @@ mod tests {
         let c = exponential_64(12, 0.2);
         assert_ne!(a.messages, c.messages);
         assert_ne!(a.final_params, c.final_params);
+    }
+
+    /// `n` gossip nodes sharing one member list and topology (one each
+    /// would cost n^2 ids), with stragglers, 10% loss and two crashes, so
+    /// that every kind of event crosses between shards; on `workers`.
+    fn sharded(topology: &str, n: usize, workers: usize) -> SimReport {
+        let mut g = gossip_cfg(topology, 4);
+        g.timeout = Duration::from_millis(100);
+        let ids = peer_ids(n, 1);
+        let members: std::sync::Arc<[PeerId]> = ids.clone().into();
+        let shared = crate::mix::topology::Topology::new(&g.topology, n, g.seed).unwrap();
+        let nodes = ids
+            .iter()
+            .zip(random_params(n, 4, 1))
+            .enumerate()
+            .map(|(me, (&id, params))| {
+                let roster = crate::mix::mixer::Roster { members: members.clone(), me };
+                let mixer = Box::new(Gossip::in_swarm(g.clone(), roster, shared.clone()));
+                SimNode { id, mixer, params }
+            })
+            .collect();
+        let crashes = vec![Crash { node: 7, round: 1 }, Crash { node: n - 3, round: 2 }];
+        run(SimConfig { workers, crashes, ..lossy(11, 0.1) }, nodes)
+    }
+
+    #[test]
+    fn shards_on_threads_run_every_node_as_one_thread_does() {
+        // 4,500 nodes make two shards of 2,250; 6,001 three of 2,001 and
+        // one of 1,999.
+        for (topology, n, workers) in [("exponential", 4_500, 2), ("ring", 6_001, 3)] {
+            let one = sharded(topology, n, 1);
+            let many = sharded(topology, n, workers);
+            assert_eq!((one.workers, many.workers), (1, workers), "{topology}");
+            assert_eq!(one.end, EndReason::AllFinished, "{topology}");
+            let m = &one.messages;
+            assert!(m.dropped > 0 && m.to_crashed > 0, "{topology}: {m:?}");
+            assert_eq!(one.messages, many.messages, "{topology}");
+            assert!(one.final_params == many.final_params, "{topology}: parameters differ");
+            assert!(one.node_reports == many.node_reports, "{topology}: node reports differ");
+            assert_eq!(one.rounds, many.rounds, "{topology}");
+            assert_eq!(one.virtual_seconds, many.virtual_seconds, "{topology}");
+        }
+    }
+
+    #[test]
+    fn a_run_that_must_go_one_event_at_a_time_keeps_to_one_thread() {
+        // Membership news reaches every node at once; so would a hub.
+        let mut g = gossip_cfg("ring", 2);
+        g.timeout = Duration::from_millis(100);
+        let cfg = SimConfig {
+            workers: 4,
+            membership_delay: Some(Duration::from_millis(5)),
+            ..lossy(1, 0.0)
+        };
+        assert_eq!(run(cfg, gossip_nodes(&g, 8)).workers, 1);
+        // So do too few nodes, and no least delay to run windows of.
+        let cfg = SimConfig { workers: 4, ..lossy(1, 0.0) };
+        assert_eq!(run(cfg, gossip_nodes(&g, 8)).workers, 1);
     }
 
     fn crashing(membership_delay: Option<Duration>) -> SimReport {
