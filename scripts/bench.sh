@@ -181,8 +181,9 @@ fi
 
 # How far `murmur sim` scales (scripts/bench_sim.py, stdlib only): pure
 # averaging, 20 rounds, ring, exponential and one-peer-exp at 1,000, 10,000
-# and 100,000 nodes, wall time and peak memory per node against the
-# 1,000-node run; writes target/bench/sim_scale.{json,md}. Set
+# and 100,000 nodes on every core, wall time and peak memory per node
+# against the 1,000-node run, and each 10,000-node run again on one thread
+# (the threads' speed-up); writes target/bench/sim_scale.{json,md}. Set
 # MURMUR_BENCH_SIM=0 to skip it.
 if [ "${MURMUR_BENCH_SIM:-1}" != 0 ]; then
   python3 scripts/bench_sim.py --murmur target/release/murmur --out target/bench
