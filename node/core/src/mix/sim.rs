@@ -998,6 +998,11 @@ mod tests {
     /// would cost n^2 ids), with stragglers, 10% loss and two crashes, so
     /// that every kind of event crosses between shards; on `workers`.
     fn sharded(topology: &str, n: usize, workers: usize) -> SimReport {
+        let crashes = vec![Crash { node: 7, round: 1 }, Crash { node: n - 3, round: 2 }];
+        sharded_with(topology, n, SimConfig { workers, crashes, ..lossy(11, 0.1) })
+    }
+
+    fn sharded_with(topology: &str, n: usize, cfg: SimConfig) -> SimReport {
         let mut g = gossip_cfg(topology, 4);
         g.timeout = Duration::from_millis(100);
         let ids = peer_ids(n, 1);
@@ -1013,8 +1018,7 @@ mod tests {
                 SimNode { id, mixer, params }
             })
             .collect();
-        let crashes = vec![Crash { node: 7, round: 1 }, Crash { node: n - 3, round: 2 }];
-        run(SimConfig { workers, crashes, ..lossy(11, 0.1) }, nodes)
+        run(cfg, nodes)
     }
 
     #[test]
@@ -1034,6 +1038,22 @@ mod tests {
             assert_eq!(one.rounds, many.rounds, "{topology}");
             assert_eq!(one.virtual_seconds, many.virtual_seconds, "{topology}");
         }
+    }
+
+    #[test]
+    fn windows_give_every_node_what_one_event_at_a_time_gives_it() {
+        // Membership news makes a run go one event at a time; with no crash
+        // there is none to tell, so only the way of running differs.
+        let (n, cfg) = (4_500, SimConfig { workers: 2, ..lossy(11, 0.1) });
+        let events = SimConfig { membership_delay: Some(Duration::from_millis(5)), ..cfg.clone() };
+        let (windows, events) =
+            (sharded_with("exponential", n, cfg), sharded_with("exponential", n, events));
+        assert_eq!((windows.workers, events.workers), (2, 1));
+        assert_eq!(windows.messages, events.messages);
+        assert!(windows.final_params == events.final_params, "parameters differ");
+        assert!(windows.node_reports == events.node_reports, "node reports differ");
+        assert_eq!(windows.virtual_seconds, events.virtual_seconds);
+        assert_eq!(windows.rounds.len(), events.rounds.len());
     }
 
     #[test]
