@@ -557,15 +557,12 @@ impl Simulator {
         local: &mut dyn LocalUpdate,
     ) -> Vec<Box<dyn LocalUpdate + Send>> {
         let n = self.initial.len();
-        let mut count = self.shared.cfg.workers.min(n / MIN_NODES_PER_SHARD).max(1);
-        if window < MIN_PARALLEL_WINDOW {
-            count = 1;
+        let count = self.shared.cfg.workers.min(n / MIN_NODES_PER_SHARD).max(1);
+        if count == 1 || window < MIN_PARALLEL_WINDOW {
+            return Vec::new();
         }
         let forks: Option<Vec<_>> = (1..count).map(|_| local.fork()).collect();
         let Some(forks) = forks else { return Vec::new() };
-        if count == 1 {
-            return forks;
-        }
         let mut nodes = std::mem::take(&mut self.shards[0].nodes);
         let per_shard = n.div_ceil(count);
         self.shared.per_shard = per_shard;
@@ -719,18 +716,24 @@ impl Simulator {
         let deadline = hub.deadline();
         let (origin, peer) = (self.initial.len(), hub.peer());
         for m in out {
-            self.shards[0].send_from(origin, peer, self.hub_caused, m, &self.shared);
-            self.hub_caused += 1;
+            let count = self.hub_cause();
+            self.shards[0].send_from(origin, peer, count, m, &self.shared);
         }
         if let Some(d) = deadline {
             let at = d.saturating_duration_since(self.shared.base).max(self.now);
             if self.hub_tick_at != Some(at) {
                 self.hub_tick_at = Some(at);
-                self.shards[0].push(at, sim_shard::order(origin, self.hub_caused), Event::HubTick);
-                self.hub_caused += 1;
+                let order = sim_shard::order(origin, self.hub_cause());
+                self.shards[0].push(at, order, Event::HubTick);
             }
         }
         Ok(())
+    }
+
+    /// Counts one more event the hub caused; returns that event's count.
+    fn hub_cause(&mut self) -> u64 {
+        self.hub_caused += 1;
+        self.hub_caused - 1
     }
 
     /// Records every global round that the slowest live node has now left.

@@ -109,6 +109,12 @@ impl NodeState {
     pub(super) fn live(&self) -> bool {
         self.crashed_at_round.is_none()
     }
+
+    /// Counts one more event it caused; returns that event's count.
+    fn next_cause(&mut self) -> u64 {
+        self.caused += 1;
+        self.caused - 1
+    }
 }
 
 /// What every shard reads and none changes.
@@ -430,31 +436,26 @@ impl Shard {
     /// Queues `event`, caused by `node`, at `at`: here if it is for one of
     /// this shard's nodes (or the hub), else in the outbox of its shard.
     fn cause(&mut self, node: usize, at: Duration, event: Event, ctx: &Shared) {
-        let n = self.node(node);
-        let count = n.caused;
-        n.caused += 1;
+        let count = self.node(node).next_cause();
         self.route(at, order(node, count), event, ctx);
     }
 
+    /// Only a delivery can be for another shard's node.
     fn route(&mut self, at: Duration, order: u64, event: Event, ctx: &Shared) {
-        let owner = match &event {
-            Event::Deliver { to, .. } => Some(*to),
-            _ => None,
-        };
-        match owner {
-            Some(to) if !(self.first..self.first + self.nodes.len()).contains(&to) => {
-                self.outbox[to / ctx.per_shard].push((at, order, event));
-                self.outbox_first = Some(self.outbox_first.map_or(at, |t| t.min(at)));
-            }
-            _ => self.queue.push(at, order, event),
+        if let Event::Deliver { to, .. } = &event
+            && !(self.first..self.first + self.nodes.len()).contains(to)
+        {
+            self.outbox[to / ctx.per_shard].push((at, order, event));
+            self.outbox_first = Some(self.outbox_first.map_or(at, |t| t.min(at)));
+        } else {
+            self.queue.push(at, order, event);
         }
     }
 
     /// Sends `m` from `node`: see `send_from`.
     fn send(&mut self, node: usize, m: Message, ctx: &Shared) {
         let n = self.node(node);
-        let (id, count) = (n.id, n.caused);
-        n.caused += 1;
+        let (id, count) = (n.id, n.next_cause());
         self.send_from(node, id, count, m, ctx);
     }
 
