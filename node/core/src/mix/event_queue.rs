@@ -83,6 +83,11 @@ impl<E> EventQueue<E> {
 
     /// The earliest event and its time.
     pub fn pop(&mut self) -> Option<(Duration, E)> {
+        self.pop_ordered().map(|(at, _, event)| (at, event))
+    }
+
+    /// The earliest event, its time and the order it was pushed with.
+    pub fn pop_ordered(&mut self) -> Option<(Duration, u64, E)> {
         let mut first = self.buckets.first_entry()?;
         let Reverse((key, slot)) = first.get_mut().pop()?;
         if first.get().is_empty() {
@@ -94,7 +99,7 @@ impl<E> EventQueue<E> {
         self.len -= 1;
         let event = self.slots[slot].take()?;
         self.free.push(slot);
-        Some((Duration::from_nanos((key >> 64) as u64), event))
+        Some((Duration::from_nanos((key >> 64) as u64), key as u64, event))
     }
 
     pub fn len(&self) -> usize {
@@ -136,6 +141,8 @@ mod tests {
         assert_eq!(order, ['f', 'a', 'c', 'g']);
         assert!(q.is_empty() && q.pop().is_none() && q.peek_time().is_none());
         assert_eq!(q.slots.len(), 5, "no slot was added while one was free");
+        q.push(ms(2), 7, 'h');
+        assert_eq!(q.pop_ordered(), Some((ms(2), 7, 'h')));
     }
 
     #[test]

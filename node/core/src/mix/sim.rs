@@ -852,6 +852,8 @@ mod tests {
     use crate::mix::aggregate::Aggregator;
     use crate::mix::comm::CommSchedule;
     use crate::mix::gossip::{Gossip, GossipConfig};
+    use crate::mix::mixer::Action;
+    use std::sync::Arc;
 
     const DIM: usize = 16;
 
@@ -1008,6 +1010,17 @@ mod tests {
     fn sharded_with(topology: &str, n: usize, cfg: SimConfig) -> SimReport {
         let mut g = gossip_cfg(topology, 4);
         g.timeout = Duration::from_millis(100);
+        swarm(&g, n, cfg, |_, gossip| Box::new(gossip))
+    }
+
+    /// `n` nodes of `g` sharing one member list and topology, each node's
+    /// gossip as `mixer` makes it, run by `cfg`.
+    fn swarm(
+        g: &GossipConfig,
+        n: usize,
+        cfg: SimConfig,
+        mixer: impl Fn(usize, Gossip) -> Box<dyn Mixer>,
+    ) -> SimReport {
         let ids = peer_ids(n, 1);
         let members: std::sync::Arc<[PeerId]> = ids.clone().into();
         let shared = crate::mix::topology::Topology::new(&g.topology, n, g.seed).unwrap();
@@ -1017,7 +1030,7 @@ mod tests {
             .enumerate()
             .map(|(me, (&id, params))| {
                 let roster = crate::mix::mixer::Roster { members: members.clone(), me };
-                let mixer = Box::new(Gossip::in_swarm(g.clone(), roster, shared.clone()));
+                let mixer = mixer(me, Gossip::in_swarm(g.clone(), roster, shared.clone()));
                 SimNode { id, mixer, params }
             })
             .collect();
@@ -1057,6 +1070,94 @@ mod tests {
         assert!(windows.node_reports == events.node_reports, "node reports differ");
         assert_eq!(windows.virtual_seconds, events.virtual_seconds);
         assert_eq!(windows.rounds.len(), events.rounds.len());
+    }
+
+    /// A gossip node that writes down each input it handles, and when.
+    struct Recorded {
+        inner: Gossip,
+        log: Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    }
+
+    impl Mixer for Recorded {
+        fn start(&mut self, now: Instant) -> Vec<Action> {
+            self.inner.start(now)
+        }
+        fn set_start_params(&mut self, params: &[f32]) {
+            self.inner.set_start_params(params)
+        }
+        fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+            let what = match &input {
+                Input::LocalDone { .. } => "phase end".to_string(),
+                Input::Received(m) => format!("{} slot {}", m.peer, m.slot),
+                Input::Tick => "tick".to_string(),
+                other => format!("{other:?}"),
+            };
+            self.log.lock().unwrap().push((now, what));
+            self.inner.handle(input, now)
+        }
+        fn deadline(&self) -> Option<Instant> {
+            self.inner.deadline()
+        }
+        fn round(&self) -> u64 {
+            self.inner.round()
+        }
+        fn dropped(&self) -> Vec<(&'static str, u64)> {
+            self.inner.dropped()
+        }
+        fn snapshot(&self) -> Option<crate::mix::mixer::StrategyState> {
+            self.inner.snapshot()
+        }
+        fn restore(
+            &mut self,
+            state: crate::mix::mixer::StrategyState,
+        ) -> Result<Vec<f32>, crate::mix::mixer::StateError> {
+            self.inner.restore(state)
+        }
+    }
+
+    #[test]
+    fn a_node_s_own_events_inside_a_window_keep_their_place_among_its_messages() {
+        // Phases of 0.2-0.3 ms and deadlines of 1.5 ms put a node's phase
+        // ends and ticks inside the 2 ms windows, among the messages it
+        // handles there: the window must take them in time order, as a run
+        // one event at a time does. Each node writes down what it handled.
+        let mut g = gossip_cfg("exponential", 6);
+        g.local_steps = 5;
+        g.timeout = Duration::from_micros(1500);
+        let ms = Duration::from_millis;
+        let cfg = SimConfig {
+            step_time: Duration::from_micros(50),
+            delay: DelayRange { min: ms(2), max: ms(5) },
+            ..lossy(4, 0.2)
+        };
+        let run_logged = |cfg: SimConfig| {
+            let logs: Vec<_> = (0..300).map(|_| Arc::default()).collect();
+            let report = swarm(&g, logs.len(), cfg, |me, inner| {
+                Box::new(Recorded { inner, log: Arc::clone(&logs[me]) })
+            });
+            // Times from the node's first input: each run has its own base.
+            let since_first = |log: &Vec<(Instant, String)>| -> Vec<(Duration, String)> {
+                log.iter().map(|(at, what)| (*at - log[0].0, what.clone())).collect()
+            };
+            let logs: Vec<_> = logs.iter().map(|l| since_first(&l.lock().unwrap())).collect();
+            (report, logs)
+        };
+        let events = SimConfig { membership_delay: Some(ms(5)), ..cfg.clone() };
+        let ((windows, in_windows), (events, one_at_a_time)) =
+            (run_logged(cfg), run_logged(events));
+        assert!(windows.messages.dropped > 0 && windows.end == EndReason::AllFinished);
+        assert!(in_windows.iter().flatten().filter(|(_, what)| what == "tick").count() > 100);
+        // A run in windows stops at the end of the window the last node
+        // finished in, so a node may have handled more after its end.
+        for (node, (w, e)) in in_windows.iter().zip(&one_at_a_time).enumerate() {
+            let first = w.iter().zip(e).position(|(a, b)| a != b);
+            assert!(
+                first.is_none() && w.len() >= e.len(),
+                "node {node} first differs at {first:?}"
+            );
+        }
+        assert!(windows.final_params == events.final_params, "parameters differ");
+        assert_eq!(windows.virtual_seconds, events.virtual_seconds);
     }
 
     #[test]

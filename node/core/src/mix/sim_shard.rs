@@ -45,6 +45,17 @@ pub(super) enum Event {
     Members,
 }
 
+impl Event {
+    /// The node that handles it; `None` for the hub's and `Members`.
+    fn node(&self) -> Option<usize> {
+        match *self {
+            Event::LocalDone { node, .. } | Event::Tick { node } => Some(node),
+            Event::Deliver { to, .. } => Some(to),
+            Event::ToHub { .. } | Event::HubTick | Event::Members => None,
+        }
+    }
+}
+
 /// An event bound for another shard: when, its tie order, what.
 pub(super) type Handover = (Duration, u64, Event);
 
@@ -176,6 +187,12 @@ pub(super) struct Shard {
     pub(super) at_round: BTreeMap<u64, usize>,
     pub(super) unfinished: usize,
     pub(super) evaluations: Vec<EvalRecord>,
+    /// The node a window is running and the window's end: what that node
+    /// causes for itself before the end goes to `own`, not the queue.
+    running: Option<(usize, Duration)>,
+    /// The running node's own events due in the window (a phase's end, a
+    /// tick): a few at most.
+    own: Vec<Handover>,
 }
 
 impl Shard {
@@ -193,6 +210,8 @@ impl Shard {
             at_round: BTreeMap::from([(0, live)]),
             unfinished: live,
             evaluations: Vec::new(),
+            running: None,
+            own: Vec::new(),
         }
     }
 
@@ -248,8 +267,17 @@ impl Shard {
         self.queue.push(at, order, event);
     }
 
-    /// Handles every event due before `end`, in time order (the window's
-    /// work; what other shards sent comes first into the queue).
+    /// Handles every event due before `end` (the window's work; what other
+    /// shards sent comes first into the queue) node by node: the nodes in
+    /// index order, each node's events in time order.
+    ///
+    /// Why node by node, and why it is exact: every message takes at least
+    /// the window to arrive, so nothing a node does in a window reaches
+    /// another node inside it. Each node sees the events it would see in
+    /// time order, in the same order, and the run is the same to the bit.
+    /// In time order a node of a 100,000-node exponential graph is handled
+    /// several times a window, each time from cold memory; node by node
+    /// its state is read once for all of them.
     pub(super) fn run_until(
         &mut self,
         end: Duration,
@@ -259,11 +287,65 @@ impl Shard {
         for (at, order, event) in std::mem::take(&mut self.inbound).into_iter().flatten() {
             self.queue.push(at, order, event);
         }
+        let mut due: Vec<Option<Handover>> = Vec::new();
         while self.queue.peek_time().is_some_and(|at| at < end) {
-            let Some((_, event)) = self.pop() else { break };
-            self.dispatch(event, ctx, local)?;
+            due.push(self.queue.pop_ordered());
+        }
+        // Each event's node, then its place in time order, in one word.
+        let mut by_node: Vec<u64> = due
+            .iter()
+            .enumerate()
+            .map(|(k, e)| {
+                let node = e.as_ref().and_then(|(_, _, e)| e.node()).unwrap_or(u32::MAX as usize);
+                ((node as u64) << 32) | k as u64
+            })
+            .collect();
+        by_node.sort_unstable();
+        let mut latest = None;
+        for group in by_node.chunk_by(|a, b| a >> 32 == b >> 32) {
+            let node = (group[0] >> 32) as usize;
+            let events = group.iter().filter_map(|&k| due[k as u32 as usize].take());
+            let ran = self.run_node(node, end, events, ctx, local)?;
+            latest = latest.max(ran);
+        }
+        if let Some(at) = latest {
+            self.now = at;
         }
         Ok(())
+    }
+
+    /// Handles `node`'s `events` (in time order) and what it causes itself
+    /// before `end`, merged by time and order; returns the last one's time.
+    fn run_node(
+        &mut self,
+        node: usize,
+        end: Duration,
+        mut events: impl Iterator<Item = Handover>,
+        ctx: &Shared,
+        local: &mut dyn LocalUpdate,
+    ) -> Result<Option<Duration>, SimError> {
+        self.running = Some((node, end));
+        let mut queued = events.next();
+        let mut last = None;
+        loop {
+            let key = |(at, order, _): &Handover| (*at, *order);
+            let own = (0..self.own.len()).min_by_key(|&i| key(&self.own[i]));
+            let own_first =
+                own.filter(|&i| queued.as_ref().is_none_or(|q| key(&self.own[i]) < key(q)));
+            let next = match own_first {
+                Some(i) => Some(self.own.swap_remove(i)),
+                None => std::mem::replace(&mut queued, events.next()),
+            };
+            let Some((at, _, event)) = next else { break };
+            self.now = at;
+            last = Some(at);
+            if let Err(e) = self.dispatch(event, ctx, local) {
+                self.running = None;
+                return Err(e);
+            }
+        }
+        self.running = None;
+        Ok(last)
     }
 
     /// Takes the events bound for other shards, by shard.
@@ -440,9 +522,19 @@ impl Shard {
         self.route(at, order(node, count), event, ctx);
     }
 
-    /// Only a delivery can be for another shard's node.
+    /// Only a delivery can be for another shard's node, and only the
+    /// running node's own events can be due inside the window.
     fn route(&mut self, at: Duration, order: u64, event: Event, ctx: &Shared) {
-        if let Event::Deliver { to, .. } = &event
+        if let Some((node, end)) = self.running
+            && at < end
+        {
+            debug_assert_eq!(
+                event.node(),
+                Some(node),
+                "only a node's own event is due in its window"
+            );
+            self.own.push((at, order, event));
+        } else if let Event::Deliver { to, .. } = &event
             && !(self.first..self.first + self.nodes.len()).contains(to)
         {
             self.outbox[to / ctx.per_shard].push((at, order, event));
