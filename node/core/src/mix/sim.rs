@@ -1022,7 +1022,7 @@ mod tests {
         mixer: impl Fn(usize, Gossip) -> Box<dyn Mixer>,
     ) -> SimReport {
         let ids = peer_ids(n, 1);
-        let members: std::sync::Arc<[PeerId]> = ids.clone().into();
+        let members: Arc<[PeerId]> = ids.clone().into();
         let shared = crate::mix::topology::Topology::new(&g.topology, n, g.seed).unwrap();
         let nodes = ids
             .iter()

@@ -301,34 +301,31 @@ impl Shard {
             })
             .collect();
         by_node.sort_unstable();
-        let mut latest = None;
+        let mut latest = self.now;
         for group in by_node.chunk_by(|a, b| a >> 32 == b >> 32) {
             let node = (group[0] >> 32) as usize;
             let events = group.iter().filter_map(|&k| due[k as u32 as usize].take());
-            let ran = self.run_node(node, end, events, ctx, local)?;
-            latest = latest.max(ran);
+            self.running = Some((node, end));
+            let ran = self.run_node(events, ctx, local);
+            self.running = None;
+            ran?;
+            latest = latest.max(self.now);
         }
-        if let Some(at) = latest {
-            self.now = at;
-        }
+        self.now = latest;
         Ok(())
     }
 
-    /// Handles `node`'s `events` (in time order) and what it causes itself
-    /// before `end`, merged by time and order; returns the last one's time.
+    /// Handles the running node's `events` (in time order) and what it
+    /// causes itself inside the window (`own`), merged by time and order.
     fn run_node(
         &mut self,
-        node: usize,
-        end: Duration,
         mut events: impl Iterator<Item = Handover>,
         ctx: &Shared,
         local: &mut dyn LocalUpdate,
-    ) -> Result<Option<Duration>, SimError> {
-        self.running = Some((node, end));
+    ) -> Result<(), SimError> {
+        let key = |(at, order, _): &Handover| (*at, *order);
         let mut queued = events.next();
-        let mut last = None;
         loop {
-            let key = |(at, order, _): &Handover| (*at, *order);
             let own = (0..self.own.len()).min_by_key(|&i| key(&self.own[i]));
             let own_first =
                 own.filter(|&i| queued.as_ref().is_none_or(|q| key(&self.own[i]) < key(q)));
@@ -336,16 +333,10 @@ impl Shard {
                 Some(i) => Some(self.own.swap_remove(i)),
                 None => std::mem::replace(&mut queued, events.next()),
             };
-            let Some((at, _, event)) = next else { break };
+            let Some((at, _, event)) = next else { return Ok(()) };
             self.now = at;
-            last = Some(at);
-            if let Err(e) = self.dispatch(event, ctx, local) {
-                self.running = None;
-                return Err(e);
-            }
+            self.dispatch(event, ctx, local)?;
         }
-        self.running = None;
-        Ok(last)
     }
 
     /// Takes the events bound for other shards, by shard.
