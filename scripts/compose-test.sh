@@ -69,7 +69,13 @@ field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(st
 deadline=$((SECONDS + 180))
 until out="$(status "${apis[@]}")" && [ "$(field live_members <<<"$out")" = "4 4 4 4" ]; do
   if [ $SECONDS -ge $deadline ]; then
-    say "the nodes did not all see 4 members in 180 s"; dc ps; dc logs --tail 20; exit 1
+    say "the nodes did not all see 4 members in 180 s"; dc ps
+    # What each node counts and refused (a member whose heartbeats never
+    # arrive shows here), and every line but the per-round progress.
+    for api in "${apis[@]}"; do
+      say "$api: $(status "$api" | python3 -c 'import json,sys; n=json.load(sys.stdin)[0]; print({k: n.get(k) for k in ("peer_id", "live_members", "round", "refusals")})' 2>&1)"
+    done
+    dc logs 2>&1 | grep -v '"event":"round"' | tail -n 200; exit 1
   fi
   sleep 2
 done

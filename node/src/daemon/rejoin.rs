@@ -22,8 +22,10 @@
 //! apart); of two, it takes the source's state only if the two agree
 //! ([`agree`]). So one member cannot hand a joiner a model of its own. It asks again every
 //! [`PULL_RETRY`] until the state comes (a request that arrives before the
-//! joiner's first heartbeat is refused); if none comes by the deadline it
-//! continues from its checkpoint.
+//! joiner's first heartbeat is refused), and while fewer than three have
+//! answered it asks members that have come back into the run since (under
+//! churn, those asked may stop and restart meanwhile); if none comes by the
+//! deadline it continues from its checkpoint.
 //!
 //! [`PullServer`] is the serving end: it takes requests only from peers of
 //! this run and model, one pending per peer, a few in all, and no more often
@@ -109,8 +111,8 @@ pub fn pick_witnesses(
 #[derive(Debug)]
 pub struct Pulls {
     names: Vec<String>,
-    /// How many answers the joiner wants: `PULL_ASK`, or the trainers
-    /// there were when it started.
+    /// How many answers the joiner wants: those it asked first (`PULL_ASK`
+    /// at most), and at least `PULL_QUORUM` where members come back.
     wanted: usize,
     asked: Vec<PeerId>,
     open: Vec<(Pull, Option<StrategyState>)>,
@@ -132,7 +134,8 @@ impl Pulls {
         let witnesses = pick_witnesses(members, me, fingerprint, &[source], round, PULL_ASK - 1);
         let asked: Vec<PeerId> = std::iter::once(source).chain(witnesses).collect();
         let open = asked.iter().map(|p| (Pull::new(*p, names.clone()), None)).collect();
-        Pulls { names, wanted: asked.len(), asked, open, round }
+        let wanted = asked.len().max(PULL_QUORUM);
+        Pulls { names, wanted, asked, open, round }
     }
 
     /// Every member asked, in the order asked.
@@ -163,14 +166,22 @@ impl Pulls {
     }
 
     /// Drops the unanswered pulls of members no longer training and asks
-    /// others in their place; returns the newly asked.
+    /// others in their place, up to those wanted: members that were not
+    /// training before (restarted ones back in the run), and those asked
+    /// before that dropped out and are training again. Two honest answers
+    /// may lie too far apart to agree ([`settle`]), so a joiner that asked
+    /// only two (the others were restarting) asks a third once one is
+    /// back. Returns the newly asked.
     pub fn refresh(&mut self, members: &[Member], me: PeerId, fingerprint: &str) -> Vec<PeerId> {
         let live: Vec<PeerId> = trainers(members, me, fingerprint).map(|m| m.peer).collect();
         self.open.retain(|(p, got)| got.is_some() || live.contains(&p.from));
         let missing = self.wanted.saturating_sub(self.open.len());
-        let more = pick_witnesses(members, me, fingerprint, &self.asked, self.round, missing);
+        let open: Vec<PeerId> = self.open.iter().map(|(p, _)| p.from).collect();
+        let more = pick_witnesses(members, me, fingerprint, &open, self.round, missing);
         for p in &more {
-            self.asked.push(*p);
+            if !self.asked.contains(p) {
+                self.asked.push(*p);
+            }
             self.open.push((Pull::new(*p, self.names.clone()), None));
         }
         more
@@ -553,6 +564,52 @@ mod tests {
         assert!(pulls.refresh(&members, me, "fp").is_empty());
         assert!(pulls.done());
         assert_eq!(pulls.answers(), vec![(ids[3], state)]);
+    }
+
+    #[test]
+    fn two_answers_wait_for_a_third_member_while_one_may_come_back() {
+        let ids: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let me = ids[0];
+        let mut members: Vec<Member> =
+            ids.iter().map(|p| member(*p, 30, Role::Node, "fp")).collect();
+        // ids[4] restarted and is pulling itself: not asked.
+        members[4].role = Role::Joining;
+        let names = vec!["params".to_string()];
+        let mut pulls = Pulls::new(names, &members, me, "fp", ids[1], 30);
+        let sorted = |p: &[PeerId]| {
+            let mut p = p.to_vec();
+            p.sort();
+            p
+        };
+        assert_eq!(sorted(pulls.asked()), sorted(&ids[1..4]));
+        let state = StrategyState::new(30, vec![("params", vec![1.0])]);
+        for p in [ids[1], ids[2]] {
+            assert!(matches!(pulls.offer(reply(p, &state).remove(0)), Some(Ok(Some(_)))));
+        }
+        assert!(!pulls.done(), "the third has not answered");
+        // ids[3] restarts before it answers, and ids[4] is back: asked in
+        // its place, so that three answer.
+        members[3].role = Role::Joining;
+        members[4].role = Role::Node;
+        assert_eq!(pulls.refresh(&members, me, "fp"), vec![ids[4]]);
+        assert!(!pulls.done());
+        // ids[4] restarts again; ids[3] is back, and asked again (listed
+        // once): a member asked before is not passed over for good.
+        members[3].role = Role::Node;
+        members[4].role = Role::Joining;
+        assert_eq!(pulls.refresh(&members, me, "fp"), vec![ids[3]]);
+        assert_eq!(sorted(pulls.asked()), sorted(&ids[1..5]));
+        assert!(matches!(pulls.offer(reply(ids[3], &state).remove(0)), Some(Ok(Some(_)))));
+        assert!(pulls.done());
+        assert_eq!(pulls.answers().len(), 3);
+        // With nobody back, the two answers are all there are.
+        let mut two = Pulls::new(vec!["params".into()], &members, me, "fp", ids[1], 30);
+        for p in [ids[1], ids[2]] {
+            assert!(matches!(two.offer(reply(p, &state).remove(0)), Some(Ok(Some(_)))));
+        }
+        members[3].role = Role::Joining;
+        assert!(two.refresh(&members, me, "fp").is_empty());
+        assert!(two.done());
     }
 
     fn answer(round: u64, x: Vec<f32>) -> Answer {
