@@ -958,12 +958,21 @@ impl SwarmDriver {
         };
         let bytes = hb.encode_to_vec();
         let len = bytes.len() as u64;
-        // Publishing fails while no peer subscribes yet; the next heartbeat retries.
-        if self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes).is_ok() {
-            let peers: Vec<PeerId> =
-                self.swarm.behaviour().gossipsub.all_peers().map(|(p, _)| *p).collect();
-            for p in peers {
-                self.accounting.record(&p, "heartbeat", Direction::Sent, len);
+        // Publishing fails while no peer subscribes yet; the next heartbeat
+        // retries. Failing while members are in the view means they do not
+        // hear this node: worth a warning.
+        match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+            Ok(_) => {
+                let peers: Vec<PeerId> =
+                    self.swarm.behaviour().gossipsub.all_peers().map(|(p, _)| *p).collect();
+                for p in peers {
+                    self.accounting.record(&p, "heartbeat", Direction::Sent, len);
+                }
+            }
+            Err(e) => {
+                if let Some(m) = self.membership.members().next() {
+                    self.refusal_logs.warn(&m.peer, "heartbeat not published to members", &e);
+                }
             }
         }
     }
@@ -1091,6 +1100,21 @@ impl SwarmDriver {
             }
             gossipsub::Event::Subscribed { topic, .. } if topic == self.topic.hash() => {
                 self.greet = true;
+                return;
+            }
+            // Heartbeats to this peer cannot go out on this connection (it
+            // refused gossip, or cannot take it in time): say so, since the
+            // peer's view then lacks this node while this node's has it.
+            gossipsub::Event::GossipsubNotSupported { peer_id } => {
+                self.refusal_logs.warn(&peer_id, "gossip", &"not spoken on this connection");
+                return;
+            }
+            gossipsub::Event::SlowPeer { peer_id, failed_messages } => {
+                self.refusal_logs.warn(
+                    &peer_id,
+                    "gossip to a slow peer",
+                    &format!("{failed_messages:?}"),
+                );
                 return;
             }
             _ => return,
