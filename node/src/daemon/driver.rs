@@ -215,11 +215,7 @@ impl Driver {
             }
         }
         let ending = self.run_strategy(mixer.as_mut()).await?;
-        let summary = self.finish(mixer.as_mut(), resumed, ending).await;
-        // Members drop this node now, not a heartbeat expiry (10 s) later:
-        // a joiner stops waiting for its answer, a coordinator samples others.
-        self.network.leave().await;
-        summary
+        self.finish(mixer.as_mut(), resumed, ending).await
     }
 
     /// The live run members that train the same model in `round` (a

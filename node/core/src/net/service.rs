@@ -60,11 +60,6 @@ const MEMBER_LOG_PER_PEER: u32 = 2;
 /// most this often (a heartbeat's addresses are claims: no dial storms).
 const REDIAL_EVERY: Duration = Duration::from_secs(10);
 
-/// How long a leaving node keeps its swarm running for its leaving
-/// heartbeat to go out (gossip sends on the next poll; this is slack for a
-/// loaded machine).
-const LEAVE_FLUSH: Duration = Duration::from_millis(300);
-
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
 const ACK_REFUSED: u8 = 1;
@@ -188,7 +183,6 @@ pub struct NetView {
 enum Command {
     SetRound(u64),
     SetRole(Role, u64),
-    Leave(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -318,7 +312,6 @@ impl Network {
             round: 0,
             entry_round: 0,
             seq: first_seq(),
-            leaving: false,
             faults: cfg.faults.clone(),
             blocked: BTreeSet::new(),
             refusal_logs,
@@ -466,17 +459,6 @@ impl Network {
 
     pub fn accounting(&self) -> Snapshot {
         self.accounting.snapshot()
-    }
-
-    /// Tells the run's members this node is stopping (a leaving
-    /// heartbeat), so that they drop it now rather than after the expiry;
-    /// returns once it had `LEAVE_FLUSH` to go out. Nothing this node
-    /// sends afterwards makes it a member again.
-    pub async fn leave(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Leave(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
     }
 
     /// Stops the swarm and waits until its task has ended.
@@ -796,8 +778,6 @@ struct SwarmDriver {
     /// The first round this node takes part in (its heartbeats say).
     entry_round: u64,
     seq: u64,
-    /// Whether this node said it is stopping: every heartbeat from then on says so.
-    leaving: bool,
     faults: Arc<Faults>,
     /// Peers blocked for an injected partition.
     blocked: BTreeSet<PeerId>,
@@ -881,20 +861,6 @@ impl SwarmDriver {
                         self.entry_round = entry_round;
                         // Others learn of the change now, not a beat later.
                         self.publish_heartbeat();
-                    }
-                    Some(Command::Leave(done)) => {
-                        self.leaving = true;
-                        self.publish_heartbeat();
-                        // The swarm must run for the heartbeat to go out.
-                        let flushed = tokio::time::sleep(LEAVE_FLUSH);
-                        tokio::pin!(flushed);
-                        loop {
-                            tokio::select! {
-                                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
-                                _ = &mut flushed => break,
-                            }
-                        }
-                        let _ = done.send(());
                     }
                     Some(Command::Shutdown(done)) => {
                         let _ = done.send(());
@@ -989,7 +955,6 @@ impl SwarmDriver {
                 Role::Coordinator => 0,
                 _ => self.expect.read().map_or(0, |e| e.total_elements as u64),
             },
-            leaving: self.leaving,
         };
         let bytes = hb.encode_to_vec();
         let len = bytes.len() as u64;
@@ -1210,12 +1175,6 @@ impl SwarmDriver {
                         .build();
                     let _ = self.swarm.dial(opts);
                 }
-                None
-            }
-            Ok(Observed::NotAMember) => None,
-            Ok(Observed::Left(p)) => {
-                self.refresh_view();
-                self.emit_member(MemberEvent::Left(p)).await;
                 None
             }
             Ok(observed) => {
