@@ -33,7 +33,24 @@ cleanup() {
   dc down -v -t 5 >/dev/null 2>&1 || true
   rm -rf "$work" deploy/.prebuilt
 }
-trap cleanup EXIT
+# On any failure, what each node counts, refused and logged (all but the
+# per-round progress), before the containers go: a flake leaves its evidence.
+dump() {
+  say "failed: every node's status, peers and refusals, then the logs"
+  dc ps || true
+  for api in "${apis[@]}"; do
+    "$murmur" status --json --peers "$api" 2>&1 | python3 -c 'import json,sys
+t=sys.stdin.read()
+try: n=json.loads(t)[0]
+except Exception: print(t.strip()); sys.exit()
+print({k: n.get(k) for k in ("node_index", "peer_id", "phase", "round", "live_members", "connected_peers", "refusals", "send_failures")})
+for p in n.get("peers", []): print("   ", p)' || true
+  done
+  "$murmur" status 127.0.0.1:7079 || true
+  dc logs 2>&1 | grep -v '"event":"round"' | tail -n 300 || true
+}
+apis=(127.0.0.1:7070 127.0.0.1:7071 127.0.0.1:7072 127.0.0.1:7073)
+trap 'rc=$?; [ "$rc" = 0 ] || dump; cleanup' EXIT
 cleanup_first() { dc down -v -t 5 >/dev/null 2>&1 || true; }
 cleanup_first
 
@@ -61,7 +78,6 @@ sed 's/^rounds = .*/rounds = 100/' deploy/compose/semidec.toml > "$MURMUR_CONFIG
 dc up -d node-0 node-1 node-2 node-3 coordinator prometheus >"$work/up.log" 2>&1 \
   || { cat "$work/up.log"; exit 1; }
 
-apis=(127.0.0.1:7070 127.0.0.1:7071 127.0.0.1:7072 127.0.0.1:7073)
 status() { "$murmur" status --json "$@" 2>/dev/null; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(str(n.get('$1')) for n in d))"; }
 
@@ -69,13 +85,7 @@ field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(st
 deadline=$((SECONDS + 180))
 until out="$(status "${apis[@]}")" && [ "$(field live_members <<<"$out")" = "4 4 4 4" ]; do
   if [ $SECONDS -ge $deadline ]; then
-    say "the nodes did not all see 4 members in 180 s"; dc ps
-    # What each node counts and refused (a member whose heartbeats never
-    # arrive shows here), and every line but the per-round progress.
-    for api in "${apis[@]}"; do
-      say "$api: $(status "$api" | python3 -c 'import json,sys; n=json.load(sys.stdin)[0]; print({k: n.get(k) for k in ("peer_id", "live_members", "round", "refusals")})' 2>&1)"
-    done
-    dc logs 2>&1 | grep -v '"event":"round"' | tail -n 200; exit 1
+    say "the nodes did not all see 4 members in 180 s"; exit 1
   fi
   sleep 2
 done
