@@ -5,6 +5,7 @@ pub mod accounting;
 pub mod admission;
 pub mod buffers;
 pub mod encoding;
+pub mod gossip_reach;
 mod hugepages;
 pub mod identity;
 pub mod inbound;

@@ -30,11 +30,12 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad,
 use murmur_proto::wire::v1::{Heartbeat, PayloadHeader};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::accounting::{Accounting, Direction, Snapshot};
 use super::admission::{self, Admission};
 use super::buffers::BufferPool;
+use super::gossip_reach::GossipReach;
 use super::inbound::InboundStream;
 use super::log_limit::LogLimiter;
 use super::membership::{Member, MemberEvent, MemberLimits, Membership, Observed, Role, Verdict};
@@ -59,6 +60,10 @@ const MEMBER_LOG_PER_PEER: u32 = 2;
 /// A peer whose valid heartbeats arrive without a connection is dialled at
 /// most this often (a heartbeat's addresses are claims: no dial storms).
 const REDIAL_EVERY: Duration = Duration::from_secs(10);
+/// How often a `redial` address (a node's coordinator) is dialled while
+/// not connected: a node waits for its coordinator before it trains, and
+/// its peers for it, so a late coordinator is found within seconds.
+const REDIAL_KEPT_EVERY: Duration = Duration::from_secs(2);
 
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
@@ -77,7 +82,7 @@ pub struct NetConfig {
     /// whichever peer answers there (the allowlist still applies); the
     /// node learns its id in the handshake.
     pub bootstrap: Vec<Multiaddr>,
-    /// Peers dialled again, at most every `REDIAL_EVERY`, whenever they are
+    /// Peers dialled again, at most every `REDIAL_KEPT_EVERY`, whenever they are
     /// not connected (a node's coordinator: it may restart, and it is no
     /// use to the node unless connected).
     pub redial: Vec<Multiaddr>,
@@ -88,6 +93,10 @@ pub struct NetConfig {
     /// Deadline for one payload transfer, open to acknowledgement.
     pub transfer_timeout: Duration,
     pub role: Role,
+    /// Publishes no heartbeat until [`Network::announce`]: a node waiting
+    /// for its coordinator is then nobody's member, so no peer starts
+    /// training with it (and trains on alone) before it can train too.
+    pub silent: bool,
     /// What inbound payloads must match.
     pub expect: Expectation,
     /// Inbound payloads read at once; each may hold one model's worth of values.
@@ -110,6 +119,7 @@ impl NetConfig {
             member_limits: MemberLimits::default(),
             transfer_timeout: Duration::from_secs(60),
             role: Role::Node,
+            silent: false,
             expect: Expectation {
                 run_id: run_id.to_string(),
                 fingerprint: fingerprint.to_string(),
@@ -183,6 +193,7 @@ pub struct NetView {
 enum Command {
     SetRound(u64),
     SetRole(Role, u64),
+    Announce,
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -324,6 +335,7 @@ impl Network {
             expect: expect.clone(),
             greet: false,
             last_heartbeat: None,
+            reach: GossipReach::default(),
         };
         let network = Network {
             local_peer,
@@ -428,6 +440,12 @@ impl Network {
     /// it takes part in.
     pub async fn set_role(&self, role: Role, entry_round: u64) {
         let _ = self.commands.send(Command::SetRole(role, entry_round)).await;
+    }
+
+    /// Ends the silence of a node started `silent`: its first heartbeat
+    /// goes out now.
+    pub async fn announce(&self) {
+        let _ = self.commands.send(Command::Announce).await;
     }
 
     /// Changes what inbound payloads must match: a coordinator learns the
@@ -800,6 +818,8 @@ struct SwarmDriver {
     greet: bool,
     /// When the last heartbeat was published.
     last_heartbeat: Option<Instant>,
+    /// Members whose subscription gossip lost, reconnected.
+    reach: GossipReach,
 }
 
 /// How soon a heartbeat follows a new subscriber to the run's topic, and
@@ -840,8 +860,9 @@ impl SwarmDriver {
                 _ = heartbeat.tick() => {
                     self.apply_partitions();
                     // A paused node is silent: its peers see it go quiet.
-                    if !self.faults.paused(Instant::now()) {
+                    if !self.faults.paused(Instant::now()) && !self.cfg.silent {
                         self.publish_heartbeat();
+                        self.reconnect_unreached();
                     }
                     self.expire_members().await;
                     let now = Instant::now();
@@ -860,6 +881,12 @@ impl SwarmDriver {
                         self.cfg.role = role;
                         self.entry_round = entry_round;
                         // Others learn of the change now, not a beat later.
+                        if !self.cfg.silent {
+                            self.publish_heartbeat();
+                        }
+                    }
+                    Some(Command::Announce) => {
+                        self.cfg.silent = false;
                         self.publish_heartbeat();
                     }
                     Some(Command::Shutdown(done)) => {
@@ -917,11 +944,11 @@ impl SwarmDriver {
     }
 
     /// Dials the `redial` peers that are not connected, each at most every
-    /// `REDIAL_EVERY`.
+    /// `REDIAL_KEPT_EVERY`.
     fn redial_kept(&mut self) {
         let now = Instant::now();
         for addr in self.cfg.redial.clone() {
-            let due = self.redialled.get(&addr).is_none_or(|t| now >= *t + REDIAL_EVERY);
+            let due = self.redialled.get(&addr).is_none_or(|t| now >= *t + REDIAL_KEPT_EVERY);
             if due && !self.connected_at(&addr) {
                 self.redialled.insert(addr.clone(), now);
                 self.redial(&addr);
@@ -974,6 +1001,41 @@ impl SwarmDriver {
                     self.refusal_logs.warn(&m.peer, "heartbeat not published to members", &e);
                 }
             }
+        }
+    }
+
+    /// Connected members that gossip does not list on the run's topic
+    /// get no heartbeat of this node: their connections are closed and
+    /// dialled again, so that both sides send their subscriptions anew
+    /// (see `gossip_reach`).
+    fn reconnect_unreached(&mut self) {
+        let topic = self.topic.hash();
+        let listed: BTreeSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&topic))
+            .map(|(p, _)| *p)
+            .collect();
+        let unreached: Vec<PeerId> = self
+            .membership
+            .members()
+            .map(|m| m.peer)
+            .filter(|p| self.swarm.is_connected(p) && !listed.contains(p))
+            .collect();
+        for peer in self.reach.beat(&unreached, Instant::now()) {
+            warn!(
+                %peer,
+                "gossip does not list member {peer} on the run's topic, so it gets no heartbeat of this node: reconnecting"
+            );
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let swarm = &self.swarm;
+        for peer in self.reach.redial(|p| swarm.is_connected(p)) {
+            let addrs = self.membership.get(&peer).map(|m| m.addrs.clone()).unwrap_or_default();
+            let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+            let _ = self.swarm.dial(opts);
         }
     }
 

@@ -220,12 +220,24 @@ pub fn build(
 /// `/dns6` addresses dial (compose services, StatefulSet pods, hosts by
 /// name), resolved again on every dial. Without a readable resolver
 /// configuration (/etc/resolv.conf) names cannot dial and IPs still do.
+///
+/// The resolver keeps no answers: a service that starts after this node
+/// has no name yet, and a cached "no such name" (about 30 s under podman's
+/// DNS) made nodes that dialled their coordinator too early find it that
+/// much later than a node started after it, which trained on alone.
 fn with_dns(
     key: &Keypair,
     s: &SwarmSettings,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, SwarmError> {
-    match libp2p::dns::tokio::Transport::system(transport(key, s)?) {
-        Ok(dns) => Ok(dns.boxed()),
+    let system = hickory_resolver::system_conf::read_system_conf().map(|(cfg, mut opts)| {
+        opts.positive_max_ttl = Some(Duration::ZERO);
+        opts.negative_max_ttl = Some(Duration::ZERO);
+        (cfg, opts)
+    });
+    match system {
+        Ok((cfg, opts)) => {
+            Ok(libp2p::dns::tokio::Transport::custom(transport(key, s)?, cfg, opts).boxed())
+        }
         Err(e) => {
             tracing::warn!("no DNS resolver ({e}): /dns addresses will not dial");
             transport(key, s)

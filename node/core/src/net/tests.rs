@@ -541,3 +541,113 @@ async fn a_bootstrap_by_name_is_still_held_to_the_allowlist() {
     assert_eq!(b.peer_at(&by_name), None);
     assert!(!b.view().connected.contains(&a.local_peer));
 }
+
+/// What a bare peer saw of its connection to the node while it published
+/// heartbeats for `watch`.
+#[derive(Debug, Default)]
+struct BarePeerSaw {
+    /// The node counted it a member.
+    member: bool,
+    /// Its last connection to the node closed.
+    closed: bool,
+    /// The node dialled it again after that.
+    dialled_back: bool,
+}
+
+/// A bare libp2p peer (TCP, Noise, Yamux, gossipsub) that dials `a` and
+/// publishes valid heartbeats of `RUN`, subscribed to the run's topic or
+/// not. Unsubscribed, the node hears it but gossip lists no subscription
+/// of it: the state of a member whose subscription message was lost.
+async fn bare_peer(a: &Network, subscribe: bool, watch: Duration) -> BarePeerSaw {
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{gossipsub, noise, tcp, yamux};
+    use prost::Message;
+    let key = Keypair::generate_ed25519();
+    let me = key.public().to_peer_id();
+    let cfg = gossipsub::ConfigBuilder::default().build().unwrap();
+    let gossip: gossipsub::Behaviour =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), cfg)
+            .unwrap();
+    let mut x = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_| gossip)
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let topic = super::swarm::members_topic(RUN);
+    if subscribe {
+        x.behaviour_mut().subscribe(&topic).unwrap();
+    }
+    x.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
+    x.dial(dial_addr(a)).unwrap();
+    let mut saw = BarePeerSaw::default();
+    let mut beat = tokio::time::interval(Duration::from_millis(200));
+    let mut seq = 0;
+    let end = tokio::time::sleep(watch);
+    tokio::pin!(end);
+    while !saw.dialled_back {
+        tokio::select! {
+            ev = futures::StreamExt::select_next_some(&mut x) => match ev {
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. }
+                    if peer_id == a.local_peer => saw.closed = true,
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. }
+                    if peer_id == a.local_peer && saw.closed && endpoint.is_listener() =>
+                {
+                    saw.dialled_back = true
+                }
+                _ => {}
+            },
+            _ = beat.tick() => {
+                seq += 1;
+                let hb = murmur_proto::wire::v1::Heartbeat {
+                    run_id: RUN.into(),
+                    peer_id: me.to_bytes(),
+                    addrs: x.listeners().map(ToString::to_string).collect(),
+                    role: "node".into(),
+                    fingerprint: FP.into(),
+                    seq,
+                    elements: 4,
+                    ..Default::default()
+                };
+                let _ = x.behaviour_mut().publish(topic.clone(), hb.encode_to_vec());
+                saw.member |= a.view().members.iter().any(|m| m.peer == me);
+            }
+            _ = &mut end => break,
+        }
+    }
+    saw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_gossip_does_not_list_on_the_topic_is_reconnected() {
+    let (a, _arx) = start(config(4)).await;
+    // Subscribed, as every murmur node is: heard and reached, left alone
+    // for many times the three beats (200 ms here) a reset waits.
+    let saw = bare_peer(&a, true, Duration::from_secs(3)).await;
+    assert!(saw.member && !saw.closed, "{saw:?}");
+    // Not subscribed: heard, but this node's heartbeats never go to it.
+    // The node closes the connection and dials it again.
+    let saw = bare_peer(&a, false, Duration::from_secs(15)).await;
+    assert!(saw.member && saw.closed && saw.dialled_back, "{saw:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_nobodys_member_until_it_announces_itself() {
+    let (a, _arx) = start(config(4)).await;
+    let mut quiet = config(4);
+    quiet.silent = true;
+    let (b, _brx) = connected_to(&a, quiet).await;
+    let member_of_a = || a.view().members.iter().any(|m| m.peer == b.local_peer);
+    // Connected, and hearing a's heartbeats, but five of its own beats
+    // (200 ms here) pass without one going out.
+    wait_until("b to hear a", Duration::from_secs(5), || {
+        b.view().members.iter().any(|m| m.peer == a.local_peer)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!member_of_a(), "a counts b before b announced itself");
+    b.announce().await;
+    wait_until("a to count b once announced", Duration::from_secs(2), member_of_a).await;
+}
