@@ -148,8 +148,10 @@ pub async fn run(cfg: CoordinatorConfig) -> Result<(), CoordinatorError> {
         let _ = tokio::time::timeout(Duration::from_secs(1), api.stop()).await;
     }
     drop(metrics);
-    // Sends still in flight end with the outbox; then the swarm stops.
+    // Sends still in flight end with the outbox; the nodes hear that the
+    // coordinator is gone (not a heartbeat expiry later); then the swarm stops.
     drop(c.outbox.take());
+    c.network.leave().await;
     if let Ok(network) = Arc::try_unwrap(c.network) {
         network.shutdown().await;
     }

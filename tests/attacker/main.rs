@@ -231,6 +231,7 @@ fn publish_heartbeat(swarm: &mut Swarm<Behaviour>, run_id: &str, state: &State, 
         seq,
         entry_round: 0,
         elements: 0,
+        leaving: false,
     };
     let _ = swarm.behaviour_mut().gossipsub.publish(topic(run_id), hb.encode_to_vec());
 }
@@ -535,6 +536,7 @@ async fn sybils(
                             seq,
                             entry_round: 0,
                             elements: 0,
+                            leaving: false,
                         };
                         let topic = topic(&run_id);
                         if s.behaviour_mut().gossipsub.publish(topic, hb.encode_to_vec()).is_ok() {

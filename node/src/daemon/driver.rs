@@ -215,7 +215,11 @@ impl Driver {
             }
         }
         let ending = self.run_strategy(mixer.as_mut()).await?;
-        self.finish(mixer.as_mut(), resumed, ending).await
+        let summary = self.finish(mixer.as_mut(), resumed, ending).await;
+        // Members drop this node now, not a heartbeat expiry (10 s) later:
+        // a joiner stops waiting for its answer, a coordinator samples others.
+        self.network.leave().await;
+        summary
     }
 
     /// The live run members that train the same model in `round` (a

@@ -100,6 +100,10 @@ pub enum Observed {
     /// A valid heartbeat from a peer this node has no connection to: not a
     /// member until it connects (the caller may dial it).
     NotConnected,
+    /// A member said it is stopping, and is no member any more.
+    Left(PeerId),
+    /// A peer that is no member here said it is stopping: nothing to do.
+    NotAMember,
 }
 
 /// What gossip should do with a refused heartbeat.
@@ -214,6 +218,14 @@ impl Membership {
         if let Some(last) = previous.map(|p| p.seq).filter(|&last| hb.seq <= last) {
             return Err(HeartbeatRefusal::StaleSeq { seq: hb.seq, last });
         }
+        // A goodbye counts only from a member, and only as a goodbye: its
+        // sequence number passed the check, so it is the member's latest.
+        if hb.leaving {
+            return Ok(match self.members.remove(&source) {
+                Some(_) => Observed::Left(source),
+                None => Observed::NotAMember,
+            });
+        }
         // A stranger must connect to become a member; a member whose
         // connection dropped stays one while others relay its heartbeats.
         if !connected && previous.is_none() {
@@ -324,6 +336,7 @@ mod tests {
             fingerprint: "f".into(),
             seq: round + 1,
             elements: 10,
+            leaving: false,
         }
     }
 
@@ -438,6 +451,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_member_that_says_it_is_leaving_is_dropped_at_once_and_only_by_itself() {
+        let mut m = view();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        for p in [a, b] {
+            assert_eq!(m.observe(&hb("run", &p, 3), p, true, t0), Ok(Observed::Joined(p)));
+        }
+        let bye = |p: &PeerId, round| Heartbeat { leaving: true, ..hb("run", p, round) };
+        // Signed by another: refused, and `a` stays.
+        let forged = m.observe(&bye(&a, 4), b, true, t0).unwrap_err();
+        assert_eq!(forged.reason(), "heartbeat_impostor");
+        // An old goodbye replayed (its sequence number not above the last): stale.
+        assert!(matches!(
+            m.observe(&bye(&a, 2), a, true, t0),
+            Err(HeartbeatRefusal::StaleSeq { .. })
+        ));
+        assert_eq!(m.len(), 2);
+        // Its own, newer: gone now, long before the expiry.
+        assert_eq!(m.observe(&bye(&a, 4), a, true, t0), Ok(Observed::Left(a)));
+        assert!(m.get(&a).is_none() && m.get(&b).is_some());
+        // Its later heartbeats still say goodbye; a stranger's goodbye is nothing.
+        assert_eq!(m.observe(&bye(&a, 5), a, true, t0), Ok(Observed::NotAMember));
+        let c = PeerId::random();
+        assert_eq!(m.observe(&bye(&c, 1), c, true, t0), Ok(Observed::NotAMember));
+        assert_eq!(m.len(), 1);
+        // Restarted (its sequence number rises across restarts): a member again.
+        assert_eq!(m.observe(&hb("run", &a, 9), a, true, t0), Ok(Observed::Joined(a)));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -452,6 +495,7 @@ mod tests {
             role in prop_oneof![Just("node".to_string()), Just("joining".to_string()), ".{0,300}"],
             addrs in proptest::collection::vec(".{0,300}", 0..20),
             connected in any::<bool>(),
+            leaving in any::<bool>(),
         ) {
             let limits = MemberLimits { max_members: 4, max_round: 1000 };
             let mut m = Membership::new("run", Duration::from_secs(5), limits);
@@ -470,6 +514,7 @@ mod tests {
                 fingerprint: "f".into(),
                 seq,
                 elements: 0,
+                leaving,
             };
             let _ = m.observe(&claim, a, connected, t0);
             prop_assert!(m.len() <= 4);

@@ -65,6 +65,11 @@ const REDIAL_EVERY: Duration = Duration::from_secs(10);
 /// its peers for it, so a late coordinator is found within seconds.
 const REDIAL_KEPT_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a leaving node keeps its swarm running for its leaving
+/// heartbeat to go out (gossip sends on the next poll; this is slack for a
+/// loaded machine).
+const LEAVE_FLUSH: Duration = Duration::from_millis(300);
+
 /// Byte the receiver writes back after reading a payload.
 const ACK_OK: u8 = 0;
 const ACK_REFUSED: u8 = 1;
@@ -194,6 +199,7 @@ enum Command {
     SetRound(u64),
     SetRole(Role, u64),
     Announce,
+    Leave(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -323,6 +329,7 @@ impl Network {
             round: 0,
             entry_round: 0,
             seq: first_seq(),
+            leaving: false,
             faults: cfg.faults.clone(),
             blocked: BTreeSet::new(),
             refusal_logs,
@@ -477,6 +484,17 @@ impl Network {
 
     pub fn accounting(&self) -> Snapshot {
         self.accounting.snapshot()
+    }
+
+    /// Tells the run's members this node is stopping (a leaving
+    /// heartbeat), so that they drop it now rather than after the expiry;
+    /// returns once it had `LEAVE_FLUSH` to go out. Nothing this node
+    /// sends afterwards makes it a member again.
+    pub async fn leave(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Stops the swarm and waits until its task has ended.
@@ -796,6 +814,8 @@ struct SwarmDriver {
     /// The first round this node takes part in (its heartbeats say).
     entry_round: u64,
     seq: u64,
+    /// Whether this node said it is stopping: every heartbeat from then on says so.
+    leaving: bool,
     faults: Arc<Faults>,
     /// Peers blocked for an injected partition.
     blocked: BTreeSet<PeerId>,
@@ -888,6 +908,20 @@ impl SwarmDriver {
                     Some(Command::Announce) => {
                         self.cfg.silent = false;
                         self.publish_heartbeat();
+                    }
+                    Some(Command::Leave(done)) => {
+                        self.leaving = true;
+                        self.publish_heartbeat();
+                        // The swarm must run for the heartbeat to go out.
+                        let flushed = tokio::time::sleep(LEAVE_FLUSH);
+                        tokio::pin!(flushed);
+                        loop {
+                            tokio::select! {
+                                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                                _ = &mut flushed => break,
+                            }
+                        }
+                        let _ = done.send(());
                     }
                     Some(Command::Shutdown(done)) => {
                         let _ = done.send(());
@@ -982,6 +1016,7 @@ impl SwarmDriver {
                 Role::Coordinator => 0,
                 _ => self.expect.read().map_or(0, |e| e.total_elements as u64),
             },
+            leaving: self.leaving,
         };
         let bytes = hb.encode_to_vec();
         let len = bytes.len() as u64;
@@ -1237,6 +1272,12 @@ impl SwarmDriver {
                         .build();
                     let _ = self.swarm.dial(opts);
                 }
+                None
+            }
+            Ok(Observed::NotAMember) => None,
+            Ok(Observed::Left(p)) => {
+                self.refresh_view();
+                self.emit_member(MemberEvent::Left(p)).await;
                 None
             }
             Ok(observed) => {

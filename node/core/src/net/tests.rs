@@ -233,6 +233,35 @@ async fn a_new_peer_is_a_member_long_before_the_next_regular_heartbeat() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_is_dropped_by_its_peers_long_before_the_expiry() {
+    let (a, mut arx) = start(config(4)).await;
+    let (b, _brx) = connected_to(&a, config(4)).await;
+    each_a_member_of_the_other(&a, &b, Duration::from_secs(10)).await;
+    let left = Instant::now();
+    b.leave().await;
+    // Still connected, still heartbeating: only its goodbye can do this
+    // inside the 10 s expiry.
+    let gone = |a: &Network| !a.view().members.iter().any(|m| m.peer == b.local_peer);
+    wait_until("a to drop b", Duration::from_secs(3), || gone(&a)).await;
+    assert!(a.view().connected.contains(&b.local_peer));
+    let said = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match arx.recv().await {
+                Some(NetEvent::MemberLeft(p)) => break p,
+                Some(_) => continue,
+                None => panic!("a's events ended"),
+            }
+        }
+    })
+    .await
+    .expect("a MemberLeft event");
+    assert_eq!(said, b.local_peer);
+    // Its later heartbeats say the same: it stays out.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(gone(&a), "b came back {:?} after leaving", left.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dial_to_a_port_nobody_listens_on_counts_as_unreachable() {
     // A peer that has left: its port refuses the connection. That is no
     // handshake failure (which would point at a key or a security mismatch).
