@@ -118,12 +118,15 @@ pub async fn run_node(setup: NodeSetup) -> Result<NodeSummary, NodeError> {
     net_cfg.role = if joining { Role::Joining } else { Role::Node };
     // A node that looks for its coordinator by name is silent until it
     // has found it: its peers wait for it rather than train without it.
-    net_cfg.silent = run.coordinator_at.is_some();
+    let silent = run.coordinator_at.is_some();
+    net_cfg.silent = silent;
     let (network, net_events) = Network::start(setup.key.clone(), net_cfg).await?;
     if let (Some(addr), Some(c)) = (&run.coordinator_at, run.strategy.coordinator.as_mut()) {
         c.coordinator = find_coordinator(&network, addr, run.join_timeout).await?;
     }
-    network.announce().await;
+    if silent {
+        network.announce().await;
+    }
     let network = Arc::new(network);
     let initial = setup.trainer.model.params().map(|p| p.values).unwrap_or_default();
     let board = StatusBoard::new(

@@ -61,10 +61,7 @@ impl GossipReach {
     /// Reset members that are no longer connected: to dial again now (each
     /// once; a member that reconnects on its own is simply forgotten).
     pub fn redial(&mut self, connected: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
-        let (gone, still): (Vec<PeerId>, Vec<PeerId>) =
-            self.to_redial.drain().partition(|p| !connected(p));
-        self.to_redial.extend(still);
-        gone
+        self.to_redial.extract_if(|p| !connected(p)).collect()
     }
 }
 

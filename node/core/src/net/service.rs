@@ -1062,16 +1062,20 @@ impl SwarmDriver {
         for peer in self.reach.beat(&unreached, Instant::now()) {
             warn!(
                 %peer,
-                "gossip does not list member {peer} on the run's topic, so it gets no heartbeat of this node: reconnecting"
+                "gossip does not list this member on the run's topic, so it gets no heartbeat of this node: reconnecting"
             );
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         let swarm = &self.swarm;
         for peer in self.reach.redial(|p| swarm.is_connected(p)) {
             let addrs = self.membership.get(&peer).map(|m| m.addrs.clone()).unwrap_or_default();
-            let opts = DialOpts::peer_id(peer).addresses(addrs).build();
-            let _ = self.swarm.dial(opts);
+            self.dial_at(peer, addrs);
         }
+    }
+
+    /// Dials `peer` at these addresses only (a heartbeat's, or a member's).
+    fn dial_at(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
     }
 
     async fn expire_members(&mut self) {
@@ -1267,10 +1271,7 @@ impl SwarmDriver {
                     // kept out of the DHT until it is a member.
                     let addrs: Vec<Multiaddr> =
                         hb.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(source)
-                        .addresses(addrs)
-                        .build();
-                    let _ = self.swarm.dial(opts);
+                    self.dial_at(source, addrs);
                 }
                 None
             }
