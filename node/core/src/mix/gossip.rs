@@ -26,6 +26,7 @@ use super::mixer::{
 use super::patience::{Awaiting, Patience};
 use super::slot_inbox::{SlotInbox, find_peer, peer_key};
 use super::topology::{Topology, TopologyError, TopologySpec};
+use super::vec_map::VecMap;
 
 /// How far ahead of the current exchange a message may be and still be kept.
 const MAX_SLOTS_AHEAD: u64 = 64;
@@ -99,7 +100,8 @@ pub struct Gossip {
     round: u64,
     phase: Phase,
     x: Vec<f32>,
-    inbox: BTreeMap<u64, SlotInbox>,
+    /// By slot: the current one and the few kept ahead.
+    inbox: VecMap<u64, SlotInbox>,
     /// Peers whose message for a slot was refused on arrival: not waited for.
     refused: BTreeMap<u64, std::collections::BTreeSet<PeerId>>,
     /// The newest message of each neighbour that ran further ahead than
@@ -154,7 +156,7 @@ impl Gossip {
             topology,
             phase: Phase::Training,
             x: Vec::new(),
-            inbox: BTreeMap::new(),
+            inbox: VecMap::default(),
             refused: BTreeMap::new(),
             ahead: BTreeMap::new(),
             drops: Drops::default(),
@@ -408,7 +410,7 @@ impl Gossip {
         // phase still names the last step, which would also forget what
         // came early for the next round's first steps.
         let current = self.slot(0);
-        self.inbox = self.inbox.split_off(&current);
+        self.inbox.remove_below(&current);
         self.refused = self.refused.split_off(&current);
         if self.round >= self.cfg.rounds {
             self.phase = Phase::Done;
@@ -463,7 +465,7 @@ impl Gossip {
         if let Some(pos) = expected {
             self.heard(pos, now);
         }
-        self.inbox.entry(m.slot).or_default().insert(m);
+        self.inbox.get_or_insert_with(m.slot, SlotInbox::default).insert(m);
         self.try_mix(now, false)
     }
 
@@ -513,7 +515,7 @@ impl Gossip {
     /// Messages from `peer` held for slots after the current one.
     fn held_ahead(&self, peer: &PeerId) -> usize {
         let current = self.current_slot();
-        self.inbox.range(current + 1..).filter(|(_, b)| b.contains_key(peer)).count()
+        self.inbox.above(&current).filter(|(_, b)| b.contains_key(peer)).count()
     }
 }
 
@@ -970,7 +972,7 @@ pub(crate) mod tests {
             g.handle(Input::Tick, t0 + Duration::from_secs(2));
         }
         g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
-        assert!(g.inbox.keys().all(|&slot| slot >= 3), "{:?}", g.inbox.keys());
+        assert!(g.inbox.keys().all(|&slot| slot >= 3), "{:?}", g.inbox.keys().collect::<Vec<_>>());
     }
 
     #[test]

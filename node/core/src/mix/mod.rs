@@ -22,3 +22,4 @@ mod sim_shard;
 pub mod slot_inbox;
 pub mod strategy;
 pub mod topology;
+pub mod vec_map;

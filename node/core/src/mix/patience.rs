@@ -28,12 +28,12 @@
 //! swarm whose nodes differ by less than `fraction` stays in step; one on a
 //! lossy link is mixed whenever its message arrives within what it has.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use libp2p::PeerId;
 
 use super::mixer::Roster;
+use super::vec_map::VecMap;
 
 /// The grace, and the credit earned, as a fraction of the training time,
 /// unless told otherwise: a member that does not keep pace costs at most
@@ -75,7 +75,8 @@ pub struct Patience {
     /// `None`: every neighbour gets the full deadline, always.
     fraction: Option<f64>,
     deadline: Duration,
-    standing: BTreeMap<PeerId, Standing>,
+    /// A few entries, one per in-neighbour settled (see `VecMap`).
+    standing: VecMap<PeerId, Standing>,
 }
 
 /// What a neighbour has earned: credit, how many exchanges in a row it
@@ -92,7 +93,7 @@ impl Patience {
     /// local phase is the grace; `None` waits the full `deadline` for everyone.
     pub fn new(fraction: Option<f64>, deadline: Duration) -> Patience {
         let fraction = fraction.filter(|f| f.is_finite() && *f >= 0.0);
-        Patience { fraction, deadline, standing: BTreeMap::new() }
+        Patience { fraction, deadline, standing: VecMap::default() }
     }
 
     /// How long after the grace the exchange may wait for `peer`.
