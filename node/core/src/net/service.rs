@@ -38,7 +38,9 @@ use super::buffers::BufferPool;
 use super::gossip_reach::GossipReach;
 use super::inbound::InboundStream;
 use super::log_limit::LogLimiter;
-use super::membership::{Member, MemberEvent, MemberLimits, Membership, Observed, Role, Verdict};
+use super::membership::{
+    HeartbeatRefusal, Member, MemberEvent, MemberLimits, Membership, Observed, Role, Verdict,
+};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
 use crate::fault::Faults;
@@ -1299,7 +1301,15 @@ impl SwarmDriver {
                 None
             }
             Err(refusal) => {
-                self.refusal_logs.warn(&source, "refused heartbeat", &refusal);
+                if let HeartbeatRefusal::StaleSeq { seq, last } = refusal {
+                    // A copy that came after a newer one: relayed copies
+                    // trail the direct ones under churn. Counted and
+                    // ignored, not warned about (a churn run warned six
+                    // times in one burst).
+                    tracing::debug!(%source, seq, last, "stale heartbeat ignored");
+                } else {
+                    self.refusal_logs.warn(&source, "refused heartbeat", &refusal);
+                }
                 self.accounting.refuse(refusal.reason());
                 Some(refusal.verdict())
             }
