@@ -4,10 +4,9 @@
 //! Why not a `BTreeMap`: its first entry allocates a whole leaf of eleven,
 //! a separate block per map. A node's patience keyed by 80-byte peer ids
 //! took 1.2 KB for a ring's two neighbours, a fifth of a simulated node's
-//! memory, read from cold memory every exchange; a node of 100,000 cost
-//! twice the time per message of one of 1,000 mostly in such cache
-//! misses. Here the entries sit in one block that keeps its capacity when
-//! emptied, so a map that fills and empties every round allocates once.
+//! memory. Here the entries sit in one block that keeps its capacity when
+//! emptied, so a map that fills and empties every round (the inbox)
+//! allocates once.
 //! It grows by a quarter, not double: an exponential graph's node of
 //! 100,000 has 34 neighbours, which doubling would keep in room for 64.
 //! Lookups are a binary search and inserts move the entries after the
