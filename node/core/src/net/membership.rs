@@ -151,6 +151,13 @@ impl HeartbeatRefusal {
         }
     }
 
+    /// Whether it is routine, not worth a warning: a stale heartbeat is a
+    /// relayed copy that came after a newer one, as under churn (a churn
+    /// run warned six times in one burst). Still counted.
+    pub fn is_routine(&self) -> bool {
+        matches!(self, HeartbeatRefusal::StaleSeq { .. })
+    }
+
     /// Whether the relaying peer is at fault (gossipsub's P4 penalty).
     pub fn verdict(&self) -> Verdict {
         match self {

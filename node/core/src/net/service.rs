@@ -38,9 +38,7 @@ use super::buffers::BufferPool;
 use super::gossip_reach::GossipReach;
 use super::inbound::InboundStream;
 use super::log_limit::LogLimiter;
-use super::membership::{
-    HeartbeatRefusal, Member, MemberEvent, MemberLimits, Membership, Observed, Role, Verdict,
-};
+use super::membership::{Member, MemberEvent, MemberLimits, Membership, Observed, Role, Verdict};
 use super::swarm::{self, Behaviour, BehaviourEvent, SwarmSettings};
 use super::wire::{self, Expectation, Payload};
 use crate::fault::Faults;
@@ -490,12 +488,12 @@ impl Network {
 
     /// Tells the run's members this node is stopping (a leaving
     /// heartbeat), so that they drop it now rather than after the expiry;
-    /// returns once it had `LEAVE_FLUSH` to go out. Nothing this node
-    /// sends afterwards makes it a member again.
+    /// returns once it had `LEAVE_FLUSH` to go out (the swarm task sends it
+    /// meanwhile). Nothing this node sends afterwards makes it a member again.
     pub async fn leave(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Leave(tx)).await.is_ok() {
-            let _ = rx.await;
+        if self.commands.send(Command::Leave(tx)).await.is_ok() && rx.await.is_ok() {
+            tokio::time::sleep(LEAVE_FLUSH).await;
         }
     }
 
@@ -911,19 +909,10 @@ impl SwarmDriver {
                         self.cfg.silent = false;
                         self.publish_heartbeat();
                     }
-                    Some(Command::Leave(done)) => {
+                    Some(Command::Leave(published)) => {
                         self.leaving = true;
                         self.publish_heartbeat();
-                        // The swarm must run for the heartbeat to go out.
-                        let flushed = tokio::time::sleep(LEAVE_FLUSH);
-                        tokio::pin!(flushed);
-                        loop {
-                            tokio::select! {
-                                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
-                                _ = &mut flushed => break,
-                            }
-                        }
-                        let _ = done.send(());
+                        let _ = published.send(());
                     }
                     Some(Command::Shutdown(done)) => {
                         let _ = done.send(());
@@ -1301,12 +1290,8 @@ impl SwarmDriver {
                 None
             }
             Err(refusal) => {
-                if let HeartbeatRefusal::StaleSeq { seq, last } = refusal {
-                    // A copy that came after a newer one: relayed copies
-                    // trail the direct ones under churn. Counted and
-                    // ignored, not warned about (a churn run warned six
-                    // times in one burst).
-                    tracing::debug!(%source, seq, last, "stale heartbeat ignored");
+                if refusal.is_routine() {
+                    debug!(%source, "refused heartbeat: {refusal}");
                 } else {
                     self.refusal_logs.warn(&source, "refused heartbeat", &refusal);
                 }
