@@ -123,11 +123,12 @@ if [ "${MURMUR_BENCH_TRANSFER:-1}" != 0 ]; then
 fi
 
 # Round time of an 8-node gossip ring split into compute and communication,
-# 100k and 5M parameters (scripts/bench_rounds.py, stdlib only; alone:
+# 100k and 5M parameters, beside the same ring hand-written on gloo from this
+# venv (scripts/bench_rounds.py, stdlib only; alone, without the gloo rows:
 # `python3 scripts/bench_rounds.py`); writes target/bench/rounds.{json,md}.
 # Set MURMUR_BENCH_ROUNDS=0 to skip it.
 if [ "${MURMUR_BENCH_ROUNDS:-1}" != 0 ]; then
-  python3 scripts/bench_rounds.py --murmur target/release/murmur --out target/bench
+  python3 scripts/bench_rounds.py --murmur target/release/murmur --out target/bench --python "$venv/bin/python"
 fi
 
 # All-reduce of a 25 MB vector over 4 and 8 processes: murmur's shard-owner

@@ -4,10 +4,10 @@ Both sides: 8 processes on this machine, one torch thread each, a ring
 (Metropolis-Hastings weights, 1/3 each), murmur's `lenet` (117,066
 parameters) on MNIST (the 10,000 images of `MURMUR_DATA_DIR/mnist`, 2,000
 held out, 1,000 per node, IID), SGD lr 0.01 momentum 0.9, batch 32, 10 local
-steps then one gossip step per round, 100 rounds. The gloo side is the
-script a researcher would write: `torch.distributed` with the gloo backend,
-each round `isend`/`irecv` of the flattened parameters with both ring
-neighbours, then the average.
+steps then one gossip step per round, 100 rounds. The gloo side
+(`gloo_ring.py`) is the script a researcher would write: `torch.distributed`
+with the gloo backend, each round `isend`/`irecv` of the flattened
+parameters with both ring neighbours, then the average.
 
 Per side: compute and communication per round (compute: the local steps;
 communication: from the end of the local steps to the next round's start,
@@ -45,85 +45,10 @@ import threading
 import time
 from pathlib import Path
 
+import gloo_ring
+
 NODES, ROUNDS, LOCAL, BATCH, LR, MOMENTUM = 8, 100, 10, 32, 0.01, 0.9
 TIMEOUT_S = 900
-
-# The gloo side, one process per rank: argv = rank, world, port, mnist dir,
-# rounds. Prints one JSON line.
-WORKER = r'''
-import gzip, json, resource, sys, time
-import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
-
-rank, world, port, mnist, rounds, local, batch, lr, momentum = sys.argv[1:10]
-rank, world, rounds, local, batch = int(rank), int(world), int(rounds), int(local), int(batch)
-lr, momentum = float(lr), float(momentum)
-torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-
-def idx(name):
-    raw = gzip.open(f"{mnist}/{name}", "rb").read()
-    dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
-
-images = ((idx("t10k-images-idx3-ubyte.gz").float() / 255 - 0.1307) / 0.3081).unsqueeze(1)
-labels = idx("t10k-labels-idx1-ubyte.gz").long()
-order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-held, train = order[:2000], order[2000:]
-shard = train[rank::world]
-xs, ys = images[shard], labels[shard]
-
-class LeNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 16, 5, padding=2), nn.Conv2d(16, 32, 5)
-        self.fc1, self.fc2 = nn.Linear(800, 128), nn.Linear(128, 10)
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-torch.manual_seed(0)  # every node starts from the same model, as murmur's do
-model = LeNet()
-params = list(model.parameters())
-opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-left, right = (rank - 1) % world, (rank + 1) % world
-g = torch.Generator().manual_seed(rank)
-perm, at = torch.randperm(len(ys), generator=g), 0
-compute, comm = [], []
-bufs = [torch.empty(sum(p.numel() for p in params)) for _ in range(2)]
-dist.barrier()
-start = time.monotonic()
-for r in range(rounds):
-    t0 = time.monotonic()
-    for _ in range(local):
-        if at + batch > len(ys):
-            perm, at = torch.randperm(len(ys), generator=g), 0
-        b = perm[at:at + batch]
-        at += batch
-        opt.zero_grad()
-        F.cross_entropy(model(xs[b]), ys[b]).backward()
-        opt.step()
-    t1 = time.monotonic()
-    flat = nn.utils.parameters_to_vector(params).detach()
-    reqs = [dist.isend(flat, right), dist.isend(flat, left), dist.irecv(bufs[0], left), dist.irecv(bufs[1], right)]
-    for q in reqs:
-        q.wait()
-    nn.utils.vector_to_parameters((flat + bufs[0] + bufs[1]) / 3, params)
-    t2 = time.monotonic()
-    compute.append(t1 - t0)
-    comm.append(t2 - t1)
-loop = time.monotonic() - start
-flat = nn.utils.parameters_to_vector(params).detach()
-dist.all_reduce(flat)
-nn.utils.vector_to_parameters(flat / world, params)
-with torch.no_grad():
-    accuracy = (model(images[held]).argmax(1) == labels[held]).float().mean().item()
-print(json.dumps({"rank": rank, "compute": compute, "comm": comm, "loop_seconds": loop, "accuracy": accuracy,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "parameters": flat.numel()}))
-dist.destroy_process_group()
-'''
 
 
 def mnist_dir():
@@ -243,21 +168,17 @@ def free_port():
 
 
 def gloo(args, mnist):
-    port = free_port()
-    cmd = lambda rank: [args.python, "-W", "ignore", "-c", WORKER, str(rank), str(NODES), str(port), str(mnist),
-                        str(args.rounds), str(LOCAL), str(BATCH), str(LR), str(MOMENTUM)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    worker = ["--task", f"lenet-mnist:{mnist}", "--optimizer", f"sgd:{LR},{MOMENTUM}", "--rounds", str(args.rounds),
+              "--local-steps", str(LOCAL), "--batch", str(BATCH)]
     start = time.monotonic()
-    procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(NODES)]
+    procs = gloo_ring.start(args.python, NODES, free_port(), worker, env=env)
     pss = PssSampler(lambda: [p.pid for p in procs])
-    outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    try:
+        ranks = gloo_ring.finish(procs, TIMEOUT_S)
+    finally:
+        peak_pss = pss.finish()
     wall = time.monotonic() - start
-    peak_pss = pss.finish()
-    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
-        if p.returncode != 0:
-            raise RuntimeError(f"gloo rank {r} failed ({p.returncode}): {err.strip()[-2000:]}")
-    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     compute = [statistics.fmean(r["compute"]) for r in ranks]
     comm = [statistics.fmean(r["comm"]) for r in ranks]
     return {

@@ -37,6 +37,13 @@ times:
   averaged model's held-out accuracy, so that a faster round that learns
   less shows.
 
+With --python (a python with torch, the bench venv's), the same blocking
+ring written by hand on gloo (`gloo_ring.py`: the same model, batch, local
+steps, AdamW settings and rounds, 8 processes, one torch thread each) runs
+too, as a reference for what this algorithm's communication costs on this
+machine when it is not murmur's: its ranks wait for their neighbours on the
+same shared cores.
+
 When <out>/transfer.json exists (scripts/bench_transfer.py), the time to
 receive two payloads of each size at its measured murmur throughput on an
 idle pair is given as a reference. The machine's effective cores (nproc spin
@@ -53,11 +60,14 @@ import multiprocessing
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import gloo_ring
 
 NODES = 8
 COMM_TARGET = 0.10  # communication's share of a round, 100k model
@@ -154,6 +164,38 @@ def measure(args, name, hidden, target, rounds, run):
     }
 
 
+def measure_gloo(args, name, hidden, target, rounds):
+    """The gloo script's blocking ring at the same settings (murmur's defaults: AdamW lr 1e-3, weight decay 0.01)."""
+    worker = ["--task", f"mlp-synthetic:{hidden}", "--optimizer", "adamw:0.001,0.01", "--rounds", str(rounds),
+              "--local-steps", str(args.local_steps), "--batch", "64"]
+    print(f"bench: {name} gloo: {args.python} gloo_ring.py {' '.join(worker)}", file=sys.stderr)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ranks = gloo_ring.finish(gloo_ring.start(args.python, NODES, port, worker, env=env), TIMEOUT_S)
+    params = ranks[0]["parameters"]
+    if abs(params - target) > 0.01 * target:
+        raise RuntimeError(f"{name}: the gloo script's mlp has {params} parameters, not about {target}")
+    compute = [statistics.fmean(r["compute"]) for r in ranks]
+    comm = [statistics.fmean(r["comm"]) for r in ranks]
+    mean = statistics.fmean
+    return {
+        "size": name,
+        "run": "gloo",
+        "hidden": hidden,
+        "parameters": params,
+        "rounds": rounds,
+        "round_seconds": mean(compute) + mean(comm),
+        "compute_seconds_per_round": mean(compute),
+        "communication_seconds_per_round": mean(comm),
+        "communication_fraction": mean(m / (c + m) for c, m in zip(compute, comm)),
+        "communication_seconds_per_round_min_max": [min(comm), max(comm)],
+        "compute_seconds_per_round_min_max": [min(compute), max(compute)],
+        "theoretical_bytes_per_round_per_node": 2 * params * 4,
+    }
+
+
 def split(runs, transfer):
     """Where one size's communication time goes, from its f32, bf16 and local runs."""
     f32, bf16, local = runs.get("f32"), runs.get("bf16"), runs.get("local")
@@ -206,12 +248,14 @@ def report(result):
     ]
     for r in result["runs"]:
         lo, hi = r["communication_seconds_per_round_min_max"]
+        sent = r.get("bytes_sent_per_round_per_node")
+        accuracy = r.get("average_accuracy")
         lines.append(
             f"| {r['size']} | {r['parameters']:,} | {r['run']} | {r['rounds']} | {ms(r['round_seconds'])} | "
             f"{ms(r['compute_seconds_per_round'])} | {ms(r['communication_seconds_per_round'])} | "
             f"{100 * r['communication_fraction']:.1f} | {ms(lo)}-{ms(hi)} | "
-            f"{r['bytes_sent_per_round_per_node'] / 1e3:,.0f} | {r['theoretical_bytes_per_round_per_node'] / 1e3:,.0f} | "
-            f"{100 * r['average_accuracy']:.1f}% |"
+            f"{'n/a' if sent is None else f'{sent / 1e3:,.0f}'} | {r['theoretical_bytes_per_round_per_node'] / 1e3:,.0f} | "
+            f"{'n/a' if accuracy is None else f'{100 * accuracy:.1f}%'} |"
         )
     lines += ["", *paragraphs(result)]
     goal = result["target"]
@@ -225,6 +269,15 @@ def report(result):
         lines.append(
             f"With --overlap (the next phase trains while the exchange runs): {100 * v:.1f}%, "
             f"{'within' if v <= goal['target'] else 'over'} the target."
+        )
+    reference = goal.get("gloo")
+    if reference:
+        lines.append(
+            f"The same blocking ring hand-written on gloo, same settings, in this invocation (a reference for what "
+            f"the algorithm costs on these cores, not a target): {100 * reference['fraction']:.1f}%, "
+            f"{ms(reference['seconds'])} ms of communication a round against murmur's {ms(reference['murmur_seconds'])} "
+            f"({reference['murmur_seconds'] / reference['seconds']:.2f}x), "
+            f"its compute {ms(reference['compute_seconds'])} ms against murmur's {ms(reference['murmur_compute_seconds'])}."
         )
     return "\n".join(lines) + "\n"
 
@@ -276,6 +329,7 @@ def main():
     p.add_argument("--local-steps", type=int, default=20, help="local steps per round (default 20)")
     p.add_argument("--sizes", default="100k,5M", help="comma-separated subset of 100k,5M")
     p.add_argument("--runs", default="f32,bf16,local,overlap", help="comma-separated subset of f32,bf16,local,overlap")
+    p.add_argument("--python", help="a python with torch 2.13.0 (the bench venv's): also run the gloo script")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every round count (e.g. 0.5 for a quick run)")
     args = p.parse_args()
     sizes, runs = args.sizes.split(","), args.runs.split(",")
@@ -306,11 +360,22 @@ def main():
             done[run] = measure(args, name, hidden, target, max(2, round(rounds * args.scale)), run)
             result["runs"].append(done[run])
         result["split"][name] = split(done, transfer)
+        if args.python:
+            result["runs"].append(measure_gloo(args, name, hidden, target, max(2, round(rounds * args.scale))))
     small = next((r for r in result["runs"] if r["size"] == "100k" and r["run"] == "f32"), None)
     value = small and small["communication_fraction"]
     result["target"] = {"value": value, "target": COMM_TARGET, "met": value is not None and value <= COMM_TARGET}
     overlap = next((r for r in result["runs"] if r["size"] == "100k" and r["run"] == "overlap"), None)
     result["target"]["overlap_value"] = overlap and overlap["communication_fraction"]
+    reference = next((r for r in result["runs"] if r["size"] == "100k" and r["run"] == "gloo"), None)
+    if small and reference:
+        result["target"]["gloo"] = {
+            "fraction": reference["communication_fraction"],
+            "seconds": reference["communication_seconds_per_round"],
+            "compute_seconds": reference["compute_seconds_per_round"],
+            "murmur_seconds": small["communication_seconds_per_round"],
+            "murmur_compute_seconds": small["compute_seconds_per_round"],
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rounds.json").write_text(json.dumps(result, indent=2) + "\n")
     text = report(result)
