@@ -83,13 +83,46 @@ mod tests {
     use murmur_core::mix::strategy::{self, StrategyKind, StrategySpec};
     use murmur_core::mix::topology::TopologySpec;
 
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
     use crate::sampling::SamplerConfig;
+
+    /// A hub that counts what it hears, and passes everything on.
+    struct Counting {
+        hub: SimCoordinator,
+        observed: Arc<AtomicU64>,
+    }
+
+    impl Hub for Counting {
+        fn peer(&self) -> PeerId {
+            self.hub.peer()
+        }
+        fn observe(&mut self, peer: PeerId, round: u64, now: Instant) {
+            self.observed.fetch_add(1, Ordering::Relaxed);
+            self.hub.observe(peer, round, now);
+        }
+        fn receive(&mut self, m: Message, now: Instant) {
+            self.hub.receive(m, now);
+        }
+        fn tick(&mut self, now: Instant) -> Vec<Message> {
+            self.hub.tick(now)
+        }
+        fn deadline(&self) -> Option<Instant> {
+            self.hub.deadline()
+        }
+    }
 
     /// 12 nodes averaging random vectors in 3 rings for 10 rounds, with a
     /// coordinator sampling 4 every 5 rounds to `target` (none: rings alone).
     fn rings(target: Option<Target>) -> SimReport {
-        let ids = sim::peer_ids(12, 3);
+        rings_of(12, target, Arc::default())
+    }
+
+    /// `n` nodes as in `rings`; `observed` counts the heartbeats the
+    /// coordinator hears.
+    fn rings_of(n: usize, target: Option<Target>, observed: Arc<AtomicU64>) -> SimReport {
+        let ids = sim::peer_ids(n, 3);
         let hub_peer = sim::peer_ids(1, 99)[0];
         let kind = if target.is_some() { StrategyKind::Semidec } else { StrategyKind::Gossip };
         let spec = StrategySpec {
@@ -103,7 +136,7 @@ mod tests {
             }),
             ..StrategySpec::new(kind)
         };
-        let init = sim::random_params(12, 8, 3);
+        let init = sim::random_params(n, 8, 3);
         let nodes: Vec<SimNode> = ids
             .iter()
             .zip(init)
@@ -121,15 +154,15 @@ mod tests {
                 sample_size: 4,
                 target,
                 deadline: Duration::from_millis(200),
-                min_members: 12,
+                min_members: n,
                 patience: Duration::from_secs(20),
                 member_expiry: Duration::from_secs(10),
                 aggregator: Aggregator::Mean,
                 elements: 8,
                 max_weight: None,
             };
-            simulator = simulator
-                .with_hub(Box::new(SimCoordinator { peer: hub_peer, sampler: Sampler::new(cfg) }));
+            let hub = SimCoordinator { peer: hub_peer, sampler: Sampler::new(cfg) };
+            simulator = simulator.with_hub(Box::new(Counting { hub, observed }));
         }
         simulator.run(&mut NoTraining).unwrap()
     }
@@ -149,5 +182,22 @@ mod tests {
             alone.final_consensus_distance
         );
         assert!(s2a.messages.sent > alone.messages.sent, "the coordinator's messages count");
+    }
+
+    #[test]
+    fn the_coordinator_hears_of_each_round_once_not_of_every_node_at_every_event() {
+        // 600 nodes, 10 rounds: a node's round moves 10 times, and every
+        // live node is heard once a second of virtual time besides. Hearing
+        // every node after every event (as before) was 600 times each
+        // event's worth, millions here, and made a run cost n^2.
+        let (n, observed) = (600, Arc::new(AtomicU64::new(0)));
+        let s2a = rings_of(n, Some(Target::All), observed.clone());
+        assert_eq!(s2a.end, sim::EndReason::AllFinished);
+        assert!(s2a.final_consensus_distance < 1e-5, "{}", s2a.final_consensus_distance);
+        let beats = s2a.virtual_seconds.ceil() as u64 + 1;
+        let bound = n as u64 * (10 + beats);
+        let heard = observed.load(Ordering::Relaxed);
+        assert!(heard <= bound, "heard {heard} rounds, more than {bound}");
+        assert!(heard >= n as u64 * 10, "heard {heard}: every node's every round is heard");
     }
 }

@@ -130,10 +130,22 @@ struct Live {
 }
 
 /// The coordinator's state.
+///
+/// A tick that has nothing to do costs no pass over the members: how many
+/// are in each round is kept as they are heard (the run's round is their
+/// lower median), and the members are only looked through for expiry once
+/// the earliest of their last heartbeats may have expired. A simulated
+/// coordinator ticks after every event of a run, so a pass per tick made a
+/// run of n nodes cost n^2 (3,000 nodes: 167 s against 0.6 s without one).
 #[derive(Debug)]
 pub struct Sampler {
     cfg: SamplerConfig,
     members: BTreeMap<PeerId, Live>,
+    /// How many members are in each round (no zero counts).
+    rounds: BTreeMap<u64, usize>,
+    /// No member was last seen before this: exact after an expiry pass, a
+    /// lower bound in between (a member heard again is seen later).
+    seen_since: Option<Instant>,
     /// The next round to sample.
     next: u64,
     collecting: Option<Collecting>,
@@ -165,6 +177,8 @@ impl Sampler {
         Sampler {
             cfg,
             members: BTreeMap::new(),
+            rounds: BTreeMap::new(),
+            seen_since: None,
             next,
             collecting: None,
             outcomes: VecDeque::new(),
@@ -184,7 +198,11 @@ impl Sampler {
 
     /// A heartbeat of a training member at `round`.
     pub fn observe(&mut self, peer: PeerId, round: u64, now: Instant) {
-        self.members.insert(peer, Live { round, last_seen: now });
+        if let Some(was) = self.members.insert(peer, Live { round, last_seen: now }) {
+            uncount(&mut self.rounds, was.round);
+        }
+        *self.rounds.entry(round).or_default() += 1;
+        self.seen_since = Some(self.seen_since.map_or(now, |s| s.min(now)));
     }
 
     /// Live members and the round each last announced.
@@ -240,14 +258,38 @@ impl Sampler {
 
     /// The round the members are at: their lower median.
     fn run_round(&self) -> Option<u64> {
-        let mut rounds: Vec<u64> = self.members.values().map(|m| m.round).collect();
-        rounds.sort_unstable();
-        rounds.get(rounds.len().checked_sub(1)? / 2).copied()
+        let mut before = self.members.len().checked_sub(1)? / 2;
+        for (&round, &count) in &self.rounds {
+            if before < count {
+                return Some(round);
+            }
+            before -= count;
+        }
+        None
+    }
+
+    /// Forgets the members not heard from for `member_expiry`; looks
+    /// through them only when the earliest heartbeat may be that old.
+    fn expire(&mut self, now: Instant) {
+        let expiry = self.cfg.member_expiry;
+        if self.seen_since.is_none_or(|s| now.saturating_duration_since(s) < expiry) {
+            return;
+        }
+        let (rounds, mut earliest) = (&mut self.rounds, None::<Instant>);
+        self.members.retain(|_, m| {
+            let keep = now.saturating_duration_since(m.last_seen) < expiry;
+            if keep {
+                earliest = Some(earliest.map_or(m.last_seen, |e| e.min(m.last_seen)));
+            } else {
+                uncount(rounds, m.round);
+            }
+            keep
+        });
+        self.seen_since = earliest;
     }
 
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
-        let expiry = self.cfg.member_expiry;
-        self.members.retain(|_, m| now.saturating_duration_since(m.last_seen) < expiry);
+        self.expire(now);
         if let Some(c) = &self.collecting {
             // Done when nobody it waits for can still answer.
             let waits =
@@ -321,6 +363,16 @@ impl Sampler {
         }
         self.outcomes.push_back(outcome);
         actions
+    }
+}
+
+/// One member fewer in `round`.
+fn uncount(rounds: &mut BTreeMap<u64, usize>, round: u64) {
+    if let Some(c) = rounds.get_mut(&round) {
+        *c -= 1;
+        if *c == 0 {
+            rounds.remove(&round);
+        }
     }
 }
 
@@ -402,6 +454,49 @@ mod tests {
             s.observe(*p, round, now);
         }
         s
+    }
+
+    #[test]
+    fn the_kept_counts_and_the_lazy_expiry_agree_with_a_pass_over_every_member() {
+        // 3,000 pseudo-random heartbeats (some from the past, as a daemon
+        // relays them) and expiry checks against the plain definitions: the
+        // lower median of all members' rounds, and a pass dropping every
+        // member not seen for member_expiry.
+        let ids = peer_ids(40, 5);
+        let t0 = Instant::now();
+        let mut s = Sampler::new(cfg(3, Target::All));
+        let mut model: BTreeMap<PeerId, (u64, Instant)> = BTreeMap::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut draw = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut clock = Duration::ZERO;
+        for step in 0..3_000 {
+            clock += Duration::from_millis(draw(400));
+            let now = t0 + clock;
+            if draw(4) == 0 {
+                s.expire(now);
+                model.retain(|_, (_, seen)| {
+                    now.saturating_duration_since(*seen) < s.cfg.member_expiry
+                });
+            } else {
+                let peer = ids[draw(ids.len() as u64) as usize];
+                let seen = now - Duration::from_millis(draw(3_000)).min(clock);
+                let round = draw(12);
+                s.observe(peer, round, seen);
+                model.insert(peer, (round, seen));
+            }
+            let mut rounds: Vec<u64> = model.values().map(|(r, _)| *r).collect();
+            rounds.sort_unstable();
+            let median = rounds.len().checked_sub(1).map(|i| rounds[i / 2]);
+            assert_eq!(s.run_round(), median, "step {step}");
+            assert!(s.members.keys().eq(model.keys()), "step {step}");
+            assert_eq!(s.rounds.values().sum::<usize>(), model.len(), "step {step}");
+            assert!(s.rounds.values().all(|c| *c > 0), "step {step}: a zero count is kept");
+        }
     }
 
     #[test]

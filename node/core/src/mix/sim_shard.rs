@@ -193,6 +193,9 @@ pub(super) struct Shard {
     /// The running node's own events due in the window (a phase's end, a
     /// tick): a few at most.
     own: Vec<Handover>,
+    /// With a hub: the nodes whose round moved since the hub last heard
+    /// (it hears of them at once, of the others once a heartbeat).
+    pub(super) round_changes: Option<Vec<usize>>,
 }
 
 impl Shard {
@@ -212,6 +215,7 @@ impl Shard {
             evaluations: Vec::new(),
             running: None,
             own: Vec::new(),
+            round_changes: None,
         }
     }
 
@@ -628,6 +632,9 @@ impl Shard {
             return;
         }
         n.round = now;
+        if let Some(changes) = &mut self.round_changes {
+            changes.push(node);
+        }
         self.uncount(before);
         *self.at_round.entry(now).or_default() += 1;
     }
