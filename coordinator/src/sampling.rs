@@ -136,7 +136,8 @@ struct Live {
 /// lower median), and the members are only looked through for expiry once
 /// the earliest of their last heartbeats may have expired. A simulated
 /// coordinator ticks after every event of a run, so a pass per tick made a
-/// run of n nodes cost n^2 (3,000 nodes: 167 s against 0.6 s without one).
+/// run of n nodes cost n^2 (with the simulator telling it every node at
+/// every event: 3,000 nodes 167 s, now 1.0 s).
 #[derive(Debug)]
 pub struct Sampler {
     cfg: SamplerConfig,
