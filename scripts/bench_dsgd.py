@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -161,18 +160,12 @@ def many_nodes_report(r):
         f"{gib(r['machine_memory_bytes'])} | {gib(r['sum_of_peak_pss_bytes'])} | {acc} |", ""])
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gloo(args, mnist):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     worker = ["--task", f"lenet-mnist:{mnist}", "--optimizer", f"sgd:{LR},{MOMENTUM}", "--rounds", str(args.rounds),
               "--local-steps", str(LOCAL), "--batch", str(BATCH)]
     start = time.monotonic()
-    procs = gloo_ring.start(args.python, NODES, free_port(), worker, env=env)
+    procs = gloo_ring.start(args.python, NODES, worker, env=env)
     pss = PssSampler(lambda: [p.pid for p in procs])
     try:
         ranks = gloo_ring.finish(procs, TIMEOUT_S)

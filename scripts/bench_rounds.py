@@ -60,7 +60,6 @@ import multiprocessing
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -169,11 +168,8 @@ def measure_gloo(args, name, hidden, target, rounds):
     worker = ["--task", f"mlp-synthetic:{hidden}", "--optimizer", "adamw:0.001,0.01", "--rounds", str(rounds),
               "--local-steps", str(args.local_steps), "--batch", "64"]
     print(f"bench: {name} gloo: {args.python} gloo_ring.py {' '.join(worker)}", file=sys.stderr)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    ranks = gloo_ring.finish(gloo_ring.start(args.python, NODES, port, worker, env=env), TIMEOUT_S)
+    ranks = gloo_ring.finish(gloo_ring.start(args.python, NODES, worker, env=env), TIMEOUT_S)
     params = ranks[0]["parameters"]
     if abs(params - target) > 0.01 * target:
         raise RuntimeError(f"{name}: the gloo script's mlp has {params} parameters, not about {target}")

@@ -22,13 +22,18 @@ without torch can still launch this with a python that has it).
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 
-def start(python, world, port, worker_args, env=None):
-    """Launches the `world` ranks; `worker_args` are the options besides rank, world and port."""
+def start(python, world, worker_args, env=None):
+    """Launches the `world` ranks, meeting on a free port of 127.0.0.1; `worker_args` are the
+    options besides rank, world and port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     script = str(Path(__file__).resolve())
     cmd = lambda rank: [python, "-W", "ignore", script, "--rank", str(rank), "--world", str(world),
                         "--port", str(port), *worker_args]
