@@ -127,9 +127,7 @@ def measure(args, name, hidden, target, rounds, run):
     out, wall, cpu = run_cluster(args, name, hidden, rounds, run)
     cluster = json.loads((out / "cluster.json").read_text())
     summaries = [json.loads((out / f"node-{n['index']}" / "summary.json").read_text()) for n in cluster["nodes"]]
-    params = summaries[0]["parameters"]
-    if abs(params - target) > 0.01 * target:
-        raise RuntimeError(f"{name}: --hidden {hidden} gives {params} parameters, not about {target}")
+    params = check_parameters(name, f"--hidden {hidden} gives", summaries[0]["parameters"], target)
     for n in cluster["nodes"]:
         if n["exit_status"] != 0 or n["rounds"] != rounds:
             raise RuntimeError(f"{name} {run}: node {n['index']} exited {n['exit_status']} after {n['rounds']} of {rounds} rounds")
@@ -145,12 +143,7 @@ def measure(args, name, hidden, target, rounds, run):
         "rounds": rounds,
         "communicating_rounds": 1 if run == "local" else rounds,
         "average_accuracy": cluster["average"]["eval_accuracy"],
-        "round_seconds": mean(compute) + mean(comm),
-        "compute_seconds_per_round": mean(compute),
-        "communication_seconds_per_round": mean(comm),
-        "communication_fraction": mean(m / (c + m) for c, m in zip(compute, comm)),
-        "communication_seconds_per_round_min_max": [min(comm), max(comm)],
-        "compute_seconds_per_round_min_max": [min(compute), max(compute)],
+        **per_round(compute, comm),
         "bytes_sent_per_round_per_node": mean(s["bytes"]["bytes_sent"] / rounds for s in summaries),
         "theoretical_bytes_per_round_per_node": 2 * params * BYTES_PER_VALUE[run],
         "send_failures": sum(s["send_failures"] for s in summaries),
@@ -170,25 +163,37 @@ def measure_gloo(args, name, hidden, target, rounds):
     print(f"bench: {name} gloo: {args.python} gloo_ring.py {' '.join(worker)}", file=sys.stderr)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ranks = gloo_ring.finish(gloo_ring.start(args.python, NODES, worker, env=env), TIMEOUT_S)
-    params = ranks[0]["parameters"]
-    if abs(params - target) > 0.01 * target:
-        raise RuntimeError(f"{name}: the gloo script's mlp has {params} parameters, not about {target}")
+    params = check_parameters(name, "the gloo script's mlp has", ranks[0]["parameters"], target)
     compute = [statistics.fmean(r["compute"]) for r in ranks]
     comm = [statistics.fmean(r["comm"]) for r in ranks]
-    mean = statistics.fmean
     return {
         "size": name,
         "run": "gloo",
         "hidden": hidden,
         "parameters": params,
         "rounds": rounds,
+        **per_round(compute, comm),
+        "theoretical_bytes_per_round_per_node": 2 * params * BYTES_PER_VALUE["f32"],
+    }
+
+
+def check_parameters(name, what, params, target):
+    """`params`, if it is within 1% of `target`; `what` says whose count it is."""
+    if abs(params - target) > 0.01 * target:
+        raise RuntimeError(f"{name}: {what} {params} parameters, not about {target}")
+    return params
+
+
+def per_round(compute, comm):
+    """A round's timing from each node's (or rank's) compute and communication seconds per round."""
+    mean = statistics.fmean
+    return {
         "round_seconds": mean(compute) + mean(comm),
         "compute_seconds_per_round": mean(compute),
         "communication_seconds_per_round": mean(comm),
         "communication_fraction": mean(m / (c + m) for c, m in zip(compute, comm)),
         "communication_seconds_per_round_min_max": [min(comm), max(comm)],
         "compute_seconds_per_round_min_max": [min(compute), max(compute)],
-        "theoretical_bytes_per_round_per_node": 2 * params * 4,
     }
 
 
