@@ -54,17 +54,33 @@ fn count(v: &Value, key: &str) -> u64 {
 #[test]
 fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peers() {
     let tmp = tempfile::tempdir().unwrap();
+    // Every exchange waits the whole deadline for every neighbour (no
+    // straggler grace), so that the three stay in step and each drop is
+    // waited for. With the grace, one run in about fifteen beside three
+    // busy loops (and one on CI) failed: two drops in a row stalled all
+    // three for a deadline, node 1 came out of it a few rounds ahead of
+    // peers that then ran over a fifth slower on the loaded cores, so it
+    // no longer waited for them (as the grace intends), finished first
+    // and left, and its drops in the rounds its peers ran after that were
+    // missed by nobody: 24 dropped against 19 missed or stood in for.
     let c = cluster(
         tmp.path(),
         3,
         30,
-        &["--round-timeout-ms", "500", "--node-fault", "1=drop:0.3:out"],
+        &[
+            "--round-timeout-ms",
+            "200",
+            "--straggler-grace",
+            "off",
+            "--node-fault",
+            "1=drop:0.3:out",
+        ],
     );
     let nodes = c["nodes"].as_array().unwrap();
     let dropped = count(&nodes[1]["fault_effects"], "dropped_out");
     // Each attempt to a connected peer draws: 30 rounds x 2 neighbours,
-    // and the retries of sends a peer refused. Measured here: 24-27 of
-    // 62-65, alone and beside four busy loops.
+    // and the retries of sends a peer refused. Measured here: 24-25 of
+    // 68-70 beside three busy loops.
     let attempts = dropped + count(&summary(tmp.path(), 1)["bytes"], "messages_sent");
     let fraction = dropped as f64 / attempts as f64;
     assert!((0.1..=0.55).contains(&fraction), "node 1 dropped {dropped} of {attempts}");
