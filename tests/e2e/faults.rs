@@ -57,12 +57,13 @@ fn dropping_30_percent_of_a_nodes_messages_shows_as_missing_messages_at_its_peer
     // Every exchange waits the whole deadline for every neighbour (no
     // straggler grace), so that the three stay in step and each drop is
     // waited for. With the grace, one run in about fifteen beside three
-    // busy loops (and one on CI) failed: two drops in a row stalled all
-    // three for a deadline, node 1 came out of it a few rounds ahead of
-    // peers that then ran over a fifth slower on the loaded cores, so it
-    // no longer waited for them (as the grace intends), finished first
-    // and left, and its drops in the rounds its peers ran after that were
-    // missed by nobody: 24 dropped against 19 missed or stood in for.
+    // busy loops (and one on CI) failed: both of node 1's messages for an
+    // early round were dropped, which stalled all three for a deadline;
+    // node 1 came out of it a few rounds ahead of peers that then ran over
+    // a fifth slower on the loaded cores, so it no longer waited for them
+    // (as the grace intends), finished first and left, and its drops in
+    // the rounds its peers ran after that were missed by nobody: 24
+    // dropped against 19 missed or stood in for.
     let c = cluster(
         tmp.path(),
         3,
