@@ -121,7 +121,8 @@ fn gossip_fedavg_and_merge_on_mnist_with_label_skew() {
 /// Many nodes on one machine: 32 lenet nodes finish a 20-round gossip run
 /// on MNIST, each well under the memory a node took before it dropped the
 /// loaded data set, trimmed its heap and evaluated in small chunks (374 MB
-/// at its peak, in the final evaluation; now about 190 MB).
+/// at its peak, in the final evaluation, about 290 MB of it its own; now
+/// about 110 MB its own).
 #[test]
 fn thirty_two_lenet_nodes_finish_a_gossip_run_in_bounded_memory() {
     let _machine = crate::harness::exclusive();
@@ -156,8 +157,14 @@ fn thirty_two_lenet_nodes_finish_a_gossip_run_in_bounded_memory() {
             (&n["exit_status"], &n["rounds"]),
             (&serde_json::json!(0), &serde_json::json!(20))
         );
-        let peak = n["peak_rss_bytes"].as_u64().unwrap();
-        assert!(peak < 300_000_000, "node {} peaked at {peak} bytes", n["index"]);
+        // Its own memory, not libtorch's code, which every node shares and
+        // which counts in RSS as the page cache holds it: peak RSS went
+        // from about 190 to 325 MB once the kernel had gathered that code
+        // into huge pages (and failed a bound of 300 MB on RSS), while the
+        // peak less the mapped files stayed at 104-112 MB.
+        let (peak, files) = (n["peak_rss_bytes"].as_u64(), n["file_rss_bytes"].as_u64());
+        let own = peak.unwrap() - files.unwrap();
+        assert!(own < 200_000_000, "node {}: peak {peak:?}, files {files:?}", n["index"]);
     }
     let acc = cluster["average"]["eval_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.90, "32 nodes, 100 steps each: average model accuracy {acc}");

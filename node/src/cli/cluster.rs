@@ -678,6 +678,7 @@ fn report(
                 "rounds": s["rounds"],
                 "wall_seconds": s["wall_seconds"],
                 "peak_rss_bytes": s["peak_rss_bytes"],
+                "file_rss_bytes": s["file_rss_bytes"],
                 "timing": s["timing"],
                 "outer": s["outer"],
                 "bytes_per_outer_step": s["bytes_per_outer_step"],
@@ -817,7 +818,14 @@ fn print_table(doc: &Value) {
     let peaks: Vec<u64> = nodes_of(doc).filter_map(|n| n["peak_rss_bytes"].as_u64()).collect();
     if let (Some(lo), Some(hi)) = (peaks.iter().min(), peaks.iter().max()) {
         let mb = |b: &u64| *b as f64 / 1e6;
-        println!("peak memory per node: {:.0} to {:.0} MB (RSS)", mb(lo), mb(hi));
+        let files: Vec<u64> = nodes_of(doc).filter_map(|n| n["file_rss_bytes"].as_u64()).collect();
+        let shared = match (files.iter().min(), files.iter().max()) {
+            (Some(f0), Some(f1)) => {
+                format!(", of which {:.0} to {:.0} MB maps shared code", mb(f0), mb(f1))
+            }
+            _ => String::new(),
+        };
+        println!("peak memory per node: {:.0} to {:.0} MB (RSS{shared})", mb(lo), mb(hi));
     }
     if let Some(d) = doc.get("diloco") {
         println!(

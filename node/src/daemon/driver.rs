@@ -1047,6 +1047,7 @@ impl Driver {
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             peak_rss_bytes: crate::memory::peak_rss_bytes(),
+            file_rss_bytes: crate::memory::file_rss_bytes(),
             parameters: self.parameters,
             fingerprint: self.fingerprint.clone(),
             bytes: acc.total(),

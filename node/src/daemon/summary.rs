@@ -45,6 +45,10 @@ pub struct NodeSummary {
     pub wall_seconds: f64,
     /// The process's peak resident memory (`VmHWM`), where Linux tells it.
     pub peak_rss_bytes: Option<u64>,
+    /// Of the resident memory at exit, what maps files (`RssFile`: the
+    /// code of libtorch and murmur, shared with every node on the host);
+    /// the peak less this is about the node's own (see `memory`).
+    pub file_rss_bytes: Option<u64>,
     pub parameters: usize,
     pub fingerprint: String,
     pub bytes: Counts,

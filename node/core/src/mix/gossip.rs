@@ -364,6 +364,7 @@ impl Gossip {
         let weights = self.topology().map(|t| t.weights(me, slot)).unwrap_or_default();
         let mut own_weight = 0.0;
         let mut others: Vec<(&[f32], f64)> = Vec::with_capacity(weights.len());
+        let mut weighed = 0;
         for (j, w) in weights {
             if j == me {
                 own_weight = w;
@@ -371,6 +372,7 @@ impl Gossip {
             }
             let peer = self.roster.members[j];
             let Some(m) = msgs.get(&peer) else { continue };
+            weighed += 1;
             if m.values.len() != self.x.len() {
                 // Arrived before this node knew its own length.
                 self.drops.add("wrong_length");
@@ -383,6 +385,9 @@ impl Gossip {
             }
             others.push((m.values.as_slice(), w));
         }
+        // The weights are the members' now: a neighbour that said it was
+        // leaving (it finished) after its message came is not in them.
+        self.drops.add_many("sender_left", (msgs.len() - weighed) as u64);
         let distance: f64 = others.iter().map(|(v, _)| l2_distance(&self.x, v)).sum();
         // An exchange in which nobody arrived keeps the last distance known.
         if !others.is_empty() {
@@ -865,6 +870,31 @@ pub(crate) mod tests {
         assert_eq!(next, t + local + ms(100), "the grace of the exchange it missed");
         let (last, _) = round_with(&mut g, &ids, next, local, None);
         assert_eq!(last, next + local);
+    }
+
+    #[test]
+    fn a_message_whose_sender_left_before_the_mix_is_counted_not_weighed() {
+        let (ids, mut g, t0) = started(3, 2);
+        g.handle(Input::LocalDone { params: vec![0.0], samples: 1 }, t0);
+        let msg = |peer: PeerId, v: f32| Message {
+            peer,
+            kind: MsgKind::Params,
+            slot: 0,
+            weight: 1.0,
+            offset: 0,
+            values: Arc::new(vec![v]),
+            encoding: Encoding::F32,
+            part: 0,
+        };
+        assert!(g.handle(Input::Received(msg(ids[2], 30.0)), t0).is_empty());
+        // Node 2 finished and said it was leaving, before node 1 answered.
+        let members = ids[..2].to_vec().into();
+        assert!(g.handle(Input::Members { members, joined: Vec::new() }, t0).is_empty());
+        let acts = g.handle(Input::Received(msg(ids[1], 3.0)), t0);
+        // MH weights on K2 are 1/2 each: node 2's 30 is not in it.
+        assert_eq!(acts, vec![Action::SetParams(vec![1.5]), Action::Train { steps: 5 }]);
+        assert_eq!(g.drops.get("sender_left"), 1);
+        assert_eq!(g.drops.get("unexpected_sender"), 0);
     }
 
     #[test]
