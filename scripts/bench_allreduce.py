@@ -21,23 +21,18 @@ Targets: murmur-f32 >= 0.5x gloo, murmur-bf16 >= 1.0x gloo. Writes
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from gloo_ring import free_port
+
 F32_TARGET = 0.5
 BF16_TARGET = 1.0
 TIMEOUT_S = 600
 MODES = ("murmur-f32", "murmur-bf16", "gloo")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def collect(procs):

@@ -31,12 +31,13 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gloo_ring import free_port
 
 F32_VS_RAW_TARGET = 0.3
 BF16_VS_GLOO_TARGET = 1.0
@@ -77,12 +78,6 @@ def murmur_pair(args, encoding, raw, fresh=False, security=None):
     received = [json.loads(line) for line in out.splitlines() if line.strip()]
     sender = [json.loads(line) for line in sent.stdout.splitlines() if line.strip()]
     return received, sender
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gloo_pair(args, fresh):

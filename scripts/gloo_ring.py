@@ -28,12 +28,17 @@ import sys
 from pathlib import Path
 
 
+def free_port():
+    """A port of 127.0.0.1 free now, for a gloo rendezvous (every bench that runs gloo uses this one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start(python, world, worker_args, env=None):
     """Launches the `world` ranks, meeting on a free port of 127.0.0.1; `worker_args` are the
     options besides rank, world and port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = str(Path(__file__).resolve())
     cmd = lambda rank: [python, "-W", "ignore", script, "--rank", str(rank), "--world", str(world),
                         "--port", str(port), *worker_args]

@@ -815,17 +815,18 @@ fn print_table(doc: &Value) {
         "consensus distance: {}",
         doc["consensus_distance"].as_f64().map(|d| format!("{d:.6}")).unwrap_or_else(|| "-".into())
     );
-    let peaks: Vec<u64> = nodes_of(doc).filter_map(|n| n["peak_rss_bytes"].as_u64()).collect();
-    if let (Some(lo), Some(hi)) = (peaks.iter().min(), peaks.iter().max()) {
-        let mb = |b: &u64| *b as f64 / 1e6;
-        let files: Vec<u64> = nodes_of(doc).filter_map(|n| n["file_rss_bytes"].as_u64()).collect();
-        let shared = match (files.iter().min(), files.iter().max()) {
-            (Some(f0), Some(f1)) => {
-                format!(", of which {:.0} to {:.0} MB maps shared code", mb(f0), mb(f1))
-            }
-            _ => String::new(),
-        };
-        println!("peak memory per node: {:.0} to {:.0} MB (RSS{shared})", mb(lo), mb(hi));
+    // The lowest and highest of a byte count over the nodes, in MB.
+    let range_mb = |key: &str| {
+        let mb: Vec<f64> =
+            nodes_of(doc).filter_map(|n| n[key].as_u64()).map(|b| b as f64 / 1e6).collect();
+        let lo = mb.iter().copied().reduce(f64::min)?;
+        Some((lo, mb.iter().copied().fold(lo, f64::max)))
+    };
+    if let Some((lo, hi)) = range_mb("peak_rss_bytes") {
+        let shared = range_mb("file_rss_bytes")
+            .map(|(f0, f1)| format!(", of which {f0:.0} to {f1:.0} MB maps shared code"))
+            .unwrap_or_default();
+        println!("peak memory per node: {lo:.0} to {hi:.0} MB (RSS{shared})");
     }
     if let Some(d) = doc.get("diloco") {
         println!(
