@@ -13,7 +13,8 @@ steps, so what remains is N steady-state steps.
 PyTorch: N steps timed after N/10 untimed warm-up steps, in this process.
 
 Each model runs --runs rounds of (murmur N, murmur 2N, PyTorch with
-`foreach=False`, PyTorch with AdamW's default implementation) and reports
+`foreach=False`, PyTorch with AdamW's default implementation, and for lenet
+PyTorch with its input channels-last, as murmur lays it out) and reports
 medians. Writes <out>/train.json and <out>/train.md and prints the report.
 """
 
@@ -158,15 +159,18 @@ def murmur_run(args, bench, steps, out):
     return summary["wall_seconds"], summary, faults
 
 
-def torch_run(bench, steps, default_optimizer):
+def torch_run(bench, steps, default_optimizer, channels_last=False):
     """(steps per second, parameters, minor page faults per step) of PyTorch
-    eager over `steps` steps after a warm-up."""
+    eager over `steps` steps after a warm-up; `channels_last` lays each image
+    batch out NHWC (oneDNN's convolutions follow the input's layout)."""
     model, next_batch = bench.model(), bench.batches(bench.batch)
     kwargs = {} if default_optimizer else {"foreach": False}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **kwargs)
 
     def step():
         x, y = next_batch()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.item()  # murmur reads every loss (to check it is finite)
@@ -204,6 +208,7 @@ def measure(args, bench, tmp):
             sys.exit(f"bench: {bench.name}: a {2 * steps}-step run ({t2:.3f}s) was not slower than a {steps}-step one ({t1:.3f}s); raise the steps")
         torch_sps, params, torch_faults = torch_run(bench, steps, default_optimizer=False)
         default_sps, _, _ = torch_run(bench, steps, default_optimizer=True)
+        nhwc_sps = torch_run(bench, steps, True, channels_last=True)[0] if bench.name == "lenet" else 0.0
         if params != summary["parameters"]:
             sys.exit(f"bench: {bench.name}: PyTorch model has {params} parameters, murmur's {summary['parameters']}; the architectures differ")
         runs.append({
@@ -212,24 +217,30 @@ def measure(args, bench, tmp):
             "murmur_summary_steps_per_s": summary["steps_per_second"],
             "pytorch_steps_per_s": torch_sps,
             "pytorch_default_steps_per_s": default_sps,
+            "pytorch_channels_last_steps_per_s": nhwc_sps,
             # What the steps cost the kernel in pages faulted in (the same
             # N/(2N-N) difference for murmur), so heap churn shows.
             "murmur_faults_per_step": max(f2 - f1, 0) / steps,
             "pytorch_faults_per_step": torch_faults,
         })  # fmt: skip
         print(f"  {bench.name} run {r + 1}/{args.runs}: murmur {runs[-1]['murmur_steps_per_s']:.1f}, "
-              f"pytorch {torch_sps:.1f}, pytorch default {default_sps:.1f} steps/s", file=sys.stderr)  # fmt: skip
-    keys = ("murmur_steps_per_s", "pytorch_steps_per_s", "pytorch_default_steps_per_s", "murmur_faults_per_step", "pytorch_faults_per_step")
+              f"pytorch {torch_sps:.1f}, pytorch default {default_sps:.1f}, channels-last {nhwc_sps:.1f} steps/s", file=sys.stderr)  # fmt: skip
+    keys = ("murmur_steps_per_s", "pytorch_steps_per_s", "pytorch_default_steps_per_s",
+            "pytorch_channels_last_steps_per_s", "murmur_faults_per_step", "pytorch_faults_per_step")  # fmt: skip
     median = {k: statistics.median(run[k] for run in runs) for k in keys}
     return {
         **median,
-        "ratio": median["murmur_steps_per_s"] / max(median["pytorch_steps_per_s"], median["pytorch_default_steps_per_s"]),
+        "ratio": median["murmur_steps_per_s"] / fastest_pytorch(median),
         "ratio_vs_foreach_false": median["murmur_steps_per_s"] / median["pytorch_steps_per_s"],
         "batch_size": bench.batch,
         "steps": steps,
         "parameters": params,
         "runs": runs,
     }
+
+
+def fastest_pytorch(m):
+    return max(m["pytorch_steps_per_s"], m["pytorch_default_steps_per_s"], m["pytorch_channels_last_steps_per_s"])
 
 
 def cpu_model():
@@ -242,9 +253,10 @@ def cpu_model():
 
 def report(result):
     models, threads = result["models"], result["threads"]
+    nhwc = {n: f"{m['pytorch_channels_last_steps_per_s']:.1f}" if m["pytorch_channels_last_steps_per_s"] else "n/a" for n, m in models.items()}
     rows = [
         f"| {name} | {m['batch_size']} | {m['murmur_steps_per_s']:.1f} | {m['pytorch_steps_per_s']:.1f} | "
-        f"{m['pytorch_default_steps_per_s']:.1f} | {m['ratio']:.2f}x | "
+        f"{m['pytorch_default_steps_per_s']:.1f} | {nhwc[name]} | {m['ratio']:.2f}x | "
         f"{m['murmur_faults_per_step']:.0f} / {m['pytorch_faults_per_step']:.0f} |"
         for name, m in models.items()
     ]
@@ -256,7 +268,7 @@ def report(result):
         else f"The {TARGET:.1f}x target is met for {', '.join(met) or 'no model'} and missed for {', '.join(missed)}."
     )
     ratios = "; ".join(
-        f"{n} {m['ratio']:.2f}x ({m['murmur_steps_per_s']:.1f} vs {max(m['pytorch_steps_per_s'], m['pytorch_default_steps_per_s']):.1f} steps/s)"
+        f"{n} {m['ratio']:.2f}x ({m['murmur_steps_per_s']:.1f} vs {fastest_pytorch(m):.1f} steps/s)"
         for n, m in models.items()
     )
     paragraph = (
@@ -264,7 +276,8 @@ def report(result):
         f"batch and AdamW settings, {threads} thread{'s' if threads > 1 else ''} on a {result['machine']['nproc']}-core "
         f"{result['machine']['cpu']}: {ratios}. {verdict} Each ratio is murmur's median over {result['runs']} runs "
         f"against the faster of PyTorch's `foreach=False` AdamW and its default AdamW (on CPU the default is "
-        f"{result['pytorch_default_adamw']}); runs alternate between the two. murmur's rate is N/(t(2N)-t(N)) from "
+        f"{result['pytorch_default_adamw']}), and for lenet also the default with its input channels-last, as murmur "
+        f"lays it out; runs alternate between them. murmur's rate is N/(t(2N)-t(N)) from "
         f"`wall_seconds` of an N- and a 2N-step run, which leaves out start-up, data loading, the final evaluation and "
         f"the first, slower steps; PyTorch's is N steps timed after N/10 warm-up steps. Both include the per-step batch "
         f"gather, loss read-back, zero_grad, backward and optimizer step. Page faults per step are minor faults "
@@ -274,8 +287,8 @@ def report(result):
     if load > 0.5:
         paragraph += f" Other work was running (load average {load:.1f} at start), so these numbers are noisy."
     table = [
-        "| model | batch | murmur steps/s | PyTorch steps/s (foreach=False) | PyTorch steps/s (default) | ratio | page faults per step, murmur / PyTorch |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | murmur steps/s | PyTorch steps/s (foreach=False) | PyTorch steps/s (default) | PyTorch steps/s (default, channels-last input) | ratio | page faults per step, murmur / PyTorch |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     return "# Training throughput: murmur vs PyTorch eager\n\n" + "\n".join(table) + "\n\n" + paragraph + "\n"
