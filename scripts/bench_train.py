@@ -170,7 +170,9 @@ def torch_run(bench, steps, default_optimizer, channels_last=False):
     def step():
         x, y = next_batch()
         if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            # Not .contiguous(memory_format=...): with one channel a batch
+            # already counts as channels-last and is left as it is.
+            x = x.to(memory_format=torch.channels_last)
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.item()  # murmur reads every loss (to check it is finite)
@@ -224,7 +226,8 @@ def measure(args, bench, tmp):
             "pytorch_faults_per_step": torch_faults,
         })  # fmt: skip
         print(f"  {bench.name} run {r + 1}/{args.runs}: murmur {runs[-1]['murmur_steps_per_s']:.1f}, "
-              f"pytorch {torch_sps:.1f}, pytorch default {default_sps:.1f}, channels-last {nhwc_sps:.1f} steps/s", file=sys.stderr)  # fmt: skip
+              f"pytorch {torch_sps:.1f}, pytorch default {default_sps:.1f}"
+              + (f", channels-last {nhwc_sps:.1f}" if nhwc_sps else "") + " steps/s", file=sys.stderr)  # fmt: skip
     keys = ("murmur_steps_per_s", "pytorch_steps_per_s", "pytorch_default_steps_per_s",
             "pytorch_channels_last_steps_per_s", "murmur_faults_per_step", "pytorch_faults_per_step")  # fmt: skip
     median = {k: statistics.median(run[k] for run in runs) for k in keys}
