@@ -210,7 +210,7 @@ def measure(args, bench, tmp):
             sys.exit(f"bench: {bench.name}: a {2 * steps}-step run ({t2:.3f}s) was not slower than a {steps}-step one ({t1:.3f}s); raise the steps")
         torch_sps, params, torch_faults = torch_run(bench, steps, default_optimizer=False)
         default_sps, _, _ = torch_run(bench, steps, default_optimizer=True)
-        nhwc_sps = torch_run(bench, steps, True, channels_last=True)[0] if bench.name == "lenet" else 0.0
+        nhwc_sps = torch_run(bench, steps, default_optimizer=True, channels_last=True)[0] if bench.name == "lenet" else 0.0
         if params != summary["parameters"]:
             sys.exit(f"bench: {bench.name}: PyTorch model has {params} parameters, murmur's {summary['parameters']}; the architectures differ")
         runs.append({

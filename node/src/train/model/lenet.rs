@@ -94,8 +94,8 @@ mod tests {
             let xs =
                 Tensor::randn([4, c as i64, side as i64, side as i64], (Kind::Float, Device::Cpu));
             let laid = channels_last(&xs);
-            let (s, w) = (side as i64, c as i64);
-            assert_eq!(laid.stride(), [s * s * w, 1, s * w, w]);
+            let (s, ch) = (side as i64, c as i64);
+            assert_eq!(laid.stride(), [s * s * ch, 1, s * ch, ch]);
             assert!(laid.equal(&xs), "the same values, laid out anew");
 
             // Forward and backward through both layouts: the same logits, and
