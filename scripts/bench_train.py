@@ -126,6 +126,8 @@ class Bench:
     murmur_args: list
     model: Callable  # () -> nn.Module
     batches: Callable  # batch size -> next_batch()
+    # Images: murmur lays each batch out channels-last, so PyTorch runs so too.
+    channels_last: bool = False
 
 
 def benches(data_dir):
@@ -133,7 +135,7 @@ def benches(data_dir):
     return [
         Bench("mlp", 10000, 64, ["--data", "synthetic"], mlp, lambda b: class_batches([32], 10, 8000, b)),
         Bench("lenet", 400, 64, ["--data", f"mnist:{data_dir}/mnist"], lenet,
-              lambda b: class_batches([1, 28, 28], 10, 8000, b)),
+              lambda b: class_batches([1, 28, 28], 10, 8000, b), channels_last=True),
         Bench("chargpt", 30, 32, ["--data", f"text:{data_dir}/tinyshakespeare/input.txt", *gpt], CharGpt,
               lambda b: text_batches(65, 1_000_000, 64, b)),
     ]  # fmt: skip
@@ -210,7 +212,7 @@ def measure(args, bench, tmp):
             sys.exit(f"bench: {bench.name}: a {2 * steps}-step run ({t2:.3f}s) was not slower than a {steps}-step one ({t1:.3f}s); raise the steps")
         torch_sps, params, torch_faults = torch_run(bench, steps, default_optimizer=False)
         default_sps, _, _ = torch_run(bench, steps, default_optimizer=True)
-        nhwc_sps = torch_run(bench, steps, default_optimizer=True, channels_last=True)[0] if bench.name == "lenet" else 0.0
+        nhwc_sps = torch_run(bench, steps, default_optimizer=True, channels_last=True)[0] if bench.channels_last else 0.0
         if params != summary["parameters"]:
             sys.exit(f"bench: {bench.name}: PyTorch model has {params} parameters, murmur's {summary['parameters']}; the architectures differ")
         runs.append({

@@ -58,11 +58,12 @@ pub fn keep_freed_heap() {}
 
 /// The process's peak resident memory so far (`VmHWM`), where Linux tells it.
 pub fn peak_rss_bytes() -> Option<u64> {
-    status_bytes("VmHWM:")
+    peak_and_file_rss_bytes().0
 }
 
-/// The part of the process's resident memory that maps files now
-/// (`RssFile`): libtorch's and murmur's code, shared by every node on the
+/// The peak resident memory (`VmHWM`) and the part of the resident memory
+/// that maps files now (`RssFile`), from one read of the process's status.
+/// The files are libtorch's and murmur's code, shared by every node on the
 /// host. Why it is reported: how much of it counts in RSS is the page
 /// cache's business, not the node's. Once the kernel had gathered
 /// libtorch's code into huge pages, every lenet node's peak RSS rose from
@@ -70,13 +71,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// own memory unchanged. Mapped files are rarely dropped while a process
 /// runs, so the peak less this, read at exit, is close to (and at most)
 /// the node's own memory at its peak.
-pub fn file_rss_bytes() -> Option<u64> {
-    status_bytes("RssFile:")
-}
-
-fn status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    field_bytes(&status, field)
+pub fn peak_and_file_rss_bytes() -> (Option<u64>, Option<u64>) {
+    match std::fs::read_to_string("/proc/self/status") {
+        Ok(status) => (field_bytes(&status, "VmHWM:"), field_bytes(&status, "RssFile:")),
+        Err(_) => (None, None),
+    }
 }
 
 /// A `/proc/PID/status` field given in kB (`VmHWM:`, `RssFile:`), in bytes.
@@ -99,7 +98,8 @@ mod tests {
         assert_eq!(field_bytes("Name:\tx\n", "VmHWM:"), None);
         if cfg!(target_os = "linux") {
             release_free_heap();
-            let (peak, file) = (peak_rss_bytes().unwrap(), file_rss_bytes().unwrap());
+            let (peak, file) = peak_and_file_rss_bytes();
+            let (peak, file) = (peak.unwrap(), file.unwrap());
             assert!(peak > 1 << 20 && file > 0 && file < peak, "{peak} {file}");
         }
     }

@@ -817,10 +817,8 @@ fn print_table(doc: &Value) {
     );
     // The lowest and highest of a byte count over the nodes, in MB.
     let range_mb = |key: &str| {
-        let mb: Vec<f64> =
-            nodes_of(doc).filter_map(|n| n[key].as_u64()).map(|b| b as f64 / 1e6).collect();
-        let lo = mb.iter().copied().reduce(f64::min)?;
-        Some((lo, mb.iter().copied().fold(lo, f64::max)))
+        let bytes = || nodes_of(doc).filter_map(|n| n[key].as_u64());
+        Some((bytes().min()? as f64 / 1e6, bytes().max()? as f64 / 1e6))
     };
     if let Some((lo, hi)) = range_mb("peak_rss_bytes") {
         let shared = range_mb("file_rss_bytes")

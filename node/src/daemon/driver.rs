@@ -1027,6 +1027,7 @@ impl Driver {
         let final_eval = self.record.final_eval.unwrap_or_default();
         let acc = self.network.accounting();
         let outer = mixer.outer();
+        let (peak_rss_bytes, file_rss_bytes) = crate::memory::peak_and_file_rss_bytes();
         let summary = NodeSummary {
             murmur_version: env!("CARGO_PKG_VERSION"),
             peer_id: self.me.to_string(),
@@ -1046,8 +1047,8 @@ impl Driver {
             members_at_start: self.record.members_at_start,
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),
-            peak_rss_bytes: crate::memory::peak_rss_bytes(),
-            file_rss_bytes: crate::memory::file_rss_bytes(),
+            peak_rss_bytes,
+            file_rss_bytes,
             parameters: self.parameters,
             fingerprint: self.fingerprint.clone(),
             bytes: acc.total(),
