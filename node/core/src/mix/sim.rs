@@ -283,15 +283,14 @@ pub fn peer_ids(n: usize, seed: u64) -> Vec<PeerId> {
     /// 32 bytes of key data.
     const PREFIX: [u8; 6] = [0x00, 36, 0x08, 0x01, 0x12, 0x20];
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7065_6572_5f69_6473); // "peer_ids"
-    let mut ids: Vec<PeerId> = std::iter::repeat_with(|| {
-        let mut bytes = [0u8; PREFIX.len() + 32];
-        bytes[..PREFIX.len()].copy_from_slice(&PREFIX);
-        rng.fill(&mut bytes[PREFIX.len()..]);
-        bytes
-    })
-    .filter_map(|bytes| PeerId::from_bytes(&bytes).ok())
-    .take(n)
-    .collect();
+    let mut ids: Vec<PeerId> = (0..n)
+        .map(|_| {
+            let mut bytes = [0u8; PREFIX.len() + 32];
+            bytes[..PREFIX.len()].copy_from_slice(&PREFIX);
+            rng.fill(&mut bytes[PREFIX.len()..]);
+            PeerId::from_bytes(&bytes).expect("an identity multihash of 36 bytes is a peer id")
+        })
+        .collect();
     ids.sort();
     ids
 }
