@@ -45,9 +45,7 @@ impl Lenet {
             fc2: linear(p, "fc2", FC, classes as i64, true),
         })
     }
-}
 
-impl Lenet {
     /// The net on `xs` in whatever layout it comes.
     fn layers(&self, xs: &Tensor) -> Tensor {
         let h = self.conv1.forward(xs).relu().max_pool2d_default(2);
